@@ -13,7 +13,7 @@ def test_unknown_task_names_known_keys():
 @pytest.mark.parametrize("name,n_train,n_test,labels,pair", [
     ("sst2", 67349, 872, ("negative", "positive"), False),
     ("mrpc", 3667, 408, ("no", "yes"), True),
-    ("ag_news", 10000, 7600, ("World", "Sports", "Business", "Sci/Tech"), False),
+    ("ag_news", 10001, 7600, ("World", "Sports", "Business", "Sci/Tech"), False),
 ])
 def test_packaged_tasks_load_fully(name, n_train, n_test, labels, pair):
     t = load_task(name)
