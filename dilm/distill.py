@@ -1,0 +1,489 @@
+"""DiLM distillation: fine-tune a generator LM, match gradients through its generation probabilities, select.
+
+Stages (``distill``): ``lm`` (label-conditioned fine-tuning) → ``match`` (``outer_loops`` × ``inner_loop`` generator
+steps; the learner re-initialised every outer loop and trained ``model_step_per_inner_step`` steps on real data
+between generator steps; the synthetic pool regenerated every ``generate_interval`` outer loops) → ``select``
+(``over_sample`` × DPC candidates per class, k-means nearest-centroid on learner features, ``n_sets`` sets).
+``outer_loops = 0`` is the "vanilla LM" ablation (steps 1 + 6 only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from sklearn.cluster import KMeans
+from tqdm.auto import tqdm
+
+import dilm
+from dilm import DilmError
+from dilm.coreset import check_dpc, kmeans_nearest
+from dilm.evaluate import EvalConfig, Evaluator, encode, join_pair, linear_warmup_decay
+from dilm.features import embed
+from dilm.generator import Sample, TokenizedCorpus, generation_loss, lm_loss, pad_samples, sample_class
+from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
+from dilm.models import load_model, load_tokenizer, pick_device, resolve_model
+from dilm.synset import SynExample, SynSet, write_json, write_set
+from dilm.tasks import TASKS, Example, TaskData, load_task
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    task: str = _f("sst2", "packaged task name or hf:DATASET")
+    generator: str = _f("smollm2-135m", "causal LM to fine-tune (registry name, HF id or path)")
+    learner: str = _f("minilm-l6", "encoder classifier whose gradients are matched")
+    dpc: tuple[int, ...] = _f((5, 10, 20), "data per class of the final sets")
+    n_sets: int = _f(10, "final sets written per DPC (different seeds)")
+    output_dir: str = _f("runs/distill", "where sets, provenance and checkpoints go")
+    seed: int = _f(0, "")
+    device: str = _f("auto", "auto, cpu or cuda[:N]")
+    # stage 1: label-conditioned LM fine-tuning
+    lm_steps: int = _f(2000, "generator LM fine-tuning steps")
+    lm_lr: float = _f(1e-4, "")
+    lm_batch_size: int = _f(64, "")
+    max_length: int = _f(64, "max tokens per rendered training example")
+    # stage 2: gradient matching
+    outer_loops: int = _f(50, "learner re-initialisations; 0 = vanilla LM ablation")
+    inner_loop: int = _f(10, "generator steps per outer loop")
+    model_step_per_inner_step: int = _f(20, "learner steps on real data between generator steps")
+    generator_lr: float = _f(3e-6, "AdamW lr of the matching stage (cosine, warm-up 5%)")
+    syn_per_class: int = _f(64, "synthetic texts per class per matching step (B)")
+    real_per_class: int = _f(200, "real texts per class per representative set")
+    n_rep_sets: int = _f(10, "representative real sets per class")
+    pool_per_class: int = _f(256, "synthetic pool size per class")
+    generate_interval: int = _f(10, "regenerate the pool every this many outer loops")
+    temperature: float = _f(1.0, "T in w = softmax(-loss/T)")
+    lm_lambda: float = _f(0.0, "weight of the LM loss mixed into the matching loss")
+    all_layers: bool = _f(False, "match gradients of all learner layers, not just the head")
+    learner_lr: float = _f(1e-4, "learner lr in the inner loop")
+    learner_batch_size: int = _f(64, "")
+    val_interval: int = _f(10, "validate every this many outer loops (0 = never)")
+    val_size: int = _f(500, "held-out training examples for validation")
+    val_dpc: int = _f(10, "DPC of the validation sets")
+    val_steps: int = _f(100, "learner steps per validation evaluation")
+    # stage 3: final sets
+    over_sample: int = _f(20, "candidates per class = over_sample x DPC")
+    max_new_tokens: int = _f(48, "")
+    top_p: float = _f(0.95, "")
+    allow_unfinished: bool = _f(False, "keep samples that hit max_new_tokens without EOS (tiny test models)")
+    gen_batch_size: int = _f(256, "")
+    checkpoint_interval: int = _f(1, "checkpoint every this many outer loops")
+    fail_at_step: int = _f(-1, "testing aid: raise at this matching step (-1 = never)")
+
+    def __post_init__(self):
+        object.__setattr__(self, "dpc", tuple(sorted(int(d) for d in self.dpc)))
+        if self.task not in TASKS and not self.task.startswith("hf:"):
+            raise DilmError(f"unknown task {self.task!r}; known tasks: {', '.join(sorted(TASKS))}")
+        if not self.dpc or self.dpc[0] < 1:
+            raise DilmError(f"dpc must be positive integers, got {self.dpc}")
+        for name in ("n_sets", "inner_loop", "syn_per_class", "real_per_class", "n_rep_sets", "pool_per_class",
+                     "generate_interval", "over_sample", "lm_batch_size", "max_new_tokens", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                raise DilmError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lm_steps", "outer_loops", "model_step_per_inner_step", "val_interval"):
+            if getattr(self, name) < 0:
+                raise DilmError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.outer_loops and self.outer_loops % self.generate_interval:
+            raise DilmError(f"outer_loops ({self.outer_loops}) must be a multiple of generate_interval "
+                            f"({self.generate_interval})")
+        if self.val_interval and self.outer_loops and self.outer_loops % self.val_interval:
+            raise DilmError(f"outer_loops ({self.outer_loops}) must be a multiple of val_interval "
+                            f"({self.val_interval})")
+        if self.syn_per_class > self.pool_per_class:
+            raise DilmError(f"syn_per_class ({self.syn_per_class}) exceeds pool_per_class ({self.pool_per_class})")
+        if self.temperature <= 0 or self.generator_lr <= 0 or self.lm_lr <= 0:
+            raise DilmError("temperature, generator_lr and lm_lr must be > 0")
+        if self.over_sample < 1:
+            raise DilmError("over_sample must be >= 1 (candidates = over_sample x DPC)")
+
+    @property
+    def total_match_steps(self) -> int:
+        return self.outer_loops * self.inner_loop
+
+    @classmethod
+    def from_preset(cls, preset: str = "gpu", **overrides) -> DistillConfig:
+        if preset not in PRESETS:
+            raise DilmError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise DilmError(f"unknown distill option(s) {unknown}; see `dilm distill --help`")
+        values = {**PRESETS[preset], **overrides}
+        if isinstance(values.get("dpc"), int | str):
+            values["dpc"] = tuple(int(x) for x in str(values["dpc"]).split(","))
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+PRESETS: dict[str, dict] = {
+    # tiny random models on CPU, < 2 min: exercises every stage, quality meaningless
+    "smoke": dict(generator="tiny-llama", learner="tiny-bert", dpc=(2,), n_sets=2, lm_steps=10, lm_batch_size=8,
+                  outer_loops=2, inner_loop=2, model_step_per_inner_step=1, syn_per_class=4, real_per_class=8,
+                  n_rep_sets=2, pool_per_class=8, generate_interval=1, val_interval=1, val_size=40, val_dpc=2,
+                  val_steps=5, over_sample=3, max_new_tokens=12, gen_batch_size=16, generator_lr=1e-4,
+                  allow_unfinished=True),
+    # packaged real models at CPU scale (the `make demo` sweep): few steps, short texts
+    "demo": dict(dpc=(2, 4), n_sets=2, lm_steps=4, lm_batch_size=4, max_length=40, outer_loops=1, inner_loop=2,
+                 model_step_per_inner_step=1, syn_per_class=4, real_per_class=8, n_rep_sets=1, pool_per_class=8,
+                 generate_interval=1, val_interval=1, val_size=100, val_dpc=2, val_steps=10, over_sample=2,
+                 max_new_tokens=20, gen_batch_size=16, generator_lr=1e-5, learner_batch_size=16),
+    # one H100, whole pipeline in one 10-minute command (evaluation of 10 sets included)
+    "gpu": dict(lm_steps=1500, lm_batch_size=64, outer_loops=20, inner_loop=10, model_step_per_inner_step=10,
+                syn_per_class=64, real_per_class=200, n_rep_sets=5, pool_per_class=256, generate_interval=5,
+                val_interval=5, over_sample=20, n_sets=10, generator_lr=3e-6),
+    # the DiLM paper's step counts (many GPU hours)
+    "paper": dict(generator="gpt2", learner="bert-base-uncased", lm_steps=80000, lm_lr=1e-5, outer_loops=2000,
+                  inner_loop=10, model_step_per_inner_step=20, generator_lr=3e-7, syn_per_class=64,
+                  real_per_class=200, n_rep_sets=10, pool_per_class=1024, generate_interval=20, val_interval=100,
+                  over_sample=100, n_sets=20),
+}
+
+
+@dataclass
+class DistillResult:
+    output_dir: Path
+    sets: dict[int, list[Path]]
+    provenance: Path
+    history: list[dict]
+    best_val_accuracy: float | None
+    timings: dict[str, float]
+
+
+Callback = Callable[[dict], None]
+
+
+# --------------------------------------------------------------------------- state and checkpoints
+
+
+@dataclass
+class State:
+    stage: str = "lm"  # lm → match → select → done
+    step: int = 0  # global step: lm steps, then matching steps continue the count
+    outer: int = 0  # completed outer loops
+    best_val: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def _ckpt_dir(cfg: DistillConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoint"
+
+
+def save_checkpoint(cfg: DistillConfig, generator, state: State, best_state: dict | None) -> None:
+    """Atomic: write into a fresh folder, then swap it in."""
+    final = _ckpt_dir(cfg)
+    tmp = final.with_name(f".checkpoint-{time.time_ns()}")
+    tmp.mkdir(parents=True)
+    torch.save({"generator": generator.state_dict(), "best": best_state}, tmp / "weights.pt")
+    write_json(tmp / "state.json", {**dataclasses.asdict(state), "config": cfg.to_dict()})
+    old = final.with_name(".checkpoint-old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        import shutil
+
+        shutil.rmtree(old)
+
+
+def load_checkpoint(cfg: DistillConfig, generator, device) -> tuple[State, dict | None]:
+    d = _ckpt_dir(cfg)
+    if not (d / "state.json").exists():
+        return State(), None
+    saved = json.loads((d / "state.json").read_text())
+    mismatch = {k for k, v in saved.pop("config").items()
+                if k not in ("n_sets", "device", "fail_at_step") and cfg.to_dict().get(k) != v}
+    if mismatch:
+        raise DilmError(f"{d} holds a checkpoint of a different configuration ({sorted(mismatch)}); "
+                        "use another --output-dir")
+    weights = torch.load(d / "weights.pt", map_location=device)
+    generator.load_state_dict(weights["generator"])
+    return State(**saved), weights["best"]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Distiller:
+    """Holds models, data and optimisers of one distillation; ``fit`` runs the stages."""
+
+    def __init__(self, cfg: DistillConfig, callback: Callback | None = None, task: TaskData | None = None):
+        self.cfg = cfg
+        self.callback = callback or (lambda m: None)
+        self.device = pick_device(cfg.device)
+        resolve_model(cfg.generator), resolve_model(cfg.learner)
+        self.task = task or load_task(cfg.task)
+        for d in cfg.dpc:
+            check_dpc(self.task, d)
+        self.rng = random.Random(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        # held-out validation split carved from train; the test split is never looked at
+        train = list(self.task.train)
+        random.Random(cfg.seed).shuffle(train)
+        n_val = min(cfg.val_size, len(train) // 5) if cfg.val_interval else 0
+        self.val, self.train = train[:n_val], train[n_val:]
+        self.gen_tok = load_tokenizer(cfg.generator)
+        self.learn_tok = load_tokenizer(cfg.learner)
+        self.generator = load_model(cfg.generator, "causal-lm", device=self.device)
+        self.timings: dict[str, float] = {}
+
+    # ---- helpers
+    def emit(self, state: State, **metrics) -> None:
+        row = {"step": state.step, **metrics}
+        state.history.append(row)
+        self.callback(dict(row))
+
+    def sample(self, c: int, n: int, seed: int) -> list[Sample]:
+        cfg = self.cfg
+        return sample_class(self.generator, self.gen_tok, self.task.label_names[c], n, self.task.is_pair,
+                            self.device, cfg.max_new_tokens, cfg.top_p, batch_size=cfg.gen_batch_size, seed=seed,
+                            allow_unfinished=cfg.allow_unfinished)
+
+    def fresh_learner(self, seed: int):
+        return load_model(self.cfg.learner, "classifier", self.task.num_classes, self.device, seed=seed)
+
+    def learner_inputs(self, examples) -> dict[str, torch.Tensor]:
+        return encode(self.learn_tok, [join_pair(e.text, e.text_pair) for e in examples], 128, self.device)
+
+    # ---- stage 1
+    def lm_stage(self, state: State) -> None:
+        cfg = self.cfg
+        corpus = TokenizedCorpus.build(self.gen_tok, self.train, self.task.label_names, cfg.max_length)
+        opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lm_lr, weight_decay=0.0,
+                                fused=self.device.type == "cuda")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.lm_steps, 0.1))
+        for _ in range(state.step):
+            sched.step()  # resume: the schedule continues where it stopped
+        self.generator.train()
+        for step in tqdm(range(state.step, cfg.lm_steps), desc="lm", initial=state.step, total=cfg.lm_steps):
+            loss = lm_loss(self.generator, corpus.batch(cfg.lm_batch_size, self.rng, self.device), self.device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            state.step = step + 1
+            if step % 10 == 0 or state.step == cfg.lm_steps:
+                self.emit(state, stage="lm", lm_loss=loss.item(), lr=sched.get_last_lr()[0])
+        state.stage = "match"
+
+    # ---- stage 2 pieces
+    def representative_sets(self) -> list[list[list[Example]]]:
+        """[class][set] → real examples: k-means nearest-centroid picks from a sample of the class."""
+        cfg = self.cfg
+        out = []
+        for c, group in enumerate(_by_class(self.train, self.task.num_classes)):
+            k = min(cfg.real_per_class, len(group))
+            sets = []
+            for r in range(cfg.n_rep_sets):
+                cand = random.Random(cfg.seed * 7919 + 31 * c + r).sample(group, min(len(group), 4 * k))
+                feats = embed([join_pair(e.text, e.text_pair) for e in cand], cfg.learner, self.device)
+                sets.append([cand[i] for i in kmeans_nearest(feats, k, cfg.seed + r)])
+            out.append(sets)
+        return out
+
+    def regenerate_pool(self, seed: int) -> list[tuple[list[Sample], list[list[int]]]]:
+        """Per class: pool samples and their B clusters (indices), for one-per-cluster mini-batches."""
+        cfg = self.cfg
+        pools = []
+        for c, name in enumerate(self.task.label_names):
+            samples = self.sample(c, cfg.pool_per_class, seed * 1000 + c)
+            if len(samples) < cfg.syn_per_class:
+                raise DilmError(f"the generator produced only {len(samples)} usable texts for class {name!r} "
+                                f"(need syn_per_class={cfg.syn_per_class}); train the LM longer")
+            feats = embed([join_pair(s.text, s.text_pair) for s in samples], cfg.learner, self.device)
+            km = KMeans(n_clusters=cfg.syn_per_class, n_init=1, random_state=seed).fit(feats.double().numpy())
+            clusters = [[i for i, lab in enumerate(km.labels_) if lab == j] for j in range(cfg.syn_per_class)]
+            pools.append((samples, [cl for cl in clusters if cl]))
+        self.generator.train()
+        return pools
+
+    def generator_step(self, state, opt, sched, learner, rep_sets, pools, corpus) -> dict:
+        """One matching step over all classes; returns its metrics."""
+        cfg = self.cfg
+        learner.eval()  # gradients compared without dropout; the learner itself is only read
+        params = matched_params(learner, cfg.all_layers)
+        total, sims = 0.0, []
+        opt.zero_grad(set_to_none=True)
+        for c in range(self.task.num_classes):
+            real = self.rng.choice(rep_sets[c])
+            g_real = {k: v.detach() for k, v in
+                      class_gradient(learner, params, self.learner_inputs(real), c).items()}
+            samples, clusters = pools[c]
+            batch = [samples[self.rng.choice(cl)] for cl in clusters]
+            ids, am, tm = pad_samples(batch, self.gen_tok.pad_token_id, self.device)
+            w = sample_weights(generation_loss(self.generator, ids, am, tm, self.device), cfg.temperature)
+            g_syn = class_gradient(learner, params, self.learner_inputs(batch), c, weights=w)
+            loss = match_loss(g_real, g_syn) / self.task.num_classes
+            loss.backward()  # per class: frees this class's graph before the next
+            total += loss.item()
+            sims.append(1 - float(loss) * self.task.num_classes)
+        if cfg.lm_lambda:
+            mix = cfg.lm_lambda * lm_loss(self.generator, corpus.batch(cfg.lm_batch_size, self.rng, self.device),
+                                          self.device)
+            mix.backward()
+        torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        return {"match_loss": total, "grad_sim": sum(sims) / len(sims), "lr": sched.get_last_lr()[0]}
+
+    def inner_learner_steps(self, learner, learner_opt) -> None:
+        learner.train()
+        for _ in range(self.cfg.model_step_per_inner_step):
+            batch = self.rng.sample(self.train, min(self.cfg.learner_batch_size, len(self.train)))
+            logits = learner(**self.learner_inputs(batch)).logits
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([e.label for e in batch],
+                                                                          device=self.device))
+            learner_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            learner_opt.step()
+
+    def validate(self, seed: int) -> float:
+        """Accuracy (%) on the held-out split of a learner trained on a freshly selected val_dpc set."""
+        cfg = self.cfg
+        synset = self.select(cfg.val_dpc, max(2, cfg.over_sample), seed)
+        task = TaskData(self.task.name, self.task.label_names, self.train, self.val, self.task.is_pair)
+        ev = Evaluator(task, EvalConfig(archs=(cfg.learner,), seeds=1, steps=cfg.val_steps, device=cfg.device,
+                                        progress=False))
+        return ev.evaluate([synset]).mean_accuracy()
+
+    def match_stage(self, state: State, best_state: dict | None) -> dict | None:
+        cfg = self.cfg
+        corpus = TokenizedCorpus.build(self.gen_tok, self.train, self.task.label_names, cfg.max_length)
+        rep_sets = self.representative_sets()
+        opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
+        from transformers import get_cosine_schedule_with_warmup
+
+        sched = get_cosine_schedule_with_warmup(opt, max(1, int(0.05 * cfg.total_match_steps)),
+                                                cfg.total_match_steps)
+        for _ in range(state.outer * cfg.inner_loop):  # resume: the schedule continues where it stopped
+            sched.step()
+        pools = None
+        bar = tqdm(range(state.outer, cfg.outer_loops), desc="match", initial=state.outer, total=cfg.outer_loops)
+        for outer in bar:
+            if pools is None or outer % cfg.generate_interval == 0:
+                pools = self.regenerate_pool(cfg.seed + outer)
+            learner = self.fresh_learner(seed=cfg.seed + outer)
+            learner_opt = torch.optim.AdamW(learner.parameters(), lr=cfg.learner_lr)
+            for _ in range(cfg.inner_loop):
+                if state.step - cfg.lm_steps == cfg.fail_at_step:
+                    raise RuntimeError(f"injected failure at matching step {cfg.fail_at_step}")
+                metrics = self.generator_step(state, opt, sched, learner, rep_sets, pools, corpus)
+                state.step += 1
+                self.emit(state, stage="match", **metrics)
+                self.inner_learner_steps(learner, learner_opt)
+            state.outer = outer + 1
+            if cfg.val_interval and state.outer % cfg.val_interval == 0:
+                acc = self.validate(cfg.seed + outer)
+                if state.best_val is None or acc > state.best_val:
+                    state.best_val = acc
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.generator.state_dict().items()}
+                self.emit(state, stage="match", val_accuracy=acc, best_val_accuracy=state.best_val)
+                bar.set_postfix(val=f"{acc:.1f}")
+            if state.outer % cfg.checkpoint_interval == 0:
+                save_checkpoint(cfg, self.generator, state, best_state)
+        state.stage = "select"
+        return best_state
+
+    # ---- stage 3
+    def select(self, dpc: int, over_sample: int, seed: int, candidates=None) -> SynSet:
+        """DPC per class: k-means nearest-centroid among over_sample × DPC generated candidates."""
+        cfg = self.cfg
+        picked: list[SynExample] = []
+        for c, name in enumerate(self.task.label_names):
+            cand = candidates[c] if candidates else self.sample(c, over_sample * dpc, seed * 1000 + c)
+            if len(cand) < dpc:
+                raise DilmError(f"only {len(cand)} usable candidates for class {name!r}, DPC {dpc} needs more; "
+                                "train the generator longer or raise max_new_tokens")
+            feats = embed([join_pair(s.text, s.text_pair) for s in cand], cfg.learner, self.device)
+            picked += [SynExample(cand[i].text, c, cand[i].text_pair) for i in kmeans_nearest(feats, dpc, seed)]
+        self.generator.train()
+        return SynSet(picked, self.task.label_names, {"dpc": dpc, "seed": seed})
+
+    def final_sets(self) -> dict[int, list[Path]]:
+        cfg = self.cfg
+        out: dict[int, list[Path]] = {d: [] for d in cfg.dpc}
+        top = cfg.dpc[-1]
+        for k in tqdm(range(cfg.n_sets), desc="select"):
+            seed = cfg.seed * 100003 + k
+            cands = [self.sample(c, cfg.over_sample * top, seed * 1000 + c) for c in range(self.task.num_classes)]
+            for d in cfg.dpc:  # every DPC selects from the same candidates (over_sample × the largest DPC)
+                synset = self.select(d, cfg.over_sample, seed, candidates=cands)
+                out[d].append(write_set(Path(cfg.output_dir) / "sets" / f"dpc{d}" / f"set{k:02d}.jsonl", synset))
+        return out
+
+    def fit(self) -> DistillResult:
+        cfg = self.cfg
+        state, best_state = load_checkpoint(cfg, self.generator, self.device)
+        t0 = time.perf_counter()
+        if state.stage == "lm":
+            self.lm_stage(state)
+            save_checkpoint(cfg, self.generator, state, best_state)
+        self.timings["lm_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if state.stage == "match":
+            best_state = self.match_stage(state, best_state)
+        self.timings["match_s"] = time.perf_counter() - t1
+        if best_state is not None:  # keep the generator that validated best
+            self.generator.load_state_dict(best_state)
+        t2 = time.perf_counter()
+        sets = self.final_sets()
+        self.timings["select_s"] = time.perf_counter() - t2
+        prov = write_provenance(cfg, self, state)
+        return DistillResult(Path(cfg.output_dir), sets, prov, state.history, state.best_val, dict(self.timings))
+
+
+def _by_class(examples, num_classes):
+    groups = [[] for _ in range(num_classes)]
+    for e in examples:
+        groups[e.label].append(e)
+    return groups
+
+
+def _git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_provenance(cfg: DistillConfig, run: Distiller, state: State) -> Path:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "transformers", "scikit-learn", "dilm"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    path = Path(cfg.output_dir) / "provenance.json"
+    write_json(path, {
+        "config": cfg.to_dict(), "dilm_version": dilm.__version__, "git_revision": _git_revision(),
+        "models": {"generator": cfg.generator, "learner": cfg.learner}, "versions": versions,
+        "python": platform.python_version(), "device": str(run.device), "timings_s": run.timings,
+        "steps": state.step, "best_val_accuracy": state.best_val,
+        "validation": {"split": "held-out part of train", "size": len(run.val)},
+    })
+    return path
+
+
+def distill(cfg: DistillConfig, callback: Callback | None = None) -> DistillResult:
+    """Run (or resume) a distillation; ``callback(metrics)`` sees every logged step."""
+    return Distiller(cfg, callback).fit()
+
+
+__all__ = ["DistillConfig", "DistillResult", "PRESETS", "distill", "Distiller"]

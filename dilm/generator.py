@@ -1,0 +1,145 @@
+"""The generator: a causal LM fine-tuned to write class-conditioned texts (DiLM step 1), and its sampling.
+
+An example is rendered ``label: <name>\\ntext: <text>[\\npair: <text_pair>]<eos>``; the prompt of class c is
+``label: <name>\\ntext:``, so sampling from it yields class-c texts (pair tasks get both texts, split on the
+pair marker).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from dilm.models import autocast
+
+PAIR_MARK = "\npair:"
+
+
+def prompt(label_name: str) -> str:
+    return f"label: {label_name}\ntext:"
+
+
+def render(label_name: str, text: str, text_pair: str | None, eos: str) -> str:
+    body = f"{prompt(label_name)} {text}"
+    return body + (f"{PAIR_MARK} {text_pair}" if text_pair is not None else "") + eos
+
+
+def parse(completion: str, is_pair: bool) -> tuple[str, str | None] | None:
+    """Split a sampled completion into (text, text_pair); None when it is unusable."""
+    completion = completion.strip()
+    if is_pair:
+        if PAIR_MARK.strip() not in completion:
+            return None
+        text, _, pair = completion.partition(PAIR_MARK.strip())
+        text, pair = text.strip(), pair.strip()
+        return (text, pair) if text and pair else None
+    text = completion.split("\nlabel:")[0].strip()
+    return (text, None) if text else None
+
+
+@dataclass
+class TokenizedCorpus:
+    """Pre-tokenised LM training sequences (each a list of ids), sampled into padded batches."""
+
+    sequences: list[list[int]]
+    pad_id: int
+
+    @classmethod
+    def build(cls, tok, examples, label_names, max_length: int) -> TokenizedCorpus:
+        texts = [render(label_names[e.label], e.text, e.text_pair, tok.eos_token) for e in examples]
+        ids = tok(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+        return cls(ids, tok.pad_token_id)
+
+    def batch(self, size: int, rng: random.Random, device) -> dict[str, torch.Tensor]:
+        seqs = [self.sequences[rng.randrange(len(self.sequences))] for _ in range(size)]
+        width = max(map(len, seqs))
+        ids = torch.full((size, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((size, width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def lm_loss(generator, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
+    with autocast(device):
+        return generator(**batch).loss.float()
+
+
+def generation_loss(generator, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_mask: torch.Tensor,
+                    device) -> torch.Tensor:
+    """Per-sequence mean NLL of the generated tokens (``text_mask`` = 1 on them, not on prompt/pad) → (B,)."""
+    with autocast(device):
+        logits = generator(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (B, T, V)
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1): token t+1 given ≤ t
+    m = text_mask[:, 1:].float()
+    return (nll * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@dataclass
+class Sample:
+    text: str
+    text_pair: str | None
+    ids: list[int]  # prompt + completion tokens, no padding
+    prompt_len: int
+
+
+@torch.no_grad()
+def sample_class(generator, tok, label_name: str, n: int, is_pair: bool, device, max_new_tokens: int = 48,
+                 top_p: float = 0.95, temperature: float = 1.0, batch_size: int = 64, seed: int = 0,
+                 max_rounds: int = 4, allow_unfinished: bool = False) -> list[Sample]:
+    """Up to ``n`` distinct, parseable samples of one class (a few extra rounds make up for rejects).
+
+    Overlong samples (no EOS within ``max_new_tokens``) are dropped unless ``allow_unfinished``.
+    """
+    generator.eval()
+    prompt_ids = tok(prompt(label_name), add_special_tokens=False)["input_ids"]
+    out: list[Sample] = []
+    seen: set[tuple[str, str | None]] = set()
+    torch.manual_seed(seed)
+    for _ in range(max_rounds):
+        while len(out) < n:
+            b = min(batch_size, 2 * (n - len(out)))
+            ids = torch.tensor([prompt_ids] * b, device=device)
+            with autocast(device):
+                gen = generator.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                         top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            new = 0
+            for row in gen[:, len(prompt_ids):].tolist():
+                if tok.eos_token_id in row:
+                    row = row[: row.index(tok.eos_token_id) + 1]
+                elif not allow_unfinished:
+                    continue  # overlong: never finished
+                else:
+                    row = row + [tok.eos_token_id]
+                parsed = parse(tok.decode(row[:-1], skip_special_tokens=True), is_pair)
+                if parsed is None or parsed in seen:
+                    continue
+                seen.add(parsed)
+                out.append(Sample(parsed[0], parsed[1], prompt_ids + row, len(prompt_ids)))
+                new += 1
+                if len(out) == n:
+                    break
+            if new == 0:
+                break
+        if len(out) >= n:
+            break
+    return out
+
+
+def pad_samples(samples: list[Sample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, attention_mask, text_mask), each (B, T)."""
+    width = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    tm = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        am[i, : len(s.ids)] = 1
+        tm[i, s.prompt_len: len(s.ids)] = 1
+    return ids.to(device), am.to(device), tm.to(device)
