@@ -330,7 +330,7 @@ class Distiller:
             loss = match_loss(g_real, g_syn) / self.task.num_classes
             loss.backward()  # per class: frees this class's graph before the next
             total += loss.item()
-            sims.append(1 - float(loss) * self.task.num_classes)
+            sims.append(1 - loss.item() * self.task.num_classes)
         if cfg.lm_lambda:
             mix = cfg.lm_lambda * lm_loss(self.generator, corpus.batch(cfg.lm_batch_size, self.rng, self.device),
                                           self.device)

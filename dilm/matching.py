@@ -30,7 +30,9 @@ def class_gradient(learner: torch.nn.Module, params: dict[str, torch.Tensor], in
     """
 
     def loss_fn(p):
-        logits = functional_call(learner, p, (), inputs).logits.float()  # (B, C)
+        logits = functional_call(learner, p, (), inputs).logits  # (B, C)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         ce = F.cross_entropy(logits, torch.full((logits.shape[0],), label, device=logits.device),
                              reduction="none")  # (B,)
         return ce.mean() if weights is None else (weights * ce).sum()
