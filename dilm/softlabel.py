@@ -354,7 +354,7 @@ def learn_soft_labels(synset: SynSet, task: TaskData, cfg: SoftLabelConfig, devi
             losses.append(outer_step(objective, learn, opt))
             clamp_log_lr(log_lr, log_lr0)
     soft = torch.softmax(z.detach().double(), -1).cpu()
-    meta.update(learned_lr=math.exp(float(log_lr)), outer_loss_first=_mean_head(losses),
+    meta.update(learned_lr=math.exp(float(log_lr.detach())), outer_loss_first=_mean_head(losses),
                 outer_loss_last=_mean_head(losses[::-1]))
     return _with_meta(synset.with_soft_labels(soft.tolist()), meta)
 

@@ -1,0 +1,53 @@
+"""Evaluation: the vmap ensemble equals separate models; learners beat chance on a separable toy; ICL scoring."""
+
+import torch
+
+from dilm.evaluate import EvalConfig, Ensemble, Evaluator, encode, label_logprobs, linear_warmup_decay
+from dilm.models import load_model, load_tokenizer
+from dilm.synset import SynSet
+
+CPU = torch.device("cpu")
+
+
+def test_ensemble_logits_equal_separate_models():
+    for name in ("tiny-bert", "tiny-llama"):
+        base = load_model(name, "classifier", 2).eval()
+        tok = load_tokenizer(name)
+        ens = Ensemble(base, [0, 1], CPU)
+        enc = encode(tok, ["a good film indeed", "bad"], 16, CPU)
+        got = ens.logits(enc["input_ids"], enc["attention_mask"], batched=False)  # (2 members, 2, C)
+        for i in range(2):
+            ref = load_model(name, "classifier", 2).eval()
+            ref.load_state_dict({k: v[i] for k, v in ens.params.items()}, strict=False)
+            want = ref(**enc).logits
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
+
+
+def test_learners_beat_chance_on_separable_toy(toy_task):
+    synset = SynSet.from_examples(toy_task.train[:40], toy_task.label_names)
+    cfg = EvalConfig(archs=("tiny-bert", "tfidf-logreg"), seeds=2, steps=60, lr=1e-3, progress=False)
+    summary = Evaluator(toy_task, cfg).evaluate([synset]).summary()
+    assert summary["tfidf-logreg"]["accuracy"] > 90
+    assert summary["tiny-bert"]["accuracy"] > 75
+    assert summary["tiny-bert"]["n"] == 2
+
+
+def test_icl_scoring_picks_the_likelier_label():
+    model = load_model("tiny-llama", "causal-lm").eval()
+    tok = load_tokenizer("tiny-llama")
+    prompts = ["text: one\nlabel:", "text: a much longer review here\nlabel:"]
+    words = ["negative", "positive"]
+    got = label_logprobs(model, tok, prompts, words, CPU, batch_size=1)
+    for i, p in enumerate(prompts):  # reference: full-sequence log-likelihood difference, one at a time
+        for c, w in enumerate(words):
+            ids_p = tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            ids_w = tok(" " + w, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            full = torch.cat([ids_p, ids_w], 1)
+            logp = torch.log_softmax(model(full).logits[0, :-1], -1)
+            ref = logp[torch.arange(ids_p.shape[1] - 1, full.shape[1] - 1), ids_w[0]].sum()
+            torch.testing.assert_close(got[i, c], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_protocol_schedule_warms_up_over_half_then_decays():
+    lrs = [linear_warmup_decay(s, 200, 0.5) for s in range(200)]
+    assert max(lrs) == 1.0 and lrs.index(1.0) == 99 and lrs[0] < 0.02 and lrs[-1] < 0.02
