@@ -252,6 +252,12 @@ class Distiller:
                             self.device, cfg.max_new_tokens, cfg.top_p, batch_size=cfg.gen_batch_size, seed=seed,
                             allow_unfinished=cfg.allow_unfinished)
 
+    def features(self, texts: list[str]) -> torch.Tensor:
+        """Learner features (mean-pooled last layer) with one backbone loaded once per run."""
+        if not hasattr(self, "_feature_model"):
+            self._feature_model = load_model(self.cfg.learner, "base", device=self.device)
+        return embed(texts, self.cfg.learner, self.device, model=self._feature_model)
+
     def fresh_learner(self, seed: int):
         return load_model(self.cfg.learner, "classifier", self.task.num_classes, self.device, seed=seed)
 
@@ -290,7 +296,7 @@ class Distiller:
             sets = []
             for r in range(cfg.n_rep_sets):
                 cand = random.Random(cfg.seed * 7919 + 31 * c + r).sample(group, min(len(group), 4 * k))
-                feats = embed([join_pair(e.text, e.text_pair) for e in cand], cfg.learner, self.device)
+                feats = self.features([join_pair(e.text, e.text_pair) for e in cand])
                 sets.append([cand[i] for i in kmeans_nearest(feats, k, cfg.seed + r)])
             out.append(sets)
         return out
@@ -304,7 +310,7 @@ class Distiller:
             if len(samples) < cfg.syn_per_class:
                 raise DilmError(f"the generator produced only {len(samples)} usable texts for class {name!r} "
                                 f"(need syn_per_class={cfg.syn_per_class}); train the LM longer")
-            feats = embed([join_pair(s.text, s.text_pair) for s in samples], cfg.learner, self.device)
+            feats = self.features([join_pair(s.text, s.text_pair) for s in samples])
             km = KMeans(n_clusters=cfg.syn_per_class, n_init=1, random_state=seed).fit(feats.double().numpy())
             clusters = [[i for i, lab in enumerate(km.labels_) if lab == j] for j in range(cfg.syn_per_class)]
             pools.append((samples, [cl for cl in clusters if cl]))
@@ -408,7 +414,7 @@ class Distiller:
             if len(cand) < dpc:
                 raise DilmError(f"only {len(cand)} usable candidates for class {name!r}, DPC {dpc} needs more; "
                                 "train the generator longer or raise max_new_tokens")
-            feats = embed([join_pair(s.text, s.text_pair) for s in cand], cfg.learner, self.device)
+            feats = self.features([join_pair(s.text, s.text_pair) for s in cand])
             picked += [SynExample(cand[i].text, c, cand[i].text_pair) for i in kmeans_nearest(feats, dpc, seed)]
         self.generator.train()
         return SynSet(picked, self.task.label_names, {"dpc": dpc, "seed": seed})
