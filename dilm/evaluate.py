@@ -276,7 +276,8 @@ def tfidf_logreg(synset: SynSet, seed: int, test: list[Example]) -> np.ndarray:
                 labels.append(c)
                 weights.append(p)
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    x = vec.fit_transform(texts)
+    vec.fit([join_pair(e.text, e.text_pair) for e in synset.examples])  # IDF over the set's texts, not the expansion
+    x = vec.transform(texts)
     if len(set(labels)) < 2:  # a one-class set predicts that class
         return np.full(len(test), labels[0])
     clf = LogisticRegression(C=10.0, max_iter=1000, random_state=seed)

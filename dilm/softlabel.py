@@ -25,6 +25,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ DEFAULT_INNER_LR = {("head", "sgd"): 1.0, ("head", "adam"): 0.02, ("full", "sgd"
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 HEAD_KEYS = ("classifier", "score")  # first component of a classification head's parameter names
-LOG_LR_RANGE = 3.0  # a learned log step size stays within ±3 of its start (e^3 ≈ 20×), so the unroll cannot blow up
+LOG_LR_RANGE = 3.0  # a learned log step size stays within ±3 of its start (e^3 ≈ 20×): the unroll cannot blow up
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]  # features (B, H) in head mode, tokenizer-style dicts in full mode
 
@@ -79,7 +80,7 @@ class UnrollConfig:
         if self.pooling not in POOLINGS:
             raise DilmError(f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
         if min(self.steps, self.learners, self.batch_size, self.real_per_class, self.real_batch, self.max_length) < 1:
-            raise DilmError("unroll steps, learners, batch_size, real_per_class, real_batch and max_length must be >= 1")
+            raise DilmError("unroll steps, learners, batch_size, real_per_class, real_batch, max_length must be >= 1")
         if self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_INNER_LR[(self.mode, self.optimizer)])
         if not self.lr > 0:
@@ -311,56 +312,91 @@ def outer_step(objective: Callable[[dict], torch.Tensor], learn: dict[str, torch
     return float(loss.detach())
 
 
-def clamp_log_lr(log_lr: torch.Tensor, start: float) -> None:
-    with torch.no_grad():
-        log_lr.clamp_(start - LOG_LR_RANGE, start + LOG_LR_RANGE)
+def unroll_lr(learn: dict[str, torch.Tensor], ucfg: UnrollConfig) -> torch.Tensor | float:
+    """The unroll's step size: exp of the learned log lr, or the fixed one."""
+    return learn["log_lr"].exp() if "log_lr" in learn else ucfg.lr
+
+
+def learned_lr(learn: dict[str, torch.Tensor], ucfg: UnrollConfig) -> float:
+    return math.exp(float(learn["log_lr"].detach())) if "log_lr" in learn else ucfg.lr
+
+
+def outer_loop(proxy: HeadProxy | FullProxy, learn: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+               loss_fn: Callable, n_syn: int, ucfg: UnrollConfig, steps: int, seed: int, device, desc: str = "",
+               progress: bool = False) -> list[float]:
+    """``steps`` outer steps. Each draws fresh learners, a real batch and the unroll's synthetic batches, then
+    takes one Adam step on ``learn`` through ``loss_fn(learn, params0, real, real_labels, batches)``."""
+    gen = torch.Generator().manual_seed(seed)
+    log_lr0 = math.log(ucfg.lr)
+    losses = []
+    with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no double backward
+        for _ in tqdm(range(steps), desc=desc, disable=not progress):
+            params0 = proxy.init_params(gen, ucfg.learners)
+            real, real_y = proxy.real_batch(gen, ucfg.real_batch)
+            batches = inner_batches(gen, n_syn, ucfg, device)
+            objective = partial(loss_fn, params0=params0, real=real, real_labels=real_y, batches=batches)
+            losses.append(outer_step(objective, learn, opt))
+            if "log_lr" in learn:  # a learned log step size stays within ±LOG_LR_RANGE of its start
+                with torch.no_grad():
+                    learn["log_lr"].clamp_(log_lr0 - LOG_LR_RANGE, log_lr0 + LOG_LR_RANGE)
+    return losses
+
+
+def loss_summary(losses: list[float], k: int = 10) -> dict:
+    """Mean outer loss over the first and the last ``k`` steps (one real batch is noisy)."""
+    if not losses:
+        return {"outer_loss_first": None, "outer_loss_last": None}
+    return {"outer_loss_first": float(np.mean(losses[:k])), "outer_loss_last": float(np.mean(losses[-k:]))}
+
+
+class SoftLabeler:
+    """Learns soft labels for sets of one task; the proxy (feature model, real pool) is built once."""
+
+    def __init__(self, task: TaskData, cfg: SoftLabelConfig, device=None):
+        self.task, self.cfg = task, cfg
+        self.device = pick_device(str(device or cfg.device))
+        self._proxy = self._body = None
+
+    def _build(self) -> None:
+        ucfg = self.cfg.unroll
+        if ucfg.mode == "head":
+            self._body = load_model(ucfg.learner, "base", device=self.device).requires_grad_(False)
+        self._proxy = build_proxy(ucfg, self.task, self.device, self.cfg.seed, self._body)
+
+    def __call__(self, synset: SynSet) -> SynSet:
+        """The same texts with learned soft labels; meta records the learned unroll lr and the outer losses."""
+        task, cfg, ucfg, device = self.task, self.cfg, self.cfg.unroll, self.device
+        if synset.label_names != task.label_names:
+            raise DilmError(f"set labels {list(synset.label_names)} do not match task {task.name} "
+                            f"labels {list(task.label_names)}")
+        meta = {"config": asdict(cfg), "learner": ucfg.learner}
+        if cfg.steps == 0:  # nothing learned: the hard labels, exactly
+            onehot = F.one_hot(torch.tensor([e.label for e in synset.examples]), synset.num_classes).double()
+            return _with_meta(synset.with_soft_labels(onehot.tolist()), meta)
+        if self._proxy is None:
+            self._build()
+        proxy = self._proxy
+        syn = syn_inputs(proxy, [join_pair(e.text, e.text_pair) for e in synset.examples], ucfg, device, self._body)
+        z = init_label_logits([e.label for e in synset.examples], synset.num_classes, cfg.init_scale)
+        learn = {"z": z.to(device=device, dtype=proxy.dtype).requires_grad_()}
+        if ucfg.learn_lr:
+            learn["log_lr"] = torch.tensor(math.log(ucfg.lr), device=device, dtype=proxy.dtype, requires_grad=True)
+        opt = torch.optim.Adam(list(learn.values()), lr=cfg.lr)
+
+        def loss_fn(p, params0, real, real_labels, batches):
+            return mean_unrolled_loss(proxy, params0, syn, torch.softmax(p["z"], -1), unroll_lr(p, ucfg), real,
+                                      real_labels, ucfg, batches)
+
+        losses = outer_loop(proxy, learn, opt, loss_fn, len(synset), ucfg, cfg.steps, cfg.seed, device,
+                            "soft labels", cfg.progress)
+        soft = torch.softmax(learn["z"].detach().double(), -1).cpu()
+        meta.update(learned_lr=learned_lr(learn, ucfg), **loss_summary(losses))
+        return _with_meta(synset.with_soft_labels(soft.tolist()), meta)
 
 
 def learn_soft_labels(synset: SynSet, task: TaskData, cfg: SoftLabelConfig, device=None) -> SynSet:
-    """The same texts with learned soft labels (and meta recording the learned unroll lr and outer losses)."""
-    if synset.label_names != task.label_names:
-        raise DilmError(f"set labels {list(synset.label_names)} do not match task {task.name} "
-                        f"labels {list(task.label_names)}")
-    ucfg = cfg.unroll
-    meta = {"config": asdict(cfg), "learner": ucfg.learner}
-    if cfg.steps == 0:  # nothing learned: the hard labels, exactly
-        onehot = F.one_hot(torch.tensor([e.label for e in synset.examples]), synset.num_classes).double()
-        return _with_meta(synset.with_soft_labels(onehot.tolist()), meta)
-
-    device = pick_device(str(device or cfg.device))
-    body = load_model(ucfg.learner, "base", device=device) if ucfg.mode == "head" else None
-    proxy = build_proxy(ucfg, task, device, cfg.seed, body)
-    syn = syn_inputs(proxy, [join_pair(e.text, e.text_pair) for e in synset.examples], ucfg, device, body)
-    z = init_label_logits([e.label for e in synset.examples], synset.num_classes, cfg.init_scale)
-    z = z.to(device=device, dtype=proxy.dtype).requires_grad_()
-    log_lr0 = math.log(ucfg.lr)
-    log_lr = torch.tensor(log_lr0, device=device, dtype=proxy.dtype, requires_grad=ucfg.learn_lr)
-    learn = {"z": z, "log_lr": log_lr} if ucfg.learn_lr else {"z": z}
-    opt = torch.optim.Adam(list(learn.values()), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    losses = []
-    with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no double backward
-        for _ in tqdm(range(cfg.steps), desc="soft labels", disable=not cfg.progress):
-            params0 = proxy.init_params(gen, ucfg.learners)
-            real, real_y = proxy.real_batch(gen, ucfg.real_batch)
-            batches = inner_batches(gen, len(synset), ucfg, device)
-
-            def objective(p, params0=params0, real=real, real_y=real_y, batches=batches):
-                lr = p.get("log_lr", log_lr).exp()
-                return mean_unrolled_loss(proxy, params0, syn, torch.softmax(p["z"], -1), lr, real, real_y, ucfg,
-                                          batches)
-
-            losses.append(outer_step(objective, learn, opt))
-            clamp_log_lr(log_lr, log_lr0)
-    soft = torch.softmax(z.detach().double(), -1).cpu()
-    meta.update(learned_lr=math.exp(float(log_lr.detach())), outer_loss_first=_mean_head(losses),
-                outer_loss_last=_mean_head(losses[::-1]))
-    return _with_meta(synset.with_soft_labels(soft.tolist()), meta)
-
-
-def _mean_head(xs: list[float], k: int = 10) -> float:
-    return float(np.mean(xs[:k]))
+    """``synset`` with soft labels learned by unrolled training of the proxy learner (see the module docstring)."""
+    return SoftLabeler(task, cfg, device)(synset)
 
 
 def _with_meta(synset: SynSet, softlabel_meta: dict) -> SynSet:

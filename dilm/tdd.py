@@ -1,0 +1,358 @@
+"""Embedding-level text distillation (TDD), a same-architecture baseline beside DiLM (DESIGN.md).
+
+A TDD set is ``n = DPC × C`` free sequences of input word embeddings ``inputs_embeds`` (n, T, H) — fed to the
+learner in place of its word-embedding lookup, so position and token-type embeddings and the embedding LayerNorm
+still apply — each with learnable label logits (n, C) and one learnable unroll step size. They are optimised with
+the machinery of :mod:`dilm.softlabel`: a proxy learner is unrolled on the synthetic embeddings with ``torch.func``
+and the outer loss is its cross-entropy on real *training* mini-batches.
+
+* ``head`` mode (default): the learner's body is frozen; the synthetic features are its pooled outputs on the
+  embeddings (differentiable in them) and a linear head is unrolled on those. ``full``: the whole classifier.
+* Only a model with the same embedding table can read the set — hence "evaluable only on <learner>". It is a
+  baseline and an upper-bound reference, not a product output.
+
+On disk, ``OUT.pt`` holds the embeddings, attention mask, soft labels, label names and meta
+(``{"tdd_learner": <model>, ...}``); ``OUT.jsonl`` is a *reading* of it (each position's nearest vocabulary token,
+cosine) with the soft labels, and ``OUT.meta.json`` carries ``tdd_learner`` so that ``dilm evaluate OUT.jsonl``
+refuses it rather than scoring the readings as if they were the set.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+from dilm import DilmError
+from dilm.cli import add_task_args, command, task_from_args
+from dilm.evaluate import (
+    ArchScores,
+    Ensemble,
+    EvalConfig,
+    Scores,
+    _batch_schedule,
+    _per_member_clip,
+    _predict_ensemble,
+    additive_mask,
+    join_pair,
+    linear_warmup_decay,
+)
+from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.softlabel import (
+    HeadProxy,
+    UnrollConfig,
+    add_unroll_args,
+    build_proxy,
+    init_label_logits,
+    learned_lr,
+    loss_summary,
+    mean_unrolled_loss,
+    outer_loop,
+    unroll_config_from_args,
+    unroll_lr,
+)
+from dilm.synset import SynExample, SynSet, write_json, write_set
+from dilm.tasks import TaskData
+
+INITS = ("real", "random")
+
+
+@dataclass(frozen=True)
+class TDDConfig:
+    dpc: int = field(default=1, metadata={"help": "synthetic sequences per class"})
+    seq_len: int = field(default=32, metadata={"help": "T: positions per synthetic sequence"})
+    steps: int = field(default=200, metadata={"help": "outer steps"})
+    lr: float = field(default=0.05, metadata={"help": "Adam step on embeddings, in units of the table's std"})
+    label_lr: float = field(default=0.05, metadata={"help": "Adam step on label logits and the log unroll lr"})
+    init_scale: float = field(default=5.0, metadata={"help": "initial label logits = init_scale * onehot"})
+    init: str = field(default="real", metadata={"help": "real: embeddings of random real examples; random"})
+    seed: int = 0
+    device: str = "auto"
+    unroll: UnrollConfig = field(default_factory=UnrollConfig)
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.dpc < 1 or self.seq_len < 2 or self.steps < 0:
+            raise DilmError("TDD needs dpc >= 1, seq_len >= 2 and steps >= 0")
+        if not self.lr > 0 or not self.label_lr > 0 or not self.init_scale > 0:
+            raise DilmError("TDD lr, label_lr and init_scale must be > 0")
+        if self.init not in INITS:
+            raise DilmError(f"unknown TDD init {self.init!r}; known: {', '.join(INITS)}")
+
+
+@dataclass(frozen=True)
+class TDDSet:
+    inputs_embeds: torch.Tensor  # (n, T, H) float32, CPU
+    attention_mask: torch.Tensor  # (n, T) 0/1
+    soft_labels: torch.Tensor  # (n, C), rows sum to 1
+    label_names: tuple[str, ...]
+    meta: dict  # "tdd_learner": the only model that can read the embeddings
+    readings: tuple[str, ...] = ()  # nearest-token readings, for people (never trained on)
+
+    def __len__(self) -> int:
+        return self.inputs_embeds.shape[0]
+
+    @property
+    def learner(self) -> str:
+        return self.meta["tdd_learner"]
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def check_tdd_learner(learner: str) -> None:
+    if resolve_model(learner).family != "encoder":
+        raise DilmError(f"TDD needs an encoder learner (its classifier reads the first position); {learner} is a "
+                        "decoder")
+
+
+def init_sequences(task: TaskData, cfg: TDDConfig, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Initial embeddings (n, T, H), attention mask (n, T) and class ids, DPC per class, in class order."""
+    tok = load_tokenizer(cfg.unroll.learner)
+    picked, labels = [], []
+    for c, group in enumerate(task.by_class("train")):
+        picked += random.Random(cfg.seed * 7919 + c).sample(group, cfg.dpc)
+        labels += [c] * cfg.dpc
+    enc = tok([join_pair(e.text, e.text_pair) for e in picked], padding="max_length", truncation=True,
+              max_length=cfg.seq_len, return_tensors="pt", padding_side="right")
+    ids, mask = enc["input_ids"].to(table.device), enc["attention_mask"].to(table.device)
+    if cfg.init == "real":
+        return table[ids].detach().clone(), mask, labels
+    gen = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn(*ids.shape, table.shape[1], generator=gen) * table.std().item()
+    return noise.to(table.device), torch.ones_like(mask), labels
+
+
+def pooled_features(body: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Last-layer features of input embeddings (n, T, H) → (n, H), as :func:`dilm.features.embed` pools them."""
+    dtype = next(body.parameters()).dtype
+    hidden = body(inputs_embeds=embeds, attention_mask=additive_mask(mask, False, dtype)).last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    m = mask[..., None].to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1)
+
+
+def distill_tdd(task: TaskData, cfg: TDDConfig, device=None) -> TDDSet:
+    ucfg = cfg.unroll
+    check_tdd_learner(ucfg.learner)
+    device = pick_device(str(device or cfg.device))
+    for c, group in enumerate(task.by_class("train")):
+        if cfg.dpc > len(group):
+            raise DilmError(f"DPC {cfg.dpc} is larger than class {task.label_names[c]!r} ({len(group)} examples)")
+    body = load_model(ucfg.learner, "base", device=device).requires_grad_(False) if ucfg.mode == "head" else None
+    proxy = build_proxy(ucfg, task, device, cfg.seed, body)
+    table = (body or proxy.model).get_input_embeddings().weight.detach()  # (V, H)
+    embeds, mask, labels = init_sequences(task, cfg, table)
+
+    def as_inputs(e: torch.Tensor):
+        if isinstance(proxy, HeadProxy):
+            return proxy.standardise(pooled_features(body, e, mask, ucfg.pooling))  # (n, H)
+        return {"inputs_embeds": e, "attention_mask": mask}
+
+    z = init_label_logits(labels, task.num_classes, cfg.init_scale).to(device)
+    learn = {"embeds": embeds.requires_grad_(), "z": z.requires_grad_()}
+    if ucfg.learn_lr:
+        learn["log_lr"] = torch.tensor(math.log(ucfg.lr), device=device, requires_grad=True)
+    groups = [{"params": [learn["embeds"]], "lr": cfg.lr * table.std().item()},
+              {"params": [v for k, v in learn.items() if k != "embeds"], "lr": cfg.label_lr}]
+    opt = torch.optim.Adam(groups)
+
+    def loss_fn(p, params0, real, real_labels, batches):
+        return mean_unrolled_loss(proxy, params0, as_inputs(p["embeds"]), torch.softmax(p["z"], -1),
+                                  unroll_lr(p, ucfg), real, real_labels, ucfg, batches)
+
+    losses = outer_loop(proxy, learn, opt, loss_fn, len(labels), ucfg, cfg.steps, cfg.seed, device, "tdd",
+                        cfg.progress)
+    embeds = learn["embeds"].detach()
+    meta = {"tdd_learner": ucfg.learner, "task": task.name, "config": asdict(cfg),
+            "learned_lr": learned_lr(learn, ucfg), **loss_summary(losses)}
+    soft = torch.softmax(learn["z"].detach().double(), -1).float()
+    return TDDSet(embeds.float().cpu(), mask.cpu(), soft.cpu(), task.label_names, meta,
+                  tuple(nearest_tokens(embeds, mask, table, ucfg.learner)))
+
+
+@torch.no_grad()
+def nearest_tokens(embeds: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, learner: str) -> list[str]:
+    """Each attended position's nearest vocabulary token by cosine similarity, joined: a reading of the set."""
+    tok = load_tokenizer(learner)
+    unit = F.normalize(table.float(), dim=-1)  # (V, H)
+    out = []
+    for e, m in zip(embeds, mask):  # (T, H), (T,)
+        ids = (F.normalize(e.float(), dim=-1) @ unit.T).argmax(-1)[m.bool()]
+        out.append(" ".join(tok.convert_ids_to_tokens(ids.tolist())) or "[empty]")
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def tdd_paths(out: str | Path) -> dict[str, Path]:
+    """OUT, OUT.pt or OUT.jsonl → the three files of a TDD set."""
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix in (".pt", ".jsonl") else out
+    return {"pt": base.with_name(base.name + ".pt"), "jsonl": base.with_name(base.name + ".jsonl"),
+            "meta": base.with_name(base.name + ".meta.json")}
+
+
+def save_tdd(tdd: TDDSet, out: str | Path) -> dict[str, Path]:
+    paths = tdd_paths(out)
+    paths["pt"].parent.mkdir(parents=True, exist_ok=True)
+    blob = {"inputs_embeds": tdd.inputs_embeds, "attention_mask": tdd.attention_mask,
+            "soft_labels": tdd.soft_labels, "label_names": list(tdd.label_names), "meta": tdd.meta,
+            "readings": list(tdd.readings)}
+    fd, tmp = tempfile.mkstemp(dir=paths["pt"].parent, prefix=f".{paths['pt'].name}.")
+    os.close(fd)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, paths["pt"])
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    readings = tdd.readings or tuple(f"[sequence {i}]" for i in range(len(tdd)))
+    rows = [SynExample(text, int(s.argmax()), None, tuple(s.tolist()))
+            for text, s in zip(readings, tdd.soft_labels.double())]
+    write_set(paths["jsonl"], SynSet(rows, tdd.label_names))
+    write_json(paths["meta"], {**tdd.meta, "embeddings": paths["pt"].name,
+                               "note": "the .jsonl holds nearest-token readings; the set is the .pt embeddings"})
+    return paths
+
+
+def load_tdd(path: str | Path) -> TDDSet:
+    pt = tdd_paths(path)["pt"]
+    if not pt.exists():
+        raise DilmError(f"TDD set {pt} does not exist")
+    blob = torch.load(pt, map_location="cpu", weights_only=True)
+    if "tdd_learner" not in blob.get("meta", {}):
+        raise DilmError(f"{pt} is not a TDD set (no tdd_learner in its meta)")
+    return TDDSet(blob["inputs_embeds"], blob["attention_mask"], blob["soft_labels"], tuple(blob["label_names"]),
+                  blob["meta"], tuple(blob.get("readings", ())))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_tdd(path: str | Path | TDDSet, task: TaskData, learner: str, cfg: EvalConfig) -> Scores:
+    """Train ``cfg.seeds`` fresh learners (same architecture) on the embeddings by the protocol; test accuracy.
+
+    The word-embedding table is left out of the optimiser: no gradient reaches it from ``inputs_embeds``.
+    """
+    tdd = path if isinstance(path, TDDSet) else load_tdd(path)
+    where = "TDD set" if isinstance(path, TDDSet) else f"TDD set {path}"
+    if learner != tdd.learner:
+        raise DilmError(f"{where} is evaluable only on {tdd.learner} (its examples are that model's input "
+                        f"embeddings, not text), not on {learner}")
+    if tdd.label_names != task.label_names:
+        raise DilmError(f"{where} labels {list(tdd.label_names)} do not match task {task.name} "
+                        f"labels {list(task.label_names)}")
+    device = pick_device(cfg.device)
+    test = task.test[: cfg.test_limit] if cfg.test_limit else task.test
+    gold = np.array([e.label for e in test])
+    base = load_model(learner, "classifier", task.num_classes, device)
+    if base.get_input_embeddings().weight.shape[1] != tdd.inputs_embeds.shape[-1]:
+        raise DilmError(f"{where}: embedding width {tdd.inputs_embeds.shape[-1]} does not match {learner}")
+    scores = ArchScores()
+    seeds = list(range(cfg.seeds))
+    for i in range(0, len(seeds), cfg.ensemble):
+        for preds in _train_on_embeddings(learner, base, tdd, seeds[i: i + cfg.ensemble], test, cfg, device):
+            scores.accuracies.append(float((preds == gold).mean()))
+            if task.num_classes == 2 and task.is_pair:
+                from sklearn.metrics import f1_score
+
+                scores.f1s.append(float(f1_score(gold, preds)))
+    return Scores({learner: scores})
+
+
+def _train_on_embeddings(learner: str, base: torch.nn.Module, tdd: TDDSet, seeds: list[int], test, cfg: EvalConfig,
+                         device) -> list[np.ndarray]:
+    """finetune_ensemble's loop with ``inputs_embeds`` in place of token ids."""
+    base.train()
+    ens = Ensemble(base, seeds, device)
+    table = base.get_input_embeddings().weight
+    table_key = next(k for k, v in base.named_parameters() if v is table)
+    trained = {k: v for k, v in ens.params.items() if k != table_key}
+    embeds, mask = tdd.inputs_embeds.to(device), tdd.attention_mask.to(device)  # (n, T, H), (n, T)
+    targets = tdd.soft_labels.to(device)  # (n, C)
+    schedule = torch.as_tensor(_batch_schedule([len(tdd)] * len(seeds), cfg.steps, cfg.batch_size, seeds),
+                               device=device)  # (N, steps, B); every member sees the whole set when n <= batch
+
+    def one(p, b, e, am):
+        kw = {"inputs_embeds": e, "attention_mask": additive_mask(am, ens.causal)}
+        return functional_call(ens.base, (p, b), (), kw).logits
+
+    opt = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.steps, cfg.warmup_ratio))
+    for step in range(cfg.steps):
+        idx = schedule[:, step]  # (N, B)
+        valid = (idx >= 0).float()
+        idx = idx.clamp(min=0)
+        with autocast(device):
+            logits = vmap(one, randomness="different")(ens.params, ens.buffers, embeds[idx], mask[idx])  # (N, B, C)
+        ce = -(targets[idx] * torch.log_softmax(logits.float(), -1)).sum(-1)  # (N, B)
+        loss = ((ce * valid).sum(1) / valid.sum(1)).sum()
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        _per_member_clip(trained, cfg.clip)
+        opt.step()
+        sched.step()
+    return _predict_ensemble(ens, load_tokenizer(learner), test, cfg, device)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cmd_tdd(args) -> int:
+    task = task_from_args(args)
+    if args.existing is not None:
+        tdd = load_tdd(args.existing)
+        print(f"TDD set {args.existing}: {len(tdd)} sequences for {tdd.learner}")
+    else:
+        cfg = TDDConfig(dpc=args.dpc, seq_len=args.seq_len, steps=args.steps, lr=args.lr, label_lr=args.label_lr,
+                        init_scale=args.init_scale, init=args.init, seed=args.seed, device=args.device,
+                        unroll=unroll_config_from_args(args), progress=True)
+        if args.output is None:
+            raise DilmError("dilm tdd needs -o OUT (or an existing TDD set to evaluate)")
+        tdd = distill_tdd(task, cfg)
+        paths = save_tdd(tdd, args.output)
+        print(f"TDD set: {len(tdd)} sequences × {tdd.inputs_embeds.shape[1]} embeddings → {paths['pt']} "
+              f"(readings {paths['jsonl']}; outer loss {tdd.meta['outer_loss_first']} → {tdd.meta['outer_loss_last']})")
+    if args.evaluate:
+        ecfg = EvalConfig(archs=(args.arch or tdd.learner,), seeds=args.eval_seeds, steps=args.eval_steps,
+                          test_limit=args.test_limit, device=args.device)
+        s = evaluate_tdd(args.existing or tdd, task, args.arch or tdd.learner, ecfg).summary()
+        for arch, v in s.items():
+            print(f"{arch:>16}: accuracy {v['accuracy']:.1f} ± {v['accuracy_std']:.1f}  (n={v['n']})")
+    return 0
+
+
+@command
+def add_tdd(sub) -> None:
+    p = sub.add_parser("tdd", help="embedding-level text distillation baseline (evaluable on its learner only)")
+    p.add_argument("existing", nargs="?", type=Path, help="an existing TDD set (.pt) to evaluate instead")
+    add_task_args(p)
+    p.add_argument("--dpc", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=200, help="outer steps")
+    p.add_argument("--lr", type=float, default=0.05, help="embedding step, in units of the table's std")
+    p.add_argument("--label-lr", type=float, default=0.05)
+    p.add_argument("--init-scale", type=float, default=5.0)
+    p.add_argument("--init", default="real", choices=INITS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    add_unroll_args(p)
+    p.add_argument("-o", "--output", type=Path, help="OUT → OUT.pt, OUT.jsonl (readings), OUT.meta.json")
+    e = p.add_argument_group("evaluation (protocol of dilm evaluate)")
+    e.add_argument("--evaluate", action="store_true", help="train fresh learners on the set; report test accuracy")
+    e.add_argument("--arch", default=None, help="evaluation model (default and only valid choice: the learner)")
+    e.add_argument("--eval-seeds", type=int, default=5)
+    e.add_argument("--eval-steps", type=int, default=200)
+    e.add_argument("--test-limit", type=int, default=None)
+    p.set_defaults(func=cmd_tdd)
