@@ -407,7 +407,6 @@ class Distiller:
     # ---- stage 3
     def select(self, dpc: int, over_sample: int, seed: int, candidates=None) -> SynSet:
         """DPC per class: k-means nearest-centroid among over_sample × DPC generated candidates."""
-        cfg = self.cfg
         picked: list[SynExample] = []
         for c, name in enumerate(self.task.label_names):
             cand = candidates[c] if candidates else self.sample(c, over_sample * dpc, seed * 1000 + c)

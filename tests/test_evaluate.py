@@ -2,7 +2,7 @@
 
 import torch
 
-from dilm.evaluate import EvalConfig, Ensemble, Evaluator, encode, label_logprobs, linear_warmup_decay
+from dilm.evaluate import Ensemble, EvalConfig, Evaluator, encode, label_logprobs, linear_warmup_decay
 from dilm.models import load_model, load_tokenizer
 from dilm.synset import SynSet
 
