@@ -12,6 +12,7 @@ def test_method_package_never_imports_ray_optuna_or_mlflow():
 
 
 def test_dilm_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-c", "from dilm.cli import main; main(['--help'])"], capture_output=True, text=True, check=True)
+    code = "from dilm.cli import main; main(['--help'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     for cmd in ("evaluate", "coreset", "distill", "softlabel", "tdd", "sweep", "ui"):
         assert cmd in out.stdout
