@@ -1,0 +1,75 @@
+"""Figures logged as MLflow artifacts: accuracy vs DPC per architecture, and the sweep's parameter importances.
+
+Built with matplotlib's object API (``Figure`` rendered by the Agg canvas): no pyplot global state, no display,
+safe in Ray workers. Each file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def safe_name(arch: str) -> str:
+    """An architecture name usable as a file name (``icl-smollm2`` stays, ``/path/model`` → ``_path_model``)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in arch)
+
+
+def accuracy_vs_dpc(scores: dict[int, dict[str, dict]], arch: str, path: str | Path, title: str = "") -> Path:
+    """One architecture's mean accuracy ± std (over sets × seeds) against DPC.
+
+    ``scores``: {dpc: {arch: {"accuracy", "accuracy_std", "n", ...}}} as returned by the evaluation pool.
+    """
+    dpcs = sorted(d for d in scores if arch in scores[d])
+    acc = [scores[d][arch]["accuracy"] for d in dpcs]
+    std = [scores[d][arch]["accuracy_std"] for d in dpcs]
+    fig = Figure(figsize=(4.5, 3.2))
+    ax = fig.add_subplot()
+    ax.errorbar(dpcs, acc, yerr=std, marker="o", capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(dpcs, [str(d) for d in dpcs])
+    ax.set_xlabel("data per class (DPC)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or arch, fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def accuracy_vs_dpc_all(scores: dict[int, dict[str, dict]], out_dir: str | Path, title: str = "") -> list[Path]:
+    """One ``accuracy_vs_dpc_<arch>.png`` per architecture found in ``scores``."""
+    archs = sorted({a for per_arch in scores.values() for a in per_arch})
+    return [accuracy_vs_dpc(scores, a, Path(out_dir) / f"accuracy_vs_dpc_{safe_name(a)}.png",
+                            f"{title} — {a}" if title else a) for a in archs]
+
+
+def param_importances(importances: dict[str, float], path: str | Path, title: str = "") -> Path:
+    """Horizontal bars, most important parameter on top (values as from ``optuna.importance``)."""
+    items = sorted(importances.items(), key=lambda kv: kv[1])
+    fig = Figure(figsize=(5, 0.5 + 0.4 * max(1, len(items))))
+    ax = fig.add_subplot()
+    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
+    for y, (_, v) in enumerate(items):
+        ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+    ax.set_xlabel("importance for the objective")
+    ax.set_xlim(0, max([v for _, v in items] + [1e-9]) * 1.2)
+    ax.set_title(title or "hyperparameter importances", fontsize=10)
+    return _save(fig, path)
