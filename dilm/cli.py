@@ -123,11 +123,28 @@ def command(fn):
     return fn
 
 
-def main(argv: list[str] | None = None) -> int:
-    import dilm.commands  # noqa: F401  (registers distill, softlabel, tdd, sweep, ui)
+def _handover(argv: list[str]) -> int | None:
+    """``dilm sweep ...`` / ``dilm ui ...``: the tune package parses its own arguments (Ray enters only here)."""
+    if argv and argv[0] == "sweep":
+        from tune.sweep import main as sweep_main
 
-    args = build_parser().parse_args(argv)
+        return sweep_main(argv[1:])
+    if argv and argv[0] == "ui":
+        from tune.tracking import ui_main
+
+        return ui_main(argv[1:])
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import dilm.commands  # noqa: F401  (registers distill, softlabel, tdd and the sweep/ui entries of --help)
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        handed = _handover(argv)
+        if handed is not None:
+            return handed
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except DilmError as e:
         print(f"dilm: error: {e}", file=sys.stderr)

@@ -66,27 +66,11 @@ def add_distill(sub) -> None:
     p.set_defaults(func=cmd_distill)
 
 
-def cmd_sweep(args) -> int:
-    from tune.sweep import main as sweep_main  # Ray enters only here
-
-    return sweep_main(args.sweep_args)
-
-
-def cmd_ui(args) -> int:
-    from tune.tracking import ui_main
-
-    return ui_main(args.ui_args)
-
-
 @command
 def add_orchestration(sub) -> None:
-    s = sub.add_parser("sweep", help="Ray Tune + Optuna sweep of distillations (see tune/sweep.py --help)",
-                       add_help=False)
-    s.add_argument("sweep_args", nargs=argparse.REMAINDER)
-    s.set_defaults(func=cmd_sweep)
-    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a sweep's tracking store", add_help=False)
-    u.add_argument("ui_args", nargs=argparse.REMAINDER)
-    u.set_defaults(func=cmd_ui)
+    # listed for --help only: dilm.cli.main hands `sweep` and `ui` to the tune package before parsing
+    sub.add_parser("sweep", help="Ray Tune + Optuna sweep of distillations (dilm sweep --help)")
+    sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a sweep's tracking store (dilm ui --help)")
 
 
 import dilm.softlabel  # noqa: E402,F401  (registers softlabel)

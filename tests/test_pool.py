@@ -65,7 +65,7 @@ def test_pool_scores_jobs_on_two_actors(ray_cluster, toy_task):
 
 def test_pool_survives_actor_killed_mid_evaluation(ray_cluster, toy_task):
     """SIGKILL the only actor while it trains: Ray restarts it and the client re-submits the job to it."""
-    cfg = EvalConfig(archs=("tiny-bert",), seeds=2, steps=150, test_limit=40, device="cpu", progress=False)
+    cfg = EvalConfig(archs=("tiny-bert",), seeds=2, steps=100, test_limit=40, device="cpu", progress=False)
     spec, [actor] = create_pool(toy_task, cfg, actors=1, cpu=0, max_restarts=2, namespace="dilm-tests",
                                 retries=2)
     try:

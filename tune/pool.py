@@ -45,7 +45,7 @@ import uuid
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from dilm.evaluate import EvalConfig, Evaluator
 from dilm.synset import SynSet
@@ -91,7 +91,7 @@ class EvalActor:
 
 def create_pool(task: str | TaskData, cfg: EvalConfig, *, actors: int = 1, cpu: float = 1.0, gpu: float = 0.0,
                 max_restarts: int = 3, namespace: str = "dilm", prefix: str | None = None,
-                retries: int = 3) -> tuple[PoolSpec, list]:
+                retries: int = 3, start_timeout_s: float = 300) -> tuple[PoolSpec, list]:
     """Start ``actors`` named evaluation actors (call from the driver). Returns the spec and the handles, which the
     driver keeps for the sweep's lifetime and passes to :func:`shutdown_pool` at the end."""
     prefix = prefix or f"pool-{uuid.uuid4().hex[:8]}"  # unique per driver: a resumed sweep gets fresh actors
@@ -103,7 +103,12 @@ def create_pool(task: str | TaskData, cfg: EvalConfig, *, actors: int = 1, cpu: 
                                       max_restarts=max_restarts, max_task_retries=0,
                                       max_concurrency=2).remote(task, cfg))
         names.append(name)
-    ray.get([h.stats.remote() for h in handles])  # wait until every actor is up (models load lazily)
+    try:
+        ray.get([h.stats.remote() for h in handles], timeout=start_timeout_s)  # all up (models load lazily)
+    except GetTimeoutError:
+        shutdown_pool(handles)
+        raise PoolError(f"the {actors} evaluation actor(s) ({cpu:g} CPU, {gpu:g} GPU each) did not start within "
+                        f"{start_timeout_s:g} s: are those resources free in the cluster?") from None
     return PoolSpec(namespace, tuple(names), retries), handles
 
 

@@ -18,14 +18,16 @@ tells the study the truth instead: intermediate ``val_accuracy`` values go to ``
 optuna-dashboard, and used by TPE to rank pruned trials), a trial whose last result carries ``final: True`` is
 COMPLETE with its objective, an errored trial FAIL, and any other (stopped early) trial PRUNED — so TPE fits its
 "good" density on real objectives only and the parameter importances use complete trials only. Intermediate
-reports carry ``objective: nan`` (every result must hold the searcher's metric), never a stand-in value.
+reports carry ``objective: nan`` (every result must hold the searcher's metric), never a stand-in value; Optuna
+itself shows a pruned trial's last intermediate value as its value, labelled PRUNED.
 
 Storage (``--storage``, else the YAML's ``storage``, else ``$DILM_SWEEP_DIR`` or ``./runs/sweeps``; absolute)::
 
     mlflow.db, mlartifacts/      MLflow store shared by all sweeps here (``dilm ui``), unless $MLFLOW_TRACKING_URI
     optuna.db                    one Optuna study per sweep name (``optuna-dashboard sqlite:////<storage>/optuna.db``)
     tune/<name>/                 the Ray Tune experiment (what ``--resume`` restores); ``tune_storage`` may move it
-    sets/<name>/<trial_id>/      a trial's distill output: sets/, provenance.json, scores.json, final.json
+    sets/<name>/<trial_id>/      a trial's distill output: sets/, provenance.json, scores.json, plots/, final.json
+                                 (and checkpoint/ while it runs: removed when it ends, kept if it errored)
     state/<name>.json            the MLflow parent run id, so a resumed sweep continues the same parent run
     reports/<name>/              trials.csv and the parameter-importance plot of the sweep
 
@@ -53,9 +55,34 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import optuna
+import ray
+import torch
 import yaml
+from optuna.trial import TrialState
+from ray.tune import (
+    Callback,
+    FailureConfig,
+    RunConfig,
+    TuneConfig,
+    Tuner,
+    get_context,
+    report,
+    with_parameters,
+    with_resources,
+)
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from dilm import DilmError
+from dilm.distill import PRESETS, DistillConfig, distill
+from dilm.evaluate import EvalConfig
+from dilm.synset import atomic_write_text, read_set, write_json
+from dilm.tasks import load_task
+from tune.plots import accuracy_vs_dpc_all
+from tune.plots import param_importances as plot_importances
+from tune.pool import PoolClient, PoolError, PoolSpec, create_pool, shutdown_pool
+from tune.tracking import SweepTracker, TrackingSpec, TrialRun, default_storage, flatten, tracking_uri
 
 log = logging.getLogger("tune.sweep")
 
@@ -157,14 +184,13 @@ class SearchParam:
             raise DilmError(f"{where}: a log scale needs low > 0, got {self.low}")
 
     def distribution(self):
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
+        dist = optuna.distributions
         if self.type == "categorical":
-            return CategoricalDistribution(self.choices)
+            return dist.CategoricalDistribution(self.choices)
         if self.type == "int":
-            return IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
+            return dist.IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
         log_scale = self.type == "loguniform" or self.log
-        return FloatDistribution(self.low, self.high, log=log_scale, step=None if log_scale else self.step)
+        return dist.FloatDistribution(self.low, self.high, log=log_scale, step=None if log_scale else self.step)
 
 
 @dataclass(frozen=True)
@@ -216,9 +242,7 @@ class EvalSpec:
             raise DilmError("eval needs actors >= 1, max_restarts >= 0 and retries >= 0")
         self.eval_config()  # validates the EvalConfig part now, not in an actor
 
-    def eval_config(self):
-        from dilm.evaluate import EvalConfig
-
+    def eval_config(self) -> EvalConfig:
         return EvalConfig(archs=self.archs, seeds=self.seeds, steps=self.steps, test_limit=self.test_limit,
                           device=self.device, ensemble=self.ensemble, batch_size=self.batch_size, progress=False)
 
@@ -267,6 +291,9 @@ class SweepConfig:
         if self.metric != OBJECTIVE or self.mode != "max":
             raise DilmError(f"metric/mode must be {OBJECTIVE}/max (mean accuracy over the pool's architectures and "
                             f"DPCs), got {self.metric}/{self.mode}")
+        if self.storage and "://" in str(self.storage):
+            raise DilmError(f"storage must be a local folder (a shared mount for multi-node sweeps), got "
+                            f"{self.storage!r}; put s3:// or gs:// URIs in tune_storage (--tune-storage)")
         unknown = sorted(set(self.mlflow) - {"experiment"})
         if unknown:
             raise DilmError(f"mlflow: unknown key(s) {unknown}; known keys: experiment")
@@ -274,8 +301,6 @@ class SweepConfig:
         self._check_distill_keys()
 
     def _check_distill_keys(self) -> None:
-        from dilm.distill import PRESETS, DistillConfig
-
         if "preset" not in self.fixed:
             raise DilmError(f"fixed.preset is required ({', '.join(PRESETS)})")
         reserved = sorted({"task", "output_dir"} & (set(self.fixed) | set(self.search)))
@@ -286,13 +311,26 @@ class SweepConfig:
         if unknown:
             raise DilmError(f"search: unknown distill option(s) {unknown}")
         for i, point in enumerate(self.points_to_evaluate):
-            extra = sorted(set(point) - set(self.search))
-            if extra:
-                raise DilmError(f"points_to_evaluate[{i}]: {extra} are not in the search space")
+            if set(point) != set(self.search):
+                raise DilmError(f"points_to_evaluate[{i}] must give every search key {sorted(self.search)}, "
+                                f"got {sorted(point)}")
         cfg = DistillConfig.from_preset(self.preset, **self.distill_fixed(), task=self.task)  # fails fast
-        needs_gpu = cfg.device.startswith("cuda")
-        if needs_gpu and not self.trial_resources.gpu:
+        if cfg.device.startswith("cuda") and not self.trial_resources.gpu:
             raise DilmError(f"fixed.device is {cfg.device!r} but trial_resources has no GPU share")
+        self._check_asha_horizon(cfg)
+
+    def _check_asha_horizon(self, cfg: DistillConfig) -> None:
+        """ASHA stops a trial whose ``time_attr`` reaches ``max_t``: that must not happen before the final report."""
+        if self.asha is None:
+            return
+        if self.asha.time_attr == "training_iteration":
+            depends = {"outer_loops", "val_interval"}
+            reach = cfg.outer_loops // cfg.val_interval if cfg.val_interval else 0  # validation reports
+        else:
+            depends, reach = {"outer_loops", "inner_loop", "lm_steps"}, cfg.lm_steps + cfg.total_match_steps
+        if not depends & set(self.search) and reach >= self.asha.max_t:
+            raise DilmError(f"asha.max_t ({self.asha.max_t}) must exceed the {reach} ({self.asha.time_attr}) a full "
+                            "trial reaches, or ASHA stops every trial before its final report")
 
     @property
     def preset(self) -> str:
@@ -321,8 +359,8 @@ SMOKE = {  # --smoke: the same search space on tiny models, a few trials, CPU on
 }
 
 
-def load_config(path: str | Path, smoke: bool = False, name: str | None = None,
-                storage: str | Path | None = None) -> SweepConfig:
+def load_config(path: str | Path, smoke: bool = False, name: str | None = None, storage: str | Path | None = None,
+                tune_storage: str | None = None) -> SweepConfig:
     """Read a sweep YAML; ``smoke`` swaps in tiny models, CPU and a few trials (name suffixed ``-smoke``)."""
     path = Path(path)
     if not path.exists():
@@ -341,6 +379,8 @@ def load_config(path: str | Path, smoke: bool = False, name: str | None = None,
         raw["name"] = name
     if storage:
         raw["storage"] = str(storage)
+    if tune_storage:
+        raw["tune_storage"] = tune_storage
     try:
         return _build(SweepConfig, raw, str(path))
     except DilmError as e:
@@ -358,8 +398,6 @@ class SweepPaths:
 
     @classmethod
     def of(cls, cfg: SweepConfig) -> SweepPaths:
-        from tune.tracking import default_storage
-
         storage = Path(cfg.storage).expanduser().resolve() if cfg.storage else default_storage()
         return cls(storage, cfg.name, cfg.tune_storage or str(storage / "tune"))
 
@@ -419,8 +457,9 @@ class TrialPlan:
     preset: str
     fixed: dict
     sets_dir: str
-    pool: object  # tune.pool.PoolSpec
-    tracking: object  # tune.tracking.TrackingSpec
+    tune_dir: str
+    pool: PoolSpec
+    tracking: TrackingSpec
     cpu: float
 
 
@@ -431,21 +470,15 @@ class StepLogger:
         self.run = run
 
     def __call__(self, metrics: dict) -> None:
-        from ray import tune
-
         step = int(metrics.get("step", 0))
         self.run.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
         if VAL_METRIC in metrics:
             self.run.flush()  # a trial stopped by ASHA at this report keeps its metrics
-            tune.report({OBJECTIVE: math.nan, VAL_METRIC: float(metrics[VAL_METRIC]), "step": step, FINAL: False})
+            report({OBJECTIVE: math.nan, VAL_METRIC: float(metrics[VAL_METRIC]), "step": step, FINAL: False})
 
 
 def score_on_pool(sets: dict[int, list[Path]], task_name: str, pool) -> dict[int, dict[str, dict]]:
     """{dpc: [set paths]} → {dpc: {arch: summary}}, one pool job per DPC."""
-    from dilm.synset import read_set
-    from dilm.tasks import load_task
-    from tune.pool import PoolClient
-
     task = load_task(task_name)
     jobs = {dpc: [read_set(p, task.label_names, task.is_pair) for p in paths] for dpc, paths in sets.items()}
     return PoolClient(pool).score(jobs)
@@ -473,9 +506,6 @@ def score_metrics(scores: dict[int, dict[str, dict]]) -> dict[str, float]:
 
 
 def log_trial_outputs(run, result, scores: dict, final: dict, out: Path) -> None:
-    from dilm.synset import write_json
-    from tune.plots import accuracy_vs_dpc_all
-
     write_json(out / "scores.json", {str(d): s for d, s in scores.items()})
     plots = accuracy_vs_dpc_all(scores, out / "plots", title=out.name)
     summary = {k: v for k, v in final.items() if k not in (FINAL, VAL_METRIC, "step")}  # objective, acc_<arch>
@@ -490,23 +520,16 @@ def log_trial_outputs(run, result, scores: dict, final: dict, out: Path) -> None
 
 def run_trial(config: dict, plan: TrialPlan) -> None:
     """The Ray Tune trainable: distill with this trial's values, score the sets on the pool, report the objective."""
-    import torch
-    from ray import tune
-
-    from dilm.distill import DistillConfig, distill
-    from dilm.synset import write_json
-    from tune.tracking import TrialRun
-
-    ctx = tune.get_context()
+    ctx = get_context()
     trial_id = ctx.get_trial_id()
     out = Path(plan.sets_dir) / trial_id
     done = out / "final.json"
     if done.exists():  # finished before a driver crash: report again, do not run again
-        tune.report(json.loads(done.read_text()))
+        report(json.loads(done.read_text()))
         return
-    torch.set_num_threads(max(1, int(plan.cpu)))
+    torch.set_num_threads(max(1, int(plan.cpu)))  # as Ray's OMP_NUM_THREADS: floor(cpu), at least 1
     with TrialRun(plan.tracking, trial_id, ctx.get_trial_name()) as run:
-        run.set_tags({"dilm.output_dir": str(out), "dilm.trial_dir": ctx.get_trial_dir()})
+        run.set_tags({"dilm.output_dir": str(out), "dilm.tune_trial_dir": f"{plan.tune_dir}/{trial_id}"})
         run.log_params(config)  # the sampled values, logged even if the config turns out invalid
         cfg = DistillConfig.from_preset(plan.preset, **{**plan.fixed, **config}, task=plan.task, output_dir=str(out))
         run.log_params(cfg.to_dict())
@@ -517,7 +540,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         log_trial_outputs(run, result, scores, final, out)
         write_json(done, final)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)  # generator weights: only needed to resume this trial
-    tune.report(final)
+    report(final)
 
 
 def trial_dirname(trial) -> str:
@@ -528,59 +551,61 @@ def trial_dirname(trial) -> str:
 # --------------------------------------------------------------------------- the searcher and callbacks
 
 
-def _prune_aware_searcher():
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
+class PruneAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that records early-stopped trials as PRUNED, with their validation accuracies as intermediate
+    values (see the module docstring). Builds on OptunaSearch's attributes ``_ot_trials``, ``_ot_study`` and
+    ``_completed_trials`` (Ray 2.60)."""
 
-    class PruneAwareOptunaSearch(OptunaSearch):
-        """OptunaSearch that records early-stopped trials as PRUNED (see the module docstring)."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reported: dict[str, set[int]] = {}  # steps already given to trial.report, per trial
 
-        def suggest(self, trial_id: str):
-            params = super().suggest(trial_id)
-            if params is not None:
-                self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
-            return params
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        if params is not None:
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return params
 
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials or result.get(FINAL):
-                return
-            value = result.get(VAL_METRIC)
-            if value is not None and math.isfinite(value):
-                self._ot_trials[trial_id].report(float(value), int(result.get("step", 0)))
+    def _report(self, trial_id: str, result: dict) -> None:
+        value, step = result.get(VAL_METRIC), int(result.get("step", 0))
+        done = self._reported.setdefault(trial_id, set())
+        if value is None or not math.isfinite(value) or step in done:
+            return
+        self._ot_trials[trial_id].report(float(value), step)
+        done.add(step)
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            value = (result or {}).get(self.metric)
-            if error:
-                state, value = TrialState.FAIL, None
-            elif result and result.get(FINAL) and value is not None and math.isfinite(value):
-                state = TrialState.COMPLETE
-            else:
-                state, value = TrialState.PRUNED, None
-            try:
-                self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
-            except (ValueError, RuntimeError) as e:  # e.g. told already before a driver crash
-                log.warning("optuna: trial %s: %s", trial_id, e)
-            self._completed_trials.add(trial_id)
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials and not result.get(FINAL):
+            self._report(trial_id, result)
 
-    return PruneAwareOptunaSearch
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value = (result or {}).get(self.metric)
+        if error:
+            state, value = TrialState.FAIL, None
+        elif result and result.get(FINAL) and value is not None and math.isfinite(value):
+            state = TrialState.COMPLETE
+        else:  # stopped by ASHA: Tune withholds the result it stopped on from on_trial_result
+            state, value = TrialState.PRUNED, None
+            self._report(trial_id, result or {})
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        except (ValueError, RuntimeError) as e:  # e.g. told already before a driver crash
+            log.warning("optuna: trial %s: %s", trial_id, e)
+        self._completed_trials.add(trial_id)
 
 
-def make_searcher(cfg: SweepConfig, paths: SweepPaths):
-    import optuna
-
+def make_searcher(cfg: SweepConfig, paths: SweepPaths) -> PruneAwareOptunaSearch:
     storage = optuna.storages.RDBStorage(paths.optuna_url)
     startup = cfg.startup_trials if cfg.startup_trials is not None else max(1, cfg.num_samples // 2)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
     space = {k: p.distribution() for k, p in cfg.search.items()}
-    return _prune_aware_searcher()(space, metric=OBJECTIVE, mode=cfg.mode, sampler=sampler, study_name=cfg.name,
-                                   storage=storage, points_to_evaluate=list(cfg.points_to_evaluate) or None)
+    return PruneAwareOptunaSearch(space, metric=OBJECTIVE, mode=cfg.mode, sampler=sampler, study_name=cfg.name,
+                                  storage=storage, points_to_evaluate=list(cfg.points_to_evaluate) or None)
 
 
 def make_scheduler(cfg: SweepConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     if cfg.asha is None:
         return FIFOScheduler()
     a = cfg.asha
@@ -588,40 +613,34 @@ def make_scheduler(cfg: SweepConfig):
                          grace_period=a.grace_period, reduction_factor=a.reduction_factor)
 
 
-def _child_status_callback(spec):
-    from ray import tune
+class TrialEnd(Callback):
+    """Driver side, when a trial ends: the terminal status of its MLflow child run (a trial stopped by ASHA cannot set
+    it), and for a trial stopped early the removal of its distill checkpoint (generator weights, never resumed)."""
 
-    class ChildStatus(tune.Callback):
-        """Driver side: the terminal status of each trial's MLflow child run (a stopped trial cannot set it)."""
+    def __init__(self, spec: TrackingSpec, sets_dir: str):
+        self.spec = spec
+        self.sets_dir = sets_dir
+        self._tracker = None
 
-        def __init__(self, spec):
-            self.spec = spec
-            self._tracker = None
+    def __getstate__(self):  # saved with the experiment: the MLflow client is rebuilt on demand
+        return {**self.__dict__, "_tracker": None}
 
-        def __getstate__(self):
-            return {"spec": self.spec, "_tracker": None}
+    def _end(self, trial, status: str, tags: dict | None = None) -> None:
+        try:
+            self._tracker = self._tracker or SweepTracker.attach(self.spec)
+            self._tracker.end_child(trial.trial_id, status, tags)
+        except Exception as e:  # tracking must not stop the sweep
+            log.warning("mlflow: could not set trial %s to %s: %s", trial.trial_id, status, e)
 
-        def _end(self, trial, status: str, tags: dict | None = None) -> None:
-            from mlflow.tracking import MlflowClient
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if (trial.last_result or {}).get(FINAL):
+            self._end(trial, "FINISHED")
+        else:
+            self._end(trial, "KILLED", {"dilm.stopped_early": "asha"})
+            shutil.rmtree(Path(self.sets_dir) / trial.trial_id / "checkpoint", ignore_errors=True)
 
-            from tune.tracking import SweepTracker
-
-            try:
-                self._tracker = self._tracker or SweepTracker(MlflowClient(tracking_uri=self.spec.uri), self.spec)
-                self._tracker.end_child(trial.trial_id, status, tags)
-            except Exception as e:  # tracking must not stop the sweep
-                log.warning("mlflow: could not set trial %s to %s: %s", trial.trial_id, status, e)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if (trial.last_result or {}).get(FINAL):
-                self._end(trial, "FINISHED")
-            else:
-                self._end(trial, "KILLED", {"dilm.stopped_early": "asha"})
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._end(trial, "FAILED", {"dilm.tune_error_file": getattr(trial, "error_file", "")})
-
-    return ChildStatus(spec)
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
 
 
 # --------------------------------------------------------------------------- the driver
@@ -630,8 +649,6 @@ def _child_status_callback(spec):
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Attach to a running cluster (``--address``, $RAY_ADDRESS, or one started by ``ray start``), else start a
     local one without the dashboard. Inside ``ray job submit`` the job's cluster is used."""
-    import ray
-
     if ray.is_initialized():
         return
     local = address == "local" or (address is None and not os.environ.get("RAY_ADDRESS"))
@@ -644,17 +661,24 @@ def _read_state(paths: SweepPaths) -> dict:
 
 
 def _study_exists(paths: SweepPaths, name: str) -> bool:
-    import optuna
-
     if not (paths.storage / "optuna.db").exists():
         return False
     return name in optuna.study.get_all_study_names(optuna.storages.RDBStorage(paths.optuna_url))
 
 
-def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool):
-    from dilm.synset import write_json
-    from tune.tracking import SweepTracker, flatten, tracking_uri
+def check_same_config(cfg: SweepConfig, paths: SweepPaths) -> None:
+    """A resumed sweep keeps its search space and schedule (restored by Tune): refuse a YAML that now differs
+    (``storage`` and ``description`` aside: where the sweep lives and free text)."""
+    saved = _read_state(paths).get("config") or {}
+    now = json.loads(json.dumps(cfg.to_dict(), default=str))  # as saved: tuples become lists
+    changed = sorted(k for k in set(saved) | set(now) if saved and k not in ("storage", "description")
+                     and saved.get(k) != now.get(k))
+    if changed:
+        raise DilmError(f"sweep {cfg.name!r} was started with a different configuration ({', '.join(changed)} "
+                        "changed): resume it with the same YAML, or start another with --name")
 
+
+def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool) -> SweepTracker:
     state = _read_state(paths) if resume else {}
     uri = tracking_uri(paths.storage)
     same_store = state.get("tracking_uri") == uri
@@ -667,48 +691,44 @@ def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool):
     return tracker
 
 
-def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, tracking_spec, restore: bool):
-    from ray import tune
-
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), cfg.trial_resources.as_tune())
-    if restore:
-        return tune.Tuner.restore(paths.tune_dir, trainable=trainable, resume_errored=True)
-    tune_config = tune.TuneConfig(search_alg=make_searcher(cfg, paths), scheduler=make_scheduler(cfg),
-                                  num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
-                                  trial_dirname_creator=trial_dirname)
-    run_config = tune.RunConfig(name=cfg.name, storage_path=paths.tune_storage,
-                                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                callbacks=[_child_status_callback(tracking_spec)])
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, restore: bool) -> Tuner:
+    trainable = with_resources(with_parameters(run_trial, plan=plan), cfg.trial_resources.as_tune())
+    if restore:  # search algorithm, scheduler and callbacks come back from the experiment's saved state
+        return Tuner.restore(paths.tune_dir, trainable=trainable, resume_errored=True)
+    tune_config = TuneConfig(search_alg=make_searcher(cfg, paths), scheduler=make_scheduler(cfg),
+                             num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
+                             trial_dirname_creator=trial_dirname)
+    run_config = RunConfig(name=cfg.name, storage_path=paths.tune_storage,
+                           failure_config=FailureConfig(max_failures=cfg.max_failures),
+                           callbacks=[TrialEnd(plan.tracking, plan.sets_dir)])
+    return Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None, num_cpus: int | None = None,
               resource_check: bool = True) -> dict:
     """Run (or, with ``resume``, continue) a sweep; returns the summary (see :func:`summarize`)."""
-    import ray
-    from ray import tune
-
-    from tune.pool import create_pool, shutdown_pool
-
     paths = SweepPaths.of(cfg)
-    restore = tune.Tuner.can_restore(paths.tune_dir)
+    restore = Tuner.can_restore(paths.tune_dir)
     if not resume and (restore or _study_exists(paths, cfg.name)):
         raise DilmError(f"sweep {cfg.name!r} already exists in {paths.storage}: pass --resume to continue it, "
                         "or --name to start another")
+    if resume:
+        check_same_config(cfg, paths)
     connect_ray(address, num_cpus)
     if resource_check:
         for warning in check_resources(cfg, ray.cluster_resources()):
             print(f"warning: {warning}", file=sys.stderr)
     tracker = start_tracking(cfg, paths, resume)
-    status = "FAILED"
-    pool, handles = create_pool(cfg.task, cfg.eval.eval_config(), actors=cfg.eval.actors,
-                                cpu=cfg.eval.actor_resources.cpu, gpu=cfg.eval.actor_resources.gpu,
-                                max_restarts=cfg.eval.max_restarts, retries=cfg.eval.retries,
-                                prefix=f"{cfg.name}-{os.getpid()}-{int(time.time())}")
+    status, handles = "FAILED", []
     try:
-        plan = TrialPlan(cfg.task, cfg.preset, cfg.distill_fixed(), str(paths.sets_dir), pool, tracker.spec,
-                         cfg.trial_resources.cpu)
-        results = build_tuner(cfg, paths, plan, tracker.spec, restore).fit()
+        pool, handles = create_pool(cfg.task, cfg.eval.eval_config(), actors=cfg.eval.actors,
+                                    cpu=cfg.eval.actor_resources.cpu, gpu=cfg.eval.actor_resources.gpu,
+                                    max_restarts=cfg.eval.max_restarts, retries=cfg.eval.retries,
+                                    prefix=f"{cfg.name}-{os.getpid()}-{int(time.time())}",
+                                    start_timeout_s=300 if resource_check else 3600)  # autoscaling: nodes boot
+        plan = TrialPlan(cfg.task, cfg.preset, cfg.distill_fixed(), str(paths.sets_dir), paths.tune_dir, pool,
+                         tracker.spec, cfg.trial_resources.cpu)
+        results = build_tuner(cfg, paths, plan, restore).fit()
         finished = results.num_terminated + results.num_errors == len(results) >= cfg.num_samples
         study = _load_study(cfg, paths)
         if finished:
@@ -728,17 +748,13 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
 # --------------------------------------------------------------------------- summary
 
 
-def _load_study(cfg: SweepConfig, paths: SweepPaths):
-    import optuna
-
+def _load_study(cfg: SweepConfig, paths: SweepPaths) -> optuna.Study:
     return optuna.load_study(study_name=cfg.name, storage=optuna.storages.RDBStorage(paths.optuna_url))
 
 
 def param_importances(study) -> dict[str, float] | None:
     """fANOVA importances over the study's COMPLETE trials; None when they cannot be computed (too few trials, or
     a parameter that never varied)."""
-    import optuna
-
     try:
         return optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError) as e:
@@ -749,8 +765,6 @@ def param_importances(study) -> dict[str, float] | None:
 def fail_orphans(study) -> int:
     """Once a sweep has finished no trial runs: an Optuna trial still RUNNING was asked by a driver killed before Tune
     saved its searcher state (the restored sweep suggested a new trial instead). Mark those FAIL."""
-    from optuna.trial import TrialState
-
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in orphans:
         study.tell(t.number, state=TrialState.FAIL)
@@ -782,9 +796,6 @@ def _csv(rows: list[dict]) -> str:
 
 def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
     """Parent run: counts, best objective, trials.csv and the parameter-importance plot; then a console summary."""
-    from dilm.synset import atomic_write_text, write_json
-    from tune.plots import param_importances as plot_importances
-
     out = paths.reports_dir
     atomic_write_text(out / "trials.csv", _csv(summary["rows"]))
     tracker.log_artifact(out / "trials.csv")
@@ -827,8 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny models, 3 trials, CPU: check the plumbing in minutes")
     p.add_argument("--resume", action="store_true", help="continue the sweep of this name (start it if new)")
     p.add_argument("--name", help="sweep name (default: the YAML's name)")
-    p.add_argument("--storage", type=Path, help="state folder (default: the YAML's storage, $DILM_SWEEP_DIR or "
+    p.add_argument("--storage", help="local state folder (default: the YAML's storage, $DILM_SWEEP_DIR or "
                    "./runs/sweeps)")
+    p.add_argument("--tune-storage", help="Ray Tune experiment location if not <storage>/tune: s3://, gs:// or a "
+                   "shared mount, for multi-node sweeps")
     p.add_argument("--address", help="Ray cluster address; 'local' starts a private one (default: $RAY_ADDRESS, a "
                    "cluster started by `ray start`, else a new local one)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a newly started local cluster")
@@ -841,10 +854,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, smoke=args.smoke, name=args.name, storage=args.storage)
+        cfg = load_config(args.config, smoke=args.smoke, name=args.name, storage=args.storage,
+                          tune_storage=args.tune_storage)
         summary = run_sweep(cfg, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
                             resource_check=not args.autoscaling)
-    except DilmError as e:
+    except (DilmError, PoolError) as e:
         print(f"dilm sweep: error: {e}", file=sys.stderr)
         return 2
     return 0 if summary["complete"] else 1

@@ -134,6 +134,11 @@ class SweepTracker:
             parent_run_id = run.info.run_id
         return cls(client, TrackingSpec(uri, exp_id, parent_run_id, sweep))
 
+    @classmethod
+    def attach(cls, spec: TrackingSpec) -> SweepTracker:
+        """The tracker of a running sweep, from its spec (driver callbacks restored after a crash)."""
+        return cls(MlflowClient(tracking_uri=spec.uri), spec)
+
     def log_params(self, params: dict) -> None:
         known = self.client.get_run(self.spec.parent_run_id).data.params
         _log_params(self.client, self.spec.parent_run_id, {k: v for k, v in params.items() if k not in known})
@@ -178,7 +183,8 @@ def find_child(client: MlflowClient, spec: TrackingSpec, trial_id: str):
 
 class TrialRun:
     """Trial side: the child run of one trial. A context manager: an exception marks the run FAILED (and
-    propagates); a normal exit leaves it FINISHED."""
+    propagates), an interruption (``SystemExit`` when Tune stops the trial, ``KeyboardInterrupt``) KILLED, and a
+    normal exit FINISHED."""
 
     FLUSH_EVERY_S = 5.0
     FLUSH_EVERY_N = 200
@@ -202,9 +208,14 @@ class TrialRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.flush()
-        if exc is not None:
+        if exc is None:
+            status = "FINISHED"
+        elif isinstance(exc, Exception):
+            status = "FAILED"
             self.set_tags({"dilm.error": f"{exc_type.__name__}: {exc}"[:5000]})
-        self.client.set_terminated(self.run_id, status="FAILED" if exc is not None else "FINISHED")
+        else:
+            status = "KILLED"
+        self.client.set_terminated(self.run_id, status=status)
 
     def log_params(self, params: dict) -> None:
         known = self.client.get_run(self.run_id).data.params  # params are immutable: a resumed run skips them

@@ -1,0 +1,387 @@
+"""Sweeps: configuration validation, resource checks, and real smoke sweeps on local Ray clusters.
+
+The expensive scenario runs once per module (``crashed_sweep``): a 3-trial tiny-model sweep whose first trial is
+invalid, driven by a subprocess that is SIGKILLed as soon as one trial has finished, then resumed with ``--resume``.
+The tests read its end state: the sweep's records (MLflow, Optuna), the failed trial, and no repeated work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from dilm import DilmError
+from dilm.distill import DistillConfig
+from tune.sweep import (
+    FINAL,
+    OBJECTIVE,
+    VAL_METRIC,
+    PruneAwareOptunaSearch,
+    check_resources,
+    final_result,
+    load_config,
+    main,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = ROOT / "sweeps"
+
+
+# --------------------------------------------------------------------------- configuration (no Ray)
+
+
+def write_yaml(tmp_path: Path, cfg: dict, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def smoke_raw() -> dict:
+    return yaml.safe_load((SWEEPS / "smoke.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["smoke", "demo", "gpu", "sst2"])
+def test_shipped_sweeps_load(name):
+    cfg = load_config(SWEEPS / f"{name}.yaml")
+    assert cfg.name == name and cfg.metric == OBJECTIVE and cfg.search
+    assert {k: p.distribution() for k, p in cfg.search.items()}  # valid Optuna distributions
+    smoke = load_config(SWEEPS / f"{name}.yaml", smoke=True)
+    assert smoke.name == f"{name}-smoke" and smoke.preset == "smoke" and smoke.trial_resources.gpu == 0
+    assert 2 <= smoke.num_samples <= 4 and set(smoke.search) == set(cfg.search)
+    assert check_resources(smoke, {"CPU": 2.0}) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sampler": "tpe"}, r"unknown key\(s\) \['sampler'\]"),
+    ({"eval": {"archs": ["tfidf-logreg"], "actorz": 1}}, r"eval: unknown key\(s\) \['actorz'\]"),
+    ({"search": {"temperature": {"type": "normal", "low": 0, "high": 1}}}, "unknown type 'normal'"),
+    ({"search": {"tempreature": {"type": "uniform", "low": 0.5, "high": 2}}}, r"unknown distill option\(s\) "
+                                                                               r"\['tempreature'\]"),
+    ({"search": {"dpc": {"type": "categorical", "choices": [[5, 10]]}}}, "choices must be scalars"),
+    ({"search": {"generator_lr": {"type": "loguniform", "low": 0, "high": 1}}}, "log scale needs low > 0"),
+    ({"search": {"inner_loop": {"type": "int", "low": 5, "high": 2}}}, "must be below high"),
+    ({"fixed": {"device": "cpu"}}, "fixed.preset is required"),
+    ({"fixed": {"preset": "smoke", "output_dir": "/x"}}, "set by the sweep"),
+    ({"fixed": {"preset": "smoke", "lm_stepz": 3}}, r"unknown distill option\(s\) \['lm_stepz'\]"),
+    ({"fixed": {"preset": "smoke", "inner_loop": 0}}, "inner_loop must be >= 1"),
+    ({"asha": {"max_t": 1, "grace_period": 1}}, "grace_period < max_t"),
+    ({"asha": {"max_t": 2, "grace_period": 1}}, r"max_t \(2\) must exceed the 2 \(training_iteration\)"),
+    ({"metric": "val_accuracy"}, "metric/mode must be objective/max"),
+    ({"name": "a b"}, "sweep name must be"),
+    ({"points_to_evaluate": [{"lm_lr": 1e-4}]}, "must give every search key"),
+    ({"trial_resources": {"cpu": 1, "gpu": -1}}, "resources must be >= 0"),
+    ({"storage": "s3://bucket/dilm"}, "put s3:// or gs:// URIs in tune_storage"),
+])
+def test_bad_config_is_a_one_line_error(tmp_path, change, message):
+    path = write_yaml(tmp_path, {**smoke_raw(), **change})
+    with pytest.raises(DilmError, match=message) as err:
+        load_config(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(DilmError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(DilmError, match="invalid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_config_is_frozen_and_complete():
+    cfg = load_config(SWEEPS / "demo.yaml", name="other", storage="/tmp/x")
+    assert cfg.name == "other" and cfg.storage == "/tmp/x" and cfg.experiment == "dilm-demo"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_samples = 9
+    assert json.dumps(cfg.to_dict())  # JSON-able: it is saved beside the sweep and logged as parent params
+
+
+def test_resource_arithmetic():
+    gpu = load_config(SWEEPS / "gpu.yaml")
+    with pytest.raises(DilmError, match="asks for GPUs .* has 2 CPU and 0 GPU"):
+        check_resources(gpu, {"CPU": 2.0})
+    assert check_resources(gpu, {"CPU": 16.0, "GPU": 1.0}) == []  # 2 + 4 x 3 CPU, 0.2 + 4 x 0.2 GPU
+    assert "only 3 of max_concurrent_trials=4" in check_resources(gpu, {"CPU": 12.0, "GPU": 1.0})[0]
+    with pytest.raises(DilmError, match="do not fit"):
+        check_resources(gpu, {"CPU": 4.0, "GPU": 1.0})
+    demo = load_config(SWEEPS / "demo.yaml")
+    assert check_resources(demo, {"CPU": 2.0}) == []  # 0.5 + 2 x 0.75
+    assert "only 1 of" in check_resources(demo, {"CPU": 1.5})[0]
+
+
+def test_final_result_is_the_mean_over_archs_and_dpcs():
+    scores = {5: {"a": {"accuracy": 60.0}, "b": {"accuracy": 70.0}},
+              10: {"a": {"accuracy": 80.0}, "b": {"accuracy": 90.0}}}
+    out = final_result(scores, None, 42)
+    assert out[OBJECTIVE] == 75.0 and out["acc_a"] == 70.0 and out["acc_b"] == 80.0
+    assert out[FINAL] is True and out["step"] == 42 and math.isnan(out[VAL_METRIC])
+
+
+def test_searcher_records_asha_stops_as_pruned():
+    """Stock OptunaSearch would store an early-stopped trial COMPLETE with its last value."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    searcher = PruneAwareOptunaSearch({"lr": FloatDistribution(1e-5, 1e-3, log=True)}, metric=OBJECTIVE,
+                                      mode="max", storage=optuna.storages.InMemoryStorage(), study_name="t")
+    val = {OBJECTIVE: math.nan, VAL_METRIC: 55.0, "step": 3, FINAL: False}
+    for tid in ("stopped", "complete", "errored"):
+        assert searcher.suggest(tid) is not None
+        searcher.on_trial_result(tid, val)
+    # Tune hands the result ASHA stopped on to on_trial_complete only
+    searcher.on_trial_complete("stopped", result={**val, VAL_METRIC: 61.0, "step": 7})
+    searcher.on_trial_complete("complete", result={**val, OBJECTIVE: 70.0, FINAL: True})
+    searcher.on_trial_complete("errored", error=True)
+    trials = {t.user_attrs["ray_trial_id"]: t for t in searcher._ot_study.trials}
+    assert trials["stopped"].state == TrialState.PRUNED
+    assert trials["stopped"].intermediate_values == {3: 55.0, 7: 61.0}
+    assert trials["complete"].state == TrialState.COMPLETE and trials["complete"].value == 70.0
+    assert trials["errored"].state == TrialState.FAIL
+
+
+# --------------------------------------------------------------------------- on a local Ray cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A private 2-CPU cluster (``address="local"`` never attaches to another one on this machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+                 namespace="dilm-tests")
+    yield
+    ray.shutdown()
+
+
+def test_gpu_sweep_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path, capsys):
+    start = time.monotonic()
+    assert main(["--config", str(SWEEPS / "gpu.yaml"), "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "asks for GPUs" in err and err.count("\n") == 1
+    assert time.monotonic() - start < 30 and not (tmp_path / "mlflow.db").exists()
+
+
+# --------------------------------------------------------------------------- the crash-and-resume scenario
+
+TEST_SWEEP = {
+    "name": "crash",
+    "task": "sst2",
+    "num_samples": 3,
+    "max_concurrent_trials": 2,
+    "max_failures": 1,
+    "startup_trials": 1,
+    "trial_resources": {"cpu": 1},
+    "fixed": {"preset": "smoke", "device": "cpu", "outer_loops": 1, "lm_steps": 4},
+    "search": {"temperature": {"type": "uniform", "low": 0.5, "high": 2.0},
+               "generator_lr": {"type": "loguniform", "low": 1.0e-5, "high": 1.0e-3}},
+    "points_to_evaluate": [{"temperature": -1.0, "generator_lr": 1e-4}],  # invalid: DistillConfig raises in it
+    "asha": {"time_attr": "training_iteration", "max_t": 100, "grace_period": 1},
+    "eval": {"archs": ["tfidf-logreg", "tiny-bert"], "seeds": 1, "steps": 10, "test_limit": 100, "device": "cpu",
+             "actors": 1, "actor_resources": {"cpu": 0}},
+    "mlflow": {"experiment": "dilm-test-crash"},
+}
+
+
+def driver(config: Path, storage: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """``python -m tune.sweep`` on its own local Ray cluster, in a new session (output to ``log``: a pipe nobody
+    reads would fill up and stall the driver)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "tune.sweep", "--config", str(config), "--storage",
+                                 str(storage), "--address", "local", "--num-cpus", "2", *extra],
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver and every process it started: its descendants and anything left in its session (Ray's
+    agents outlive a killed driver). Only processes of this test are touched."""
+    procs = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        leader = psutil.Process(proc.pid)
+        procs = {p.pid: p for p in [leader, *leader.children(recursive=True)]}
+    for p in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getsid(p.pid) == proc.pid:
+                procs.setdefault(p.pid, p)
+    for p in procs.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()  # psutil checks the process is still the one found (no PID reuse)
+    psutil.wait_procs(list(procs.values()), timeout=30)
+    proc.wait(timeout=30)
+
+
+def finished_trials(storage: Path) -> dict[str, dict]:
+    """Trials that wrote their final result: {trial_id: mtimes of final.json and provenance.json}."""
+    out = {}
+    for done in (storage / "sets" / "crash").glob("*/final.json"):
+        out[done.parent.name] = {"final": done.stat().st_mtime_ns,
+                                 "provenance": (done.parent / "provenance.json").stat().st_mtime_ns}
+    return out
+
+
+@pytest.fixture(scope="module")
+def crashed_sweep(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("sweeps")
+    config = write_yaml(storage, TEST_SWEEP, "crash.yaml")
+    first = driver(config, storage, storage / "first.log")
+    try:
+        deadline = time.monotonic() + 420
+        while not finished_trials(storage):
+            assert first.poll() is None, f"the driver ended early:\n{(storage / 'first.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no trial finished within 420 s"
+            time.sleep(0.5)
+        before = finished_trials(storage)
+    finally:
+        kill_tree(first)
+    resumed = driver(config, storage, storage / "resumed.log", "--resume")
+    try:
+        resumed.wait(timeout=480)
+    finally:
+        kill_tree(resumed)
+    return {"storage": storage, "config": config, "before": before, "rc": resumed.returncode,
+            "out": (storage / "resumed.log").read_text()}
+
+
+def mlflow_runs(storage: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    exp = client.get_experiment_by_name("dilm-test-crash")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return client, parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def study_trials(storage: Path):
+    import optuna
+
+    return optuna.load_study(study_name="crash", storage=f"sqlite:///{storage}/optuna.db").trials
+
+
+def test_killed_sweep_resumes_without_repeating_finished_trials(crashed_sweep):
+    s = crashed_sweep
+    assert s["rc"] == 0, s["out"][-3000:]
+    assert "2 complete, 0 stopped early (ASHA), 1 failed" in s["out"]
+    before, after = s["before"], finished_trials(s["storage"])
+    assert len(before) == 1 and len(after) == 2  # killed with a valid trial unfinished; it ran after resume
+    for trial_id, mtimes in before.items():
+        assert after[trial_id] == mtimes  # neither distilled nor scored again
+    client, _, children = mlflow_runs(s["storage"])
+    trial_ids = [r.data.tags["dilm.trial_id"] for r in children]
+    assert len(trial_ids) == len(set(trial_ids)) == 3  # one child run per trial, also for the resumed one
+    for r in children:
+        if r.data.tags["dilm.trial_id"] in before:
+            assert len(client.get_metric_history(r.info.run_id, OBJECTIVE)) == 1
+
+
+def test_sweep_records_runs_params_metrics_artifacts_and_study(crashed_sweep):
+    s = crashed_sweep
+    client, parents, children = mlflow_runs(s["storage"])
+    [parent] = parents
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 2
+    assert parent.data.params["num_samples"] == "3" and parent.data.params["fixed.preset"] == "smoke"
+    assert {"trials.csv", "param_importances.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    done = [r for r in children if r.info.status == "FINISHED"]
+    assert len(done) == 2
+    distill_keys = {f.name for f in dataclasses.fields(DistillConfig)}
+    for r in done:
+        assert set(r.data.params) == distill_keys  # every DistillConfig key
+        for key in ("match_loss", "grad_sim", "lr", VAL_METRIC, OBJECTIVE, "accuracy/tiny-bert/dpc2",
+                    "accuracy/tfidf-logreg/dpc2", "acc_tiny-bert"):
+            assert key in r.data.metrics, key
+        assert len(client.get_metric_history(r.info.run_id, "match_loss")) >= 2  # per step
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"sets", "plots", "provenance.json", "scores.json"} <= arts
+        assert [a.path for a in client.list_artifacts(r.info.run_id, "sets/dpc2")] == ["sets/dpc2/set00.jsonl",
+                                                                                       "sets/dpc2/set01.jsonl"]
+        assert {a.path for a in client.list_artifacts(r.info.run_id, "plots")} == {
+            "plots/accuracy_vs_dpc_tfidf-logreg.png", "plots/accuracy_vs_dpc_tiny-bert.png"}
+    trials = study_trials(s["storage"])
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+    objectives = {tid: json.loads((s["storage"] / "sets" / "crash" / tid / "final.json").read_text())[OBJECTIVE]
+                  for tid in finished_trials(s["storage"])}
+    assert {t.user_attrs["ray_trial_id"]: t.value for t in trials if t.state.name == "COMPLETE"} == objectives
+    assert not list((s["storage"] / "sets" / "crash").glob("*/checkpoint"))  # generator weights removed
+
+
+def test_failing_trial_is_recorded_and_the_sweep_goes_on(crashed_sweep):
+    s = crashed_sweep
+    _, _, children = mlflow_runs(s["storage"])
+    [failed] = [r for r in children if r.info.status == "FAILED"]
+    assert "must be > 0" in failed.data.tags["dilm.error"]
+    assert failed.data.params["temperature"] == "-1.0"  # the sampled value is on record
+    [fail] = [t for t in study_trials(s["storage"]) if t.state.name == "FAIL"]
+    assert fail.params["temperature"] == -1.0 and fail.user_attrs["ray_trial_id"] == failed.data.tags["dilm.trial_id"]
+
+
+def test_existing_sweep_is_not_overwritten_nor_resumed_with_another_config(crashed_sweep, capsys, tmp_path):
+    s = crashed_sweep
+    assert main(["--config", str(s["config"]), "--storage", str(s["storage"])]) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    changed = write_yaml(tmp_path, {**TEST_SWEEP, "num_samples": 5}, "crash.yaml")
+    assert main(["--config", str(changed), "--storage", str(s["storage"]), "--resume"]) == 2
+    assert "different configuration (num_samples changed)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- ray start + ray job submit
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_job_submit_runs_the_smoke_sweep(tmp_path):
+    """``ray start --head`` (``--block``: it stops what it started when terminated) + ``ray job submit``."""
+    import tempfile
+
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    if (Path.home() / ".ray" / "auth_token").exists():  # Ray 2.60 then enables token auth: clients must use it
+        env["RAY_AUTH_MODE"] = "token"
+    with open(tmp_path / "head.log", "w") as log:
+        head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+                                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                                 "--temp-dir", temp_dir], start_new_session=True, stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode:
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(1)
+        job = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                              "--", sys.executable, "-m", "tune.sweep", "--config", "sweeps/smoke.yaml",
+                              "--storage", str(tmp_path / "sweeps")],
+                             env=env, capture_output=True, text=True, timeout=900)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "sweep smoke: 3 complete" in job.stdout
+        assert (tmp_path / "sweeps" / "mlflow.db").exists()
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        finally:
+            kill_tree(head)
+            shutil.rmtree(temp_dir, ignore_errors=True)
