@@ -30,3 +30,15 @@ def toy_examples(n: int, seed: int) -> list[Example]:
 def toy_task() -> TaskData:
     """A linearly separable sentiment toy task (word lists disjoint per class)."""
     return TaskData("toy", ("negative", "positive"), toy_examples(200, 0), toy_examples(60, 1))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A private 2-CPU Ray cluster (``address="local"`` never attaches to another one on this machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+                 namespace="dilm-tests")
+    yield
+    ray.shutdown()

@@ -15,16 +15,6 @@ from dilm.synset import SynSet  # noqa: E402
 from tune.pool import PoolClient, PoolError, PoolSpec, create_pool, shutdown_pool  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A private 2-CPU cluster (``address="local"`` never attaches to another one on this machine)."""
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-                 namespace="dilm-tests")
-    yield
-    ray.shutdown()
-
-
 def toy_sets(task, n: int, per_class: int) -> list[SynSet]:
     by_class = task.by_class()
     return [SynSet.from_examples([e for group in by_class for e in group[i * per_class:(i + 1) * per_class]],

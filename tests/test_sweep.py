@@ -154,18 +154,6 @@ def test_searcher_records_asha_stops_as_pruned():
 # --------------------------------------------------------------------------- on a local Ray cluster
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A private 2-CPU cluster (``address="local"`` never attaches to another one on this machine)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-                 namespace="dilm-tests")
-    yield
-    ray.shutdown()
-
-
 def test_gpu_sweep_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path, capsys):
     start = time.monotonic()
     assert main(["--config", str(SWEEPS / "gpu.yaml"), "--storage", str(tmp_path)]) == 2
