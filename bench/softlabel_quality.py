@@ -29,8 +29,8 @@ from dilm.tasks import TaskData, load_task
 from dilm.tdd import TDDConfig, distill_tdd, evaluate_tdd
 
 QUICK = dict(learner="tiny-bert", archs=("tiny-bert", "tfidf-logreg"), n_sets=2, seeds=1, dpc=(1, 5, 10),
-             eval_steps=20, test_limit=200, sl_steps=20, unroll=10, learners=2, real_per_class=100, candidates=200,
-             tdd_sets=1, tdd_steps=5, seq_len=16)
+             eval_steps=20, eval_max_length=64, test_limit=100, sl_steps=20, unroll=10, learners=2,
+             real_per_class=100, candidates=200, tdd_sets=1, tdd_steps=5, seq_len=16)
 METHOD_NAMES = {"random": "random", "kcenters": "k-centers", "herding": "herding"}
 
 
@@ -48,6 +48,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--n-sets", type=int, default=10, help="sets per cell")
     p.add_argument("--seeds", type=int, default=5, help="training seeds per set")
     p.add_argument("--eval-steps", type=int, default=200)
+    p.add_argument("--eval-max-length", type=int, default=128, help="token limit in evaluation (protocol: 128)")
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--totals", type=ints, default=(2, 3), help="fewer-than-classes sizes (tasks with more classes)")
     p.add_argument("--candidates", type=int, default=2000, help="candidates per class for k-centers / k-means")
@@ -126,8 +127,8 @@ def evaluate_cells(evaluator: Evaluator, cells: dict[tuple, list[SynSet]], seeds
 
 
 def run_tdd(task: TaskData, a, ucfg: UnrollConfig, device) -> dict[int, dict]:
-    ecfg = EvalConfig(archs=(a.learner,), seeds=a.seeds, steps=a.eval_steps, test_limit=a.test_limit,
-                      device=str(device), progress=False)
+    ecfg = EvalConfig(archs=(a.learner,), seeds=a.seeds, steps=a.eval_steps, max_length=a.eval_max_length,
+                      test_limit=a.test_limit, device=str(device), progress=False)
     out = {}
     for dpc in a.tdd_dpc:
         accs = []
@@ -202,7 +203,8 @@ def main() -> None:
         timings["sets_s"] = time.perf_counter() - t
         t = time.perf_counter()
         evaluator = Evaluator(task, EvalConfig(archs=a.archs, seeds=a.seeds, steps=a.eval_steps,
-                                               test_limit=a.test_limit, device=str(device), progress=not a.quick))
+                                               max_length=a.eval_max_length, test_limit=a.test_limit,
+                                               device=str(device), progress=not a.quick))
         scores = evaluate_cells(evaluator, cells, a.seeds)
         timings["evaluate_s"] = time.perf_counter() - t
         t = time.perf_counter()

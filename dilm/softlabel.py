@@ -360,7 +360,7 @@ class SoftLabeler:
     def _build(self) -> None:
         ucfg = self.cfg.unroll
         if ucfg.mode == "head":
-            self._body = load_model(ucfg.learner, "base", device=self.device).requires_grad_(False)
+            self._body = load_model(ucfg.learner, "base", device=self.device).eval().requires_grad_(False)
         self._proxy = build_proxy(ucfg, self.task, self.device, self.cfg.seed, self._body)
 
     def __call__(self, synset: SynSet) -> SynSet:

@@ -33,6 +33,7 @@ from torch.func import functional_call, vmap
 
 from dilm import DilmError
 from dilm.cli import add_task_args, command, task_from_args
+from dilm.coreset import check_dpc
 from dilm.evaluate import (
     ArchScores,
     Ensemble,
@@ -145,10 +146,8 @@ def distill_tdd(task: TaskData, cfg: TDDConfig, device=None) -> TDDSet:
     ucfg = cfg.unroll
     check_tdd_learner(ucfg.learner)
     device = pick_device(str(device or cfg.device))
-    for c, group in enumerate(task.by_class("train")):
-        if cfg.dpc > len(group):
-            raise DilmError(f"DPC {cfg.dpc} is larger than class {task.label_names[c]!r} ({len(group)} examples)")
-    body = load_model(ucfg.learner, "base", device=device).requires_grad_(False) if ucfg.mode == "head" else None
+    check_dpc(task, cfg.dpc)
+    body = load_model(ucfg.learner, "base", device=device).eval().requires_grad_(False) if ucfg.mode == "head" else None
     proxy = build_proxy(ucfg, task, device, cfg.seed, body)
     table = (body or proxy.model).get_input_embeddings().weight.detach()  # (V, H)
     embeds, mask, labels = init_sequences(task, cfg, table)
