@@ -10,6 +10,7 @@ between generator steps; the synthetic pool regenerated every ``generate_interva
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import platform
 import random
@@ -252,6 +253,11 @@ class Distiller:
                             self.device, cfg.max_new_tokens, cfg.top_p, batch_size=cfg.gen_batch_size, seed=seed,
                             allow_unfinished=cfg.allow_unfinished)
 
+    @functools.cached_property
+    def corpus(self) -> TokenizedCorpus:
+        """The training split rendered and tokenised once (LM stage and lm_lambda mixing share it)."""
+        return TokenizedCorpus.build(self.gen_tok, self.train, self.task.label_names, self.cfg.max_length)
+
     def features(self, texts: list[str]) -> torch.Tensor:
         """Learner features (mean-pooled last layer) with one backbone loaded once per run."""
         if not hasattr(self, "_feature_model"):
@@ -267,7 +273,7 @@ class Distiller:
     # ---- stage 1
     def lm_stage(self, state: State) -> None:
         cfg = self.cfg
-        corpus = TokenizedCorpus.build(self.gen_tok, self.train, self.task.label_names, cfg.max_length)
+        corpus = self.corpus
         opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lm_lr, weight_decay=0.0,
                                 fused=self.device.type == "cuda")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.lm_steps, 0.1))
@@ -368,7 +374,7 @@ class Distiller:
 
     def match_stage(self, state: State, best_state: dict | None) -> dict | None:
         cfg = self.cfg
-        corpus = TokenizedCorpus.build(self.gen_tok, self.train, self.task.label_names, cfg.max_length)
+        corpus = self.corpus
         rep_sets = self.representative_sets()
         opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
         from transformers import get_cosine_schedule_with_warmup

@@ -1,0 +1,161 @@
+"""Speed of the distillation blocks: a naive Hugging Face baseline and dilm's implementation, in one run.
+
+    python bench/distill_speed.py                                   # GPU: smollm2-135m + minilm-l6
+    python bench/distill_speed.py --quick                           # CPU check: tiny models, few steps
+
+Blocks (baseline → dilm):
+  * LM step: tokenise the batch's texts every step, fp32, unfused AdamW → pre-tokenised corpus, bf16 autocast,
+    fused AdamW on CUDA.
+  * generation: one ``generate`` call per class prompt re-tokenised per batch, fp32 → ``sample_class`` (prompt
+    ids built once, large batches, bf16 autocast).
+  * matching step: ``torch.autograd.grad(create_graph=True)`` on the head parameters of the module, fp32 →
+    ``torch.func`` gradients of the same parameters, bf16 autocast of the generator's losses.
+Prints each figure, the ratio and the peak GPU memory; ``--json`` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from dilm.evaluate import encode
+from dilm.generator import TokenizedCorpus, generation_loss, lm_loss, pad_samples, render, sample_class
+from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
+from dilm.models import autocast, load_model, load_tokenizer, pick_device
+from dilm.tasks import load_task
+
+
+def timed(fn, reps: int, device) -> float:
+    fn()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+def lm_blocks(gen_name, texts, labels, names, batch, device, reps):
+    tok = load_tokenizer(gen_name)
+    rng = random.Random(0)
+
+    model = load_model(gen_name, "causal-lm", device=device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def naive():
+        idx = [rng.randrange(len(texts)) for _ in range(batch)]
+        enc = tok([render(names[labels[i]], texts[i], None, tok.eos_token) for i in idx], padding=True,
+                  truncation=True, max_length=64, return_tensors="pt", padding_side="right").to(device)
+        out = model(**enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+
+    from dilm.tasks import Example
+
+    corpus = TokenizedCorpus.build(tok, [Example(t, lab) for t, lab in zip(texts, labels)], names, 64)
+    fast_opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def ours():
+        loss = lm_loss(model, corpus.batch(batch, rng, device), device)
+        fast_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        fast_opt.step()
+
+    return timed(naive, reps, device), timed(ours, reps, device), model, tok
+
+
+def generation_blocks(model, tok, names, n, new_tokens, device):
+    model.eval()
+
+    def naive():
+        for name in names:
+            for _ in range(0, n, 16):
+                enc = tok([f"label: {name}\ntext:"] * 16, return_tensors="pt").to(device)
+                model.generate(**enc, do_sample=True, top_p=0.95, max_new_tokens=new_tokens,
+                               pad_token_id=tok.pad_token_id)
+
+    def ours():
+        for name in names:
+            sample_class(model, tok, name, n, False, device, max_new_tokens=new_tokens, batch_size=n,
+                         allow_unfinished=True, max_rounds=1)
+
+    return timed(naive, 1, device), timed(ours, 1, device)
+
+
+def matching_blocks(gen, gtok, learner_name, real_texts, syn_per_class, device, reps):
+    learner = load_model(learner_name, "classifier", 2, device).eval()
+    ltok = load_tokenizer(learner_name)
+    samples = sample_class(gen, gtok, "positive", syn_per_class, False, device, max_new_tokens=24,
+                           batch_size=syn_per_class, allow_unfinished=True, max_rounds=1)
+    ids, am, tm = pad_samples(samples, gtok.pad_token_id, device)
+    real = encode(ltok, real_texts, 128, device)
+    syn = encode(ltok, [s.text for s in samples], 128, device)
+    gen.train()
+
+    def naive():
+        full = [p for k, p in learner.named_parameters() if k.startswith(("classifier.", "score."))]
+        loss_r = torch.nn.functional.cross_entropy(learner(**real).logits, torch.ones(len(real_texts), dtype=torch.long,
+                                                                                      device=device))
+        g_real = torch.autograd.grad(loss_r, full)
+        w = torch.softmax(-generation_loss(gen, ids, am, tm, device), 0)
+        ce = torch.nn.functional.cross_entropy(learner(**syn).logits, torch.ones(len(samples), dtype=torch.long,
+                                                                                 device=device), reduction="none")
+        g_syn = torch.autograd.grad((w * ce).sum(), full, create_graph=True)
+        loss = 1 - torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in g_real]),
+                                                         torch.cat([g.flatten() for g in g_syn]), dim=0)
+        loss.backward()
+        gen.zero_grad(set_to_none=True)
+        learner.zero_grad(set_to_none=True)
+
+    params = matched_params(learner)
+
+    def ours():
+        g_real = class_gradient(learner, params, real, 1)
+        with autocast(device):
+            w = sample_weights(generation_loss(gen, ids, am, tm, device), 1.0)
+        match_loss(g_real, class_gradient(learner, params, syn, 1, weights=w)).backward()
+        gen.zero_grad(set_to_none=True)
+
+    return timed(naive, reps, device), timed(ours, reps, device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="tiny models, CPU scale")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    device = pick_device("auto")
+    gen_name, learner_name = ("tiny-llama", "tiny-bert") if a.quick else ("smollm2-135m", "minilm-l6")
+    batch, reps, n_gen, new_tokens, n_real, n_syn = (8, 3, 16, 16, 32, 8) if a.quick else (64, 20, 256, 48, 200, 64)
+    task = load_task("sst2")
+    texts, labels = [e.text for e in task.train], [e.label for e in task.train]
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "quick": a.quick}
+    naive_lm, ours_lm, gen, tok = lm_blocks(gen_name, texts, labels, task.label_names, batch, device, reps)
+    out["lm_steps_per_s"] = {"baseline": 1 / naive_lm, "dilm": 1 / ours_lm, "ratio": naive_lm / ours_lm}
+    naive_g, ours_g = generation_blocks(gen, tok, task.label_names, n_gen, new_tokens, device)
+    n = n_gen * len(task.label_names)
+    out["generation_samples_per_s"] = {"baseline": n / naive_g, "dilm": n / ours_g, "ratio": naive_g / ours_g}
+    pos = [t for t, lab in zip(texts, labels) if lab == 1][:n_real]
+    naive_m, ours_m = matching_blocks(gen, tok, learner_name, pos, n_syn, device, reps)
+    out["matching_steps_per_s_per_class"] = {"baseline": 1 / naive_m, "dilm": 1 / ours_m, "ratio": naive_m / ours_m}
+    if device.type == "cuda":
+        out["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    for k, v in out.items():
+        if isinstance(v, dict):
+            print(f"{k:>32}: baseline {v['baseline']:.2f}  dilm {v['dilm']:.2f}  ratio {v['ratio']:.2f}x")
+    print(f"device: {out['device']}" + (f", peak GPU memory {out['peak_gpu_mem_gib']:.1f} GiB"
+                                       if "peak_gpu_mem_gib" in out else ""))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
