@@ -30,7 +30,7 @@ from dilm.tdd import TDDConfig, distill_tdd, evaluate_tdd
 
 QUICK = dict(learner="tiny-bert", archs=("tiny-bert", "tfidf-logreg"), n_sets=2, seeds=1, dpc=(1, 5, 10),
              eval_steps=20, eval_max_length=64, test_limit=100, sl_steps=20, unroll=10, learners=2,
-             real_per_class=100, candidates=200, tdd_sets=1, tdd_steps=5, seq_len=16)
+             real_per_class=100, candidates=200, tdd_sets=1, tdd_steps=5, seq_len=16, threads=1)
 METHOD_NAMES = {"random": "random", "kcenters": "k-centers", "herding": "herding"}
 
 
@@ -62,6 +62,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tdd-steps", type=int, default=200)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (quick: 1: small unrolls are dispatch-bound; a busy 2-core box thrashes)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if a.quick:
@@ -188,6 +190,8 @@ def tables(results: dict, a) -> str:
 
 def main() -> None:
     a = parse()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = pick_device(a.device)
     t0 = time.perf_counter()
     ucfg = UnrollConfig(learner=a.learner, mode=a.mode, steps=a.unroll, learners=a.learners,

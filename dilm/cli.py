@@ -154,5 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m dilm.cli`: use the importable module, where sub-commands register
+    from dilm.cli import main as _main
+
+    sys.exit(_main())
