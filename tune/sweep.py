@@ -525,6 +525,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     out = Path(plan.sets_dir) / trial_id
     done = out / "final.json"
     if done.exists():  # finished before a driver crash: report again, do not run again
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the crash may have come before the removal below
         report(json.loads(done.read_text()))
         return
     torch.set_num_threads(max(1, int(plan.cpu)))  # as Ray's OMP_NUM_THREADS: floor(cpu), at least 1
