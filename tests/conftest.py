@@ -42,3 +42,27 @@ def ray_cluster():
                  namespace="dilm-tests")
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def task_file_args(toy_task, tmp_path) -> list[str]:
+    """The toy task written as user JSONL files, as CLI arguments."""
+    import json
+
+    for split in ("train", "test"):
+        rows = [json.dumps({"text": e.text, "label": toy_task.label_names[e.label]}) for e in getattr(toy_task, split)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return ["--train-file", str(tmp_path / "train.jsonl"), "--test-file", str(tmp_path / "test.jsonl"),
+            "--label-names", ",".join(toy_task.label_names)]
+
+
+@pytest.fixture
+def run_cli():
+    """Run a sub-command without main()'s error handling, so a DilmError reaches the test."""
+    from dilm.cli import build_parser
+
+    def run(argv: list[str]) -> int:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+
+    return run

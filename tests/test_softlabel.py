@@ -1,4 +1,3 @@
-import json
 import math
 import random
 
@@ -10,7 +9,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dilm.softlabel  # noqa: F401  (registers the softlabel sub-command)
 from dilm import DilmError
-from dilm.cli import build_parser
 from dilm.evaluate import EvalConfig, Evaluator, encode, finetune_ensemble, tfidf_logreg
 from dilm.models import load_model, load_tokenizer
 from dilm.softlabel import (
@@ -204,21 +202,8 @@ def test_label_names_must_match(toy_task):
         learn_soft_labels(other, toy_task, SoftLabelConfig(steps=1, unroll=TINY), "cpu")
 
 
-def write_task_files(task: TaskData, folder) -> list[str]:
-    for split in ("train", "test"):
-        rows = [json.dumps({"text": e.text, "label": task.label_names[e.label]}) for e in getattr(task, split)]
-        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    return ["--train-file", str(folder / "train.jsonl"), "--test-file", str(folder / "test.jsonl"),
-            "--label-names", ",".join(task.label_names)]
-
-
-def run_cli(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-def test_cli_softlabel(toy_task, tmp_path, capsys):
-    task_args = write_task_files(toy_task, tmp_path)
+def test_cli_softlabel(toy_task, tmp_path, capsys, task_file_args, run_cli):
+    task_args = task_file_args
     src = write_set(tmp_path / "hard.jsonl", hard_set(toy_task, 2))
     small = ["--learner", "tiny-bert", "--steps", "3", "--unroll", "3", "--learners", "2", "--real-per-class", "40",
              "--device", "cpu"]

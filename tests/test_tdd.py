@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -89,21 +88,8 @@ def test_tdd_needs_an_encoder_learner(toy_task):
         TDDConfig(init="zeros")
 
 
-def write_task_files(task, folder) -> list[str]:
-    for split in ("train", "test"):
-        rows = [json.dumps({"text": e.text, "label": task.label_names[e.label]}) for e in getattr(task, split)]
-        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    return ["--train-file", str(folder / "train.jsonl"), "--test-file", str(folder / "test.jsonl"),
-            "--label-names", ",".join(task.label_names)]
-
-
-def run_cli(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-def test_cli_tdd(toy_task, tmp_path, capsys):
-    task_args = write_task_files(toy_task, tmp_path)
+def test_cli_tdd(toy_task, tmp_path, capsys, task_file_args, run_cli):
+    task_args = task_file_args
     common = [*task_args, "--device", "cpu", "--evaluate", "--eval-seeds", "1", "--eval-steps", "2",
               "--test-limit", "10"]
     assert run_cli(["tdd", *common, "--learner", "tiny-bert", "--dpc", "1", "--seq-len", "8", "--steps", "2",
