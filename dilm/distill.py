@@ -258,11 +258,22 @@ class Distiller:
         """The training split rendered and tokenised once (LM stage and lm_lambda mixing share it)."""
         return TokenizedCorpus.build(self.gen_tok, self.train, self.task.label_names, self.cfg.max_length)
 
+    @functools.cached_property
+    def feature_model(self) -> torch.nn.Module:
+        """The learner's backbone, loaded once per run for all feature computations."""
+        return load_model(self.cfg.learner, "base", device=self.device)
+
+    @functools.cached_property
+    def val_evaluator(self) -> Evaluator:
+        """Evaluation on the held-out part of train (the test split is never looked at); models stay loaded."""
+        cfg = self.cfg
+        task = TaskData(self.task.name, self.task.label_names, self.train, self.val, self.task.is_pair)
+        return Evaluator(task, EvalConfig(archs=(cfg.learner,), seeds=1, steps=cfg.val_steps, device=cfg.device,
+                                          progress=False))
+
     def features(self, texts: list[str]) -> torch.Tensor:
-        """Learner features (mean-pooled last layer) with one backbone loaded once per run."""
-        if not hasattr(self, "_feature_model"):
-            self._feature_model = load_model(self.cfg.learner, "base", device=self.device)
-        return embed(texts, self.cfg.learner, self.device, model=self._feature_model)
+        """Learner features (mean-pooled last layer)."""
+        return embed(texts, self.cfg.learner, self.device, model=self.feature_model)
 
     def fresh_learner(self, seed: int):
         return load_model(self.cfg.learner, "classifier", self.task.num_classes, self.device, seed=seed)
@@ -367,10 +378,7 @@ class Distiller:
         """Accuracy (%) on the held-out split of a learner trained on a freshly selected val_dpc set."""
         cfg = self.cfg
         synset = self.select(cfg.val_dpc, max(2, cfg.over_sample), seed)
-        task = TaskData(self.task.name, self.task.label_names, self.train, self.val, self.task.is_pair)
-        ev = Evaluator(task, EvalConfig(archs=(cfg.learner,), seeds=1, steps=cfg.val_steps, device=cfg.device,
-                                        progress=False))
-        return ev.evaluate([synset]).mean_accuracy()
+        return self.val_evaluator.evaluate([synset]).mean_accuracy()
 
     def match_stage(self, state: State, best_state: dict | None) -> dict | None:
         cfg = self.cfg
