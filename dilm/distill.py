@@ -29,11 +29,14 @@ from dilm import DilmError
 from dilm.coreset import check_dpc, kmeans_nearest
 from dilm.evaluate import EvalConfig, Evaluator, encode, join_pair, linear_warmup_decay
 from dilm.features import embed
-from dilm.generator import Sample, TokenizedCorpus, generation_loss, lm_loss, pad_samples, sample_class
+from dilm.generator import Sample, TokenizedCorpus, generation_loss, lm_loss, make_sampler, pad_samples, sample_classes
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import load_model, load_tokenizer, pick_device, resolve_model
+from dilm.sampling import Sampler
 from dilm.synset import SynExample, SynSet, write_json, write_set
 from dilm.tasks import TASKS, Example, TaskData, load_task
+
+SAMPLER_MODES = ("dynamic", "static", "compiled")
 
 
 def _f(default, help: str):
@@ -79,7 +82,9 @@ class DistillConfig:
     max_new_tokens: int = _f(48, "")
     top_p: float = _f(0.95, "")
     allow_unfinished: bool = _f(False, "keep samples that hit max_new_tokens without EOS (tiny test models)")
-    gen_batch_size: int = _f(256, "")
+    gen_batch_size: int = _f(256, "rows sampled together (all classes share a batch)")
+    sampler: str = _f("dynamic", "decode loop: dynamic (KV cache grows), static (pre-allocated KV cache) or "
+                                 "compiled (static + torch.compile, a CUDA graph on GPUs)")
     checkpoint_interval: int = _f(1, "checkpoint every this many outer loops")
     fail_at_step: int = _f(-1, "testing aid: raise at this matching step (-1 = never)")
 
@@ -106,6 +111,8 @@ class DistillConfig:
             raise DilmError(f"syn_per_class ({self.syn_per_class}) exceeds pool_per_class ({self.pool_per_class})")
         if self.temperature <= 0 or self.generator_lr <= 0 or self.lm_lr <= 0:
             raise DilmError("temperature, generator_lr and lm_lr must be > 0")
+        if self.sampler not in SAMPLER_MODES:
+            raise DilmError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLER_MODES)}")
         if self.over_sample < 1:
             raise DilmError("over_sample must be >= 1 (candidates = over_sample x DPC)")
 
@@ -145,7 +152,7 @@ PRESETS: dict[str, dict] = {
     # one H100, whole pipeline in one 10-minute command (evaluation of 10 sets included)
     "gpu": dict(lm_steps=1500, lm_batch_size=64, outer_loops=20, inner_loop=10, model_step_per_inner_step=10,
                 syn_per_class=64, real_per_class=200, n_rep_sets=5, pool_per_class=256, generate_interval=5,
-                val_interval=5, over_sample=20, n_sets=10, generator_lr=3e-6),
+                val_interval=5, over_sample=20, n_sets=10, generator_lr=3e-6, gen_batch_size=2048),
     # the DiLM paper's step counts (many GPU hours)
     "paper": dict(generator="gpt2", learner="bert-base-uncased", lm_steps=80000, lm_lr=1e-5, outer_loops=2000,
                   inner_loop=10, model_step_per_inner_step=20, generator_lr=3e-7, syn_per_class=64,
@@ -247,11 +254,19 @@ class Distiller:
         state.history.append(row)
         self.callback(dict(row))
 
-    def sample(self, c: int, n: int, seed: int) -> list[Sample]:
+    @functools.cached_property
+    def sampler(self) -> Sampler:
         cfg = self.cfg
-        return sample_class(self.generator, self.gen_tok, self.task.label_names[c], n, self.task.is_pair,
-                            self.device, cfg.max_new_tokens, cfg.top_p, batch_size=cfg.gen_batch_size, seed=seed,
-                            allow_unfinished=cfg.allow_unfinished)
+        return make_sampler(self.generator, self.gen_tok, self.device, max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.gen_batch_size, label_names=self.task.label_names, mode=cfg.sampler)
+
+    def sample(self, counts: list[int], seed: int) -> list[list[Sample]]:
+        """``counts[c]`` distinct usable samples of each class c (fewer if the generator cannot), one batch."""
+        cfg = self.cfg
+        out = sample_classes(self.sampler, self.gen_tok, self.task.label_names, counts, self.task.is_pair,
+                             top_p=cfg.top_p, seed=seed, allow_unfinished=cfg.allow_unfinished)
+        self.generator.train()
+        return out
 
     @functools.cached_property
     def corpus(self) -> TokenizedCorpus:
@@ -322,8 +337,8 @@ class Distiller:
         """Per class: pool samples and their B clusters (indices), for one-per-cluster mini-batches."""
         cfg = self.cfg
         pools = []
-        for c, name in enumerate(self.task.label_names):
-            samples = self.sample(c, cfg.pool_per_class, seed * 1000 + c)
+        sampled = self.sample([cfg.pool_per_class] * self.task.num_classes, seed)
+        for name, samples in zip(self.task.label_names, sampled):
             if len(samples) < cfg.syn_per_class:
                 raise DilmError(f"the generator produced only {len(samples)} usable texts for class {name!r} "
                                 f"(need syn_per_class={cfg.syn_per_class}); train the LM longer")
@@ -331,7 +346,6 @@ class Distiller:
             km = KMeans(n_clusters=cfg.syn_per_class, n_init=1, random_state=seed).fit(feats.double().numpy())
             clusters = [[i for i, lab in enumerate(km.labels_) if lab == j] for j in range(cfg.syn_per_class)]
             pools.append((samples, [cl for cl in clusters if cl]))
-        self.generator.train()
         return pools
 
     def generator_step(self, state, opt, sched, learner, rep_sets, pools, corpus) -> dict:
@@ -377,7 +391,8 @@ class Distiller:
     def validate(self, seed: int) -> float:
         """Accuracy (%) on the held-out split of a learner trained on a freshly selected val_dpc set."""
         cfg = self.cfg
-        synset = self.select(cfg.val_dpc, max(2, cfg.over_sample), seed)
+        n = max(2, cfg.over_sample) * cfg.val_dpc
+        synset = self.select(cfg.val_dpc, seed, self.sample([n] * self.task.num_classes, seed))
         return self.val_evaluator.evaluate([synset]).mean_accuracy()
 
     def match_stage(self, state: State, best_state: dict | None) -> dict | None:
@@ -419,28 +434,28 @@ class Distiller:
         return best_state
 
     # ---- stage 3
-    def select(self, dpc: int, over_sample: int, seed: int, candidates=None) -> SynSet:
-        """DPC per class: k-means nearest-centroid among over_sample × DPC generated candidates."""
+    def select(self, dpc: int, seed: int, candidates: list[list[Sample]]) -> SynSet:
+        """DPC per class: k-means nearest-centroid among each class's generated candidates."""
         picked: list[SynExample] = []
-        for c, name in enumerate(self.task.label_names):
-            cand = candidates[c] if candidates else self.sample(c, over_sample * dpc, seed * 1000 + c)
+        for c, (name, cand) in enumerate(zip(self.task.label_names, candidates)):
             if len(cand) < dpc:
                 raise DilmError(f"only {len(cand)} usable candidates for class {name!r}, DPC {dpc} needs more; "
                                 "train the generator longer or raise max_new_tokens")
             feats = self.features([join_pair(s.text, s.text_pair) for s in cand])
             picked += [SynExample(cand[i].text, c, cand[i].text_pair) for i in kmeans_nearest(feats, dpc, seed)]
-        self.generator.train()
         return SynSet(picked, self.task.label_names, {"dpc": dpc, "seed": seed})
 
     def final_sets(self) -> dict[int, list[Path]]:
+        """``n_sets`` sets per DPC; every DPC of set k selects from set k's over_sample × (largest DPC)
+        candidates, and the candidates of all sets are sampled together (large batches)."""
         cfg = self.cfg
         out: dict[int, list[Path]] = {d: [] for d in cfg.dpc}
-        top = cfg.dpc[-1]
+        per_set = cfg.over_sample * cfg.dpc[-1]
+        pooled = self.sample([cfg.n_sets * per_set] * self.task.num_classes, cfg.seed * 100003)
         for k in tqdm(range(cfg.n_sets), desc="select"):
-            seed = cfg.seed * 100003 + k
-            cands = [self.sample(c, cfg.over_sample * top, seed * 1000 + c) for c in range(self.task.num_classes)]
-            for d in cfg.dpc:  # every DPC selects from the same candidates (over_sample × the largest DPC)
-                synset = self.select(d, cfg.over_sample, seed, candidates=cands)
+            cands = [cl[k * len(cl) // cfg.n_sets: (k + 1) * len(cl) // cfg.n_sets] for cl in pooled]
+            for d in cfg.dpc:
+                synset = self.select(d, cfg.seed * 100003 + k, cands)
                 out[d].append(write_set(Path(cfg.output_dir) / "sets" / f"dpc{d}" / f"set{k:02d}.jsonl", synset))
         return out
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dilm.models import autocast
+from dilm.sampling import Sampler
 
 PAIR_MARK = "\npair:"
 
@@ -88,48 +89,63 @@ class Sample:
     prompt_len: int
 
 
-@torch.no_grad()
-def sample_class(generator, tok, label_name: str, n: int, is_pair: bool, device, max_new_tokens: int = 48,
-                 top_p: float = 0.95, temperature: float = 1.0, batch_size: int = 64, seed: int = 0,
-                 max_rounds: int = 4, allow_unfinished: bool = False) -> list[Sample]:
-    """Up to ``n`` distinct, parseable samples of one class (a few extra rounds make up for rejects).
+def make_sampler(generator, tok, device, *, max_new_tokens: int, batch_size: int, label_names: list[str] = (),
+                 mode: str = "dynamic") -> Sampler:
+    """A :class:`Sampler` for this generator; ``mode`` is dynamic, static (KV cache) or compiled (CUDA graph)."""
+    width = max([len(tok(prompt(n), add_special_tokens=False)["input_ids"]) for n in label_names] or [16])
+    return Sampler(generator, device, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_width=width,
+                   static=mode in ("static", "compiled"), compile=mode == "compiled")
 
-    Overlong samples (no EOS within ``max_new_tokens``) are dropped unless ``allow_unfinished``.
+
+def to_sample(row: list[int], prompt_ids: list[int], tok, is_pair: bool, allow_unfinished: bool) -> Sample | None:
+    """A sampled completion (ending at EOS if it finished) → Sample, or None when unusable."""
+    if not row or row[-1] != tok.eos_token_id:
+        if not allow_unfinished:
+            return None  # overlong: never finished
+        row = row + [tok.eos_token_id]
+    parsed = parse(tok.decode(row[:-1], skip_special_tokens=True), is_pair)
+    return None if parsed is None else Sample(parsed[0], parsed[1], prompt_ids + row, len(prompt_ids))
+
+
+def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[int], is_pair: bool, *,
+                   top_p: float = 0.95, temperature: float = 1.0, seed: int = 0, max_rounds: int = 4,
+                   allow_unfinished: bool = False) -> list[list[Sample]]:
+    """Up to ``counts[c]`` distinct, parseable samples of each class c, all classes sampled in shared batches.
+
+    A round asks for what is still missing (plus a margin for rejects: duplicates, unparseable or, unless
+    ``allow_unfinished``, overlong texts); up to ``max_rounds`` rounds, stopping early when one adds nothing.
     """
-    generator.eval()
-    prompt_ids = tok(prompt(label_name), add_special_tokens=False)["input_ids"]
-    out: list[Sample] = []
-    seen: set[tuple[str, str | None]] = set()
-    torch.manual_seed(seed)
-    for _ in range(max_rounds):
-        while len(out) < n:
-            b = min(batch_size, 2 * (n - len(out)))
-            ids = torch.tensor([prompt_ids] * b, device=device)
-            with autocast(device):
-                gen = generator.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                         top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new = 0
-            for row in gen[:, len(prompt_ids):].tolist():
-                if tok.eos_token_id in row:
-                    row = row[: row.index(tok.eos_token_id) + 1]
-                elif not allow_unfinished:
-                    continue  # overlong: never finished
-                else:
-                    row = row + [tok.eos_token_id]
-                parsed = parse(tok.decode(row[:-1], skip_special_tokens=True), is_pair)
-                if parsed is None or parsed in seen:
-                    continue
-                seen.add(parsed)
-                out.append(Sample(parsed[0], parsed[1], prompt_ids + row, len(prompt_ids)))
-                new += 1
-                if len(out) == n:
-                    break
-            if new == 0:
-                break
-        if len(out) >= n:
+    sampler.sync()
+    prompts = [tok(prompt(n), add_special_tokens=False)["input_ids"] for n in label_names]
+    out: list[list[Sample]] = [[] for _ in label_names]
+    seen: set[tuple[int, str, str | None]] = set()
+    for r in range(max_rounds):
+        missing = [n - len(o) for n, o in zip(counts, out)]
+        rows = [c for c, m in enumerate(missing) for _ in range(m + m // 4 + 1 if r == 0 else 2 * m if m else 0)]
+        if not rows:
+            break
+        added = 0
+        for c, row in zip(rows, sampler.sample([prompts[c] for c in rows], top_p=top_p, temperature=temperature,
+                                               seed=seed * 101 + r)):
+            s = to_sample(row, prompts[c], tok, is_pair, allow_unfinished)
+            if s is None or len(out[c]) >= counts[c] or (c, s.text, s.text_pair) in seen:
+                continue
+            seen.add((c, s.text, s.text_pair))
+            out[c].append(s)
+            added += 1
+        if added == 0:
             break
     return out
+
+
+def sample_class(generator, tok, label_name: str, n: int, is_pair: bool, device, max_new_tokens: int = 48,
+                 top_p: float = 0.95, batch_size: int = 64, seed: int = 0, max_rounds: int = 4,
+                 allow_unfinished: bool = False) -> list[Sample]:
+    """Up to ``n`` distinct, parseable samples of one class (a convenience over :func:`sample_classes`)."""
+    sampler = make_sampler(generator, tok, device, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return sample_classes(sampler, tok, [label_name], [n], is_pair, top_p=top_p, seed=seed, max_rounds=max_rounds,
+                          allow_unfinished=allow_unfinished)[0]
 
 
 def pad_samples(samples: list[Sample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

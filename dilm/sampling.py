@@ -1,0 +1,138 @@
+"""A batched sampling loop for the generator: the speed-critical part of DiLM (pools and final candidates).
+
+``generate`` in Hugging Face re-tokenises nothing but still pays, every decode step, for logits processors,
+stopping criteria with a host sync, autocast casts of fp32 weights and small batches. Here:
+
+* prompts of several classes go into one left-padded batch (explicit ``position_ids``), as large as memory
+  allows (``batch_size``);
+* on CUDA the loop runs a bf16 copy of the generator (no per-step weight casts; the fp32 master weights
+  stay with the optimiser);
+* top-p sampling is a few tensor ops (sort, cumulative sum, inverse-CDF draw) with no host sync; the host
+  checks "all finished" only every ``SYNC_EVERY`` steps;
+* ``static=True`` uses a pre-allocated ``StaticCache`` and a full-length attention mask so the decode step
+  has fixed shapes; with ``compile=True`` (CUDA) that step is ``torch.compile``-d in ``reduce-overhead``
+  mode, i.e. replayed as a CUDA graph.
+
+Shapes: B rows, P prompt width (left-padded), N = ``max_new_tokens``, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+SYNC_EVERY = 8
+
+
+def top_p_sample(logits: torch.Tensor, top_p: float, temperature: float, rng: torch.Generator) -> torch.Tensor:
+    """(B, V) logits → (B,) token ids from the smallest set of top tokens whose probability reaches ``top_p``.
+
+    One sort and one cumulative sum; the draw is an inverse-CDF lookup (B uniforms, not B × V).
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_p.cumsum(-1)  # (B, V)
+    kept = ((cum - sorted_p) < top_p).sum(-1, keepdim=True).clamp(min=1)  # nucleus size; top_p → 0 = greedy
+    mass = cum.gather(-1, kept - 1)  # (B, 1): probability of the nucleus
+    u = torch.rand(mass.shape, device=mass.device, generator=rng) * mass
+    pick = torch.searchsorted(cum, u).clamp(max=kept - 1)  # first rank whose cumulative mass reaches u
+    return order.gather(-1, pick).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts → (ids, attention_mask), each (B, width), padded on the left so every row ends at the last column."""
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class Sampler:
+    """Samples completions of token prompts from a causal LM, a batch of rows at a time.
+
+    Holds its own inference weights (a bf16 copy on CUDA, refreshed in place by :meth:`sync` so a compiled
+    step stays valid) and, with ``static``, one pre-allocated cache reused by every batch. With ``static``
+    every batch has the same shape (rows padded to ``batch_size``, prompts to ``prompt_width``), which is
+    what lets ``compile`` capture the decode step once.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, *, eos_id: int, pad_id: int,
+                 max_new_tokens: int, batch_size: int = 256, prompt_width: int = 16, static: bool = False,
+                 compile: bool = False):
+        self.source, self.device = model, device
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.max_new_tokens, self.batch_size, self.prompt_width = max_new_tokens, batch_size, prompt_width
+        self.static = static or compile
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.model = copy.deepcopy(model).to(dtype=torch.bfloat16).eval() if bf16 else model
+        self.cache, self.cache_shape = None, (0, 0)
+        self.step = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True) if compile else self._forward
+
+    def sync(self) -> None:
+        """Copy the source model's current weights into the inference copy (in place)."""
+        if self.model is not self.source:
+            with torch.no_grad():
+                for dst, src in zip(self.model.parameters(), self.source.parameters()):
+                    dst.copy_(src)
+
+    def _forward(self, tokens, positions, attention_mask, cache_position):
+        return self.model(input_ids=tokens, position_ids=positions, attention_mask=attention_mask,
+                          past_key_values=self.cache, cache_position=cache_position, use_cache=True,
+                          logits_to_keep=1).logits[:, -1]
+
+    def _fresh_cache(self, rows: int, total: int):
+        """A new dynamic cache, or the static one, reused while the batch shape stays the same."""
+        from transformers import DynamicCache, StaticCache
+
+        if not self.static:
+            return DynamicCache(config=self.model.config)
+        if self.cache_shape != (rows, total):
+            self.cache, self.cache_shape = StaticCache(config=self.model.config, max_cache_len=total), (rows, total)
+        else:
+            self.cache.reset()
+        return self.cache
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], *, top_p: float = 0.95, temperature: float = 1.0,
+               seed: int = 0) -> list[list[int]]:
+        """One completion per prompt (new tokens, ending at EOS when one was sampled), in input order."""
+        self.model.eval()
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start: start + self.batch_size]
+            rows = self._batch(chunk, top_p, temperature, seed * 1_000_003 + start).tolist()
+            for row in rows[: len(chunk)]:
+                out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
+        return out
+
+    def _batch(self, prompts, top_p, temperature, seed) -> torch.Tensor:
+        """(B, N) new tokens; after a row's EOS the rest is EOS."""
+        if self.static:  # fixed shapes: pad rows to batch_size and prompts to prompt_width
+            prompts = prompts + [prompts[0]] * (self.batch_size - len(prompts))
+        width = max(self.prompt_width if self.static else 0, *map(len, prompts))
+        ids, mask = left_pad(prompts, self.pad_id, width, self.device)
+        b, total = len(prompts), width + self.max_new_tokens
+        full_mask = torch.zeros((b, total), dtype=torch.long, device=self.device)  # filled as tokens arrive
+        full_mask[:, :width] = mask
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P): left padding does not shift positions
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        self.cache = self._fresh_cache(b, total)
+        attn = full_mask if self.static else mask
+        logits = self._forward(ids, positions, attn, torch.arange(width, device=self.device))  # prefill
+        out = torch.full((b, self.max_new_tokens), self.eos_id, dtype=torch.long, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        last = positions[:, -1:]
+        for t in range(self.max_new_tokens):
+            token = top_p_sample(logits, top_p, temperature, rng).masked_fill(done, self.eos_id)  # (B,)
+            out[:, t] = token
+            done |= token == self.eos_id
+            if t == self.max_new_tokens - 1 or ((t + 1) % SYNC_EVERY == 0 and bool(done.all())):
+                break
+            full_mask[:, width + t] = 1
+            last = last + 1
+            attn = full_mask if self.static else full_mask[:, : width + t + 1]
+            logits = self.step(token[:, None], last, attn, torch.tensor([width + t], device=self.device))
+        return out
