@@ -190,12 +190,14 @@ def _ckpt_dir(cfg: DistillConfig) -> Path:
     return Path(cfg.output_dir) / "checkpoint"
 
 
-def save_checkpoint(cfg: DistillConfig, generator, state: State, best_state: dict | None) -> None:
-    """Atomic: write into a fresh folder, then swap it in."""
+def save_checkpoint(cfg: DistillConfig, generator, state: State, best_state: dict | None,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Atomic: write into a fresh folder, then swap it in. The matching optimiser's moments go with it."""
     final = _ckpt_dir(cfg)
     tmp = final.with_name(f".checkpoint-{time.time_ns()}")
     tmp.mkdir(parents=True)
-    torch.save({"generator": generator.state_dict(), "best": best_state}, tmp / "weights.pt")
+    torch.save({"generator": generator.state_dict(), "best": best_state,
+                "optimizer": optimizer.state_dict() if optimizer is not None else None}, tmp / "weights.pt")
     write_json(tmp / "state.json", {**dataclasses.asdict(state), "config": cfg.to_dict()})
     old = final.with_name(".checkpoint-old")
     if final.exists():
@@ -207,10 +209,11 @@ def save_checkpoint(cfg: DistillConfig, generator, state: State, best_state: dic
         shutil.rmtree(old)
 
 
-def load_checkpoint(cfg: DistillConfig, generator, device) -> tuple[State, dict | None]:
+def load_checkpoint(cfg: DistillConfig, generator, device) -> tuple[State, dict | None, dict | None]:
+    """(state, best generator weights, matching optimiser state) of the last checkpoint, or a fresh start."""
     d = _ckpt_dir(cfg)
     if not (d / "state.json").exists():
-        return State(), None
+        return State(), None, None
     saved = json.loads((d / "state.json").read_text())
     mismatch = {k for k, v in saved.pop("config").items()
                 if k not in ("n_sets", "device", "fail_at_step") and cfg.to_dict().get(k) != v}
@@ -219,7 +222,7 @@ def load_checkpoint(cfg: DistillConfig, generator, device) -> tuple[State, dict 
                         "use another --output-dir")
     weights = torch.load(d / "weights.pt", map_location=device)
     generator.load_state_dict(weights["generator"])
-    return State(**saved), weights["best"]
+    return State(**saved), weights["best"], weights.get("optimizer")
 
 
 # --------------------------------------------------------------------------- the run
@@ -395,11 +398,13 @@ class Distiller:
         synset = self.select(cfg.val_dpc, seed, self.sample([n] * self.task.num_classes, seed))
         return self.val_evaluator.evaluate([synset]).mean_accuracy()
 
-    def match_stage(self, state: State, best_state: dict | None) -> dict | None:
+    def match_stage(self, state: State, best_state: dict | None, opt_state: dict | None = None) -> dict | None:
         cfg = self.cfg
         corpus = self.corpus
         rep_sets = self.representative_sets()
         opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
+        if opt_state is not None:  # resume: AdamW moments and step counts as they were
+            opt.load_state_dict(opt_state)
         from transformers import get_cosine_schedule_with_warmup
 
         sched = get_cosine_schedule_with_warmup(opt, max(1, int(0.05 * cfg.total_match_steps)),
@@ -429,7 +434,7 @@ class Distiller:
                 self.emit(state, stage="match", val_accuracy=acc, best_val_accuracy=state.best_val)
                 bar.set_postfix(val=f"{acc:.1f}")
             if state.outer % cfg.checkpoint_interval == 0:
-                save_checkpoint(cfg, self.generator, state, best_state)
+                save_checkpoint(cfg, self.generator, state, best_state, opt)
         state.stage = "select"
         return best_state
 
@@ -461,7 +466,7 @@ class Distiller:
 
     def fit(self) -> DistillResult:
         cfg = self.cfg
-        state, best_state = load_checkpoint(cfg, self.generator, self.device)
+        state, best_state, opt_state = load_checkpoint(cfg, self.generator, self.device)
         t0 = time.perf_counter()
         if state.stage == "lm":
             self.lm_stage(state)
@@ -469,7 +474,7 @@ class Distiller:
         self.timings["lm_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         if state.stage == "match":
-            best_state = self.match_stage(state, best_state)
+            best_state = self.match_stage(state, best_state, opt_state)
         self.timings["match_s"] = time.perf_counter() - t1
         if best_state is not None:  # keep the generator that validated best
             self.generator.load_state_dict(best_state)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dilm import DilmError
 from dilm.cli import main
@@ -72,6 +73,9 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
     steps = [m["step"] for m in seen if "match_loss" in m]
     assert steps == [cfg.lm_steps + 3, cfg.lm_steps + 4]  # outer loop 2 only; LM stage not repeated
     assert not any(m["stage"] == "lm" for m in seen)
+    # the AdamW moments came back too: the optimiser counts every matching step, not just the resumed ones
+    opt = torch.load(tmp_path / "checkpoint" / "weights.pt")["optimizer"]
+    assert {int(s["step"]) for s in opt["state"].values()} == {cfg.total_match_steps}
 
 
 def test_cli_smoke_preset(tmp_path, capsys):
