@@ -104,3 +104,31 @@ def test_sample_classes_shares_batches_and_meets_counts(lm):
         assert len({s.text for s in samples}) == len(samples)  # distinct within a class
         for s in samples:
             assert tok.decode(s.ids[: s.prompt_len]) == prompt(name) and s.ids[-1] == tok.eos_token_id
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mode", ["dynamic", "compiled"])
+def test_gpu_bf16_copy_follows_the_trained_weights(lm, mode):
+    """On CUDA the sampler decodes from a bf16 copy; ``sync`` must carry weight updates into it (in place, so a
+    compiled step stays valid) — greedy output after an update equals a fresh sampler's."""
+    model, tok = lm
+    cuda = torch.device("cuda")
+    model = model.to(cuda)
+    prompts = prompts_of(tok)
+    sampler = make_sampler(model, tok, cuda, max_new_tokens=8, batch_size=4, label_names=LABELS, mode=mode)
+    assert next(sampler.model.parameters()).dtype == torch.bfloat16
+    before = sampler.sample(prompts, top_p=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(-1.0)
+    sampler.sync()
+    after = sampler.sample(prompts, top_p=0.0)
+    fresh = make_sampler(model, tok, cuda, max_new_tokens=8, batch_size=4, label_names=LABELS).sample(prompts,
+                                                                                                      top_p=0.0)
+    assert after == fresh and after != before
+    model.to(CPU)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU measurements behind the README's "needs a GPU" figures, one part per command of at most 10 minutes.
+#
+#   bash bench/gpu_evidence.sh PART [OUT]      # OUT defaults to $OUT, else ./out
+#
+# Parts:
+#   check     pytest's GPU tests (bf16 sampler copy, compiled decode step) + the two speed benches
+#   coresets  random / k-centers / herding x mean / cls features at DPC 5/10/20 (20 sets; herding 10 seeds)
+#   dilm      `dilm distill --preset gpu` on SST-2, evaluated (10 sets x DPC 5/10/20, minilm-l6, 5 seeds)
+#   vanilla   the same with outer_loops=0: no matching stage (the ablation DiLM must beat)
+#   sweep     `dilm sweep --config sweeps/gpu.yaml` (4 trials sharing the GPU with the evaluation actor)
+#   softlabel hard vs learned soft labels, AG News fewer-than-classes, TDD
+# PRESET=smoke EVAL_ARCH=tfidf-logreg bash bench/gpu_evidence.sh dilm /tmp/ev   checks that plumbing on a CPU.
+# On the lent machine (../shared/gpu/README.md) prefix with: export PYTHONPATH=/root/site:$PWD;
+# At most 8 files come back from the lent machine, so each part leaves there only: $part.log (everything
+# printed), its JSON results, $part-gpu-util.csv (utilisation every 5 s) and, for distillations, a tarball of the
+# sets with their provenance and scores. Bulky state (checkpoints, sweep storage) stays in $WORK.
+set -euo pipefail
+part=${1:?usage: bash bench/gpu_evidence.sh check|coresets|dilm|vanilla|sweep|softlabel [OUT]}
+out=${2:-${OUT:-out}}
+work=${WORK:-/tmp/dilm-evidence}
+mkdir -p "$out" "$work"
+py=${PYTHON:-python}
+log="$out/$part.log"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$log" 2>&1 || echo "no nvidia-smi" > "$log"
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$out/$part-gpu-util.csv" 2>&1 &
+mon=$!
+trap 'kill $mon 2>/dev/null || true' EXIT
+start=$(date +%s)
+quiet() { grep -v -e Warning -e 'warnings.warn' -e 'attn_output =' -e '%|' || true; }
+case $part in
+  check)
+    $py -m pytest -q -m gpu tests/test_sampling.py 2>&1 | tail -3 | tee -a "$log"
+    $py bench/distill_speed.py --json "$out/speed.json" 2>&1 | quiet | tee -a "$log"
+    $py bench/eval_throughput.py --arch minilm-l6 --n 32 --sequential 4 --json "$out/throughput.json" 2>&1 \
+      | quiet | tee -a "$log"
+    ;;
+  coresets)
+    $py bench/coreset_table.py --json "$out/coresets.json" 2>&1 | quiet | tee -a "$log"
+    ;;
+  dilm | vanilla)
+    extra=()
+    [[ $part == vanilla ]] && extra=(--set outer_loops=0)
+    rm -rf "${work:?}/$part"
+    $py -m dilm.cli distill --task sst2 --preset "${PRESET:-gpu}" "${extra[@]}" -o "$work/$part" --evaluate \
+      --eval-seeds 5 --arch "${EVAL_ARCH:-minilm-l6}" 2>&1 | quiet | tee -a "$log"
+    tar -czf "$out/$part-sets.tar.gz" -C "$work/$part" sets provenance.json scores.json
+    ;;
+  sweep)
+    export DILM_SWEEP_DIR="$work/sweeps" MLFLOW_TRACKING_URI="sqlite:///$work/mlflow.db"
+    $py -m tune.sweep --config sweeps/gpu.yaml 2>&1 | quiet | tail -60 | tee -a "$log"
+    $py -c "import mlflow; mlflow.search_runs(search_all_experiments=True).to_csv('$out/sweep-runs.csv')"
+    ;;
+  softlabel)
+    $py bench/softlabel_quality.py --json "$out/softlabel.json" 2>&1 | quiet | tee -a "$log"
+    ;;
+  *) echo "unknown part '$part'; known: check coresets dilm vanilla sweep softlabel" >&2; exit 2 ;;
+esac
+echo "$part: $(( $(date +%s) - start )) s wall" | tee -a "$log"
