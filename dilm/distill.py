@@ -452,13 +452,18 @@ class Distiller:
 
     def final_sets(self) -> dict[int, list[Path]]:
         """``n_sets`` sets per DPC; every DPC of set k selects from set k's over_sample × (largest DPC)
-        candidates, and the candidates of all sets are sampled together (large batches)."""
+        candidates; the candidates of all sets are sampled together (large batches)."""
         cfg = self.cfg
         out: dict[int, list[Path]] = {d: [] for d in cfg.dpc}
         per_set = cfg.over_sample * cfg.dpc[-1]
-        pooled = self.sample([cfg.n_sets * per_set] * self.task.num_classes, cfg.seed * 100003)
+        c = self.task.num_classes
+        # one sampling call for every (set, class): duplicates are removed within a set, not across sets
+        pooled = sample_classes(self.sampler, self.gen_tok, list(self.task.label_names) * cfg.n_sets,
+                                [per_set] * (c * cfg.n_sets), self.task.is_pair, top_p=cfg.top_p,
+                                seed=cfg.seed * 100003 + 77777, allow_unfinished=cfg.allow_unfinished)
+        self.generator.train()
         for k in tqdm(range(cfg.n_sets), desc="select"):
-            cands = [cl[k * len(cl) // cfg.n_sets: (k + 1) * len(cl) // cfg.n_sets] for cl in pooled]
+            cands = pooled[k * c: (k + 1) * c]
             for d in cfg.dpc:
                 synset = self.select(d, cfg.seed * 100003 + k, cands)
                 out[d].append(write_set(Path(cfg.output_dir) / "sets" / f"dpc{d}" / f"set{k:02d}.jsonl", synset))

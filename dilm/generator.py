@@ -122,7 +122,8 @@ def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[i
     seen: set[tuple[int, str, str | None]] = set()
     for r in range(max_rounds):
         missing = [n - len(o) for n, o in zip(counts, out)]
-        rows = [c for c, m in enumerate(missing) for _ in range(m + m // 4 + 1 if r == 0 else 2 * m if m else 0)]
+        ask = [0 if m <= 0 else m + m // 4 + 1 if r == 0 else 2 * m for m in missing]  # margin for rejects
+        rows = [c for c, a in enumerate(ask) for _ in range(a)]
         if not rows:
             break
         added = 0

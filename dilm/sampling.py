@@ -50,6 +50,20 @@ def left_pad(prompts: list[list[int]], pad_id: int, width: int, device) -> tuple
     return ids.to(device), mask.to(device)
 
 
+def bf16_params_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy with bf16 parameters and the buffers left as they are (rotary ``inv_freq`` rounded to bf16 would
+    shift every position's angle); tied parameters stay tied."""
+    out = copy.deepcopy(model).eval()
+    for p in out.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return out
+
+
+def bucket(rows: int, cap: int) -> int:
+    """Static shapes come in a few sizes: the next power of two (at least 8), at most ``cap``."""
+    return min(cap, max(8, 1 << (rows - 1).bit_length()))
+
+
 class Sampler:
     """Samples completions of token prompts from a causal LM, a batch of rows at a time.
 
@@ -61,14 +75,15 @@ class Sampler:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, *, eos_id: int, pad_id: int,
                  max_new_tokens: int, batch_size: int = 256, prompt_width: int = 16, static: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, bf16: bool | None = None):
         self.source, self.device = model, device
         self.eos_id, self.pad_id = eos_id, pad_id
         self.max_new_tokens, self.batch_size, self.prompt_width = max_new_tokens, batch_size, prompt_width
         self.static = static or compile
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.model = copy.deepcopy(model).to(dtype=torch.bfloat16).eval() if bf16 else model
-        self.cache, self.cache_shape = None, (0, 0)
+        if bf16 is None:  # default: bf16 where the GPU supports it, fp32 (the model itself) elsewhere
+            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.model = bf16_params_copy(model) if bf16 else model
+        self.cache, self.static_caches = None, {}  # (rows, length) → StaticCache
         self.step = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True) if compile else self._forward
 
     def sync(self) -> None:
@@ -84,16 +99,17 @@ class Sampler:
                           logits_to_keep=1).logits[:, -1]
 
     def _fresh_cache(self, rows: int, total: int):
-        """A new dynamic cache, or the static one, reused while the batch shape stays the same."""
+        """A new dynamic cache, or the static one of this shape (kept, so a compiled step's graph stays valid)."""
         from transformers import DynamicCache, StaticCache
 
         if not self.static:
             return DynamicCache(config=self.model.config)
-        if self.cache_shape != (rows, total):
-            self.cache, self.cache_shape = StaticCache(config=self.model.config, max_cache_len=total), (rows, total)
+        cache = self.static_caches.get((rows, total))
+        if cache is None:
+            cache = self.static_caches[rows, total] = StaticCache(config=self.model.config, max_cache_len=total)
         else:
-            self.cache.reset()
-        return self.cache
+            cache.reset()
+        return cache
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], *, top_p: float = 0.95, temperature: float = 1.0,
@@ -110,8 +126,8 @@ class Sampler:
 
     def _batch(self, prompts, top_p, temperature, seed) -> torch.Tensor:
         """(B, N) new tokens; after a row's EOS the rest is EOS."""
-        if self.static:  # fixed shapes: pad rows to batch_size and prompts to prompt_width
-            prompts = prompts + [prompts[0]] * (self.batch_size - len(prompts))
+        if self.static:  # a few fixed shapes: rows padded to a power of two, prompts to prompt_width
+            prompts = prompts + [prompts[0]] * (bucket(len(prompts), self.batch_size) - len(prompts))
         width = max(self.prompt_width if self.static else 0, *map(len, prompts))
         ids, mask = left_pad(prompts, self.pad_id, width, self.device)
         b, total = len(prompts), width + self.max_new_tokens
@@ -121,7 +137,8 @@ class Sampler:
         rng = torch.Generator(device=self.device).manual_seed(seed)
         self.cache = self._fresh_cache(b, total)
         attn = full_mask if self.static else mask
-        logits = self._forward(ids, positions, attn, torch.arange(width, device=self.device))  # prefill
+        cache_positions = torch.arange(total, device=self.device)
+        logits = self._forward(ids, positions, attn, cache_positions[:width])  # prefill
         out = torch.full((b, self.max_new_tokens), self.eos_id, dtype=torch.long, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         last = positions[:, -1:]
@@ -134,5 +151,6 @@ class Sampler:
             full_mask[:, width + t] = 1
             last = last + 1
             attn = full_mask if self.static else full_mask[:, : width + t + 1]
-            logits = self.step(token[:, None], last, attn, torch.tensor([width + t], device=self.device))
+            logits = self.step(token[:, None], last, attn, cache_positions[width + t: width + t + 1])
+        self.cache = None  # a dynamic cache is not kept alive between calls (a static one lives in static_caches)
         return out

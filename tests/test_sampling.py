@@ -24,6 +24,17 @@ def lm():
     return model.eval(), tok
 
 
+def perturb(model) -> dict:
+    """Add fixed noise to every matrix (a stand-in for a training step); returns the weights before."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.3)
+    return saved
+
+
 def prompts_of(tok):
     return [tok(prompt(n), add_special_tokens=False)["input_ids"] for n in LABELS]
 
@@ -106,29 +117,51 @@ def test_sample_classes_shares_batches_and_meets_counts(lm):
             assert tok.decode(s.ids[: s.prompt_len]) == prompt(name) and s.ids[-1] == tok.eos_token_id
 
 
+def test_bf16_copy_keeps_buffers_and_ties_and_follows_sync(lm):
+    """The bf16 inference copy: parameters bf16, buffers untouched (rotary inv_freq), tied weights still tied;
+    ``sync`` carries weight updates into it in place (a compiled step keeps its addresses)."""
+    model, tok = lm
+    sampler = Sampler(model, CPU, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=6,
+                      batch_size=4, bf16=True)
+    copy = sampler.model
+    assert copy is not model and all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    assert {n: b.dtype for n, b in copy.named_buffers()} == {n: b.dtype for n, b in model.named_buffers()}
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight  # tie kept (tiny-llama ties them)
+    addresses = [p.data_ptr() for p in copy.parameters()]
+    before = sampler.sample(prompts_of(tok), top_p=0.0)
+    saved = perturb(model)
+    try:
+        sampler.sync()
+        assert [p.data_ptr() for p in copy.parameters()] == addresses
+        assert all(torch.equal(d, s.to(torch.bfloat16)) for d, s in zip(copy.parameters(), model.parameters()))
+        assert sampler.sample(prompts_of(tok), top_p=0.0) != before
+    finally:
+        model.load_state_dict(saved)  # the fixture is shared
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("mode", ["dynamic", "compiled"])
-def test_gpu_bf16_copy_follows_the_trained_weights(lm, mode):
-    """On CUDA the sampler decodes from a bf16 copy; ``sync`` must carry weight updates into it (in place, so a
-    compiled step stays valid) — greedy output after an update equals a fresh sampler's."""
+def test_gpu_sampler_follows_the_trained_weights(lm, mode):
+    """On CUDA: a bf16 copy by default, in every mode; after a weight update and ``sync`` it holds the new weights
+    and (compiled: without a stale graph) samples differently."""
     model, tok = lm
     cuda = torch.device("cuda")
-    model = model.to(cuda)
-    prompts = prompts_of(tok)
-    sampler = make_sampler(model, tok, cuda, max_new_tokens=8, batch_size=4, label_names=LABELS, mode=mode)
-    assert next(sampler.model.parameters()).dtype == torch.bfloat16
-    before = sampler.sample(prompts, top_p=0.0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(-1.0)
-    sampler.sync()
-    after = sampler.sample(prompts, top_p=0.0)
-    fresh = make_sampler(model, tok, cuda, max_new_tokens=8, batch_size=4, label_names=LABELS).sample(prompts,
-                                                                                                      top_p=0.0)
-    assert after == fresh and after != before
-    model.to(CPU)
+    model, saved = model.to(cuda), None
+    try:
+        prompts = prompts_of(tok)
+        sampler = make_sampler(model, tok, cuda, max_new_tokens=8, batch_size=4, label_names=LABELS, mode=mode)
+        assert next(sampler.model.parameters()).dtype == torch.bfloat16
+        before = sampler.sample(prompts, top_p=0.0)
+        saved = perturb(model)
+        sampler.sync()
+        assert all(torch.equal(d, s.to(torch.bfloat16)) for d, s in zip(sampler.model.parameters(),
+                                                                         model.parameters()))
+        assert sampler.sample(prompts, top_p=0.0) != before
+    finally:
+        if saved is not None:
+            model.load_state_dict(saved)
+        model.to(CPU)

@@ -32,7 +32,9 @@ not policed, so size ``n_sets`` / batch sizes to fit.
 
 Fault tolerance: actors are created with ``max_restarts`` (Ray restarts a dead actor and re-runs ``__init__``);
 ``max_task_retries`` stays 0 so that the *client* decides: a job whose actor died (``RayActorError``) is sent to the
-next actor — or to the same, restarted one when the pool has a single actor — up to ``retries`` times.
+next actor — or to the same, restarted one when the pool has a single actor — up to ``retries`` times. An actor
+Ray is still restarting answers ``ActorUnavailableError``; that is not a new loss, so the job waits for it (up to
+``restart_wait_s``) without spending a retry.
 Actors are owned by the driver (not detached): they die with it, also on a ``ray start`` cluster.
 """
 
@@ -45,7 +47,7 @@ import uuid
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from dilm.evaluate import EvalConfig, Evaluator
 from dilm.synset import SynSet
@@ -60,6 +62,7 @@ class PoolSpec:
     names: tuple[str, ...]
     retries: int = 3  # re-submissions of one job after its actor died
     retry_wait_s: float = 1.0
+    restart_wait_s: float = 300.0  # how long a job waits for an actor that Ray is restarting
 
 
 class PoolError(RuntimeError):
@@ -149,15 +152,26 @@ class PoolClient:
         for slot, key in enumerate(jobs):
             submit(key, slot)
         out = {}
+        lost_at: dict = {}  # job → when it last lost its actor
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             key, slot = pending.pop(ref)
             try:
                 out[key] = ray.get(ref)
-            except RayActorError as e:
+            except ActorUnavailableError as e:  # Ray is restarting the actor: wait for it, no retry spent
+                if key not in lost_at:  # the job's first sign of a lost actor: it is re-submitted from here on
+                    lost_at[key] = time.monotonic()
+                    self.retried += 1
+                elif time.monotonic() - lost_at[key] > self.spec.restart_wait_s:
+                    raise PoolError(f"job {key!r}: its evaluation actor did not come back within "
+                                    f"{self.spec.restart_wait_s:g} s: {e}") from e
+                time.sleep(self.spec.retry_wait_s)
+                submit(key, slot)
+            except RayActorError as e:  # the actor died under the job
                 attempts[key] += 1
                 if attempts[key] > self.spec.retries:
                     raise PoolError(f"job {key!r} lost its evaluation actor {attempts[key]} times: {e}") from e
+                lost_at[key] = time.monotonic()
                 self.retried += 1
                 time.sleep(self.spec.retry_wait_s)
                 submit(key, slot + 1)  # the next actor; with one actor, the same one once Ray restarted it
