@@ -7,7 +7,7 @@ import torch
 
 from dilm import DilmError
 from dilm.cli import main
-from dilm.distill import DistillConfig, Distiller, distill
+from dilm.distill import PRESETS, DistillConfig, Distiller, distill
 from dilm.synset import read_set
 
 
@@ -17,10 +17,17 @@ from dilm.synset import read_set
     ({"syn_per_class": 9, "pool_per_class": 8}, "exceeds pool_per_class"),
     ({"dpc": (0,)}, "dpc must be positive"),
     ({"bogus": 1}, r"unknown distill option\(s\) \['bogus'\]"),
+    ({"sampler": "fast"}, "unknown sampler 'fast'; known: dynamic, static, compiled"),
 ])
 def test_bad_configs_fail_before_any_model_loads(overrides, match):
     with pytest.raises(DilmError, match=match):
         DistillConfig.from_preset("smoke", **overrides)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_is_a_valid_config(preset):
+    cfg = DistillConfig.from_preset(preset)  # validates (divisibility, sizes, sampler mode)
+    assert DistillConfig(**cfg.to_dict()) == cfg  # what provenance and the sweep's params record rebuilds it
 
 
 def test_dpc_larger_than_class_and_missing_model_fail_early(tmp_path, toy_task):
