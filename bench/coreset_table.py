@@ -12,12 +12,13 @@ reference figures of the issue (an H100, quick scripts) beside them.
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from pathlib import Path
 
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.evaluate import EvalConfig, Evaluator
 from dilm.models import pick_device
+from dilm.synset import write_json
 from dilm.tasks import load_task
 
 REFERENCE = {  # SST-2, minilm-l6, from the foundation issue (herding and k-means on [CLS] features)
@@ -52,6 +53,9 @@ def main() -> None:
         for dpc, sets in build_coresets(task, cfg, device).items():
             s = evaluator.evaluate(sets).summary()[a.arch]
             cells[spec][dpc] = {"mean": s["accuracy"], "std": s["accuracy_std"], "n": s["n"]}
+            print(f"{spec} DPC {dpc}: {s['accuracy']:.1f} ± {s['accuracy_std']:.1f} (n={s['n']})", flush=True)
+            if a.json:  # after every cell: a run cut short (a 10-minute GPU command) keeps what it measured
+                write_json(Path(a.json), {"task": a.task, "arch": a.arch, "device": str(device), "cells": cells})
         print(f"{spec}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"\n| method | {' | '.join(f'DPC {d}' for d in dpcs)} |\n|---|{'---|' * len(dpcs)}")
     for spec, row in cells.items():
@@ -62,9 +66,6 @@ def main() -> None:
             ref = REFERENCE.get(spec, {}).get(d)
             out.append(f"{c['mean']:.1f} ± {c['std']:.1f} (n={c['n']}{diff}{f'; ref {ref}' if ref else ''})")
         print(f"| {spec} | {' | '.join(out)} |")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"task": a.task, "arch": a.arch, "device": str(device), "cells": cells}, f, indent=2)
 
 
 if __name__ == "__main__":
