@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import dilm
 from dilm import DilmError
 from dilm.coreset import check_dpc, kmeans_nearest
-from dilm.evaluate import EvalConfig, Evaluator, encode, join_pair, linear_warmup_decay
+from dilm.evaluate import EvalConfig, Evaluator, encode, join_pair, linear_warmup_decay, pad_ids, tokenize
 from dilm.features import embed
 from dilm.generator import Sample, TokenizedCorpus, generation_loss, lm_loss, make_sampler, pad_samples, sample_classes
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
@@ -37,6 +37,7 @@ from dilm.synset import SynExample, SynSet, write_json, write_set
 from dilm.tasks import TASKS, Example, TaskData, load_task
 
 SAMPLER_MODES = ("dynamic", "static", "compiled")
+LEARNER_MAX_LEN = 128  # learner tokens per text in the matching stage
 
 
 def _f(default, help: str):
@@ -250,6 +251,7 @@ class Distiller:
         self.learn_tok = load_tokenizer(cfg.learner)
         self.generator = load_model(cfg.generator, "causal-lm", device=self.device)
         self.timings: dict[str, float] = {}
+        self._train_ids: dict[int, list[int]] = {}  # learner token ids of training examples, filled as drawn
 
     # ---- helpers
     def emit(self, state: State, **metrics) -> None:
@@ -297,7 +299,19 @@ class Distiller:
         return load_model(self.cfg.learner, "classifier", self.task.num_classes, self.device, seed=seed)
 
     def learner_inputs(self, examples) -> dict[str, torch.Tensor]:
-        return encode(self.learn_tok, [join_pair(e.text, e.text_pair) for e in examples], 128, self.device)
+        return encode(self.learn_tok, [join_pair(e.text, e.text_pair) for e in examples], LEARNER_MAX_LEN,
+                      self.device)
+
+    def learner_ids(self, items) -> list[list[int]]:
+        """Learner token ids of examples or samples, tokenised once so steps only pad (no per-step host work)."""
+        return tokenize(self.learn_tok, [join_pair(e.text, e.text_pair) for e in items], LEARNER_MAX_LEN)
+
+    def train_ids(self, idx: list[int]) -> list[list[int]]:
+        """Learner token ids of training examples by index, each tokenised the first time it is drawn."""
+        missing = [i for i in dict.fromkeys(idx) if i not in self._train_ids]
+        if missing:
+            self._train_ids.update(zip(missing, self.learner_ids([self.train[i] for i in missing])))
+        return [self._train_ids[i] for i in idx]
 
     # ---- stage 1
     def lm_stage(self, state: State) -> None:
@@ -336,8 +350,9 @@ class Distiller:
             out.append(sets)
         return out
 
-    def regenerate_pool(self, seed: int) -> list[tuple[list[Sample], list[list[int]]]]:
-        """Per class: pool samples and their B clusters (indices), for one-per-cluster mini-batches."""
+    def regenerate_pool(self, seed: int) -> list[tuple[list[Sample], list[list[int]], list[list[int]]]]:
+        """Per class: pool samples, their B clusters (indices) for one-per-cluster mini-batches, and their
+        learner token ids."""
         cfg = self.cfg
         pools = []
         sampled = self.sample([cfg.pool_per_class] * self.task.num_classes, seed)
@@ -348,7 +363,7 @@ class Distiller:
             feats = self.features([join_pair(s.text, s.text_pair) for s in samples])
             km = KMeans(n_clusters=cfg.syn_per_class, n_init=1, random_state=seed).fit(feats.double().numpy())
             clusters = [[i for i, lab in enumerate(km.labels_) if lab == j] for j in range(cfg.syn_per_class)]
-            pools.append((samples, [cl for cl in clusters if cl]))
+            pools.append((samples, [cl for cl in clusters if cl], self.learner_ids(samples)))
         return pools
 
     def generator_step(self, state, opt, sched, learner, rep_sets, pools, corpus) -> dict:
@@ -359,14 +374,15 @@ class Distiller:
         total, sims = 0.0, []
         opt.zero_grad(set_to_none=True)
         for c in range(self.task.num_classes):
-            real = self.rng.choice(rep_sets[c])
-            g_real = {k: v.detach() for k, v in
-                      class_gradient(learner, params, self.learner_inputs(real), c).items()}
-            samples, clusters = pools[c]
-            batch = [samples[self.rng.choice(cl)] for cl in clusters]
+            real = self.rng.choice(rep_sets[c])  # pre-encoded learner inputs of one representative set
+            g_real = {k: v.detach() for k, v in class_gradient(learner, params, real, c).items()}
+            samples, clusters, learner_ids = pools[c]
+            picks = [self.rng.choice(cl) for cl in clusters]
+            batch = [samples[i] for i in picks]
             ids, am, tm = pad_samples(batch, self.gen_tok.pad_token_id, self.device)
             w = sample_weights(generation_loss(self.generator, ids, am, tm, self.device), cfg.temperature)
-            g_syn = class_gradient(learner, params, self.learner_inputs(batch), c, weights=w)
+            syn = pad_ids([learner_ids[i] for i in picks], self.learn_tok.pad_token_id, self.device)
+            g_syn = class_gradient(learner, params, syn, c, weights=w)
             loss = match_loss(g_real, g_syn) / self.task.num_classes
             loss.backward()  # per class: frees this class's graph before the next
             total += loss.item()
@@ -383,9 +399,9 @@ class Distiller:
     def inner_learner_steps(self, learner, learner_opt) -> None:
         learner.train()
         for _ in range(self.cfg.model_step_per_inner_step):
-            batch = self.rng.sample(self.train, min(self.cfg.learner_batch_size, len(self.train)))
-            logits = learner(**self.learner_inputs(batch)).logits
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([e.label for e in batch],
+            idx = self.rng.sample(range(len(self.train)), min(self.cfg.learner_batch_size, len(self.train)))
+            logits = learner(**pad_ids(self.train_ids(idx), self.learn_tok.pad_token_id, self.device)).logits
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([self.train[i].label for i in idx],
                                                                           device=self.device))
             learner_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -401,7 +417,7 @@ class Distiller:
     def match_stage(self, state: State, best_state: dict | None, opt_state: dict | None = None) -> dict | None:
         cfg = self.cfg
         corpus = self.corpus
-        rep_sets = self.representative_sets()
+        rep_sets = [[self.learner_inputs(s) for s in sets] for sets in self.representative_sets()]  # encoded once
         opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
         if opt_state is not None:  # resume: AdamW moments and step counts as they were
             opt.load_state_dict(opt_state)

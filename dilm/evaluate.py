@@ -153,6 +153,21 @@ def encode(tok, texts: list[str], max_length: int, device) -> dict[str, torch.Te
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 
+def tokenize(tok, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated as :func:`encode` truncates (pre-tokenise once, pad per batch)."""
+    return tok(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def pad_ids(seqs: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask) of pre-tokenised sequences: what :func:`encode` gives the texts."""
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
 class Ensemble:
     """N copies of one classifier, stacked for ``vmap``; member i has its own head initialised from seed i."""
 

@@ -2,7 +2,16 @@
 
 import torch
 
-from dilm.evaluate import Ensemble, EvalConfig, Evaluator, encode, label_logprobs, linear_warmup_decay
+from dilm.evaluate import (
+    Ensemble,
+    EvalConfig,
+    Evaluator,
+    encode,
+    label_logprobs,
+    linear_warmup_decay,
+    pad_ids,
+    tokenize,
+)
 from dilm.models import load_model, load_tokenizer
 from dilm.synset import SynSet
 
@@ -51,3 +60,12 @@ def test_icl_scoring_picks_the_likelier_label():
 def test_protocol_schedule_warms_up_over_half_then_decays():
     lrs = [linear_warmup_decay(s, 200, 0.5) for s in range(200)]
     assert max(lrs) == 1.0 and lrs.index(1.0) == 99 and lrs[0] < 0.02 and lrs[-1] < 0.02
+
+
+def test_pre_tokenised_batches_equal_encode():
+    """The matching stage tokenises once and pads per step; its batches must be what ``encode`` builds."""
+    tok = load_tokenizer("tiny-bert")
+    texts = ["a fine film", "dull", "the plot is thin but the acting " * 30]  # the last one is truncated
+    ids = tokenize(tok, texts, 16)
+    got, want = pad_ids([ids[2], ids[0]], tok.pad_token_id, CPU), encode(tok, [texts[2], texts[0]], 16, CPU)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
