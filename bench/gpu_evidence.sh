@@ -8,7 +8,7 @@
 #   coresets  random / k-centers / herding x mean / cls features at DPC 5/10/20 (20 sets; herding 10 seeds)
 #   dilm      `dilm distill --preset gpu` on SST-2, evaluated (10 sets x DPC 5/10/20, minilm-l6, 5 seeds)
 #   vanilla   the same with outer_loops=0: no matching stage (the ablation DiLM must beat)
-#   sweep     `dilm sweep --config sweeps/gpu.yaml` (4 trials sharing the GPU with the evaluation actor)
+#   sweep     `dilm sweep --config sweeps/gpu-quick.yaml` (4 trials at once sharing the GPU with the eval actor)
 #   softlabel hard vs learned soft labels, AG News fewer-than-classes, TDD
 # PRESET=smoke EVAL_ARCH=tfidf-logreg bash bench/gpu_evidence.sh dilm /tmp/ev   checks that plumbing on a CPU.
 # On the lent machine (../shared/gpu/README.md) prefix with: export PYTHONPATH=/root/site:$PWD;
@@ -48,7 +48,7 @@ case $part in
     ;;
   sweep)
     export DILM_SWEEP_DIR="$work/sweeps" MLFLOW_TRACKING_URI="sqlite:///$work/mlflow.db"
-    $py -m tune.sweep --config sweeps/gpu.yaml 2>&1 | quiet | tail -60 | tee -a "$log"
+    $py -m tune.sweep --config sweeps/gpu-quick.yaml 2>&1 | quiet | tail -60 | tee -a "$log"
     $py -c "import mlflow; mlflow.search_runs(search_all_experiments=True).to_csv('$out/sweep-runs.csv')"
     ;;
   softlabel)
