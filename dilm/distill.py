@@ -265,11 +265,12 @@ class Distiller:
         return make_sampler(self.generator, self.gen_tok, self.device, max_new_tokens=cfg.max_new_tokens,
                             batch_size=cfg.gen_batch_size, label_names=self.task.label_names, mode=cfg.sampler)
 
-    def sample(self, counts: list[int], seed: int) -> list[list[Sample]]:
-        """``counts[c]`` distinct usable samples of each class c (fewer if the generator cannot), one batch."""
+    def sample(self, counts: list[int], seed: int, label_names: list[str] | None = None) -> list[list[Sample]]:
+        """``counts[i]`` distinct usable samples of ``label_names[i]`` (default: the task's classes; fewer if the
+        generator cannot), all sampled in shared batches."""
         cfg = self.cfg
-        out = sample_classes(self.sampler, self.gen_tok, self.task.label_names, counts, self.task.is_pair,
-                             top_p=cfg.top_p, seed=seed, allow_unfinished=cfg.allow_unfinished)
+        out = sample_classes(self.sampler, self.gen_tok, label_names or self.task.label_names, counts,
+                             self.task.is_pair, top_p=cfg.top_p, seed=seed, allow_unfinished=cfg.allow_unfinished)
         self.generator.train()
         return out
 
@@ -474,10 +475,8 @@ class Distiller:
         per_set = cfg.over_sample * cfg.dpc[-1]
         c = self.task.num_classes
         # one sampling call for every (set, class): duplicates are removed within a set, not across sets
-        pooled = sample_classes(self.sampler, self.gen_tok, list(self.task.label_names) * cfg.n_sets,
-                                [per_set] * (c * cfg.n_sets), self.task.is_pair, top_p=cfg.top_p,
-                                seed=cfg.seed * 100003 + 77777, allow_unfinished=cfg.allow_unfinished)
-        self.generator.train()
+        pooled = self.sample([per_set] * (c * cfg.n_sets), cfg.seed * 100003 + 77777,
+                             list(self.task.label_names) * cfg.n_sets)
         for k in tqdm(range(cfg.n_sets), desc="select"):
             cands = pooled[k * c: (k + 1) * c]
             for d in cfg.dpc:

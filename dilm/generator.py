@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dilm.evaluate import pad_ids
 from dilm.models import autocast
 from dilm.sampling import Sampler
 
@@ -55,14 +56,8 @@ class TokenizedCorpus:
 
     def batch(self, size: int, rng: random.Random, device) -> dict[str, torch.Tensor]:
         seqs = [self.sequences[rng.randrange(len(self.sequences))] for _ in range(size)]
-        width = max(map(len, seqs))
-        ids = torch.full((size, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((size, width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+        enc = pad_ids(seqs, self.pad_id, device)
+        return {**enc, "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
 
 
 def lm_loss(generator, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
@@ -151,12 +146,8 @@ def sample_class(generator, tok, label_name: str, n: int, is_pair: bool, device,
 
 def pad_samples(samples: list[Sample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (ids, attention_mask, text_mask), each (B, T)."""
-    width = max(len(s.ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    am = torch.zeros_like(ids)
-    tm = torch.zeros_like(ids)
+    enc = pad_ids([s.ids for s in samples], pad_id, device)
+    tm = torch.zeros(enc["input_ids"].shape, dtype=torch.long)
     for i, s in enumerate(samples):
-        ids[i, : len(s.ids)] = torch.tensor(s.ids)
-        am[i, : len(s.ids)] = 1
         tm[i, s.prompt_len: len(s.ids)] = 1
-    return ids.to(device), am.to(device), tm.to(device)
+    return enc["input_ids"], enc["attention_mask"], tm.to(device)

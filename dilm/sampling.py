@@ -68,9 +68,9 @@ class Sampler:
     """Samples completions of token prompts from a causal LM, a batch of rows at a time.
 
     Holds its own inference weights (a bf16 copy on CUDA, refreshed in place by :meth:`sync` so a compiled
-    step stays valid) and, with ``static``, one pre-allocated cache reused by every batch. With ``static``
-    every batch has the same shape (rows padded to ``batch_size``, prompts to ``prompt_width``), which is
-    what lets ``compile`` capture the decode step once.
+    step stays valid) and, with ``static``, one pre-allocated cache per batch shape, reused. With ``static``
+    batches come in a few fixed shapes (rows padded to a power of two up to ``batch_size``, prompts to
+    ``prompt_width``), which is what lets ``compile`` capture the decode step once per shape.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, *, eos_id: int, pad_id: int,
