@@ -29,7 +29,16 @@ from dilm import DilmError
 from dilm.coreset import check_dpc, kmeans_nearest
 from dilm.evaluate import EvalConfig, Evaluator, encode, join_pair, linear_warmup_decay, pad_ids, tokenize
 from dilm.features import embed
-from dilm.generator import Sample, TokenizedCorpus, generation_loss, lm_loss, make_sampler, pad_samples, sample_classes
+from dilm.generator import (
+    GEN_LOSS_NORMS,
+    Sample,
+    TokenizedCorpus,
+    generation_loss,
+    lm_loss,
+    make_sampler,
+    pad_samples,
+    sample_classes,
+)
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import load_model, load_tokenizer, pick_device, resolve_model
 from dilm.sampling import Sampler
@@ -70,6 +79,8 @@ class DistillConfig:
     pool_per_class: int = _f(256, "synthetic pool size per class")
     generate_interval: int = _f(10, "regenerate the pool every this many outer loops")
     temperature: float = _f(1.0, "T in w = softmax(-loss/T)")
+    gen_loss_norm: str = _f("batch", "generation loss per text: batch (sum of token NLLs / the batch's longest "
+                                     "text, the reference's) or text (per-text mean NLL)")
     lm_lambda: float = _f(0.0, "weight of the LM loss mixed into the matching loss")
     all_layers: bool = _f(False, "match gradients of all learner layers, not just the head")
     learner_lr: float = _f(1e-4, "learner lr in the inner loop")
@@ -112,6 +123,8 @@ class DistillConfig:
             raise DilmError(f"syn_per_class ({self.syn_per_class}) exceeds pool_per_class ({self.pool_per_class})")
         if self.temperature <= 0 or self.generator_lr <= 0 or self.lm_lr <= 0:
             raise DilmError("temperature, generator_lr and lm_lr must be > 0")
+        if self.gen_loss_norm not in GEN_LOSS_NORMS:
+            raise DilmError(f"unknown gen_loss_norm {self.gen_loss_norm!r}; known: {', '.join(GEN_LOSS_NORMS)}")
         if self.sampler not in SAMPLER_MODES:
             raise DilmError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLER_MODES)}")
         if self.over_sample < 1:
@@ -376,12 +389,14 @@ class Distiller:
         opt.zero_grad(set_to_none=True)
         for c in range(self.task.num_classes):
             real = self.rng.choice(rep_sets[c])  # pre-encoded learner inputs of one representative set
-            g_real = {k: v.detach() for k, v in class_gradient(learner, params, real, c).items()}
+            with torch.no_grad():  # a constant for the generator: no graph kept
+                g_real = class_gradient(learner, params, real, c)
             samples, clusters, learner_ids = pools[c]
             picks = [self.rng.choice(cl) for cl in clusters]
             batch = [samples[i] for i in picks]
             ids, am, tm = pad_samples(batch, self.gen_tok.pad_token_id, self.device)
-            w = sample_weights(generation_loss(self.generator, ids, am, tm, self.device), cfg.temperature)
+            w = sample_weights(generation_loss(self.generator, ids, am, tm, self.device, cfg.gen_loss_norm),
+                               cfg.temperature)
             syn = pad_ids([learner_ids[i] for i in picks], self.learn_tok.pad_token_id, self.device)
             g_syn = class_gradient(learner, params, syn, c, weights=w)
             loss = match_loss(g_real, g_syn) / self.task.num_classes

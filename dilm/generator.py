@@ -65,15 +65,32 @@ def lm_loss(generator, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
         return generator(**batch).loss.float()
 
 
+GEN_LOSS_NORMS = ("batch", "text")
+
+
 def generation_loss(generator, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_mask: torch.Tensor,
-                    device) -> torch.Tensor:
-    """Per-sequence mean NLL of the generated tokens (``text_mask`` = 1 on them, not on prompt/pad) → (B,)."""
+                    device, norm: str = "batch") -> torch.Tensor:
+    """Generation loss ℓ_i of each sequence → (B,): the NLL of its text tokens (``text_mask`` = 1 on them, EOS
+    included; not on prompt or padding), summed, then divided by
+
+    * ``batch``: the batch's longest text in tokens, one constant for all rows — the reference code's
+      Σ NLL / (padded length − 1), whose prompt is a single token. Short texts get smaller losses, so larger
+      weights softmax(−ℓ/T);
+    * ``text``: the row's own text length (a per-text mean NLL).
+    """
     with autocast(device):
-        logits = generator(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (B, T, V)
+        logits = generator(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     logp = torch.log_softmax(logits[:, :-1], -1)
     nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1): token t+1 given ≤ t
-    m = text_mask[:, 1:].float()
-    return (nll * m).sum(1) / m.sum(1).clamp(min=1)
+    m = text_mask[:, 1:].to(nll.dtype)
+    lengths = m.sum(1)  # (B,) text tokens per row
+    if norm == "text":
+        return (nll * m).sum(1) / lengths.clamp(min=1)
+    if norm == "batch":
+        return (nll * m).sum(1) / lengths.max().clamp(min=1)
+    raise ValueError(f"unknown gen_loss_norm {norm!r}; known: {', '.join(GEN_LOSS_NORMS)}")
 
 
 @dataclass

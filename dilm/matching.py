@@ -4,6 +4,11 @@ Per class c and generator step:  g_real = ∇_θ CE(learner(real_c), c)  (a cons
 w = softmax(−ℓ/T) over the generation losses ℓ of B synthetic class-c texts;
 g_syn = ∇_θ Σ_i w_i CE(learner(x_i), c)  — differentiable in w, hence in the generator;
 loss_c = (1 − cos(g_real, g_syn)) / C.   θ: the classifier head by default, all learner layers optionally.
+
+Only θ is differentiated: the learner's other parameters enter :func:`class_gradient` as detached constants, so
+the backward pass of the matching loss reaches the generator through w and fills no ``.grad`` of the learner, and
+the body's activations keep no graph. g_real needs no graph at all (the caller computes it under ``no_grad``;
+``torch.func.grad`` still differentiates inside).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ def class_gradient(learner: torch.nn.Module, params: dict[str, torch.Tensor], in
     """∇_params of the (weighted) CE of ``inputs`` all labelled ``label``.
 
     ``weights`` (B,) sum to 1 and may require grad: the result is then differentiable with respect to them.
-    Without weights the batch mean is used. The learner's own parameters are read, never written.
+    Without weights the batch mean is used. The learner's own parameters are read, never written; those not in
+    ``params`` are passed detached, so nothing but ``params`` (and ``weights``) is differentiated.
     """
+    frozen = {k: v.detach() for k, v in learner.named_parameters() if k not in params}
 
     def loss_fn(p):
-        logits = functional_call(learner, p, (), inputs).logits  # (B, C)
+        logits = functional_call(learner, {**frozen, **p}, (), inputs).logits  # (B, C)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         ce = F.cross_entropy(logits, torch.full((logits.shape[0],), label, device=logits.device),

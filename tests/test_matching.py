@@ -1,9 +1,18 @@
 """Invariants of the gradient-matching math (tiny models, CPU)."""
 
+import pytest
 import torch
 
 from dilm.evaluate import encode
-from dilm.generator import TokenizedCorpus, generation_loss, pad_samples, sample_class
+from dilm.generator import (
+    GEN_LOSS_NORMS,
+    Sample,
+    TokenizedCorpus,
+    generation_loss,
+    pad_samples,
+    prompt,
+    sample_class,
+)
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import load_model, load_tokenizer
 
@@ -116,3 +125,78 @@ def test_pair_task_rendering_round_trips():
     assert parse(" only one sentence", is_pair=True) is None
     corpus = TokenizedCorpus.build(tok, [Example("a", 1, "b")], ("no", "yes"), 32)
     assert tok.decode(corpus.sequences[0]).startswith("label: yes\ntext: a\npair: b")
+
+
+def test_matching_backward_reaches_generator_only_and_real_gradient_keeps_no_graph():
+    """Item 8: the learner's non-head parameters are constants in the matching step (no ``.grad`` filled by the
+    generator's backward pass), and g_real computed under no_grad carries no graph."""
+    gen = load_model("tiny-llama", "causal-lm")
+    gtok = load_tokenizer("tiny-llama")
+    learner, ltok = _learner()
+    assert all(p.requires_grad for p in learner.parameters())  # the inner loop still trains the whole learner
+    params = matched_params(learner)
+    samples, (ids, am, tm) = _generator_batch(gen, gtok, 4)
+    with torch.no_grad():
+        g_real = class_gradient(learner, params, _inputs(ltok, ["wonderful", "a delight"]), 1)
+    assert all(v.grad_fn is None and not v.requires_grad for v in g_real.values())
+    assert any(v.abs().sum() > 0 for v in g_real.values())  # no_grad did not switch the gradient off
+    w = sample_weights(generation_loss(gen, ids, am, tm, CPU), 1.0)
+    match_loss(g_real, class_gradient(learner, params, _inputs(ltok, [s.text for s in samples]), 1,
+                                      weights=w)).backward()
+    assert all(p.grad is None for p in learner.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
+
+
+def _texts_of_different_lengths(tok):
+    """Samples of class ``positive`` whose texts (EOS included) are 2 to 7 tokens long, right-padded."""
+    p = tok(prompt("positive"), add_special_tokens=False)["input_ids"]
+    texts = [" fine", " a fine film", " a fine film with a good cast", " dull and long"]
+    samples = [Sample(t.strip(), None, p + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                      len(p)) for t in texts]
+    return samples, pad_samples(samples, tok.pad_token_id, CPU)
+
+
+@pytest.mark.parametrize("norm", GEN_LOSS_NORMS)
+def test_generation_loss_finite_difference_float64(norm):
+    """Both normalisations: the analytic gradient of Σ c_i ℓ_i w.r.t. a generator tensor equals central
+    differences in float64."""
+    gen = load_model("tiny-llama", "causal-lm").double().eval()
+    tok = load_tokenizer("tiny-llama")
+    samples, (ids, am, tm) = _texts_of_different_lengths(tok)
+    c = torch.tensor([0.3, -1.2, 0.7, 2.0], dtype=torch.float64)
+    p = gen.model.norm.weight
+
+    def objective():
+        return (c * generation_loss(gen, ids, am, tm, CPU, norm)).sum()
+
+    (analytic,) = torch.autograd.grad(objective(), p)
+    numeric = torch.zeros(8, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(8):
+            p[i] += 1e-6
+            up = objective()
+            p[i] -= 2e-6
+            down = objective()
+            p[i] += 1e-6
+            numeric[i] = (up - down) / 2e-6
+    assert analytic[:8].abs().sum() > 0
+    torch.testing.assert_close(analytic[:8], numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_generation_loss_batch_norm_is_sum_over_longest_text():
+    """``batch`` (default): Σ NLL / the batch's longest text, one constant per batch (the reference's
+    Σ NLL / (padded length − 1)); ``text``: the per-text mean. Same sums, different divisors."""
+    gen = load_model("tiny-llama", "causal-lm").eval()
+    tok = load_tokenizer("tiny-llama")
+    samples, (ids, am, tm) = _texts_of_different_lengths(tok)
+    lengths = torch.tensor([len(s.ids) - s.prompt_len for s in samples], dtype=torch.float32)
+    assert len(set(lengths.tolist())) > 1
+    by_batch = generation_loss(gen, ids, am, tm, CPU)  # the default
+    by_text = generation_loss(gen, ids, am, tm, CPU, "text")
+    torch.testing.assert_close(by_batch * lengths.max(), by_text * lengths)
+    for i, s in enumerate(samples):  # the sum of one row's NLLs, from HF's own loss on the row alone
+        row = torch.tensor([s.ids])
+        labels = row.clone()
+        labels[0, : s.prompt_len] = -100
+        total = gen(input_ids=row, labels=labels).loss * (len(s.ids) - s.prompt_len)
+        torch.testing.assert_close(by_batch[i] * lengths.max(), total, rtol=1e-4, atol=1e-4)
