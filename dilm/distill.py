@@ -37,13 +37,14 @@ from dilm.generator import (
     lm_loss,
     make_sampler,
     pad_samples,
+    prompt,
     sample_classes,
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import load_model, load_tokenizer, pick_device, resolve_model
 from dilm.sampling import Sampler
 from dilm.synset import SynExample, SynSet, write_json, write_set
-from dilm.tasks import TASKS, Example, TaskData, load_task
+from dilm.tasks import TASKS, Example, TaskData, length_limit, load_task
 
 SAMPLER_MODES = ("dynamic", "static", "compiled")
 LEARNER_MAX_LEN = 128  # learner tokens per text in the matching stage
@@ -67,7 +68,8 @@ class DistillConfig:
     lm_steps: int = _f(2000, "generator LM fine-tuning steps")
     lm_lr: float = _f(1e-4, "")
     lm_batch_size: int = _f(64, "")
-    max_length: int = _f(64, "max tokens per rendered training example")
+    max_length: int = _f(0, "LM-stage tokens per rendered training example (prompt and EOS included); 0 = from "
+                            "the task's data: the length_quantile of the rendered lengths, at most length_cap")
     # stage 2: gradient matching
     outer_loops: int = _f(50, "learner re-initialisations; 0 = vanilla LM ablation")
     inner_loop: int = _f(10, "generator steps per outer loop")
@@ -91,9 +93,13 @@ class DistillConfig:
     val_steps: int = _f(100, "learner steps per validation evaluation")
     # stage 3: final sets
     over_sample: int = _f(20, "candidates per class = over_sample x DPC")
-    max_new_tokens: int = _f(48, "")
+    max_new_tokens: int = _f(0, "sampling limit in new tokens; 0 = from the task's data: the length_quantile of "
+                                "the training texts' token lengths (pair marker and EOS included), at most "
+                                "length_cap")
+    length_quantile: float = _f(0.99, "quantile of the data's token lengths that sets max_length / max_new_tokens")
+    length_cap: int = _f(512, "upper bound on the data-derived max_length and max_new_tokens")
     top_p: float = _f(0.95, "")
-    allow_unfinished: bool = _f(False, "keep samples that hit max_new_tokens without EOS (tiny test models)")
+    drop_unfinished: bool = _f(False, "drop samples that hit max_new_tokens without EOS (the reference keeps them)")
     gen_batch_size: int = _f(256, "rows sampled together (all classes share a batch)")
     sampler: str = _f("dynamic", "decode loop: dynamic (KV cache grows), static (pre-allocated KV cache) or "
                                  "compiled (static + torch.compile, a CUDA graph on GPUs)")
@@ -107,10 +113,11 @@ class DistillConfig:
         if not self.dpc or self.dpc[0] < 1:
             raise DilmError(f"dpc must be positive integers, got {self.dpc}")
         for name in ("n_sets", "inner_loop", "syn_per_class", "real_per_class", "n_rep_sets", "pool_per_class",
-                     "generate_interval", "over_sample", "lm_batch_size", "max_new_tokens", "checkpoint_interval"):
+                     "generate_interval", "over_sample", "lm_batch_size", "checkpoint_interval", "length_cap"):
             if getattr(self, name) < 1:
                 raise DilmError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lm_steps", "outer_loops", "model_step_per_inner_step", "val_interval"):
+        for name in ("lm_steps", "outer_loops", "model_step_per_inner_step", "val_interval", "max_length",
+                     "max_new_tokens"):
             if getattr(self, name) < 0:
                 raise DilmError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.outer_loops and self.outer_loops % self.generate_interval:
@@ -123,6 +130,8 @@ class DistillConfig:
             raise DilmError(f"syn_per_class ({self.syn_per_class}) exceeds pool_per_class ({self.pool_per_class})")
         if self.temperature <= 0 or self.generator_lr <= 0 or self.lm_lr <= 0:
             raise DilmError("temperature, generator_lr and lm_lr must be > 0")
+        if not 0 < self.length_quantile <= 1:
+            raise DilmError(f"length_quantile must be in (0, 1], got {self.length_quantile}")
         if self.gen_loss_norm not in GEN_LOSS_NORMS:
             raise DilmError(f"unknown gen_loss_norm {self.gen_loss_norm!r}; known: {', '.join(GEN_LOSS_NORMS)}")
         if self.sampler not in SAMPLER_MODES:
@@ -156,13 +165,12 @@ PRESETS: dict[str, dict] = {
     "smoke": dict(generator="tiny-llama", learner="tiny-bert", dpc=(2,), n_sets=2, lm_steps=10, lm_batch_size=8,
                   outer_loops=2, inner_loop=2, model_step_per_inner_step=1, syn_per_class=4, real_per_class=8,
                   n_rep_sets=2, pool_per_class=8, generate_interval=1, val_interval=1, val_size=40, val_dpc=2,
-                  val_steps=5, over_sample=3, max_new_tokens=12, gen_batch_size=16, generator_lr=1e-4,
-                  allow_unfinished=True),
+                  val_steps=5, over_sample=3, length_cap=24, gen_batch_size=16, generator_lr=1e-4),
     # packaged real models at CPU scale (the `make demo` sweep): few steps, short texts
-    "demo": dict(dpc=(2, 4), n_sets=2, lm_steps=4, lm_batch_size=4, max_length=40, outer_loops=1, inner_loop=2,
+    "demo": dict(dpc=(2, 4), n_sets=2, lm_steps=4, lm_batch_size=4, length_cap=128, outer_loops=1, inner_loop=2,
                  model_step_per_inner_step=1, syn_per_class=4, real_per_class=8, n_rep_sets=1, pool_per_class=8,
                  generate_interval=1, val_interval=1, val_size=100, val_dpc=2, val_steps=10, over_sample=2,
-                 max_new_tokens=20, gen_batch_size=16, generator_lr=1e-5, learner_batch_size=16),
+                 gen_batch_size=16, generator_lr=1e-5, learner_batch_size=16),
     # one H100, whole pipeline in one 10-minute command (evaluation of 10 sets included)
     "gpu": dict(lm_steps=1500, lm_batch_size=64, outer_loops=20, inner_loop=10, model_step_per_inner_step=10,
                 syn_per_class=64, real_per_class=200, n_rep_sets=5, pool_per_class=256, generate_interval=5,
@@ -275,7 +283,7 @@ class Distiller:
     @functools.cached_property
     def sampler(self) -> Sampler:
         cfg = self.cfg
-        return make_sampler(self.generator, self.gen_tok, self.device, max_new_tokens=cfg.max_new_tokens,
+        return make_sampler(self.generator, self.gen_tok, self.device, max_new_tokens=self.limits["max_new_tokens"],
                             batch_size=cfg.gen_batch_size, label_names=self.task.label_names, mode=cfg.sampler)
 
     def sample(self, counts: list[int], seed: int, label_names: list[str] | None = None) -> list[list[Sample]]:
@@ -283,14 +291,32 @@ class Distiller:
         generator cannot), all sampled in shared batches."""
         cfg = self.cfg
         out = sample_classes(self.sampler, self.gen_tok, label_names or self.task.label_names, counts,
-                             self.task.is_pair, top_p=cfg.top_p, seed=seed, allow_unfinished=cfg.allow_unfinished)
+                             self.task.is_pair, top_p=cfg.top_p, seed=seed, allow_unfinished=not cfg.drop_unfinished)
         self.generator.train()
         return out
 
     @functools.cached_property
+    def full_corpus(self) -> TokenizedCorpus:
+        """The training split rendered and tokenised once, whole."""
+        return TokenizedCorpus.build(self.gen_tok, self.train, self.task.label_names)
+
+    @functools.cached_property
+    def limits(self) -> dict[str, int]:
+        """Token limits: the config's, or (0) the ``length_quantile`` of the training data's, at most
+        ``length_cap``: ``max_length`` of a rendered example (prompt and EOS included) for the LM stage,
+        ``max_new_tokens`` of what follows the prompt for sampling."""
+        cfg, tok = self.cfg, self.gen_tok
+        prompt_len = [len(tok(prompt(n), add_special_tokens=False)["input_ids"]) for n in self.task.label_names]
+        rendered = [len(s) for s in self.full_corpus.sequences]
+        new = [n - prompt_len[e.label] for n, e in zip(rendered, self.train)]
+        return {"max_length": cfg.max_length or length_limit(rendered, cfg.length_quantile, cfg.length_cap),
+                "max_new_tokens": cfg.max_new_tokens or length_limit(new, cfg.length_quantile, cfg.length_cap)}
+
+    @functools.cached_property
     def corpus(self) -> TokenizedCorpus:
-        """The training split rendered and tokenised once (LM stage and lm_lambda mixing share it)."""
-        return TokenizedCorpus.build(self.gen_tok, self.train, self.task.label_names, self.cfg.max_length)
+        """The LM stage's sequences: the training split cut at ``limits["max_length"]`` (LM stage and lm_lambda
+        mixing share it)."""
+        return self.full_corpus.truncated(self.limits["max_length"])
 
     @functools.cached_property
     def feature_model(self) -> torch.nn.Module:
@@ -477,7 +503,7 @@ class Distiller:
         for c, (name, cand) in enumerate(zip(self.task.label_names, candidates)):
             if len(cand) < dpc:
                 raise DilmError(f"only {len(cand)} usable candidates for class {name!r}, DPC {dpc} needs more; "
-                                "train the generator longer or raise max_new_tokens")
+                                "train the generator longer or raise max_new_tokens / length_cap")
             feats = self.features([join_pair(s.text, s.text_pair) for s in cand])
             picked += [SynExample(cand[i].text, c, cand[i].text_pair) for i in kmeans_nearest(feats, dpc, seed)]
         return SynSet(picked, self.task.label_names, {"dpc": dpc, "seed": seed})
@@ -549,7 +575,7 @@ def write_provenance(cfg: DistillConfig, run: Distiller, state: State) -> Path:
         "config": cfg.to_dict(), "dilm_version": dilm.__version__, "git_revision": _git_revision(),
         "models": {"generator": cfg.generator, "learner": cfg.learner}, "versions": versions,
         "python": platform.python_version(), "device": str(run.device), "timings_s": run.timings,
-        "steps": state.step, "best_val_accuracy": state.best_val,
+        "steps": state.step, "best_val_accuracy": state.best_val, "token_limits": run.limits,
         "validation": {"split": "held-out part of train", "size": len(run.val)},
     })
     return path

@@ -23,22 +23,30 @@ def prompt(label_name: str) -> str:
     return f"label: {label_name}\ntext:"
 
 
+def completion(text: str, text_pair: str | None) -> str:
+    """What follows the prompt in a rendered example, up to (not including) EOS."""
+    return f" {text}" + (f"{PAIR_MARK} {text_pair}" if text_pair is not None else "")
+
+
 def render(label_name: str, text: str, text_pair: str | None, eos: str) -> str:
-    body = f"{prompt(label_name)} {text}"
-    return body + (f"{PAIR_MARK} {text_pair}" if text_pair is not None else "") + eos
+    return prompt(label_name) + completion(text, text_pair) + eos
 
 
 def parse(completion: str, is_pair: bool) -> tuple[str, str | None] | None:
-    """Split a sampled completion into (text, text_pair); None when it is unusable."""
-    completion = completion.strip()
-    if is_pair:
-        if PAIR_MARK.strip() not in completion:
-            return None
-        text, _, pair = completion.partition(PAIR_MARK.strip())
-        text, pair = text.strip(), pair.strip()
-        return (text, pair) if text and pair else None
-    text = completion.split("\nlabel:")[0].strip()
-    return (text, None) if text else None
+    """Split a sampled completion into (text, text_pair); None when it is unusable.
+
+    A completion ends at a following ``\nlabel:`` (the model starting another example). A pair splits on the
+    exact marker ``\npair:`` (a word ending in "pair:" does not split it), keeping the first two parts.
+    """
+    body = completion.split("\nlabel:")[0]
+    if not is_pair:
+        text = body.strip()
+        return (text, None) if text else None
+    parts = body.split(PAIR_MARK)
+    if len(parts) < 2:
+        return None
+    text, pair = parts[0].strip(), parts[1].strip()
+    return (text, pair) if text and pair else None
 
 
 @dataclass
@@ -49,10 +57,15 @@ class TokenizedCorpus:
     pad_id: int
 
     @classmethod
-    def build(cls, tok, examples, label_names, max_length: int) -> TokenizedCorpus:
+    def build(cls, tok, examples, label_names, max_length: int | None = None) -> TokenizedCorpus:
+        """Rendered examples as token ids, cut at ``max_length`` tokens (None: whole)."""
         texts = [render(label_names[e.label], e.text, e.text_pair, tok.eos_token) for e in examples]
-        ids = tok(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
-        return cls(ids, tok.pad_token_id)
+        return cls(tok(texts, add_special_tokens=False)["input_ids"], tok.pad_token_id).truncated(max_length)
+
+    def truncated(self, max_length: int | None) -> TokenizedCorpus:
+        if max_length is None:
+            return self
+        return TokenizedCorpus([s[:max_length] for s in self.sequences], self.pad_id)
 
     def batch(self, size: int, rng: random.Random, device) -> dict[str, torch.Tensor]:
         seqs = [self.sequences[rng.randrange(len(self.sequences))] for _ in range(size)]
@@ -110,23 +123,55 @@ def make_sampler(generator, tok, device, *, max_new_tokens: int, batch_size: int
                    static=mode in ("static", "compiled"), compile=mode == "compiled")
 
 
-def to_sample(row: list[int], prompt_ids: list[int], tok, is_pair: bool, allow_unfinished: bool) -> Sample | None:
-    """A sampled completion (ending at EOS if it finished) → Sample, or None when unusable."""
+def to_sample(row: list[int], prompt_ids: list[int], tok, is_pair: bool, allow_unfinished: bool = True
+              ) -> Sample | None:
+    """A sampled completion (ending at EOS if it finished) → Sample, or None when unusable.
+
+    The sample's ids are the prompt's followed by the tokens of the text it parses to (re-rendered, as the
+    LM stage tokenises examples, so whatever the parser cut off is not scored by the generation loss) and EOS.
+    A row that hit the token limit without EOS is kept (as the reference keeps it) unless not
+    ``allow_unfinished``.
+    """
     if not row or row[-1] != tok.eos_token_id:
         if not allow_unfinished:
             return None  # overlong: never finished
-        row = row + [tok.eos_token_id]
-    parsed = parse(tok.decode(row[:-1], skip_special_tokens=True), is_pair)
-    return None if parsed is None else Sample(parsed[0], parsed[1], prompt_ids + row, len(prompt_ids))
+    else:
+        row = row[:-1]
+    parsed = parse(tok.decode(row, skip_special_tokens=True), is_pair)
+    if parsed is None:
+        return None
+    ids = tok(completion(*parsed), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return Sample(parsed[0], parsed[1], prompt_ids + ids, len(prompt_ids))
+
+
+def continue_pairs(sampler: Sampler, tok, prompts: list[list[int]], rows: list[list[int]], *, top_p: float,
+                   temperature: float, seed: int) -> list[list[int]]:
+    """Pair completions without the ``\npair:`` marker, continued after an appended marker.
+
+    The reference resamples such rows; a generator early in its LM stage (or a tiny test model) rarely writes
+    the marker, so almost nothing would parse. Here the second text is sampled after a marker put in place of
+    the EOS (or the token limit) that ended the first; the forced marker's tokens are scored by the
+    generation loss like any others.
+    """
+    mark = tok(PAIR_MARK, add_special_tokens=False)["input_ids"]
+    todo = [i for i, row in enumerate(rows) if PAIR_MARK not in tok.decode(row, skip_special_tokens=True)]
+    heads = [[t for t in rows[i] if t != tok.eos_token_id] + mark for i in todo]
+    tails = sampler.sample([prompts[i] + h for i, h in zip(todo, heads)], top_p=top_p, temperature=temperature,
+                           seed=seed) if todo else []
+    out = list(rows)
+    for i, head, tail in zip(todo, heads, tails):
+        out[i] = head + tail
+    return out
 
 
 def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[int], is_pair: bool, *,
                    top_p: float = 0.95, temperature: float = 1.0, seed: int = 0, max_rounds: int = 4,
-                   allow_unfinished: bool = False) -> list[list[Sample]]:
+                   allow_unfinished: bool = True) -> list[list[Sample]]:
     """Up to ``counts[c]`` distinct, parseable samples of each class c, all classes sampled in shared batches.
 
     A round asks for what is still missing (plus a margin for rejects: duplicates, unparseable or, unless
     ``allow_unfinished``, overlong texts); up to ``max_rounds`` rounds, stopping early when one adds nothing.
+    Pair completions lacking the pair marker are continued after one (:func:`continue_pairs`).
     """
     sampler.sync()
     prompts = [tok(prompt(n), add_special_tokens=False)["input_ids"] for n in label_names]
@@ -138,9 +183,13 @@ def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[i
         rows = [c for c, a in enumerate(ask) for _ in range(a)]
         if not rows:
             break
+        sampled = sampler.sample([prompts[c] for c in rows], top_p=top_p, temperature=temperature,
+                                 seed=seed * 101 + r)
+        if is_pair:
+            sampled = continue_pairs(sampler, tok, [prompts[c] for c in rows], sampled, top_p=top_p,
+                                     temperature=temperature, seed=seed * 101 + r + 50)
         added = 0
-        for c, row in zip(rows, sampler.sample([prompts[c] for c in rows], top_p=top_p, temperature=temperature,
-                                               seed=seed * 101 + r)):
+        for c, row in zip(rows, sampled):
             s = to_sample(row, prompts[c], tok, is_pair, allow_unfinished)
             if s is None or len(out[c]) >= counts[c] or (c, s.text, s.text_pair) in seen:
                 continue
@@ -154,7 +203,7 @@ def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[i
 
 def sample_class(generator, tok, label_name: str, n: int, is_pair: bool, device, max_new_tokens: int = 48,
                  top_p: float = 0.95, batch_size: int = 64, seed: int = 0, max_rounds: int = 4,
-                 allow_unfinished: bool = False) -> list[Sample]:
+                 allow_unfinished: bool = True) -> list[Sample]:
     """Up to ``n`` distinct, parseable samples of one class (a convenience over :func:`sample_classes`)."""
     sampler = make_sampler(generator, tok, device, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return sample_classes(sampler, tok, [label_name], [n], is_pair, top_p=top_p, seed=seed, max_rounds=max_rounds,

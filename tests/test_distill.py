@@ -9,6 +9,7 @@ from dilm import DilmError
 from dilm.cli import main
 from dilm.distill import PRESETS, DistillConfig, Distiller, distill
 from dilm.synset import read_set
+from dilm.tasks import load_task
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -18,6 +19,10 @@ from dilm.synset import read_set
     ({"dpc": (0,)}, "dpc must be positive"),
     ({"bogus": 1}, r"unknown distill option\(s\) \['bogus'\]"),
     ({"sampler": "fast"}, "unknown sampler 'fast'; known: dynamic, static, compiled"),
+    ({"gen_loss_norm": "token"}, "unknown gen_loss_norm 'token'; known: batch, text"),
+    ({"length_quantile": 0}, r"length_quantile must be in \(0, 1\], got 0"),
+    ({"length_cap": 0}, "length_cap must be >= 1, got 0"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be >= 0, got -1"),
 ])
 def test_bad_configs_fail_before_any_model_loads(overrides, match):
     with pytest.raises(DilmError, match=match):
@@ -91,3 +96,30 @@ def test_cli_smoke_preset(tmp_path, capsys):
     assert main(["distill", "--task", "nope", "--preset", "smoke", "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dilm: error: unknown task 'nope'") and "\n" not in err
+
+
+def test_token_limits_come_from_the_tasks_data(tmp_path):
+    """Item 1: by default max_length / max_new_tokens are the 0.99 quantile of the task's token lengths (a fixed
+    64 cut 47.5 % of MRPC's rendered pairs), capped by length_cap; explicit values win."""
+    task = load_task("mrpc")
+    run = Distiller(DistillConfig.from_preset("smoke", task="mrpc", length_cap=512, output_dir=str(tmp_path)),
+                    task=task)
+    limits = run.limits
+    full = [len(s) for s in run.full_corpus.sequences]
+    assert sum(n > limits["max_length"] for n in full) <= 0.01 * len(full) < sum(n > 64 for n in full) / 40
+    assert all(len(s) <= limits["max_length"] for s in run.corpus.sequences)
+    assert limits["max_new_tokens"] > 64 and run.sampler.max_new_tokens == limits["max_new_tokens"]
+    capped = Distiller(DistillConfig.from_preset("smoke", task="mrpc", length_cap=30, max_new_tokens=7,
+                                                 output_dir=str(tmp_path)), task=task).limits
+    assert capped == {"max_length": 30, "max_new_tokens": 7}
+
+
+@pytest.mark.parametrize("task", ["mrpc", pytest.param("ag_news", marks=pytest.mark.slow)])
+def test_cli_smoke_preset_on_pair_and_multiclass_tasks(task, tmp_path, capsys):
+    """``--preset smoke`` on MRPC used to stop with "0 usable texts": pairs now always parse (see
+    test_sampling), and the sets hold whole pairs."""
+    assert main(["distill", "--task", task, "--preset", "smoke", "-o", str(tmp_path)]) == 0
+    t = load_task(task)
+    s = read_set(tmp_path / "sets" / "dpc2" / "set00.jsonl", t.label_names, t.is_pair)
+    assert s.counts() == [2] * t.num_classes
+    assert all(bool(e.text_pair) == t.is_pair for e in s.examples)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dilm.generator import make_sampler, prompt, sample_classes, to_sample
+from dilm.generator import PAIR_MARK, make_sampler, parse, prompt, sample_classes, to_sample
 from dilm.models import load_model, load_tokenizer
 from dilm.sampling import Sampler, top_p_sample
 
@@ -95,15 +95,53 @@ def test_seeded_sampling_is_reproducible_and_rows_stop_at_eos(lm):
         assert 1 <= len(row) <= 6 and tok.eos_token_id not in row[:-1]
 
 
-def test_unfinished_rows_are_dropped_unless_allowed():
+def test_unfinished_rows_are_kept_unless_dropped():
+    """Item 1: a row that hit the token limit is kept by default (the reference keeps it), EOS appended for the
+    loss; dropped only when asked."""
     tok = load_tokenizer("tiny-llama")
     p = tok(prompt("positive"), add_special_tokens=False)["input_ids"]
     words = tok(" a fine film", add_special_tokens=False)["input_ids"]
-    assert to_sample(words, p, tok, False, allow_unfinished=False) is None
-    s = to_sample(words, p, tok, False, allow_unfinished=True)
+    s = to_sample(words, p, tok, False)
     assert s.text == "a fine film" and s.ids == p + words + [tok.eos_token_id] and s.prompt_len == len(p)
+    assert to_sample(words, p, tok, False, allow_unfinished=False) is None
     done = to_sample(words + [tok.eos_token_id], p, tok, False, allow_unfinished=False)
     assert done.text == "a fine film"
+
+
+def test_pair_parser_splits_on_the_exact_marker_only():
+    """Item 9: "repair:" is not the marker; the first two parts of an exact split are kept."""
+    assert parse(" The repair: was costly", is_pair=True) is None
+    assert parse(" The repair: was costly\npair: It cost a lot", is_pair=True) == ("The repair: was costly",
+                                                                                  "It cost a lot")
+    assert parse(" A\npair: B\npair: C", is_pair=True) == ("A", "B")
+    assert parse(" A\npair: B\nlabel: yes\ntext: C", is_pair=True) == ("A", "B")
+    assert parse(" A sentence.\nlabel: no\ntext: another", is_pair=False) == ("A sentence.", None)
+    assert parse(" \npair: B", is_pair=True) is None
+
+
+def test_sample_ids_are_trimmed_to_the_parsed_text():
+    """Item 9: the tokens the parser cut off (a second example) are not in the sample's ids, so the generation
+    loss scores only what the learner sees."""
+    tok = load_tokenizer("tiny-llama")
+    p = tok(prompt("yes"), add_special_tokens=False)["input_ids"]
+    row = tok(" A cat sat.\npair: A cat was sitting.\nlabel: no\ntext: Dogs bark.",
+              add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    s = to_sample(row, p, tok, is_pair=True)
+    assert (s.text, s.text_pair) == ("A cat sat.", "A cat was sitting.")
+    assert tok.decode(s.ids) == prompt("yes") + " A cat sat.\npair: A cat was sitting." + tok.eos_token
+    assert s.ids[-1] == tok.eos_token_id and len(s.ids) < len(p) + len(row)
+
+
+def test_pair_samples_without_the_marker_are_continued_after_one(lm):
+    """A (tiny, random) generator never writes the pair marker; every pair sample still parses into two texts,
+    its ids holding the marker that was put after the first."""
+    model, tok = lm
+    sampler = make_sampler(model, tok, CPU, max_new_tokens=6, batch_size=16, label_names=LABELS[:2])
+    out = sample_classes(sampler, tok, LABELS[:2], [4, 4], True, seed=0)
+    assert [len(o) for o in out] == [4, 4]
+    for samples in out:
+        for s in samples:
+            assert s.text and s.text_pair and PAIR_MARK in tok.decode(s.ids[s.prompt_len:])
 
 
 def test_sample_classes_shares_batches_and_meets_counts(lm):

@@ -2,7 +2,7 @@ import pytest
 
 from dilm import DilmError
 from dilm.coreset import check_dpc
-from dilm.tasks import TaskData, load_task, parse_label
+from dilm.tasks import TaskData, length_limit, load_task, parse_label
 
 
 def test_unknown_task_names_known_keys():
@@ -78,3 +78,12 @@ def test_parse_label_ids_and_names():
     assert parse_label("pos", names) == 1 and parse_label(0, names) == 0 and parse_label("1", names) == 1
     with pytest.raises(DilmError):
         parse_label(2, names)
+
+
+def test_length_limit_is_a_capped_quantile():
+    lengths = list(range(1, 101))  # 1..100
+    assert length_limit(lengths, 0.99, 512) == 100  # ceil(99.01)
+    assert length_limit(lengths, 0.5, 512) == 51
+    assert length_limit(lengths, 1.0, 40) == 40
+    with pytest.raises(DilmError, match="no examples"):
+        length_limit([], 0.99, 10)
