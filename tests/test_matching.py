@@ -108,9 +108,9 @@ def test_generation_loss_masks_prompt_and_padding():
     gen = load_model("tiny-llama", "causal-lm").eval()
     tok = load_tokenizer("tiny-llama")
     samples, (ids, am, tm) = _generator_batch(gen, tok, 3)
-    batched = generation_loss(gen, ids, am, tm, CPU)
+    batched = generation_loss(gen, ids, am, tm, CPU, "text")  # per-text mean: independent of the batch
     for i, s in enumerate(samples):  # each row alone (no padding) gives the same loss
-        one = generation_loss(gen, *pad_samples([s], tok.pad_token_id, CPU), CPU)
+        one = generation_loss(gen, *pad_samples([s], tok.pad_token_id, CPU), CPU, "text")
         torch.testing.assert_close(batched[i], one[0], rtol=1e-4, atol=1e-4)
 
 
