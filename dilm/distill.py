@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 import dilm
 from dilm import DilmError
 from dilm.coreset import check_dpc, kmeans_nearest
 from dilm.evaluate import EvalConfig, Evaluator, encode, join_pair, linear_warmup_decay, pad_ids, tokenize
-from dilm.features import embed
+from dilm.features import POOLINGS, embed, pool
 from dilm.generator import (
     GEN_LOSS_NORMS,
     Sample,
@@ -41,7 +42,7 @@ from dilm.generator import (
     sample_classes,
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
-from dilm.models import load_model, load_tokenizer, pick_device, resolve_model
+from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
 from dilm.sampling import Sampler
 from dilm.synset import SynExample, SynSet, write_json, write_set
 from dilm.tasks import TASKS, Example, TaskData, length_limit, load_task
@@ -66,8 +67,9 @@ class DistillConfig:
     device: str = _f("auto", "auto, cpu or cuda[:N]")
     # stage 1: label-conditioned LM fine-tuning
     lm_steps: int = _f(2000, "generator LM fine-tuning steps")
-    lm_lr: float = _f(1e-4, "")
-    lm_batch_size: int = _f(64, "")
+    lm_lr: float = _f(1e-4, "AdamW lr of the LM stage (cosine schedule, warm-up 10%)")
+    lm_weight_decay: float = _f(0.01, "AdamW weight decay of the LM stage")
+    lm_batch_size: int = _f(64, "sequences per LM step")
     max_length: int = _f(0, "LM-stage tokens per rendered training example (prompt and EOS included); 0 = from "
                             "the task's data: the length_quantile of the rendered lengths, at most length_cap")
     # stage 2: gradient matching
@@ -75,22 +77,31 @@ class DistillConfig:
     inner_loop: int = _f(10, "generator steps per outer loop")
     model_step_per_inner_step: int = _f(20, "learner steps on real data between generator steps")
     generator_lr: float = _f(3e-6, "AdamW lr of the matching stage (cosine, warm-up 5%)")
+    generator_weight_decay: float = _f(0.01, "AdamW weight decay of the matching stage")
     syn_per_class: int = _f(64, "synthetic texts per class per matching step (B)")
     real_per_class: int = _f(200, "real texts per class per representative set")
-    n_rep_sets: int = _f(10, "representative real sets per class")
-    pool_per_class: int = _f(256, "synthetic pool size per class")
+    n_rep_sets: int = _f(10, "representative real sets per class, used in order")
+    rep_pool_per_class: int = _f(0, "real examples per class clustered into the representative sets; 0 = the "
+                                    "whole class (the reference's)")
+    pool_per_class: int = _f(0, "synthetic pool per class; 0 = syn_per_class x inner_loop x generate_interval "
+                                "(the reference's: each pool text used about once)")
+    pooling: str = _f("cls", "learner features for every k-means (representative sets, pool clusters, final "
+                             "selection): cls (last-layer first token, the reference's) or mean")
     generate_interval: int = _f(10, "regenerate the pool every this many outer loops")
     temperature: float = _f(1.0, "T in w = softmax(-loss/T)")
     gen_loss_norm: str = _f("batch", "generation loss per text: batch (sum of token NLLs / the batch's longest "
                                      "text, the reference's) or text (per-text mean NLL)")
     lm_lambda: float = _f(0.0, "weight of the LM loss mixed into the matching loss")
     all_layers: bool = _f(False, "match gradients of all learner layers, not just the head")
-    learner_lr: float = _f(1e-4, "learner lr in the inner loop")
-    learner_batch_size: int = _f(64, "")
-    val_interval: int = _f(10, "validate every this many outer loops (0 = never)")
+    learner_lr: float = _f(1e-4, "inner-loop learner lr (AdamW, the evaluation protocol's weight decay, warm-up "
+                                 "and clipping)")
+    learner_batch_size: int = _f(64, "real examples per inner-loop learner step")
+    val_interval: int = _f(10, "validate at the start and every this many outer loops (0 = never)")
     val_size: int = _f(500, "held-out training examples for validation")
     val_dpc: int = _f(10, "DPC of the validation sets")
-    val_steps: int = _f(100, "learner steps per validation evaluation")
+    val_sets: int = _f(3, "validation sets per validation")
+    val_seeds: int = _f(3, "learner seeds per validation set")
+    val_steps: int = _f(200, "learner steps per validation evaluation (the protocol's 200)")
     # stage 3: final sets
     over_sample: int = _f(20, "candidates per class = over_sample x DPC")
     max_new_tokens: int = _f(0, "sampling limit in new tokens; 0 = from the task's data: the length_quantile of "
@@ -112,12 +123,14 @@ class DistillConfig:
             raise DilmError(f"unknown task {self.task!r}; known tasks: {', '.join(sorted(TASKS))}")
         if not self.dpc or self.dpc[0] < 1:
             raise DilmError(f"dpc must be positive integers, got {self.dpc}")
-        for name in ("n_sets", "inner_loop", "syn_per_class", "real_per_class", "n_rep_sets", "pool_per_class",
-                     "generate_interval", "over_sample", "lm_batch_size", "checkpoint_interval", "length_cap"):
+        for name in ("n_sets", "inner_loop", "syn_per_class", "real_per_class", "n_rep_sets", "generate_interval",
+                     "over_sample", "lm_batch_size", "checkpoint_interval", "length_cap", "val_sets", "val_seeds",
+                     "val_dpc", "learner_batch_size"):
             if getattr(self, name) < 1:
                 raise DilmError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lm_steps", "outer_loops", "model_step_per_inner_step", "val_interval", "max_length",
-                     "max_new_tokens"):
+                     "max_new_tokens", "pool_per_class", "rep_pool_per_class", "val_steps", "lm_weight_decay",
+                     "generator_weight_decay"):
             if getattr(self, name) < 0:
                 raise DilmError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.outer_loops and self.outer_loops % self.generate_interval:
@@ -126,8 +139,13 @@ class DistillConfig:
         if self.val_interval and self.outer_loops and self.outer_loops % self.val_interval:
             raise DilmError(f"outer_loops ({self.outer_loops}) must be a multiple of val_interval "
                             f"({self.val_interval})")
-        if self.syn_per_class > self.pool_per_class:
+        if self.pool_per_class and self.syn_per_class > self.pool_per_class:
             raise DilmError(f"syn_per_class ({self.syn_per_class}) exceeds pool_per_class ({self.pool_per_class})")
+        if self.rep_pool_per_class and self.rep_pool_per_class < self.real_per_class:
+            raise DilmError(f"rep_pool_per_class ({self.rep_pool_per_class}) is smaller than real_per_class "
+                            f"({self.real_per_class})")
+        if self.pooling not in POOLINGS:
+            raise DilmError(f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
         if self.temperature <= 0 or self.generator_lr <= 0 or self.lm_lr <= 0:
             raise DilmError("temperature, generator_lr and lm_lr must be > 0")
         if not 0 < self.length_quantile <= 1:
@@ -142,6 +160,11 @@ class DistillConfig:
     @property
     def total_match_steps(self) -> int:
         return self.outer_loops * self.inner_loop
+
+    @property
+    def pool_size(self) -> int:
+        """Synthetic texts per class per pool: one per mini-batch slot of the pool's lifetime by default."""
+        return self.pool_per_class or self.syn_per_class * self.inner_loop * self.generate_interval
 
     @classmethod
     def from_preset(cls, preset: str = "gpu", **overrides) -> DistillConfig:
@@ -164,22 +187,29 @@ PRESETS: dict[str, dict] = {
     # tiny random models on CPU, < 2 min: exercises every stage, quality meaningless
     "smoke": dict(generator="tiny-llama", learner="tiny-bert", dpc=(2,), n_sets=2, lm_steps=10, lm_batch_size=8,
                   outer_loops=2, inner_loop=2, model_step_per_inner_step=1, syn_per_class=4, real_per_class=8,
-                  n_rep_sets=2, pool_per_class=8, generate_interval=1, val_interval=1, val_size=40, val_dpc=2,
-                  val_steps=5, over_sample=3, length_cap=24, gen_batch_size=16, generator_lr=1e-4),
-    # packaged real models at CPU scale (the `make demo` sweep): few steps, short texts
+                  n_rep_sets=2, rep_pool_per_class=200, generate_interval=1, val_interval=1, val_size=40,
+                  val_dpc=2, val_sets=1, val_seeds=1, val_steps=5, over_sample=3, length_cap=24, gen_batch_size=16,
+                  generator_lr=1e-4),
+    # packaged real models at CPU scale (the `make demo` sweep): few steps, short texts; the representative sets
+    # cluster 1,000 examples per class, not the whole class (embedding all of SST-2 takes minutes on 2 cores)
     "demo": dict(dpc=(2, 4), n_sets=2, lm_steps=4, lm_batch_size=4, length_cap=128, outer_loops=1, inner_loop=2,
-                 model_step_per_inner_step=1, syn_per_class=4, real_per_class=8, n_rep_sets=1, pool_per_class=8,
-                 generate_interval=1, val_interval=1, val_size=100, val_dpc=2, val_steps=10, over_sample=2,
-                 gen_batch_size=16, generator_lr=1e-5, learner_batch_size=16),
+                 model_step_per_inner_step=1, syn_per_class=4, real_per_class=8, n_rep_sets=1,
+                 rep_pool_per_class=1000, generate_interval=1, val_interval=1, val_size=100, val_dpc=2,
+                 over_sample=2, gen_batch_size=16, generator_lr=1e-5, learner_batch_size=16),
     # one H100, whole pipeline in one 10-minute command (evaluation of 10 sets included)
     "gpu": dict(lm_steps=1500, lm_batch_size=64, outer_loops=20, inner_loop=10, model_step_per_inner_step=10,
-                syn_per_class=64, real_per_class=200, n_rep_sets=5, pool_per_class=256, generate_interval=5,
-                val_interval=5, over_sample=20, n_sets=10, generator_lr=3e-6, gen_batch_size=2048),
-    # the DiLM paper's step counts (many GPU hours)
-    "paper": dict(generator="gpt2", learner="bert-base-uncased", lm_steps=80000, lm_lr=1e-5, outer_loops=2000,
-                  inner_loop=10, model_step_per_inner_step=20, generator_lr=3e-7, syn_per_class=64,
-                  real_per_class=200, n_rep_sets=10, pool_per_class=1024, generate_interval=20, val_interval=100,
-                  over_sample=100, n_sets=20),
+                syn_per_class=64, real_per_class=200, n_rep_sets=5, generate_interval=5, val_interval=5,
+                over_sample=20, n_sets=10, generator_lr=3e-6, gen_batch_size=2048),
+    # the reference's defaults (configs/train/{lm,dc}.yaml of the DiLM code), item by item; many GPU hours
+    "paper": dict(generator="gpt2", learner="bert-base-uncased", dpc=(5, 10, 20), n_sets=20,
+                  lm_steps=80000, lm_lr=1e-5, lm_weight_decay=0.01, lm_batch_size=64,
+                  length_quantile=1.0, length_cap=1024,  # the longest example: SST-2's 68 GPT-2 tokens
+                  outer_loops=2000, inner_loop=10, model_step_per_inner_step=20,  # 20,000 generator steps
+                  generator_lr=3e-7, generator_weight_decay=0.01, syn_per_class=64, real_per_class=200,
+                  n_rep_sets=10, rep_pool_per_class=0, pool_per_class=0, generate_interval=20, pooling="cls",
+                  temperature=1.0, gen_loss_norm="batch", lm_lambda=0.0, all_layers=False, learner_lr=1e-4,
+                  learner_batch_size=64, val_interval=200, val_dpc=20, val_sets=5, val_seeds=5, val_steps=200,
+                  over_sample=100, top_p=0.95, drop_unfinished=False),
 }
 
 
@@ -328,12 +358,26 @@ class Distiller:
         """Evaluation on the held-out part of train (the test split is never looked at); models stay loaded."""
         cfg = self.cfg
         task = TaskData(self.task.name, self.task.label_names, self.train, self.val, self.task.is_pair)
-        return Evaluator(task, EvalConfig(archs=(cfg.learner,), seeds=1, steps=cfg.val_steps, device=cfg.device,
-                                          progress=False))
+        return Evaluator(task, EvalConfig(archs=(cfg.learner,), seeds=cfg.val_seeds, steps=cfg.val_steps,
+                                          device=cfg.device, progress=False))
 
     def features(self, texts: list[str]) -> torch.Tensor:
-        """Learner features (mean-pooled last layer)."""
-        return embed(texts, self.cfg.learner, self.device, model=self.feature_model)
+        """Features of the pre-trained learner's body (``pooling``: [CLS] by default) → (N, H) on CPU."""
+        return embed(texts, self.cfg.learner, self.device, self.cfg.pooling, model=self.feature_model)
+
+    @torch.no_grad()
+    def learner_features(self, learner, rows: list[list[int]], batch: int = 256) -> torch.Tensor:
+        """Features of pre-tokenised rows under a learner as it is now (its own last layer, ``pooling``)."""
+        was_training = learner.training
+        learner.eval()
+        out = []
+        for i in range(0, len(rows), batch):
+            enc = pad_ids(rows[i: i + batch], self.learn_tok.pad_token_id, self.device)
+            with autocast(self.device):
+                hidden = learner(**enc, output_hidden_states=True).hidden_states[-1].float()  # (B, T, H)
+            out.append(pool(hidden, enc["attention_mask"], self.cfg.pooling).cpu())
+        learner.train(was_training)
+        return torch.cat(out)
 
     def fresh_learner(self, seed: int):
         return load_model(self.cfg.learner, "classifier", self.task.num_classes, self.device, seed=seed)
@@ -354,12 +398,17 @@ class Distiller:
         return [self._train_ids[i] for i in idx]
 
     # ---- stage 1
+    def lm_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """The reference's LM stage: AdamW (``lm_lr``, ``lm_weight_decay``), cosine schedule with 10 % warm-up."""
+        cfg = self.cfg
+        opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lm_lr, weight_decay=cfg.lm_weight_decay,
+                                fused=self.device.type == "cuda")
+        return opt, get_cosine_schedule_with_warmup(opt, int(0.1 * cfg.lm_steps), cfg.lm_steps)
+
     def lm_stage(self, state: State) -> None:
         cfg = self.cfg
         corpus = self.corpus
-        opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lm_lr, weight_decay=0.0,
-                                fused=self.device.type == "cuda")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.lm_steps, 0.1))
+        opt, sched = self.lm_optimizer()
         for _ in range(state.step):
             sched.step()  # resume: the schedule continues where it stopped
         self.generator.train()
@@ -377,50 +426,55 @@ class Distiller:
 
     # ---- stage 2 pieces
     def representative_sets(self) -> list[list[list[Example]]]:
-        """[class][set] → real examples: k-means nearest-centroid picks from a sample of the class."""
+        """[class][set] → real examples: per class, ``n_rep_sets`` k-means runs (k = ``real_per_class``, seeds
+        differ) over the whole class (or ``rep_pool_per_class`` of it) on the pre-trained learner's features, the
+        example nearest each centroid."""
         cfg = self.cfg
         out = []
         for c, group in enumerate(_by_class(self.train, self.task.num_classes)):
+            if cfg.rep_pool_per_class and len(group) > cfg.rep_pool_per_class:
+                group = random.Random(cfg.seed * 7919 + c).sample(group, cfg.rep_pool_per_class)
             k = min(cfg.real_per_class, len(group))
-            sets = []
-            for r in range(cfg.n_rep_sets):
-                cand = random.Random(cfg.seed * 7919 + 31 * c + r).sample(group, min(len(group), 4 * k))
-                feats = self.features([join_pair(e.text, e.text_pair) for e in cand])
-                sets.append([cand[i] for i in kmeans_nearest(feats, k, cfg.seed + r)])
-            out.append(sets)
+            feats = self.features([join_pair(e.text, e.text_pair) for e in group])
+            out.append([[group[i] for i in kmeans_nearest(feats, k, cfg.seed + r, n_init=1)]
+                        for r in range(cfg.n_rep_sets)])
         return out
 
-    def regenerate_pool(self, seed: int) -> list[tuple[list[Sample], list[list[int]], list[list[int]]]]:
-        """Per class: pool samples, their B clusters (indices) for one-per-cluster mini-batches, and their
-        learner token ids."""
+    def regenerate_pool(self, seed: int, learner) -> list[tuple[list[Sample], list[list[int]], list[list[int]]]]:
+        """Per class: ``pool_size`` samples, their ``syn_per_class`` k-means clusters on ``learner``'s current
+        features (lists of sample indices) and their learner token ids."""
         cfg = self.cfg
         pools = []
-        sampled = self.sample([cfg.pool_per_class] * self.task.num_classes, seed)
+        sampled = self.sample([cfg.pool_size] * self.task.num_classes, seed)
         for name, samples in zip(self.task.label_names, sampled):
             if len(samples) < cfg.syn_per_class:
                 raise DilmError(f"the generator produced only {len(samples)} usable texts for class {name!r} "
                                 f"(need syn_per_class={cfg.syn_per_class}); train the LM longer")
-            feats = self.features([join_pair(s.text, s.text_pair) for s in samples])
+            ids = self.learner_ids(samples)
+            feats = self.learner_features(learner, ids)
             km = KMeans(n_clusters=cfg.syn_per_class, n_init=1, random_state=seed).fit(feats.double().numpy())
             clusters = [[i for i, lab in enumerate(km.labels_) if lab == j] for j in range(cfg.syn_per_class)]
-            pools.append((samples, [cl for cl in clusters if cl], self.learner_ids(samples)))
+            pools.append((samples, [cl for cl in clusters if cl], ids))
         return pools
 
-    def generator_step(self, state, opt, sched, learner, rep_sets, pools, corpus) -> dict:
-        """One matching step over all classes; returns its metrics."""
+    def generator_step(self, state, opt, sched, learner, rep_sets, pools, corpus, slot: int) -> dict:
+        """One matching step over all classes; returns its metrics. The real batch is the next representative set
+        (in order); the synthetic batch is member ``slot`` of every pool cluster (``slot`` counts the steps since
+        the pool was generated, so members are used once each until a cluster runs out, then again from its
+        start)."""
         cfg = self.cfg
         learner.eval()  # gradients compared without dropout; the learner itself is only read
         params = matched_params(learner, cfg.all_layers)
+        match_step = state.step - cfg.lm_steps
         total, sims = 0.0, []
         opt.zero_grad(set_to_none=True)
         for c in range(self.task.num_classes):
-            real = self.rng.choice(rep_sets[c])  # pre-encoded learner inputs of one representative set
+            real = rep_sets[c][match_step % len(rep_sets[c])]  # pre-encoded learner inputs
             with torch.no_grad():  # a constant for the generator: no graph kept
                 g_real = class_gradient(learner, params, real, c)
             samples, clusters, learner_ids = pools[c]
-            picks = [self.rng.choice(cl) for cl in clusters]
-            batch = [samples[i] for i in picks]
-            ids, am, tm = pad_samples(batch, self.gen_tok.pad_token_id, self.device)
+            picks = [cl[slot % len(cl)] for cl in clusters]
+            ids, am, tm = pad_samples([samples[i] for i in picks], self.gen_tok.pad_token_id, self.device)
             w = sample_weights(generation_loss(self.generator, ids, am, tm, self.device, cfg.gen_loss_norm),
                                cfg.temperature)
             syn = pad_ids([learner_ids[i] for i in picks], self.learn_tok.pad_token_id, self.device)
@@ -438,59 +492,99 @@ class Distiller:
         sched.step()
         return {"match_loss": total, "grad_sim": sum(sims) / len(sims), "lr": sched.get_last_lr()[0]}
 
-    def inner_learner_steps(self, learner, learner_opt) -> None:
-        learner.train()
+    def match_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """The reference's matching stage: AdamW (``generator_lr``, ``generator_weight_decay``), cosine schedule
+        with 5 % warm-up over all matching steps."""
+        cfg = self.cfg
+        opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.generator_lr,
+                                weight_decay=cfg.generator_weight_decay)
+        return opt, get_cosine_schedule_with_warmup(opt, max(1, int(0.05 * cfg.total_match_steps)),
+                                                    cfg.total_match_steps)
+
+    def learner_optimizer(self, learner) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """The evaluation protocol's optimiser for the inner learner: AdamW (``learner_lr``, the protocol's weight
+        decay), linear warm-up over the protocol's share then decay, over ``inner_loop × model_step_per_inner_step``
+        steps (as the reference; the last inner step takes none, so the decay never quite reaches 0)."""
+        cfg, proto = self.cfg, EvalConfig()
+        opt = torch.optim.AdamW(learner.parameters(), lr=cfg.learner_lr, weight_decay=proto.weight_decay)
+        total = cfg.inner_loop * cfg.model_step_per_inner_step
+        return opt, torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: linear_warmup_decay(s, total, proto.warmup_ratio))
+
+    def inner_learner_steps(self, learner, learner_opt, learner_sched) -> None:
+        """``model_step_per_inner_step`` steps on random real batches, in eval mode (no dropout), clipped."""
+        learner.eval()
         for _ in range(self.cfg.model_step_per_inner_step):
             idx = self.rng.sample(range(len(self.train)), min(self.cfg.learner_batch_size, len(self.train)))
-            logits = learner(**pad_ids(self.train_ids(idx), self.learn_tok.pad_token_id, self.device)).logits
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([self.train[i].label for i in idx],
-                                                                          device=self.device))
+            with autocast(self.device):
+                logits = learner(**pad_ids(self.train_ids(idx), self.learn_tok.pad_token_id, self.device)).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(
+                [self.train[i].label for i in idx], device=self.device))
             learner_opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(learner.parameters(), EvalConfig().clip)
             learner_opt.step()
+            learner_sched.step()
 
     def validate(self, seed: int) -> float:
-        """Accuracy (%) on the held-out split of a learner trained on a freshly selected val_dpc set."""
+        """Accuracy (%) on the held-out split, mean over ``val_sets`` freshly selected val_dpc sets ×
+        ``val_seeds`` learners trained by the protocol."""
         cfg = self.cfg
-        n = max(2, cfg.over_sample) * cfg.val_dpc
-        synset = self.select(cfg.val_dpc, seed, self.sample([n] * self.task.num_classes, seed))
-        return self.val_evaluator.evaluate([synset]).mean_accuracy()
+        t = time.perf_counter()
+        n, c = max(2, cfg.over_sample) * cfg.val_dpc, self.task.num_classes
+        cands = self.sample([n] * (c * cfg.val_sets), seed, list(self.task.label_names) * cfg.val_sets)
+        sets = [self.select(cfg.val_dpc, seed + k, cands[k * c: (k + 1) * c]) for k in range(cfg.val_sets)]
+        acc = self.val_evaluator.evaluate(sets).mean_accuracy()
+        self.timings["val_s"] = self.timings.get("val_s", 0.0) + time.perf_counter() - t
+        return acc
+
+    def maybe_validate(self, state: State, best_state: dict | None, seed: int) -> dict | None:
+        """Validate at matching step 0 (the LM-only generator) and every ``val_interval`` outer loops; returns the
+        best generator's weights so far (so the kept generator is never worse on validation than the LM's)."""
+        cfg = self.cfg
+        if not cfg.val_interval or state.outer % cfg.val_interval:
+            return best_state
+        acc = self.validate(seed)
+        if state.best_val is None or acc > state.best_val:
+            state.best_val = acc
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.generator.state_dict().items()}
+        self.emit(state, stage="match", val_accuracy=acc, best_val_accuracy=state.best_val)
+        return best_state
 
     def match_stage(self, state: State, best_state: dict | None, opt_state: dict | None = None) -> dict | None:
         cfg = self.cfg
         corpus = self.corpus
         rep_sets = [[self.learner_inputs(s) for s in sets] for sets in self.representative_sets()]  # encoded once
-        opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
+        opt, sched = self.match_optimizer()
         if opt_state is not None:  # resume: AdamW moments and step counts as they were
             opt.load_state_dict(opt_state)
-        from transformers import get_cosine_schedule_with_warmup
-
-        sched = get_cosine_schedule_with_warmup(opt, max(1, int(0.05 * cfg.total_match_steps)),
-                                                cfg.total_match_steps)
         for _ in range(state.outer * cfg.inner_loop):  # resume: the schedule continues where it stopped
             sched.step()
-        pools = None
+        if state.outer == 0 and cfg.outer_loops:
+            best_state = self.maybe_validate(state, best_state, cfg.seed)  # step 0: the LM-only generator
+        pools, learner = None, None
         bar = tqdm(range(state.outer, cfg.outer_loops), desc="match", initial=state.outer, total=cfg.outer_loops)
         for outer in bar:
-            if pools is None or outer % cfg.generate_interval == 0:
-                pools = self.regenerate_pool(cfg.seed + outer)
-            learner = self.fresh_learner(seed=cfg.seed + outer)
-            learner_opt = torch.optim.AdamW(learner.parameters(), lr=cfg.learner_lr)
-            for _ in range(cfg.inner_loop):
+            born = outer - outer % cfg.generate_interval  # the outer loop this pool belongs to
+            fresh = self.fresh_learner(seed=cfg.seed + outer)
+            if pools is None or outer == born:
+                # clustered on the learner as the last outer loop left it (the fresh one at the start / resume)
+                pools = self.regenerate_pool(cfg.seed + born, learner or fresh)
+            learner = fresh
+            learner_opt, learner_sched = self.learner_optimizer(learner)
+            for inner in range(cfg.inner_loop):
                 if state.step - cfg.lm_steps == cfg.fail_at_step:
                     raise RuntimeError(f"injected failure at matching step {cfg.fail_at_step}")
-                metrics = self.generator_step(state, opt, sched, learner, rep_sets, pools, corpus)
+                slot = (outer - born) * cfg.inner_loop + inner
+                metrics = self.generator_step(state, opt, sched, learner, rep_sets, pools, corpus, slot)
                 state.step += 1
                 self.emit(state, stage="match", **metrics)
-                self.inner_learner_steps(learner, learner_opt)
+                if inner < cfg.inner_loop - 1:  # none after the last generator step of the outer loop
+                    self.inner_learner_steps(learner, learner_opt, learner_sched)
             state.outer = outer + 1
-            if cfg.val_interval and state.outer % cfg.val_interval == 0:
-                acc = self.validate(cfg.seed + outer)
-                if state.best_val is None or acc > state.best_val:
-                    state.best_val = acc
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.generator.state_dict().items()}
-                self.emit(state, stage="match", val_accuracy=acc, best_val_accuracy=state.best_val)
-                bar.set_postfix(val=f"{acc:.1f}")
+            best_state = self.maybe_validate(state, best_state, cfg.seed + outer)
+            if state.best_val is not None:
+                bar.set_postfix(best_val=f"{state.best_val:.1f}")
             if state.outer % cfg.checkpoint_interval == 0:
                 save_checkpoint(cfg, self.generator, state, best_state, opt)
         state.stage = "select"

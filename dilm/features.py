@@ -26,9 +26,13 @@ def embed(texts: list[str], model_name: str, device, pooling: str = "mean", batc
                   return_tensors="pt", padding_side="right").to(device)
         with autocast(device):
             hidden = model(**enc).last_hidden_state.float()  # (B, T, H)
-        if pooling == "cls":
-            out.append(hidden[:, 0].cpu())
-        else:
-            m = enc["attention_mask"][..., None].float()
-            out.append(((hidden * m).sum(1) / m.sum(1)).cpu())
+        out.append(pool(hidden, enc["attention_mask"], pooling).cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, H) last-layer states → (B, H): the first token (``cls``) or the masked mean (``mean``)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    m = attention_mask[..., None].to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1)

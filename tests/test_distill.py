@@ -1,13 +1,16 @@
 """End-to-end DiLM on tiny models: config validation, selection, resume, the CLI smoke preset."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from dilm import DilmError
 from dilm.cli import main
-from dilm.distill import PRESETS, DistillConfig, Distiller, distill
+from dilm.coreset import kmeans_nearest
+from dilm.distill import PRESETS, DistillConfig, Distiller, State, distill
+from dilm.evaluate import linear_warmup_decay
 from dilm.synset import read_set
 from dilm.tasks import load_task
 
@@ -71,6 +74,7 @@ def test_callback_sees_lm_match_and_validation_metrics(smoke_run):
     assert len(match_steps) == cfg.total_match_steps
     assert [m["step"] for m in match_steps] == list(range(cfg.lm_steps + 1, cfg.lm_steps + cfg.total_match_steps + 1))
     assert any("val_accuracy" in m for m in seen) and result.best_val_accuracy is not None
+    assert result.timings["val_s"] > 0  # the cost of validation is measured and written to provenance
 
 
 def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
@@ -123,3 +127,159 @@ def test_cli_smoke_preset_on_pair_and_multiclass_tasks(task, tmp_path, capsys):
     s = read_set(tmp_path / "sets" / "dpc2" / "set00.jsonl", t.label_names, t.is_pair)
     assert s.counts() == [2] * t.num_classes
     assert all(bool(e.text_pair) == t.is_pair for e in s.examples)
+
+
+# --------------------------------------------------------------------------- what the matching is fed (issue 9)
+
+
+class Recording(list):
+    """A list that records which indices were read."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read = []
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return super().__getitem__(i)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory, toy_task):
+    cfg = DistillConfig.from_preset("smoke", inner_loop=3, generate_interval=2, outer_loops=2, n_rep_sets=3,
+                                    model_step_per_inner_step=4,
+                                    rep_pool_per_class=0, output_dir=str(tmp_path_factory.mktemp("toy")))
+    return Distiller(cfg, task=toy_task)
+
+
+def test_representative_sets_cluster_the_whole_class(toy_run):
+    """Item 2: per class, n_rep_sets k-means runs (k = real_per_class) over the whole class on the pre-trained
+    learner's features, the example nearest each centroid."""
+    run, cfg = toy_run, toy_run.cfg
+    sets = run.representative_sets()
+    for c, group in enumerate(run.task.by_class()):
+        group = [e for e in run.train if e.label == c]  # the training part (validation held out)
+        assert len(sets[c]) == cfg.n_rep_sets
+        feats = run.features([e.text for e in group])
+        for r, rep in enumerate(sets[c]):
+            assert len(rep) == len(set(rep)) == cfg.real_per_class
+            assert rep == [group[i] for i in kmeans_nearest(feats, cfg.real_per_class, cfg.seed + r, n_init=1)]
+    assert sets[0][0] != sets[0][1]  # different seeds, different sets
+
+
+def test_pool_is_clustered_and_batches_take_one_member_of_every_cluster_in_turn(toy_run):
+    """Items 2 and 3: representative sets used in order; the pool holds syn_per_class × inner_loop ×
+    generate_interval texts per class, in syn_per_class clusters of the given learner's features; mini-batch
+    ``slot`` is member ``slot`` of every cluster (wrapping when a cluster runs out)."""
+    run, cfg = toy_run, toy_run.cfg
+    learner = run.fresh_learner(0)
+    pools = run.regenerate_pool(5, learner)
+    for samples, clusters, _ in pools:
+        assert len(samples) == cfg.pool_size == cfg.syn_per_class * cfg.inner_loop * cfg.generate_interval
+        assert len(clusters) == cfg.syn_per_class
+        assert sorted(i for cl in clusters for i in cl) == list(range(len(samples)))
+    recorded = [(samples, [Recording(cl) for cl in clusters], ids) for samples, clusters, ids in pools]
+    rep_sets = [Recording([run.learner_inputs(s) for s in sets]) for sets in run.representative_sets()]
+    opt, sched = run.match_optimizer()
+    state = State(stage="match", step=cfg.lm_steps)
+    for slot in range(4):
+        run.generator_step(state, opt, sched, learner, rep_sets, recorded, run.corpus, slot)
+        state.step += 1
+    assert rep_sets[0].read == [0, 1, 2, 0]  # in order, then around again
+    for _, clusters, _ in recorded:
+        for cl in clusters:
+            assert cl.read == [slot % len(cl) for slot in range(4)]
+
+
+def test_inner_learner_uses_the_protocols_optimiser_in_eval_mode(toy_run):
+    """Item 4: AdamW with the protocol's weight decay, warm-up over half of inner_loop × model steps then decay,
+    clipping, and no dropout (eval mode: two forward passes agree)."""
+    run, cfg = toy_run, toy_run.cfg
+    learner = run.fresh_learner(0)
+    learner.train()
+    opt, sched = run.learner_optimizer(learner)
+    assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[0]["initial_lr"] == cfg.learner_lr
+    total = cfg.inner_loop * cfg.model_step_per_inner_step
+    lrs = [lr * cfg.learner_lr for lr in (linear_warmup_decay(s, total, 0.5) for s in range(total))]
+    assert sched.get_last_lr()[0] == pytest.approx(lrs[0]) and lrs[0] < cfg.learner_lr
+    run.inner_learner_steps(learner, opt, sched)
+    assert not learner.training and sched.get_last_lr()[0] == pytest.approx(lrs[cfg.model_step_per_inner_step])
+    batch = run.learner_inputs(run.train[:8])
+    assert torch.equal(learner(**batch).logits, learner(**batch).logits)
+
+
+def test_lm_and_matching_optimisers_are_the_references(toy_run):
+    """Item 7 (and the matching stage): AdamW with weight decay 0.01, cosine schedules (10 % / 5 % warm-up)."""
+    run, cfg = toy_run, toy_run.cfg
+    for (opt, sched), lr, total, warm in ((run.lm_optimizer(), cfg.lm_lr, cfg.lm_steps, int(0.1 * cfg.lm_steps)),
+                                          (run.match_optimizer(), cfg.generator_lr, cfg.total_match_steps, 1)):
+        assert opt.param_groups[0]["weight_decay"] == 0.01
+        seen = []
+        for _ in range(total):
+            seen.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        cosine = [lr * (s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))))
+                  for s in range(total)]
+        assert seen == pytest.approx(cosine)
+
+
+class Declining(Distiller):
+    """Validation that only gets worse, and a count of the inner learner's step blocks."""
+
+    def validate(self, seed):
+        self.seen_states = getattr(self, "seen_states", [])
+        self.seen_states.append({k: v.clone() for k, v in self.generator.state_dict().items()})
+        return 90.0 - 10 * len(self.seen_states)
+
+    def inner_learner_steps(self, *args):
+        self.inner_blocks = getattr(self, "inner_blocks", 0) + 1
+        super().inner_learner_steps(*args)
+
+
+def test_step_zero_is_validated_and_kept_when_matching_only_hurts(tmp_path, toy_task):
+    """Items 6 and 4: the LM-only generator is validated before the first matching step, so a run whose matching
+    only lowers validation keeps the LM's generator; the learner takes no steps after an outer loop's last
+    generator step."""
+    seen = []
+    cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), rep_pool_per_class=0)
+    run = Declining(cfg, callback=seen.append, task=toy_task)
+    result = run.fit()
+    vals = [m for m in seen if "val_accuracy" in m]
+    assert [m["step"] for m in vals] == [cfg.lm_steps + cfg.inner_loop * o for o in range(cfg.outer_loops + 1)]
+    assert result.best_val_accuracy == 80.0
+    kept = run.generator.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in run.seen_states[0].items())
+    assert not all(torch.equal(kept[k], v) for k, v in run.seen_states[-1].items())  # matching did change it
+    assert run.inner_blocks == cfg.outer_loops * (cfg.inner_loop - 1)
+
+
+@pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"smoke"}))
+def test_real_presets_validate_on_enough_sets_and_seeds(preset):
+    """Item 6: at least 3 sets × 3 seeds, at the protocol's 200 steps."""
+    cfg = DistillConfig.from_preset(preset)
+    assert cfg.val_sets >= 3 and cfg.val_seeds >= 3 and cfg.val_steps == 200 and cfg.val_interval > 0
+
+
+def test_paper_preset_is_the_reference_item_by_item():
+    """Item 11: configs/train/lm.yaml and dc.yaml of the DiLM reference code, and its evaluation."""
+    cfg = DistillConfig.from_preset("paper")
+    reference = {
+        "generator": "gpt2", "learner": "bert-base-uncased", "dpc": (5, 10, 20), "n_sets": 20,
+        # LM stage: 80k steps, lr 1e-5, AdamW wd 0.01 (cosine, warm-up 0.1, clip 1 are fixed in the code)
+        "lm_steps": 80000, "lm_lr": 1e-5, "lm_weight_decay": 0.01, "lm_batch_size": 64,
+        # lengths: the longest example (SST-2: 68 GPT-2 tokens), nothing dropped
+        "length_quantile": 1.0, "max_length": 0, "max_new_tokens": 0, "drop_unfinished": False,
+        # matching: 20,000 steps = 2,000 outer loops × 10, 20 learner steps between generator steps
+        "outer_loops": 2000, "inner_loop": 10, "model_step_per_inner_step": 20, "generator_lr": 3e-7,
+        "generator_weight_decay": 0.01, "syn_per_class": 64, "real_per_class": 200, "n_rep_sets": 10,
+        "rep_pool_per_class": 0, "pool_per_class": 0, "generate_interval": 20, "pooling": "cls",
+        "temperature": 1.0, "gen_loss_norm": "batch", "lm_lambda": 0.0, "all_layers": False,
+        "learner_lr": 1e-4, "learner_batch_size": 64,
+        # validation every 2,000 generator steps and at step 0: 5 sets × 5 seeds at DPC 20, 200 steps
+        "val_interval": 200, "val_dpc": 20, "val_sets": 5, "val_seeds": 5, "val_steps": 200,
+        # final sets: 100 × DPC candidates, top-p 0.95
+        "over_sample": 100, "top_p": 0.95,
+    }
+    assert {k: getattr(cfg, k) for k in reference} == reference
+    assert cfg.pool_size == 64 * 10 * 20 == 12800 and cfg.total_match_steps == 20000
