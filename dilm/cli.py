@@ -57,6 +57,8 @@ def cmd_evaluate(args) -> int:
     for arch, s in summary.items():
         f1 = f"  F1 {s['f1']:.1f} ± {s['f1_std']:.1f}" if "f1" in s else ""
         print(f"{arch:>16}: accuracy {s['accuracy']:.1f} ± {s['accuracy_std']:.1f}  (n={s['n']}){f1}")
+        if "note" in s:
+            print(f"{'':>16}  ({s['note']})")
     if args.json:
         write_json(args.json, {"task": task.name, "sets": [str(p) for p in args.sets], "scores": summary})
     return 0

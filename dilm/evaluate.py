@@ -9,7 +9,8 @@ Architectures (``--arch``):
   classification head;
 * ``tfidf-logreg`` — TF-IDF + logistic regression trained from scratch (soft labels by weighted expansion);
 * ``icl-<model>`` — k-shot in-context learning: the set's examples as demonstrations, the label chosen by
-  comparing label-word log-likelihoods (soft labels use their arg-max).
+  comparing label-word log-likelihoods. A soft label shows its arg-max label word; the distribution (and the
+  example's weight) decides which examples are shown (:func:`icl_demonstrations`); the scores say so.
 
 Many evaluations run at once: the fine-tuned learners of one architecture are trained as an *ensemble* —
 parameters stacked with ``torch.func.stack_module_state`` and the forward ``vmap``-ed over members, each member
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from dilm import DilmError
 from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
-from dilm.synset import SynSet
+from dilm.synset import SynExample, SynSet
 from dilm.tasks import Example, TaskData
 
 TFIDF = "tfidf-logreg"
@@ -68,6 +69,7 @@ class EvalConfig:
 class ArchScores:
     accuracies: list[float] = field(default_factory=list)  # one per (set, seed)
     f1s: list[float] = field(default_factory=list)
+    note: str | None = None  # how the architecture read the sets, where that is not obvious (ICL and soft labels)
 
     @staticmethod
     def _ms(xs):
@@ -82,6 +84,8 @@ class ArchScores:
         if self.f1s:
             f_mean, f_std = self._ms(self.f1s)
             out.update(f1=100 * f_mean, f1_std=100 * f_std)
+        if self.note:
+            out["note"] = self.note
         return out
 
 
@@ -333,12 +337,36 @@ def label_logprobs(model, tok, prompts: list[str], label_words: list[str], devic
     return out
 
 
-def icl_predict(model, tok, synset: SynSet, seed: int, test: list[Example], shots: int, device) -> np.ndarray:
+ICL_SOFT_NOTE = ("ICL shows each demonstration's arg-max label word; soft labels and weights decide which "
+                 "examples are shown (drawn with probability ∝ weight × (max p − 1/C)), not the words")
+
+
+def icl_demonstrations(synset: SynSet, seed: int, shots: int) -> list[tuple[SynExample, int]]:
+    """The ``shots`` demonstrations of one ICL evaluation, each with the class whose label word it shows.
+
+    A prompt holds one label word per example, so a soft label shows the word of its **arg-max**. The
+    distribution still counts: with more examples than shots, demonstrations are drawn without replacement with
+    probability ∝ weight × (max p − 1/C), the label's margin over uniform — an example whose label is near
+    uniform (which one word would misstate) or whose weight is 0 is shown only when nothing else is left.
+    Sets whose examples all have the same margin (hard sets) get a plain seeded shuffle, as before soft labels.
+    """
+    c = synset.num_classes
+    dists = [e.distribution(c) for e in synset.examples]
+    argmax = [max(range(c), key=d.__getitem__) for d in dists]
+    margin = np.array([e.weight * (max(d) - 1 / c) for e, d in zip(synset.examples, dists)])
     rng = random.Random(seed)
-    demos = list(synset.examples)
-    rng.shuffle(demos)
-    demos = demos[:shots]
-    prefix = "".join(icl_prompt(e.text, e.text_pair, synset.label_names[e.label]) for e in demos)
+    if np.allclose(margin, margin[0]):
+        order = list(range(len(dists)))
+        rng.shuffle(order)
+    else:  # weighted sampling without replacement: the k largest u^(1/w) (Efraimidis & Spirakis); w = 0 last
+        keys = [rng.random() ** (1 / m) if m > 1e-12 else -rng.random() for m in margin]
+        order = sorted(range(len(dists)), key=lambda i: -keys[i])
+    return [(synset.examples[i], argmax[i]) for i in order[:shots]]
+
+
+def icl_predict(model, tok, synset: SynSet, seed: int, test: list[Example], shots: int, device) -> np.ndarray:
+    demos = icl_demonstrations(synset, seed, shots)
+    prefix = "".join(icl_prompt(e.text, e.text_pair, synset.label_names[c]) for e, c in demos)
     prompts = [prefix + icl_prompt(e.text, e.text_pair) for e in test]
     return label_logprobs(model, tok, prompts, list(synset.label_names), device).argmax(-1).numpy()
 
@@ -400,6 +428,8 @@ class Evaluator:
             else:
                 name = icl_model(arch)
                 model, tok = self._model(name, "causal-lm").eval(), load_tokenizer(name)
+                if any(e.soft_label is not None or e.weight != 1.0 for s in sets for e in s.examples):
+                    scores.note = ICL_SOFT_NOTE
                 for s, seed in jobs:
                     self._record(scores, icl_predict(model, tok, s, seed, self.test, self.cfg.icl_shots,
                                                      self.device))

@@ -1,5 +1,5 @@
-"""Synthetic sets on disk: JSONL lines ``{"text", "text_pair"?, "label", "soft_label"?}``, validated line by line,
-written atomically (a temporary file renamed into place) so that a killed run never leaves half a set.
+"""Synthetic sets on disk: JSONL lines ``{"text", "text_pair"?, "label", "soft_label"?, "weight"?}``, validated line
+by line, written atomically (a temporary file renamed into place) so that a killed run never leaves half a set.
 """
 
 from __future__ import annotations
@@ -21,12 +21,17 @@ class SynExample:
     label: int
     text_pair: str | None = None
     soft_label: tuple[float, ...] | None = None
+    weight: float = 1.0  # per-example weight on the label distribution (learned soft labels may set it)
 
-    def target(self, num_classes: int) -> list[float]:
-        """The training target: the soft label, or the one-hot of the hard label."""
+    def distribution(self, num_classes: int) -> list[float]:
+        """The label distribution: the soft label, or the one-hot of the hard label."""
         if self.soft_label is not None:
             return list(self.soft_label)
         return [1.0 if c == self.label else 0.0 for c in range(num_classes)]
+
+    def target(self, num_classes: int) -> list[float]:
+        """The training target: weight × distribution (soft cross-entropy on it is weight × cross-entropy)."""
+        return [self.weight * p for p in self.distribution(num_classes)]
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,13 @@ class SynSet:
     def from_examples(cls, examples: list[Example], label_names: tuple[str, ...], **meta) -> SynSet:
         return cls([SynExample(e.text, e.label, e.text_pair) for e in examples], tuple(label_names), meta)
 
-    def with_soft_labels(self, soft: list[list[float]]) -> SynSet:
-        exs = [SynExample(e.text, max(range(len(s)), key=s.__getitem__), e.text_pair, tuple(float(x) for x in s))
-               for e, s in zip(self.examples, soft, strict=True)]
+    def with_soft_labels(self, soft: list[list[float]], weights: list[float] | None = None) -> SynSet:
+        """The same texts with label distributions ``soft`` (n, C) (the label becomes their arg-max) and, when
+        given, per-example weights (n,)."""
+        weights = [1.0] * len(self.examples) if weights is None else weights
+        exs = [SynExample(e.text, max(range(len(s)), key=s.__getitem__), e.text_pair, tuple(float(x) for x in s),
+                          float(w))
+               for e, s, w in zip(self.examples, soft, weights, strict=True)]
         return SynSet(exs, self.label_names, dict(self.meta))
 
     def counts(self) -> list[int]:
@@ -85,6 +94,8 @@ def write_set(path: str | Path, synset: SynSet) -> Path:
             row["text_pair"] = e.text_pair
         if e.soft_label is not None:
             row["soft_label"] = [round(x, 6) for x in e.soft_label]
+        if e.weight != 1.0:
+            row["weight"] = round(e.weight, 6)
         lines.append(json.dumps(row, ensure_ascii=False))
     atomic_write_text(path, "\n".join(lines) + "\n")
     return Path(path)
@@ -126,8 +137,12 @@ def read_set(path: str | Path, label_names: tuple[str, ...], is_pair: bool = Fal
                 raise DilmError(f"{where}this is a sentence-pair task: 'text_pair' is required")
             soft = row.get("soft_label")
             soft = None if soft is None else _parse_soft(soft, len(label_names), where)
+            weight = row.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight)
+                                                                                      and weight >= 0):
+                raise DilmError(f"{where}'weight' must be a non-negative number, got {weight!r}")
             examples.append(SynExample(row["text"], parse_label(row["label"], label_names, where),
-                                       pair if is_pair else None, soft))
+                                       pair if is_pair else None, soft, float(weight)))
     if not examples:
         raise DilmError(f"synthetic set {path} is empty")
     meta_path = path.with_suffix(".meta.json")
