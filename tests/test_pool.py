@@ -66,7 +66,9 @@ def test_pool_survives_actor_killed_mid_evaluation(ray_cluster, toy_task):
         scores, retried = ray.get(ref, timeout=240)
         assert retried == 1
         assert scores[5]["tiny-bert"]["n"] == 4
-        assert 0 <= scores[5]["tiny-bert"]["accuracy"] <= 100
+        # 4 runs, each right on k of the 40 test examples: the mean is a whole number of 1/160ths
+        assert (scores[5]["tiny-bert"]["accuracy"] * 1.6) == pytest.approx(round(scores[5]["tiny-bert"]["accuracy"]
+                                                                                * 1.6), abs=1e-6)
         after = ray.get(actor.stats.remote())
         assert after["pid"] != first_pid and after["calls"] == 1  # restarted; the retried job ran there
         assert PoolClient(spec).handles()  # the name resolves to the restarted actor

@@ -18,25 +18,21 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import psutil
 import pytest
 import yaml
 
 from dilm import DilmError
 from dilm.distill import DistillConfig
-from tune.sweep import (
-    FINAL,
-    OBJECTIVE,
-    VAL_METRIC,
-    PruneAwareOptunaSearch,
-    check_resources,
-    final_result,
-    load_config,
-    main,
-)
+from tune.config import FINAL, OBJECTIVE, VAL_METRIC, EvalSpec, SweepConfig, load_config
+from tune.search import PruneAwareOptunaSearch
+from tune.sweep import check_resources, main
+from tune.trial import final_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
+DATA = ROOT / "tests" / "data"
 
 
 # --------------------------------------------------------------------------- configuration (no Ray)
@@ -55,8 +51,10 @@ def smoke_raw() -> dict:
 @pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS.glob("*.yaml")))
 def test_shipped_sweeps_load(name):
     cfg = load_config(SWEEPS / f"{name}.yaml")
-    assert cfg.name == name and cfg.metric == OBJECTIVE and cfg.search
-    assert {k: p.distribution() for k, p in cfg.search.items()}  # valid Optuna distributions
+    assert cfg.name == name and cfg.search
+    sampled = optuna.create_study().ask({k: p.distribution() for k, p in cfg.search.items()}).params
+    for k, p in cfg.search.items():  # Optuna samples each parameter inside the YAML's range
+        assert sampled[k] in p.choices if p.type == "categorical" else p.low <= sampled[k] <= p.high, k
     smoke = load_config(SWEEPS / f"{name}.yaml", smoke=True)
     assert smoke.name == f"{name}-smoke" and smoke.preset == "smoke" and smoke.trial_resources.gpu == 0
     assert 2 <= smoke.num_samples <= 4 and set(smoke.search) == set(cfg.search)
@@ -78,7 +76,9 @@ def test_shipped_sweeps_load(name):
     ({"fixed": {"preset": "smoke", "inner_loop": 0}}, "inner_loop must be >= 1"),
     ({"asha": {"max_t": 1, "grace_period": 1}}, "grace_period < max_t"),
     ({"asha": {"max_t": 2, "grace_period": 1}}, r"max_t \(2\) must exceed the 2 \(training_iteration\)"),
-    ({"metric": "val_accuracy"}, "metric/mode must be objective/max"),
+    ({"metric": "objective"}, "metric can no longer be set: a sweep always maximises 'objective'"),
+    ({"metric": "val_accuracy", "mode": "max"}, "metric/mode can no longer be set"),
+    ({"eval": {"archs": ["tfidf-logreg"], "seeds": 0}}, "seeds, batch_size and ensemble must be >= 1"),
     ({"name": "a b"}, "sweep name must be"),
     ({"points_to_evaluate": [{"lm_lr": 1e-4}]}, "must give every search key"),
     ({"trial_resources": {"cpu": 1, "gpu": -1}}, "resources must be >= 0"),
@@ -104,7 +104,19 @@ def test_config_is_frozen_and_complete():
     assert cfg.name == "other" and cfg.storage == "/tmp/x" and cfg.experiment == "dilm-demo"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.num_samples = 9
-    assert json.dumps(cfg.to_dict())  # JSON-able: it is saved beside the sweep and logged as parent params
+    saved = json.loads(json.dumps(cfg.to_dict()))  # as saved beside the sweep (and logged as parent params)
+    assert SweepConfig.from_dict(saved) == cfg  # what a resume compares the YAML against
+
+
+def test_eval_defaults_come_from_eval_config():
+    """The pool's protocol has one source of defaults: dilm.evaluate.EvalConfig."""
+    from dilm.evaluate import EvalConfig
+
+    spec, protocol = EvalSpec(), EvalConfig()
+    assert spec.eval_config() == dataclasses.replace(protocol, progress=False)
+    assert spec.seeds == protocol.seeds and spec.steps == protocol.steps
+    cfg = load_config(SWEEPS / "demo.yaml")
+    assert cfg.eval.eval_config().seeds == yaml.safe_load((SWEEPS / "demo.yaml").read_text())["eval"]["seeds"]
 
 
 def test_resource_arithmetic():
@@ -130,7 +142,6 @@ def test_final_result_is_the_mean_over_archs_and_dpcs():
 
 def test_searcher_records_asha_stops_as_pruned():
     """Stock OptunaSearch would store an early-stopped trial COMPLETE with its last value."""
-    import optuna
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState
 
@@ -149,6 +160,31 @@ def test_searcher_records_asha_stops_as_pruned():
     assert trials["stopped"].intermediate_values == {3: 55.0, 7: 61.0}
     assert trials["complete"].state == TrialState.COMPLETE and trials["complete"].value == 70.0
     assert trials["errored"].state == TrialState.FAIL
+
+
+@pytest.mark.parametrize("how", ["dilm-sweep", "python-m"])
+def test_sweeps_pickled_before_the_split_unpickle(how):
+    """``tuner.pkl`` of smoke sweeps started at commit 739ab12, before tune/sweep.py was split: ``--resume`` loads it
+    with today's code. Started by ``dilm sweep`` it names ``tune.sweep.PruneAwareOptunaSearch``, ``.TrialEnd`` and
+    ``.trial_dirname``; started by ``python -m tune.sweep`` those came from ``__main__`` and were pickled by value,
+    naming only ``tune.tracking`` classes."""
+    import ray.cloudpickle
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.search import TrialEnd, trial_dirname
+    from tune.tracking import TrackingSpec
+    from tune.trial import run_trial
+
+    state = ray.cloudpickle.loads((DATA / f"tuner-739ab12-{how}.pkl").read_bytes())
+    tune_config, run_config = state["_tune_config"], state["_run_config"]
+    [callback] = run_config.callbacks
+    assert state["__trainable_name"] == run_trial.__name__  # Tuner.restore refuses a trainable of another name
+    assert isinstance(tune_config.search_alg, OptunaSearch) and isinstance(callback.spec, TrackingSpec)
+    if how == "dilm-sweep":
+        assert type(tune_config.search_alg) is PruneAwareOptunaSearch and type(callback) is TrialEnd
+        assert tune_config.trial_dirname_creator is trial_dirname
+    else:
+        assert type(tune_config.search_alg).__name__ == "PruneAwareOptunaSearch"
 
 
 # --------------------------------------------------------------------------- on a local Ray cluster
@@ -254,8 +290,6 @@ def mlflow_runs(storage: Path):
 
 
 def study_trials(storage: Path):
-    import optuna
-
     return optuna.load_study(study_name="crash", storage=f"sqlite:///{storage}/optuna.db").trials
 
 

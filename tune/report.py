@@ -1,0 +1,103 @@
+"""The end of a sweep: the per-trial table from the Optuna study, the best trial, parameter importances, and where
+they go (the MLflow parent run, ``reports/<name>/``, the console).
+
+The study, not Tune's results, is the record: it spans every driver run of a resumed sweep, and it knows which
+trials ASHA stopped (PRUNED) and which failed (see :mod:`tune.search`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from dilm.synset import atomic_write_text, write_json
+from tune.config import OBJECTIVE, SweepConfig, SweepPaths
+from tune.plots import param_importances as plot_importances
+
+log = logging.getLogger("tune.report")
+
+
+def load_study(cfg: SweepConfig, paths: SweepPaths) -> optuna.Study:
+    return optuna.load_study(study_name=cfg.name, storage=optuna.storages.RDBStorage(paths.optuna_url))
+
+
+def param_importances(study) -> dict[str, float] | None:
+    """fANOVA importances over the study's COMPLETE trials; None when they cannot be computed (too few trials, or
+    a parameter that never varied)."""
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError) as e:
+        log.info("no parameter importances: %s", e)
+        return None
+
+
+def fail_orphans(study) -> int:
+    """Once a sweep has finished no trial runs: an Optuna trial still RUNNING was asked by a driver killed before Tune
+    saved its searcher state (the restored sweep suggested a new trial instead). Mark those FAIL."""
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in orphans:
+        study.tell(t.number, state=TrialState.FAIL)
+    return len(orphans)
+
+
+def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dict:
+    """The per-trial table (from the Optuna study), counts and the best trial."""
+    rows = [{"number": t.number, "ray_trial_id": t.user_attrs.get("ray_trial_id", ""), "state": t.state.name,
+             OBJECTIVE: t.value if t.state.name == "COMPLETE" else None, **t.params}
+            for t in study.trials]
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    best = max(complete, key=lambda r: r[OBJECTIVE]) if complete else None
+    states = [r["state"] for r in rows]
+    return {"name": cfg.name, "rows": rows, "best": best, "complete": len(complete),
+            "pruned": states.count("PRUNED"), "failed": states.count("FAIL"), "finished": finished,
+            "importances": param_importances(study) if len(complete) >= 2 else None,
+            "storage": str(paths.storage), "optuna_url": paths.optuna_url}
+
+
+def _csv(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
+    """Parent run: counts, best objective, trials.csv and the parameter-importance plot; then a console summary."""
+    out = paths.reports_dir
+    atomic_write_text(out / "trials.csv", _csv(summary["rows"]))
+    tracker.log_artifact(out / "trials.csv")
+    tracker.log_metrics({"trials_complete": summary["complete"], "trials_pruned": summary["pruned"],
+                         "trials_failed": summary["failed"],
+                         **({"best_objective": summary["best"][OBJECTIVE]} if summary["best"] else {})})
+    if summary["best"]:
+        tracker.set_tags({"dilm.best_trial": summary["best"]["ray_trial_id"],
+                          "dilm.best_params": json.dumps({k: v for k, v in summary["best"].items()
+                                                          if k not in ("number", "ray_trial_id", "state")})})
+    if summary["importances"]:
+        write_json(out / "param_importances.json", summary["importances"])
+        tracker.log_artifact(plot_importances(summary["importances"], out / "param_importances.png",
+                                              f"{summary['name']}: importance for the objective"))
+        tracker.log_artifact(out / "param_importances.json")
+    print(format_summary(summary))
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"sweep {s['name']}: {s['complete']} complete, {s['pruned']} stopped early (ASHA), "
+             f"{s['failed']} failed" + ("" if s["finished"] else " — interrupted: continue with --resume")]
+    if s["best"]:
+        params = {k: v for k, v in s["best"].items() if k not in ("number", "ray_trial_id", "state", OBJECTIVE)}
+        lines.append(f"  best objective {s['best'][OBJECTIVE]:.2f} (trial {s['best']['ray_trial_id']}): {params}")
+        lines.append(f"  its sets:  {Path(s['storage']) / 'sets' / s['name'] / s['best']['ray_trial_id'] / 'sets'}")
+    if s["importances"]:
+        lines.append("  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in s["importances"].items()))
+    lines.append(f"  MLflow:    dilm ui --storage {s['storage']}")
+    lines.append(f"  Optuna:    optuna-dashboard {s['optuna_url']}")
+    return "\n".join(lines)

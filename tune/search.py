@@ -1,0 +1,133 @@
+"""The Optuna/ASHA adapters and the Tune callback: everything here leans on Ray Tune's internals (Ray 2.60).
+
+ASHA and Optuna. ``OptunaSearch`` has no pruner of its own and stores a trial that ASHA stopped as COMPLETE with its
+last reported value — here a validation accuracy or nothing, not an objective. :class:`PruneAwareOptunaSearch`
+tells the study the truth instead: intermediate ``val_accuracy`` values go to ``trial.report`` (visible in
+optuna-dashboard, and used by TPE to rank pruned trials), a trial whose last result carries ``final: True`` is
+COMPLETE with its objective, an errored trial FAIL, and any other (stopped early) trial PRUNED — so TPE fits its
+"good" density on real objectives only and the parameter importances use complete trials only. Intermediate
+reports carry ``objective: nan`` (every result must hold the searcher's metric), never a stand-in value; Optuna
+itself shows a pruned trial's last intermediate value as its value, labelled PRUNED.
+
+Ray internals used: OptunaSearch's private ``_ot_trials``, ``_ot_study`` and ``_completed_trials``; Tune's
+``Trial`` objects (``trial_id``, ``last_result``) handed to callbacks and to ``trial_dirname_creator``.
+
+Pickled state: Tune saves the searcher, the callback and ``trial_dirname`` with the experiment (by qualified name),
+and ``--resume`` loads them back; renaming or moving them breaks resuming sweeps started before (see the names kept
+importable in :mod:`tune.sweep`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from tune.config import FINAL, OBJECTIVE, VAL_METRIC, SweepConfig, SweepPaths
+from tune.tracking import SweepTracker, TrackingSpec
+
+log = logging.getLogger("tune.search")
+
+
+class PruneAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that records early-stopped trials as PRUNED, with their validation accuracies as intermediate
+    values (see the module docstring). Builds on OptunaSearch's attributes ``_ot_trials``, ``_ot_study`` and
+    ``_completed_trials`` (Ray 2.60)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reported: dict[str, set[int]] = {}  # steps already given to trial.report, per trial
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        if params is not None:
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return params
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        value, step = result.get(VAL_METRIC), int(result.get("step", 0))
+        done = self._reported.setdefault(trial_id, set())
+        if value is None or not math.isfinite(value) or step in done:
+            return
+        self._ot_trials[trial_id].report(float(value), step)
+        done.add(step)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials and not result.get(FINAL):
+            self._report(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value = (result or {}).get(self.metric)
+        if error:
+            state, value = TrialState.FAIL, None
+        elif result and result.get(FINAL) and value is not None and math.isfinite(value):
+            state = TrialState.COMPLETE
+        else:  # stopped by ASHA: Tune withholds the result it stopped on from on_trial_result
+            state, value = TrialState.PRUNED, None
+            self._report(trial_id, result or {})
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        except (ValueError, RuntimeError) as e:  # e.g. told already before a driver crash
+            log.warning("optuna: trial %s: %s", trial_id, e)
+        self._completed_trials.add(trial_id)
+
+
+def make_searcher(cfg: SweepConfig, paths: SweepPaths) -> PruneAwareOptunaSearch:
+    storage = optuna.storages.RDBStorage(paths.optuna_url)
+    startup = cfg.startup_trials if cfg.startup_trials is not None else max(1, cfg.num_samples // 2)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
+    space = {k: p.distribution() for k, p in cfg.search.items()}
+    return PruneAwareOptunaSearch(space, metric=OBJECTIVE, mode="max", sampler=sampler, study_name=cfg.name,
+                                  storage=storage, points_to_evaluate=list(cfg.points_to_evaluate) or None)
+
+
+def make_scheduler(cfg: SweepConfig):
+    if cfg.asha is None:
+        return FIFOScheduler()
+    a = cfg.asha
+    return ASHAScheduler(time_attr=a.time_attr, metric=VAL_METRIC, mode="max", max_t=a.max_t,
+                         grace_period=a.grace_period, reduction_factor=a.reduction_factor)
+
+
+class TrialEnd(Callback):
+    """Driver side, when a trial ends: the terminal status of its MLflow child run (a trial stopped by ASHA cannot set
+    it), and for a trial stopped early the removal of its distill checkpoint (generator weights, never resumed)."""
+
+    def __init__(self, spec: TrackingSpec, sets_dir: str):
+        self.spec = spec
+        self.sets_dir = sets_dir
+        self._tracker = None
+
+    def __getstate__(self):  # saved with the experiment: the MLflow client is rebuilt on demand
+        return {**self.__dict__, "_tracker": None}
+
+    def _end(self, trial, status: str, tags: dict | None = None) -> None:
+        try:
+            self._tracker = self._tracker or SweepTracker.attach(self.spec)
+            self._tracker.end_child(trial.trial_id, status, tags)
+        except Exception as e:  # tracking must not stop the sweep
+            log.warning("mlflow: could not set trial %s to %s: %s", trial.trial_id, status, e)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if (trial.last_result or {}).get(FINAL):
+            self._end(trial, "FINISHED")
+        else:
+            self._end(trial, "KILLED", {"dilm.stopped_early": "asha"})
+            shutil.rmtree(Path(self.sets_dir) / trial.trial_id / "checkpoint", ignore_errors=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
+
+
+def trial_dirname(trial) -> str:
+    """Trial folders named by id: hyperparameters live in MLflow params, not in 200-character folder names."""
+    return trial.trial_id

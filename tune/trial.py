@@ -1,0 +1,130 @@
+"""One sweep trial: ``distill(cfg)`` with the sampled values, its sets scored on the evaluation pool, the objective.
+
+:func:`run_trial` is the Ray Tune trainable. It gets the trial's sampled values (``config``) and a
+:class:`TrialPlan` (everything else, fixed for the sweep, handed over by ``tune.with_parameters``), and reports:
+
+* every validation of distill (every ``val_interval`` outer loops): ``{val_accuracy, step, objective: nan,
+  final: False}`` — ASHA's signal (:class:`StepReporter`; every step's metrics also go to the MLflow child run);
+* once, at the end: :func:`final_result` — ``objective`` (mean test accuracy over the pool's architectures and
+  the DPCs), ``acc_<arch>`` and ``final: True``.
+
+A trial resumed after a driver crash that had already written ``final.json`` reports it again instead of running
+again; one that had not resumes distill from its checkpoint in the trial's output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ray.tune import get_context, report
+
+from dilm.distill import DistillConfig, distill
+from dilm.synset import read_set, write_json
+from tune.config import FINAL, OBJECTIVE, VAL_METRIC
+from tune.plots import accuracy_vs_dpc_all
+from tune.pool import PoolClient, PoolSpec
+from tune.tracking import TrackingSpec, TrialRun
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything a trial needs besides its sampled values (picklable; given by ``tune.with_parameters``).
+    ``label_names``/``is_pair`` are the task's, so a trial reads its sets back without loading the task."""
+
+    task: str
+    label_names: tuple[str, ...]
+    is_pair: bool
+    preset: str
+    fixed: dict
+    sets_dir: str
+    tune_dir: str
+    pool: PoolSpec
+    tracking: TrackingSpec
+    cpu: float
+
+
+class StepReporter:
+    """distill's callback: every step's metrics to MLflow; every validation also to Tune (ASHA's signal)."""
+
+    def __init__(self, run: TrialRun):
+        self.run = run
+
+    def __call__(self, metrics: dict) -> None:
+        step = int(metrics.get("step", 0))
+        self.run.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+        if VAL_METRIC in metrics:
+            self.run.flush()  # a trial stopped by ASHA at this report keeps its metrics
+            report({OBJECTIVE: math.nan, VAL_METRIC: float(metrics[VAL_METRIC]), "step": step, FINAL: False})
+
+
+def score_on_pool(sets: dict[int, list[Path]], plan: TrialPlan) -> dict[int, dict[str, dict]]:
+    """{dpc: [set paths]} → {dpc: {arch: summary}}, one pool job per DPC."""
+    jobs = {dpc: [read_set(p, plan.label_names, plan.is_pair) for p in paths] for dpc, paths in sets.items()}
+    return PoolClient(plan.pool).score(jobs)
+
+
+def final_result(scores: dict[int, dict[str, dict]], best_val: float | None, step: int) -> dict:
+    """The trial's last report: objective = mean accuracy over architectures and DPCs, plus each architecture's
+    mean over DPCs (``acc_<arch>``)."""
+    archs = sorted({a for per in scores.values() for a in per})
+    per_arch = {a: statistics.fmean(scores[d][a]["accuracy"] for d in scores if a in scores[d]) for a in archs}
+    out = {OBJECTIVE: statistics.fmean(per_arch.values()),
+           VAL_METRIC: math.nan if best_val is None else float(best_val), "step": step, FINAL: True}
+    out.update({f"acc_{a}": v for a, v in per_arch.items()})
+    return out
+
+
+def score_metrics(scores: dict[int, dict[str, dict]]) -> dict[str, float]:
+    """MLflow metric names for the final scores: ``accuracy/<arch>/dpc<d>`` and ``accuracy_std/...``."""
+    out = {}
+    for d, per in scores.items():
+        for a, s in per.items():
+            out[f"accuracy/{a}/dpc{d}"] = s["accuracy"]
+            out[f"accuracy_std/{a}/dpc{d}"] = s["accuracy_std"]
+    return out
+
+
+def log_trial_outputs(run: TrialRun, result, scores: dict, final: dict, out: Path) -> None:
+    write_json(out / "scores.json", {str(d): s for d, s in scores.items()})
+    plots = accuracy_vs_dpc_all(scores, out / "plots", title=out.name)
+    summary = {k: v for k, v in final.items() if k not in (FINAL, VAL_METRIC, "step")}  # objective, acc_<arch>
+    run.log_metrics({**score_metrics(scores), **summary}, final["step"])
+    run.flush()
+    run.log_artifacts(out / "sets", "sets")
+    run.log_artifact(result.provenance)
+    run.log_artifact(out / "scores.json")
+    for p in plots:
+        run.log_artifact(p, "plots")
+
+
+def run_trial(config: dict, plan: TrialPlan) -> None:
+    """The Ray Tune trainable: distill with this trial's values, score the sets on the pool, report the objective.
+    (Tune checks a restored sweep's trainable by this function's name: keep it ``run_trial``.)"""
+    ctx = get_context()
+    trial_id = ctx.get_trial_id()
+    out = Path(plan.sets_dir) / trial_id
+    done = out / "final.json"
+    if done.exists():  # finished before a driver crash: report again, do not run again
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the crash may have come before the removal below
+        report(json.loads(done.read_text()))
+        return
+    torch.set_num_threads(max(1, int(plan.cpu)))  # as Ray's OMP_NUM_THREADS: floor(cpu), at least 1
+    with TrialRun(plan.tracking, trial_id, ctx.get_trial_name()) as run:
+        run.set_tags({"dilm.output_dir": str(out), "dilm.tune_trial_dir": f"{plan.tune_dir}/{trial_id}"})
+        run.log_params(config)  # the sampled values, logged even if the config turns out invalid
+        cfg = DistillConfig.from_preset(plan.preset, **{**plan.fixed, **config}, task=plan.task, output_dir=str(out))
+        run.log_params(cfg.to_dict())
+        result = distill(cfg, callback=StepReporter(run))
+        scores = score_on_pool(result.sets, plan)
+        last_step = result.history[-1]["step"] if result.history else 0
+        final = final_result(scores, result.best_val_accuracy, last_step)
+        log_trial_outputs(run, result, scores, final, out)
+        write_json(done, final)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # generator weights: only needed to resume this trial
+    report(final)
