@@ -2,20 +2,25 @@
 
 Vocabulary (shared with :mod:`dilm.tdd`):
 
-* **label logits** ``z`` (n, C) — the learned parameters; example i's soft label is ``softmax(z_i)``. They start
-  at ``init_scale · onehot(label)``, so learning starts from the hard labels.
+* **labels** ``y`` (n, C) — the learned parameters: a distribution per example, starting at the hard labels
+  exactly (one-hot), projected back onto the simplex and within ``max_shift`` (total variation) of the start
+  after every outer step; optionally a learned per-example weight (:mod:`dilm.labelspace`).
 * **proxy learner** — the learner that is unrolled. ``head`` (the default, cheap on CPU): a linear classifier on
-  frozen learner features (:func:`dilm.features.embed`, standardised on real data so that ``|x| ≈ 1``).
-  ``full``: the whole classifier (pre-trained body + fresh head, word-embedding table frozen) through
-  ``torch.func.functional_call``.
-* **unroll** — ``UnrollConfig.steps`` differentiable learner updates (explicit SGD or Adam) on the synthetic set,
-  from a fresh random head, written with ``torch.func.grad`` so that they can be differentiated again.
+  frozen learner features (:func:`dilm.features.embed`, standardised on real data so that ``|x| ≈ 1``). Its
+  default features are what the evaluated classifier's head reads — the model's own [CLS] pooler, at the
+  evaluation's token limit (128) — so labels are learned for the learner that is evaluated, not for mean-pooled
+  features of shorter texts. ``full``: the whole classifier (pre-trained body + fresh head, word-embedding table
+  frozen) through ``torch.func.functional_call`` — the closest match, affordable on a GPU.
+* **unroll** — ``UnrollConfig.steps`` differentiable learner updates (explicit SGD or Adam, constant step or the
+  protocol's warm-up/decay) on the synthetic set, from a fresh random head, written with ``torch.func.grad`` so
+  that they can be differentiated again.
 * **outer loss** — cross-entropy of the unrolled learner on a mini-batch of *real training* examples (never the
   test split), averaged over ``learners`` fresh initialisations; its gradient with respect to ``z`` (and to the
   log learning rate of the unroll, when it is learned) drives an Adam step: one **outer step**.
 
 The evaluation protocol (:mod:`dilm.evaluate`) trains on the soft labels with soft cross-entropy; the learned
-learning rate belongs to the proxy unroll and is recorded in the set's meta, not used by the protocol.
+learning rate belongs to the proxy unroll and is recorded in the set's meta. :meth:`SoftLabeler.proxy_accuracy`
+evaluates the paper's way instead: fresh proxies trained by the unroll itself with the learned step size.
 """
 
 from __future__ import annotations
@@ -37,14 +42,16 @@ from tqdm.auto import tqdm
 
 from dilm import DilmError
 from dilm.cli import add_task_args, command, task_from_args
-from dilm.evaluate import additive_mask, encode, join_pair
-from dilm.features import POOLINGS, embed
+from dilm.evaluate import additive_mask, encode, join_pair, linear_warmup_decay
+from dilm.features import EMBED_POOLINGS, embed
+from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
 from dilm.models import load_model, load_tokenizer, pick_device
 from dilm.synset import SynSet, read_set, write_json, write_set
 from dilm.tasks import Example, TaskData
 
 MODES = ("head", "full")
 INNER_OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "protocol")  # protocol: the evaluation's linear warm-up over half, then decay
 # Unroll step size when none is given: head mode sees |x| ≈ 1 features; full mode moves a pre-trained body.
 DEFAULT_INNER_LR = {("head", "sgd"): 1.0, ("head", "adam"): 0.02, ("full", "sgd"): 0.01, ("full", "adam"): 1e-3}
 ADAM_BETAS = (0.9, 0.999)
@@ -61,24 +68,30 @@ class UnrollConfig:
 
     learner: str = field(default="minilm-l6", metadata={"help": "model whose features / body the proxy uses"})
     mode: str = field(default="head", metadata={"help": "head: linear head on frozen features; full: whole model"})
-    pooling: str = field(default="mean", metadata={"help": "head-mode features: mean or cls"})
+    pooling: str = field(default="pooler", metadata={"help": "head-mode features: pooler (the classifier's own "
+                                                                "[CLS] pooler, as evaluated), mean or cls"})
     steps: int = field(default=20, metadata={"help": "differentiable learner steps per outer step"})
     optimizer: str = field(default="sgd", metadata={"help": "unrolled update: sgd or adam"})
+    schedule: str = field(default="constant", metadata={"help": "unroll step size: constant or protocol "
+                                                                "(warm-up over half the steps, then decay)"})
     lr: float | None = field(default=None, metadata={"help": "unroll step size (None: DEFAULT_INNER_LR)"})
     learn_lr: bool = field(default=True, metadata={"help": "learn the unroll's (log) step size too"})
     learners: int = field(default=4, metadata={"help": "fresh learner initialisations per outer step"})
     batch_size: int = field(default=64, metadata={"help": "synthetic examples per unroll step (set when smaller)"})
     real_per_class: int = field(default=500, metadata={"help": "real training examples per class in the pool"})
     real_batch: int = field(default=256, metadata={"help": "real examples per outer loss"})
-    max_length: int = field(default=64, metadata={"help": "token limit of real and synthetic texts"})
+    max_length: int = field(default=128, metadata={"help": "token limit of real and synthetic texts "
+                                                                  "(the evaluation protocol's: 128)"})
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise DilmError(f"unknown unroll mode {self.mode!r}; known: {', '.join(MODES)}")
         if self.optimizer not in INNER_OPTIMIZERS:
             raise DilmError(f"unknown unroll optimizer {self.optimizer!r}; known: {', '.join(INNER_OPTIMIZERS)}")
-        if self.pooling not in POOLINGS:
-            raise DilmError(f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
+        if self.pooling not in EMBED_POOLINGS:
+            raise DilmError(f"unknown pooling {self.pooling!r}; known: {', '.join(EMBED_POOLINGS)}")
+        if self.schedule not in SCHEDULES:
+            raise DilmError(f"unknown unroll schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         if min(self.steps, self.learners, self.batch_size, self.real_per_class, self.real_batch, self.max_length) < 1:
             raise DilmError("unroll steps, learners, batch_size, real_per_class, real_batch, max_length must be >= 1")
         if self.lr is None:
@@ -90,8 +103,12 @@ class UnrollConfig:
 @dataclass(frozen=True)
 class SoftLabelConfig:
     steps: int = field(default=100, metadata={"help": "outer steps (0: the hard labels as exact one-hots)"})
-    lr: float = field(default=0.05, metadata={"help": "outer Adam step size on label logits and log lr"})
-    init_scale: float = field(default=5.0, metadata={"help": "initial logits = init_scale * onehot(label)"})
+    lr: float = field(default=0.05, metadata={"help": "outer Adam step size on labels, log weights and log lr"})
+    max_shift: float = field(default=0.5, metadata={"help": "most total-variation distance a label may move from "
+                                                           "its start (1: free)"})
+    init_smoothing: float = field(default=0.0, metadata={"help": "labels start at (1-s)*onehot + s/C; 0: one-hot"})
+    weights: bool = field(default=False, metadata={"help": "learn a per-example weight on the label distribution"})
+    max_weight: float = field(default=4.0, metadata={"help": "learned weights stay in [1/max_weight, max_weight]"})
     seed: int = 0
     device: str = "auto"
     unroll: UnrollConfig = field(default_factory=UnrollConfig)
@@ -100,8 +117,9 @@ class SoftLabelConfig:
     def __post_init__(self):
         if self.steps < 0:
             raise DilmError(f"soft-label steps must be >= 0, got {self.steps}")
-        if not self.lr > 0 or not self.init_scale > 0:
-            raise DilmError("soft-label lr and init_scale must be > 0")
+        if not self.lr > 0:
+            raise DilmError(f"soft-label lr must be > 0, got {self.lr}")
+        check_label_keys(self.max_shift, self.init_smoothing, self.max_weight)
 
 
 # --------------------------------------------------------------------------- the unrolled learner (math)
@@ -138,16 +156,25 @@ def functional_inner_grad(forward: Callable) -> Callable:
     return grad(inner_loss)
 
 
-def unrolled_loss(forward: Callable, inner_grad: Callable, params: dict, syn: Inputs, targets: torch.Tensor,
-                  lr: torch.Tensor, real: Inputs, real_labels: torch.Tensor, steps: int, optimizer: str = "sgd",
-                  batches: torch.Tensor | None = None) -> torch.Tensor:
-    """Train from ``params`` for ``steps`` differentiable updates on (syn, targets (n, C)), then return the
-    cross-entropy on the real batch (averaged over learners too when ``forward`` gives (K, B, C) logits).
-    ``batches`` (steps, b) indexes the synthetic set; None: all of it at every step."""
+def unroll(inner_grad: Callable, params: dict, syn: Inputs, targets: torch.Tensor, lr: torch.Tensor | float,
+           steps: int, optimizer: str = "sgd", batches: torch.Tensor | None = None,
+           schedule: str = "constant") -> dict:
+    """``steps`` differentiable updates from ``params`` on (syn, targets (n, C)); ``batches`` (steps, b) indexes
+    the synthetic set (None: all of it at every step); ``protocol`` scales step t by the evaluation's schedule."""
     state = None if optimizer == "sgd" else {s: {k: torch.zeros_like(v) for k, v in params.items()} for s in "mv"}
     for t in range(steps):
         x, y = (syn, targets) if batches is None else (take(syn, batches[t]), targets[batches[t]])
-        params, state = inner_update(params, inner_grad(params, x, y), state, lr, optimizer, t + 1)
+        lr_t = lr * linear_warmup_decay(t, steps, 0.5) if schedule == "protocol" else lr
+        params, state = inner_update(params, inner_grad(params, x, y), state, lr_t, optimizer, t + 1)
+    return params
+
+
+def unrolled_loss(forward: Callable, inner_grad: Callable, params: dict, syn: Inputs, targets: torch.Tensor,
+                  lr: torch.Tensor, real: Inputs, real_labels: torch.Tensor, steps: int, optimizer: str = "sgd",
+                  batches: torch.Tensor | None = None, schedule: str = "constant") -> torch.Tensor:
+    """:func:`unroll`, then the cross-entropy on the real batch (averaged over learners too when ``forward``
+    gives (K, B, C) logits)."""
+    params = unroll(inner_grad, params, syn, targets, lr, steps, optimizer, batches, schedule)
     logits = forward(params, real)  # (B, C) or (K, B, C)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), real_labels.expand(logits.shape[:-1]).reshape(-1))
 
@@ -157,10 +184,10 @@ def mean_unrolled_loss(proxy, params0, syn: Inputs, targets: torch.Tensor, lr: t
     """The outer loss averaged over fresh learners: stacked heads in one call, full models one by one."""
     if proxy.batched:
         return unrolled_loss(proxy.forward, proxy.inner_grad, params0, syn, targets, lr, real, real_labels,
-                             ucfg.steps, ucfg.optimizer, batches)
+                             ucfg.steps, ucfg.optimizer, batches, ucfg.schedule)
     inner_grad = functional_inner_grad(proxy.forward)
     return torch.stack([unrolled_loss(proxy.forward, inner_grad, p, syn, targets, lr, real, real_labels, ucfg.steps,
-                                      ucfg.optimizer, batches) for p in params0]).mean()
+                                      ucfg.optimizer, batches, ucfg.schedule) for p in params0]).mean()
 
 
 # --------------------------------------------------------------------------- proxy learners
@@ -194,8 +221,10 @@ class HeadProxy:
 
     @staticmethod
     def inner_grad(params: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """∂/∂W of each head's batch-mean soft CE: (softmax(xWᵀ + b) − y)ᵀ x / B; x (B, H), y (B, C)."""
-        d = (torch.softmax(HeadProxy.forward(params, x), -1) - y) / x.shape[0]  # (K, B, C)
+        """∂/∂W of each head's batch-mean soft CE: (Σ_c y_c · softmax(xWᵀ + b) − y)ᵀ x / B; x (B, H), y (B, C)
+        (Σ_c y_c is an example's weight: 1 for a distribution)."""
+        p = torch.softmax(HeadProxy.forward(params, x), -1)  # (K, B, C)
+        d = (y.sum(-1, keepdim=True) * p - y) / x.shape[0]
         return {"weight": d.transpose(-1, -2) @ x, "bias": d.sum(-2)}
 
     def init_params(self, gen: torch.Generator, k: int) -> dict:
@@ -296,10 +325,6 @@ def inner_batches(gen: torch.Generator, n: int, ucfg: UnrollConfig, device) -> t
 # --------------------------------------------------------------------------- outer loop
 
 
-def init_label_logits(labels: list[int], num_classes: int, scale: float) -> torch.Tensor:
-    return scale * F.one_hot(torch.tensor(labels), num_classes).float()  # (n, C)
-
-
 def outer_step(objective: Callable[[dict], torch.Tensor], learn: dict[str, torch.Tensor],
                opt: torch.optim.Optimizer) -> float:
     """Differentiate ``objective`` (through the unroll) with respect to every tensor in ``learn``; one Adam step."""
@@ -323,9 +348,10 @@ def learned_lr(learn: dict[str, torch.Tensor], ucfg: UnrollConfig) -> float:
 
 def outer_loop(proxy: HeadProxy | FullProxy, learn: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
                loss_fn: Callable, n_syn: int, ucfg: UnrollConfig, steps: int, seed: int, device, desc: str = "",
-               progress: bool = False) -> list[float]:
+               progress: bool = False, project: Callable[[], None] | None = None) -> list[float]:
     """``steps`` outer steps. Each draws fresh learners, a real batch and the unroll's synthetic batches, then
-    takes one Adam step on ``learn`` through ``loss_fn(learn, params0, real, real_labels, batches)``."""
+    takes one Adam step on ``learn`` through ``loss_fn(learn, params0, real, real_labels, batches)`` and calls
+    ``project`` (the labels' projections, :func:`dilm.labelspace.after_step`)."""
     gen = torch.Generator().manual_seed(seed)
     log_lr0 = math.log(ucfg.lr)
     losses = []
@@ -336,6 +362,8 @@ def outer_loop(proxy: HeadProxy | FullProxy, learn: dict[str, torch.Tensor], opt
             batches = inner_batches(gen, n_syn, ucfg, device)
             objective = partial(loss_fn, params0=params0, real=real, real_labels=real_y, batches=batches)
             losses.append(outer_step(objective, learn, opt))
+            if project is not None:
+                project()
             if "log_lr" in learn:  # a learned log step size stays within ±LOG_LR_RANGE of its start
                 with torch.no_grad():
                     learn["log_lr"].clamp_(log_lr0 - LOG_LR_RANGE, log_lr0 + LOG_LR_RANGE)
@@ -370,28 +398,65 @@ class SoftLabeler:
             raise DilmError(f"set labels {list(synset.label_names)} do not match task {task.name} "
                             f"labels {list(task.label_names)}")
         meta = {"config": asdict(cfg), "learner": ucfg.learner}
-        if cfg.steps == 0:  # nothing learned: the hard labels, exactly
-            onehot = F.one_hot(torch.tensor([e.label for e in synset.examples]), synset.num_classes).double()
-            return _with_meta(synset.with_soft_labels(onehot.tolist()), meta)
-        if self._proxy is None:
-            self._build()
-        proxy = self._proxy
+        labels = [e.label for e in synset.examples]
+        if cfg.steps == 0:  # nothing learned: the starting labels, exactly
+            learn, _ = learnable_labels(labels, synset.num_classes, cfg.init_smoothing, False, "cpu", torch.float64)
+            return _with_meta(synset.with_soft_labels(*learned_labels(learn)), meta)
+        proxy = self.proxy
         syn = syn_inputs(proxy, [join_pair(e.text, e.text_pair) for e in synset.examples], ucfg, device, self._body)
-        z = init_label_logits([e.label for e in synset.examples], synset.num_classes, cfg.init_scale)
-        learn = {"z": z.to(device=device, dtype=proxy.dtype).requires_grad_()}
+        learn, y0 = learnable_labels(labels, synset.num_classes, cfg.init_smoothing, cfg.weights, device, proxy.dtype)
         if ucfg.learn_lr:
             learn["log_lr"] = torch.tensor(math.log(ucfg.lr), device=device, dtype=proxy.dtype, requires_grad=True)
         opt = torch.optim.Adam(list(learn.values()), lr=cfg.lr)
 
         def loss_fn(p, params0, real, real_labels, batches):
-            return mean_unrolled_loss(proxy, params0, syn, torch.softmax(p["z"], -1), unroll_lr(p, ucfg), real,
-                                      real_labels, ucfg, batches)
+            return mean_unrolled_loss(proxy, params0, syn, targets_of(p), unroll_lr(p, ucfg), real, real_labels,
+                                      ucfg, batches)
 
         losses = outer_loop(proxy, learn, opt, loss_fn, len(synset), ucfg, cfg.steps, cfg.seed, device,
-                            "soft labels", cfg.progress)
-        soft = torch.softmax(learn["z"].detach().double(), -1).cpu()
+                            "soft labels", cfg.progress,
+                            partial(after_step, learn, y0, cfg.max_shift, cfg.max_weight))
         meta.update(learned_lr=learned_lr(learn, ucfg), **loss_summary(losses))
-        return _with_meta(synset.with_soft_labels(soft.tolist()), meta)
+        return _with_meta(synset.with_soft_labels(*learned_labels(learn)), meta)
+
+    @property
+    def proxy(self) -> HeadProxy | FullProxy:
+        if self._proxy is None:
+            self._build()
+        return self._proxy
+
+    def proxy_accuracy(self, synset: SynSet, seeds: int, test: list[Example], lr: float | None = None) -> list[float]:
+        """The paper's evaluation: test accuracy of :meth:`proxy_predictions`, one per seed."""
+        gold = torch.tensor([e.label for e in test])
+        return [float((p == gold).double().mean()) for p in self.proxy_predictions(synset, seeds, test, lr)]
+
+    @torch.no_grad()
+    def proxy_predictions(self, synset: SynSet, seeds: int, test: list[Example],
+                          lr: float | None = None) -> list[torch.Tensor]:
+        """``seeds`` fresh proxy learners trained on the set by the unroll itself (its steps, optimiser, schedule
+        and step size: ``lr``, else the set's learned one, else the configured one) → their ``test`` predictions."""
+        ucfg, proxy, device = self.cfg.unroll, self.proxy, self.device
+        lr = lr or synset.meta.get("soft_label", {}).get("learned_lr") or ucfg.lr
+        syn = syn_inputs(proxy, [join_pair(e.text, e.text_pair) for e in synset.examples], ucfg, device, self._body)
+        test_x = syn_inputs(proxy, [join_pair(e.text, e.text_pair) for e in test], ucfg, device, self._body)
+        targets = torch.tensor([e.target(synset.num_classes) for e in synset.examples], device=device,
+                               dtype=proxy.dtype)
+        out = []
+        for seed in range(seeds):
+            gen = torch.Generator().manual_seed(seed)
+            params0 = proxy.init_params(gen, 1)
+            batches = inner_batches(gen, len(synset), ucfg, device)
+            if proxy.batched:
+                params = unroll(proxy.inner_grad, params0, syn, targets, lr, ucfg.steps, ucfg.optimizer, batches,
+                                ucfg.schedule)
+                preds = proxy.forward(params, test_x)[0].argmax(-1)
+            else:
+                params = unroll(functional_inner_grad(proxy.forward), params0[0], syn, targets, lr, ucfg.steps,
+                                ucfg.optimizer, batches, ucfg.schedule)
+                preds = torch.cat([proxy.forward(params, take(test_x, torch.arange(i, min(i + 256, len(test)))))
+                                   .argmax(-1) for i in range(0, len(test), 256)])
+            out.append(preds.cpu())
+        return out
 
 
 def learn_soft_labels(synset: SynSet, task: TaskData, cfg: SoftLabelConfig, device=None) -> SynSet:
@@ -441,27 +506,32 @@ def add_unroll_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--learner", default="minilm-l6")
     g.add_argument("--mode", default="head", choices=MODES,
                    help="head: linear head on frozen features (fast, default); full: the whole model")
-    g.add_argument("--pooling", default="mean", choices=POOLINGS)
+    g.add_argument("--pooling", default="pooler", choices=EMBED_POOLINGS,
+                   help="head-mode features; pooler: the classifier's own [CLS] pooler, what evaluation trains on")
     g.add_argument("--unroll", type=int, default=20, help="differentiable learner steps per outer step")
     g.add_argument("--inner-optimizer", default="sgd", choices=INNER_OPTIMIZERS)
+    g.add_argument("--schedule", default="constant", choices=SCHEDULES,
+                   help="unroll step size: constant, or protocol (warm-up over half, then decay)")
     g.add_argument("--inner-lr", type=float, default=None, help="unroll step size (default by mode/optimizer)")
     g.add_argument("--fixed-lr", action="store_true", help="do not learn the unroll step size")
     g.add_argument("--learners", type=int, default=4, help="fresh learner initialisations per outer step")
     g.add_argument("--real-per-class", type=int, default=500)
     g.add_argument("--real-batch", type=int, default=256)
-    g.add_argument("--max-length", type=int, default=64)
+    g.add_argument("--max-length", type=int, default=128, help="token limit (the evaluation protocol's: 128)")
 
 
 def unroll_config_from_args(args) -> UnrollConfig:
     return UnrollConfig(learner=args.learner, mode=args.mode, pooling=args.pooling, steps=args.unroll,
-                        optimizer=args.inner_optimizer, lr=args.inner_lr, learn_lr=not args.fixed_lr,
+                        optimizer=args.inner_optimizer, schedule=args.schedule, lr=args.inner_lr,
+                        learn_lr=not args.fixed_lr,
                         learners=args.learners, real_per_class=args.real_per_class, real_batch=args.real_batch,
                         max_length=args.max_length)
 
 
 def cmd_softlabel(args) -> int:
-    cfg = SoftLabelConfig(steps=args.steps, lr=args.lr, init_scale=args.init_scale, seed=args.seed,
-                          device=args.device, unroll=unroll_config_from_args(args), progress=True)
+    cfg = SoftLabelConfig(steps=args.steps, lr=args.lr, max_shift=args.max_shift, init_smoothing=args.init_smoothing,
+                          weights=args.weights, max_weight=args.max_weight, seed=args.seed, device=args.device,
+                          unroll=unroll_config_from_args(args), progress=True)
     if (args.set is None) == (args.total is None):
         raise DilmError("give either a SET.jsonl or --total N")
     task = task_from_args(args)
@@ -471,7 +541,8 @@ def cmd_softlabel(args) -> int:
     else:
         synset = select_fewer_than_classes(task, args.total, cfg.unroll.learner, cfg.seed, cfg.unroll.pooling,
                                            device=device)
-    out = learn_soft_labels(synset, task, cfg, device)
+    labeler = SoftLabeler(task, cfg, device)
+    out = labeler(synset)
     write_set(args.output, out)
     write_json(Path(args.output).with_suffix(".meta.json"),
                {**out.meta, "source": str(args.set) if args.set else f"--total {args.total}", "task": task.name})
@@ -479,6 +550,12 @@ def cmd_softlabel(args) -> int:
     trail = (f" (outer loss {m['outer_loss_first']:.3f} → {m['outer_loss_last']:.3f}, "
              f"learned unroll lr {m['learned_lr']:.3g})" if cfg.steps else "")
     print(f"soft labels for {len(out)} examples → {args.output}{trail}")
+    if args.evaluate_proxy:  # the paper's setting: the proxy itself, trained with the learned step size
+        test = task.test[: args.test_limit] if args.test_limit else task.test
+        for name, s in (("hard labels", synset), ("soft labels", out)):
+            accs = 100 * np.array(labeler.proxy_accuracy(s, args.eval_seeds, test, m.get("learned_lr")))
+            print(f"proxy ({cfg.unroll.mode}, {cfg.unroll.pooling}, learned lr), {name}: accuracy "
+                  f"{accs.mean():.1f} ± {accs.std(ddof=1) if len(accs) > 1 else 0.0:.1f} (n={len(accs)})")
     return 0
 
 
@@ -491,7 +568,15 @@ def add_softlabel(sub) -> None:
                    help="instead of SET: N real examples over all classes (k-means), fewer than the classes allowed")
     p.add_argument("--steps", type=int, default=100, help="outer steps")
     p.add_argument("--lr", type=float, default=0.05, help="outer Adam step size")
-    p.add_argument("--init-scale", type=float, default=5.0)
+    p.add_argument("--max-shift", type=float, default=0.5,
+                   help="most total-variation distance a label may move from its start (1: free)")
+    p.add_argument("--init-smoothing", type=float, default=0.0, help="labels start at (1-s)*onehot + s/C")
+    p.add_argument("--weights", action="store_true", help="learn a per-example weight on the label distribution")
+    p.add_argument("--max-weight", type=float, default=4.0, help="weights stay in [1/max_weight, max_weight]")
+    p.add_argument("--evaluate-proxy", action="store_true",
+                   help="score hard and soft labels by training the proxy itself with the learned step size")
+    p.add_argument("--eval-seeds", type=int, default=5)
+    p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     add_unroll_args(p)

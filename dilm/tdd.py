@@ -24,6 +24,7 @@ import os
 import random
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +47,13 @@ from dilm.evaluate import (
     join_pair,
     linear_warmup_decay,
 )
+from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
 from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
 from dilm.softlabel import (
     HeadProxy,
     UnrollConfig,
     add_unroll_args,
     build_proxy,
-    init_label_logits,
     learned_lr,
     loss_summary,
     mean_unrolled_loss,
@@ -69,11 +70,16 @@ INITS = ("real", "random")
 @dataclass(frozen=True)
 class TDDConfig:
     dpc: int = field(default=1, metadata={"help": "synthetic sequences per class"})
+    total: int | None = field(default=None, metadata={"help": "instead of dpc: this many sequences over all "
+                                                               "classes (fewer than the classes allowed), each "
+                                                               "starting from one class drawn without replacement"})
     seq_len: int = field(default=32, metadata={"help": "T: positions per synthetic sequence"})
     steps: int = field(default=200, metadata={"help": "outer steps"})
     lr: float = field(default=0.05, metadata={"help": "Adam step on embeddings, in units of the table's std"})
-    label_lr: float = field(default=0.05, metadata={"help": "Adam step on label logits and the log unroll lr"})
-    init_scale: float = field(default=5.0, metadata={"help": "initial label logits = init_scale * onehot"})
+    label_lr: float = field(default=0.05, metadata={"help": "Adam step on labels and the log unroll lr"})
+    max_shift: float = field(default=1.0, metadata={"help": "most total-variation distance a label may move "
+                                                           "from its start (1: free, as the paper)"})
+    init_smoothing: float = field(default=0.0, metadata={"help": "labels start at (1-s)*onehot + s/C; 0: one-hot"})
     init: str = field(default="real", metadata={"help": "real: embeddings of random real examples; random"})
     seed: int = 0
     device: str = "auto"
@@ -83,8 +89,11 @@ class TDDConfig:
     def __post_init__(self):
         if self.dpc < 1 or self.seq_len < 2 or self.steps < 0:
             raise DilmError("TDD needs dpc >= 1, seq_len >= 2 and steps >= 0")
-        if not self.lr > 0 or not self.label_lr > 0 or not self.init_scale > 0:
-            raise DilmError("TDD lr, label_lr and init_scale must be > 0")
+        if not self.lr > 0 or not self.label_lr > 0:
+            raise DilmError("TDD lr and label_lr must be > 0")
+        if self.total is not None and self.total < 1:
+            raise DilmError(f"TDD total must be >= 1, got {self.total}")
+        check_label_keys(self.max_shift, self.init_smoothing, 1.0)
         if self.init not in INITS:
             raise DilmError(f"unknown TDD init {self.init!r}; known: {', '.join(INITS)}")
 
@@ -116,12 +125,21 @@ def check_tdd_learner(learner: str) -> None:
 
 
 def init_sequences(task: TaskData, cfg: TDDConfig, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Initial embeddings (n, T, H), attention mask (n, T) and class ids, DPC per class, in class order."""
+    """Initial embeddings (n, T, H), attention mask (n, T) and class ids: DPC per class in class order, or with
+    ``total`` one sequence per class for ``total`` classes drawn at random (all classes, then again, when
+    ``total`` exceeds them)."""
     tok = load_tokenizer(cfg.unroll.learner)
-    picked, labels = [], []
-    for c, group in enumerate(task.by_class("train")):
-        picked += random.Random(cfg.seed * 7919 + c).sample(group, cfg.dpc)
-        labels += [c] * cfg.dpc
+    groups = task.by_class("train")
+    if cfg.total is None:
+        labels = [c for c in range(task.num_classes) for _ in range(cfg.dpc)]
+    else:
+        rng = random.Random(cfg.seed)
+        labels = [c for _ in range(-(-cfg.total // task.num_classes)) for c in rng.sample(range(task.num_classes),
+                                                                                          task.num_classes)]
+        labels = sorted(labels[: cfg.total])
+    picked = []
+    for c in sorted(set(labels)):
+        picked += random.Random(cfg.seed * 7919 + c).sample(groups[c], labels.count(c))
     enc = tok([join_pair(e.text, e.text_pair) for e in picked], padding="max_length", truncation=True,
               max_length=cfg.seq_len, return_tensors="pt", padding_side="right")
     ids, mask = enc["input_ids"].to(table.device), enc["attention_mask"].to(table.device)
@@ -135,7 +153,10 @@ def init_sequences(task: TaskData, cfg: TDDConfig, table: torch.Tensor) -> tuple
 def pooled_features(body: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Last-layer features of input embeddings (n, T, H) → (n, H), as :func:`dilm.features.embed` pools them."""
     dtype = next(body.parameters()).dtype
-    hidden = body(inputs_embeds=embeds, attention_mask=additive_mask(mask, False, dtype)).last_hidden_state
+    states = body(inputs_embeds=embeds, attention_mask=additive_mask(mask, False, dtype))
+    if pooling == "pooler":
+        return states.pooler_output
+    hidden = states.last_hidden_state
     if pooling == "cls":
         return hidden[:, 0]
     m = mask[..., None].to(hidden.dtype)
@@ -146,7 +167,8 @@ def distill_tdd(task: TaskData, cfg: TDDConfig, device=None) -> TDDSet:
     ucfg = cfg.unroll
     check_tdd_learner(ucfg.learner)
     device = pick_device(str(device or cfg.device))
-    check_dpc(task, cfg.dpc)
+    if cfg.total is None:
+        check_dpc(task, cfg.dpc)
     body = load_model(ucfg.learner, "base", device=device).eval().requires_grad_(False) if ucfg.mode == "head" else None
     proxy = build_proxy(ucfg, task, device, cfg.seed, body)
     table = (body or proxy.model).get_input_embeddings().weight.detach()  # (V, H)
@@ -157,8 +179,8 @@ def distill_tdd(task: TaskData, cfg: TDDConfig, device=None) -> TDDSet:
             return proxy.standardise(pooled_features(body, e, mask, ucfg.pooling))  # (n, H)
         return {"inputs_embeds": e, "attention_mask": mask}
 
-    z = init_label_logits(labels, task.num_classes, cfg.init_scale).to(device)
-    learn = {"embeds": embeds.requires_grad_(), "z": z.requires_grad_()}
+    learn, y0 = learnable_labels(labels, task.num_classes, cfg.init_smoothing, False, device, embeds.dtype)
+    learn["embeds"] = embeds.requires_grad_()
     if ucfg.learn_lr:
         learn["log_lr"] = torch.tensor(math.log(ucfg.lr), device=device, requires_grad=True)
     groups = [{"params": [learn["embeds"]], "lr": cfg.lr * table.std().item()},
@@ -166,15 +188,15 @@ def distill_tdd(task: TaskData, cfg: TDDConfig, device=None) -> TDDSet:
     opt = torch.optim.Adam(groups)
 
     def loss_fn(p, params0, real, real_labels, batches):
-        return mean_unrolled_loss(proxy, params0, as_inputs(p["embeds"]), torch.softmax(p["z"], -1),
-                                  unroll_lr(p, ucfg), real, real_labels, ucfg, batches)
+        return mean_unrolled_loss(proxy, params0, as_inputs(p["embeds"]), targets_of(p), unroll_lr(p, ucfg), real,
+                                  real_labels, ucfg, batches)
 
     losses = outer_loop(proxy, learn, opt, loss_fn, len(labels), ucfg, cfg.steps, cfg.seed, device, "tdd",
-                        cfg.progress)
+                        cfg.progress, partial(after_step, learn, y0, cfg.max_shift, 1.0))
     embeds = learn["embeds"].detach()
     meta = {"tdd_learner": ucfg.learner, "task": task.name, "config": asdict(cfg),
             "learned_lr": learned_lr(learn, ucfg), **loss_summary(losses)}
-    soft = torch.softmax(learn["z"].detach().double(), -1).float()
+    soft = torch.tensor(learned_labels(learn)[0]).float()
     return TDDSet(embeds.float().cpu(), mask.cpu(), soft.cpu(), task.label_names, meta,
                   tuple(nearest_tokens(embeds, mask, table, ucfg.learner)))
 
@@ -315,7 +337,8 @@ def cmd_tdd(args) -> int:
         print(f"TDD set {args.existing}: {len(tdd)} sequences for {tdd.learner}")
     else:
         cfg = TDDConfig(dpc=args.dpc, seq_len=args.seq_len, steps=args.steps, lr=args.lr, label_lr=args.label_lr,
-                        init_scale=args.init_scale, init=args.init, seed=args.seed, device=args.device,
+                        total=args.total, max_shift=args.max_shift, init_smoothing=args.init_smoothing, init=args.init,
+                        seed=args.seed, device=args.device,
                         unroll=unroll_config_from_args(args), progress=True)
         if args.output is None:
             raise DilmError("dilm tdd needs -o OUT (or an existing TDD set to evaluate)")
@@ -338,11 +361,14 @@ def add_tdd(sub) -> None:
     p.add_argument("existing", nargs="?", type=Path, help="an existing TDD set (.pt) to evaluate instead")
     add_task_args(p)
     p.add_argument("--dpc", type=int, default=1)
+    p.add_argument("--total", type=int, default=None,
+                   help="instead of --dpc: N sequences over all classes (fewer than the classes allowed)")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=200, help="outer steps")
     p.add_argument("--lr", type=float, default=0.05, help="embedding step, in units of the table's std")
     p.add_argument("--label-lr", type=float, default=0.05)
-    p.add_argument("--init-scale", type=float, default=5.0)
+    p.add_argument("--max-shift", type=float, default=1.0, help="most total-variation distance a label may move")
+    p.add_argument("--init-smoothing", type=float, default=0.0, help="labels start at (1-s)*onehot + s/C")
     p.add_argument("--init", default="real", choices=INITS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -32,6 +32,22 @@ def toy_task() -> TaskData:
     return TaskData("toy", ("negative", "positive"), toy_examples(200, 0), toy_examples(60, 1))
 
 
+TOPICS = [["goal", "match", "striker", "league"], ["stocks", "profit", "market", "shares"],
+          ["rocket", "laptop", "software", "orbit"], ["election", "minister", "treaty", "summit"]]
+
+
+@pytest.fixture(scope="session")
+def topic_task() -> TaskData:
+    """4 classes with disjoint topic words (fewer-examples-than-classes tests)."""
+
+    def examples(n, seed):
+        rng = random.Random(seed)
+        return [Example(f"news about the {' and the '.join(rng.sample(TOPICS[i % 4], 2))} today", i % 4)
+                for i in range(n)]
+
+    return TaskData("topics", ("sports", "business", "tech", "world"), examples(160, 0), examples(40, 1))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A private 2-CPU Ray cluster (``address="local"`` never attaches to another one on this machine)."""

@@ -11,13 +11,31 @@ from dilm.evaluate import (
     ICL_SOFT_NOTE,
     EvalConfig,
     Evaluator,
+    encode,
     finetune_ensemble,
     icl_demonstrations,
     tfidf_logreg,
 )
+from dilm.features import embed
+from dilm.labelspace import initial_labels, limit_shift, project_simplex, shift
+from dilm.models import load_model, load_tokenizer
+from dilm.softlabel import (
+    HeadProxy,
+    SoftLabelConfig,
+    SoftLabeler,
+    UnrollConfig,
+    build_proxy,
+    functional_inner_grad,
+    learn_soft_labels,
+    select_fewer_than_classes,
+    unroll,
+)
 from dilm.synset import SynExample, SynSet, read_set, write_set
+from dilm.tasks import Example
+from dilm.tdd import TDDConfig, distill_tdd, pooled_features
 
 CPU = torch.device("cpu")
+TINY = UnrollConfig(learner="tiny-bert", steps=10, learners=2, real_per_class=60, real_batch=64, max_length=32)
 
 
 def soft_set(toy_task, per_class: int, probs: list[float], weights: list[float] | None = None) -> SynSet:
@@ -88,3 +106,185 @@ def test_icl_scores_say_how_soft_labels_were_read(toy_task):
     assert "note" not in ev.evaluate([hard]).summary()["icl-tiny-llama"]
     soft = soft_set(toy_task, 2, [0.8] * 4)
     assert ev.evaluate([soft]).summary()["icl-tiny-llama"]["note"] == ICL_SOFT_NOTE
+
+
+# --------------------------------------------------------------------------- learned labels: start, limit, weights
+
+
+def test_simplex_projection_and_the_shift_limit():
+    torch.manual_seed(0)
+    y = torch.randn(50, 4, dtype=torch.float64) * 2
+    p = project_simplex(y)
+    assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(50, dtype=torch.float64))
+    # KKT of the Euclidean projection: p = max(y − τ, 0) with one τ per row
+    tau = (y - p)[p > 0].reshape(-1)  # equal within a row on the support
+    for i in range(50):
+        support = p[i] > 0
+        assert torch.allclose((y[i] - p[i])[support], (y[i] - p[i])[support][0].expand(int(support.sum())))
+        assert ((y[i] - (y[i] - p[i])[support][0])[~support] <= 1e-12).all()
+    assert tau.numel() > 0
+    torch.testing.assert_close(project_simplex(p), p)  # points of the simplex stay
+    y0 = initial_labels([0, 1, 2, 3] * 12 + [0, 1], 4)
+    limited = limit_shift(p, y0, 0.3)
+    assert (shift(limited, y0) <= 0.3 + 1e-12).all() and (shift(p, y0) > 0.3).any()
+    assert torch.allclose(limited.sum(-1), torch.ones(50, dtype=torch.float64)) and (limited >= 0).all()
+
+
+def test_labels_start_one_hot_unless_smoothing_is_asked(toy_task):
+    hard = SynSet.from_examples(toy_task.train[:4], toy_task.label_names)
+    exact = learn_soft_labels(hard, toy_task, SoftLabelConfig(steps=0, unroll=TINY), "cpu")
+    assert [e.soft_label for e in exact.examples] == [tuple(e.target(2)) for e in hard.examples]
+    smooth = learn_soft_labels(hard, toy_task, SoftLabelConfig(steps=0, init_smoothing=0.1, unroll=TINY), "cpu")
+    assert all(max(e.soft_label) == pytest.approx(0.95) for e in smooth.examples)
+    with pytest.raises(DilmError, match="max_shift must be in"):
+        SoftLabelConfig(max_shift=0)
+    with pytest.raises(DilmError, match="init_smoothing must be in"):
+        SoftLabelConfig(init_smoothing=1.0)
+
+
+def test_max_shift_bounds_how_far_labels_move(toy_task):
+    picked = [ex for g in toy_task.by_class() for ex in g[:3]]
+    picked = [Example(e.text, 1 - e.label) if i < 2 else e for i, e in enumerate(picked)]  # two wrong labels
+    hard = SynSet.from_examples(picked, toy_task.label_names)
+    start = torch.tensor([e.target(2) for e in hard.examples], dtype=torch.float64)
+
+    def moved(max_shift: float) -> torch.Tensor:
+        cfg = SoftLabelConfig(steps=15, lr=0.3, max_shift=max_shift, unroll=TINY)
+        out = learn_soft_labels(hard, toy_task, cfg, "cpu")
+        return shift(torch.tensor([e.soft_label for e in out.examples], dtype=torch.float64), start)
+
+    free, bounded = moved(1.0), moved(0.1)
+    assert free.max() > 0.15  # guard: without the limit these labels move farther
+    assert bounded.max() <= 0.1 + 1e-6 and bounded.max() > 0.09  # the limit binds
+
+
+def test_learned_weights_are_bounded_written_and_differentiated(toy_task, tmp_path):
+    hard = SynSet.from_examples([ex for g in toy_task.by_class() for ex in g[:3]], toy_task.label_names)
+    cfg = SoftLabelConfig(steps=10, lr=0.3, weights=True, max_weight=2.0, unroll=TINY)
+    out = learn_soft_labels(hard, toy_task, cfg, "cpu")
+    w = np.array([e.weight for e in out.examples])
+    assert (w >= 0.5 - 1e-5).all() and (w <= 2.0 + 1e-5).all() and not np.allclose(w, 1.0)
+    back = read_set(write_set(tmp_path / "w.jsonl", out), toy_task.label_names)
+    assert np.allclose([e.weight for e in back.examples], w, atol=1e-5)
+
+
+def test_closed_form_head_gradient_holds_for_weighted_targets():
+    """Targets w·y (rows not summing to 1): the head's closed-form inner gradient is still autograd's."""
+    torch.manual_seed(0)
+    params = {"weight": torch.randn(2, 3, 6, dtype=torch.float64), "bias": torch.randn(2, 3, dtype=torch.float64)}
+    x, t = torch.randn(5, 6, dtype=torch.float64), torch.rand(5, 3, dtype=torch.float64) * 3
+    closed = HeadProxy.inner_grad(params, x, t)
+    auto = functional_inner_grad(HeadProxy.forward)(params, x, t)  # of the mean over 2 heads
+    for k in closed:
+        torch.testing.assert_close(closed[k], 2 * auto[k])
+
+
+# --------------------------------------------------------------------------- the proxy matches the evaluated learner
+
+
+def test_default_proxy_reads_what_the_evaluated_classifier_reads(toy_task):
+    ucfg = UnrollConfig()
+    assert ucfg.pooling == "pooler" and ucfg.max_length == EvalConfig().max_length
+    texts = [e.text for e in toy_task.train[:5]]
+    feats = embed(texts, "tiny-bert", CPU, "pooler")
+    clf = load_model("tiny-bert", "classifier", 2).eval()  # what evaluation fine-tunes: its head reads the pooler
+    enc = encode(load_tokenizer("tiny-bert"), texts, 128, CPU)
+    with torch.no_grad():
+        want = clf.bert(**enc).pooler_output
+        torch.testing.assert_close(feats, want)
+        assert not torch.allclose(feats, embed(texts, "tiny-bert", CPU, "mean"))
+
+
+def test_proxy_evaluation_uses_the_learned_step_size(toy_task):
+    hard = SynSet.from_examples([ex for g in toy_task.by_class() for ex in g[:4]], toy_task.label_names)
+    labeler = SoftLabeler(toy_task, SoftLabelConfig(steps=6, lr=0.2, unroll=TINY), CPU)
+    soft = labeler(hard)
+    test = toy_task.test[:40]
+    learned = soft.meta["soft_label"]["learned_lr"]
+    assert learned != TINY.lr
+    default = labeler.proxy_predictions(soft, 2, test)
+    assert all(torch.equal(a, b) for a, b in zip(default, labeler.proxy_predictions(soft, 2, test, learned)))
+    frozen = labeler.proxy_predictions(soft, 2, test, 1e-12)  # a step size of ~0 leaves the fresh head as it was
+    assert not all(torch.equal(a, b) for a, b in zip(default, frozen))
+    accs = labeler.proxy_accuracy(hard, 2, test)
+    assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
+
+
+# --------------------------------------------------------------------------- fewer examples than classes
+
+
+def uncovered_mass(soft: torch.Tensor, hard_labels: list[int]) -> float:
+    """The largest probability any example puts on the classes no hard label covers."""
+    missing = [c for c in range(soft.shape[1]) if c not in hard_labels]
+    return float(soft[:, missing].sum(-1).max())
+
+
+def uncovered_share(preds: torch.Tensor, hard_labels: list[int]) -> float:
+    """The share of predictions (learners × test) in classes no hard label covers."""
+    return float((~torch.isin(preds, torch.tensor(hard_labels))).double().mean())
+
+
+def predicted_classes(preds: torch.Tensor, at_least: float = 0.1) -> float:
+    """Mean over learners of the number of classes predicted for more than ``at_least`` of the test examples."""
+    counts = torch.stack([torch.bincount(p, minlength=int(preds.max()) + 1) for p in preds])  # (K, C)
+    return float((counts > at_least * preds.shape[1]).sum(1).double().mean())
+
+
+def test_tdd_with_fewer_sequences_than_classes_reaches_the_other_classes(topic_task):
+    """2 sequences, 4 classes: the learned labels put mass on the 2 classes no sequence starts with, and head
+    learners trained on the set (the unroll, learned step size) predict those classes and more classes than
+    learners trained on the hard start."""
+    task = topic_task
+    ucfg = UnrollConfig(learner="tiny-bert", steps=10, learners=2, real_per_class=40, real_batch=64, max_length=16,
+                        optimizer="adam")
+    cfg = TDDConfig(total=2, seq_len=12, steps=25, lr=0.05, label_lr=0.1, unroll=ucfg)
+    start = distill_tdd(task, TDDConfig(total=2, seq_len=12, steps=0, unroll=ucfg), CPU)
+    tdd = distill_tdd(task, cfg, CPU)
+    hard_labels = start.soft_labels.argmax(-1).tolist()
+    assert len(tdd) == 2 and len(set(hard_labels)) == 2 and start.soft_labels.max(-1).values.min() == 1.0
+    assert uncovered_mass(tdd.soft_labels, hard_labels) > 0.1
+
+    body = load_model("tiny-bert", "base").eval()
+    proxy = build_proxy(ucfg, task, CPU, 0, body)
+    test_x = proxy.standardise(embed([e.text for e in task.test], "tiny-bert", CPU, ucfg.pooling, max_length=16,
+                                     model=body))
+
+    def predictions(s, lr) -> torch.Tensor:  # (4 learners, len(test))
+        with torch.no_grad():
+            x = proxy.standardise(pooled_features(body, s.inputs_embeds, s.attention_mask, ucfg.pooling))
+            params = unroll(proxy.inner_grad, proxy.init_params(torch.Generator().manual_seed(1), 4), x,
+                            s.soft_labels, lr, ucfg.steps, ucfg.optimizer)
+            return proxy.forward(params, test_x).argmax(-1)
+
+    hard_preds, soft_preds = predictions(start, ucfg.lr), predictions(tdd, tdd.meta["learned_lr"])
+    assert uncovered_share(soft_preds, hard_labels) > uncovered_share(hard_preds, hard_labels) + 0.2
+    assert predicted_classes(soft_preds) > predicted_classes(hard_preds)
+
+
+def test_soft_labels_for_fewer_examples_than_classes_reach_the_other_classes(topic_task):
+    task = topic_task
+    ucfg = UnrollConfig(learner="tiny-bert", steps=10, learners=2, real_per_class=40, real_batch=64, max_length=16,
+                        optimizer="adam")
+    picked = select_fewer_than_classes(task, 2, learner="tiny-bert", candidates_per_class=30, device="cpu")
+    labeler = SoftLabeler(task, SoftLabelConfig(steps=25, lr=0.1, max_shift=1.0, unroll=ucfg), CPU)
+    soft = labeler(picked)
+    y = torch.tensor([e.soft_label for e in soft.examples])
+    assert uncovered_mass(y, [e.label for e in picked.examples]) > 0.1
+    hard_preds = torch.stack(labeler.proxy_predictions(picked, 4, task.test, ucfg.lr))
+    soft_preds = torch.stack(labeler.proxy_predictions(soft, 4, task.test))
+    assert uncovered_share(soft_preds, [e.label for e in picked.examples]) > uncovered_share(
+        hard_preds, [e.label for e in picked.examples])
+
+
+def test_cli_softlabel_label_keys_and_proxy_evaluation(toy_task, tmp_path, capsys, task_file_args, run_cli):
+    import dilm.softlabel  # noqa: F401  (registers the softlabel sub-command)
+
+    src = write_set(tmp_path / "hard.jsonl", SynSet.from_examples(toy_task.train[:4], toy_task.label_names))
+    assert run_cli(["softlabel", str(src), *task_file_args, "--learner", "tiny-bert", "--steps", "3", "--unroll", "3",
+                    "--learners", "2", "--real-per-class", "40", "--device", "cpu", "--max-shift", "0.2",
+                    "--weights", "--evaluate-proxy", "--eval-seeds", "2", "--test-limit", "10",
+                    "-o", str(tmp_path / "soft.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "proxy (head, pooler, learned lr), hard labels: accuracy" in out and "soft labels: accuracy" in out
+    meta = read_set(tmp_path / "soft.jsonl", toy_task.label_names).meta["soft_label"]["config"]
+    assert meta["max_shift"] == 0.2 and meta["weights"] is True

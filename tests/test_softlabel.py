@@ -1,5 +1,4 @@
 import math
-import random
 
 import numpy as np
 import pytest
@@ -29,8 +28,6 @@ from dilm.synset import SynSet, read_set, write_set
 from dilm.tasks import Example, TaskData
 
 TINY = UnrollConfig(learner="tiny-bert", steps=10, learners=2, real_per_class=60, real_batch=64, max_length=32)
-TOPICS = [["goal", "match", "striker", "league"], ["stocks", "profit", "market", "shares"],
-          ["rocket", "laptop", "software", "orbit"], ["election", "minister", "treaty", "summit"]]
 
 
 def hard_set(task: TaskData, per_class: int, flip: int = 0) -> SynSet:
@@ -38,15 +35,6 @@ def hard_set(task: TaskData, per_class: int, flip: int = 0) -> SynSet:
     picked = [ex for g in task.by_class() for ex in g[:per_class]]
     picked = [Example(e.text, 1 - e.label) if i < flip else e for i, e in enumerate(picked)]
     return SynSet.from_examples(picked, task.label_names)
-
-
-def topic_task() -> TaskData:
-    def examples(n, seed):
-        rng = random.Random(seed)
-        return [Example(f"news about the {' and the '.join(rng.sample(TOPICS[i % 4], 2))} today", i % 4)
-                for i in range(n)]
-
-    return TaskData("topics", ("sports", "business", "tech", "world"), examples(160, 0), examples(40, 1))
 
 
 def test_soft_labels_are_distributions(toy_task, tmp_path):
@@ -90,9 +78,10 @@ def test_head_inner_gradient_is_the_autograd_gradient():
     torch.testing.assert_close(soft_cross_entropy(logits, hard), torch.nn.functional.cross_entropy(logits, hard))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_unrolled_gradient_matches_finite_differences(optimizer):
-    """d outer loss / d (label logits, log lr), through 4 unrolled steps of 2 linear heads, in float64."""
+@pytest.mark.parametrize("optimizer,schedule", [("sgd", "constant"), ("adam", "constant"), ("adam", "protocol")])
+def test_unrolled_gradient_matches_finite_differences(optimizer, schedule):
+    """d outer loss / d (label logits, log lr, log weights: targets w·softmax(z)), through 4 unrolled steps of 2
+    linear heads (constant step or the protocol's warm-up/decay), in float64."""
     torch.manual_seed(0)
     f64 = torch.float64
     n, h, c = 5, 6, 3
@@ -101,13 +90,19 @@ def test_unrolled_gradient_matches_finite_differences(optimizer):
     params0 = proxy.init_params(gen, 2)
     real, real_y = proxy.real_batch(gen, 16)
     syn = proxy.standardise(torch.randn(n, h, dtype=f64))
-    ucfg = UnrollConfig(learner="tiny-bert", steps=4, optimizer=optimizer)
+    ucfg = UnrollConfig(learner="tiny-bert", steps=4, optimizer=optimizer, schedule=schedule)
+    log_w = torch.randn(n, dtype=f64) * 0.3
 
-    def loss(z, log_lr):
-        return mean_unrolled_loss(proxy, params0, syn, torch.softmax(z, -1), log_lr.exp(), real, real_y, ucfg, None)
+    def loss(z, log_lr, log_w=log_w):
+        return mean_unrolled_loss(proxy, params0, syn, torch.softmax(z, -1) * log_w.exp()[:, None], log_lr.exp(),
+                                  real, real_y, ucfg, None)
 
     z, log_lr = torch.randn(n, c, dtype=f64), torch.tensor(math.log(ucfg.lr), dtype=f64)
-    g_z, g_lr = grad(loss, argnums=(0, 1))(z, log_lr)
+    g_z, g_lr, g_w = grad(loss, argnums=(0, 1, 2))(z, log_lr, log_w)
+    d = torch.randn(n, dtype=f64)
+    fd_w = (loss(z, log_lr, log_w + 1e-6 * d) - loss(z, log_lr, log_w - 1e-6 * d)) / 2e-6
+    assert g_w.abs().max() > 1e-6
+    torch.testing.assert_close((g_w * d).sum(), fd_w, rtol=1e-4, atol=1e-11)
     eps = 1e-6
     fd = torch.zeros_like(z)
     for i in range(n):
@@ -172,8 +167,8 @@ def test_learned_soft_labels_reduce_the_outer_loss_and_repair_flipped_labels(toy
     assert m["outer_loss_last"] < m["outer_loss_first"]
 
 
-def test_fewer_examples_than_classes():
-    task = topic_task()
+def test_fewer_examples_than_classes(topic_task):
+    task = topic_task
     picked = select_fewer_than_classes(task, 2, learner="tiny-bert", candidates_per_class=30, device="cpu")
     assert len(picked) == 2 and len({e.text for e in picked.examples}) == 2
     train_texts = {e.text for e in task.train}
