@@ -91,6 +91,21 @@ def test_bad_config_is_a_one_line_error(tmp_path, change, message):
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
+def test_help_gives_every_option_a_default(capsys):
+    """``dilm sweep --help`` (= ``python -m tune.sweep --help``): every option with its help and its default."""
+    from dilm.cli import main as dilm_main
+
+    with pytest.raises(SystemExit) as done:
+        dilm_main(["sweep", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    options = ["--config", "--smoke", "--resume", "--name", "--storage", "--tune-storage", "--address", "--num-cpus",
+               "--autoscaling"]
+    for option, following in zip(options, [*options[1:], None]):
+        part = text[text.rindex(option + " "):text.rindex(following + " ") if following else None]
+        assert "(default: " in part or "required" in part, part
+
+
 def test_missing_config_file_and_bad_yaml(tmp_path):
     with pytest.raises(DilmError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
@@ -187,6 +202,23 @@ def test_sweeps_pickled_before_the_split_unpickle(how):
         assert type(tune_config.search_alg).__name__ == "PruneAwareOptunaSearch"
 
 
+def test_resume_accepts_the_configuration_saved_before_the_split(tmp_path):
+    """The state file of the smoke sweep as 739ab12 saved it (with metric/mode, and fewer eval keys) is the same
+    configuration as today's sweeps/smoke.yaml; a real change is still refused."""
+    from dilm.synset import write_json
+    from tune.config import SweepPaths
+    from tune.sweep import check_same_config
+
+    cfg = load_config(SWEEPS / "smoke.yaml", storage=tmp_path)
+    saved = json.loads((DATA / "state-739ab12-smoke.json").read_text())
+    assert {"metric", "mode"} <= set(saved["config"]) and "lr" not in saved["config"]["eval"]
+    write_json(SweepPaths.of(cfg).state_file, saved)
+    check_same_config(cfg, SweepPaths.of(cfg))
+    changed = load_config(write_yaml(tmp_path, {**smoke_raw(), "num_samples": 4}, "smoke.yaml"), storage=tmp_path)
+    with pytest.raises(DilmError, match=r"\(num_samples changed\)"):
+        check_same_config(changed, SweepPaths.of(changed))
+
+
 # --------------------------------------------------------------------------- on a local Ray cluster
 
 
@@ -219,14 +251,16 @@ TEST_SWEEP = {
 }
 
 
-def driver(config: Path, storage: Path, log: Path, *extra: str) -> subprocess.Popen:
-    """``python -m tune.sweep`` on its own local Ray cluster, in a new session (output to ``log``: a pipe nobody
-    reads would fill up and stall the driver)."""
+def driver(config: Path, storage: Path, log: Path, *extra: str, code: Path = ROOT,
+           command: tuple[str, ...] = ("tune.sweep",)) -> subprocess.Popen:
+    """``python -m tune.sweep`` (``command``) of the code in ``code`` on its own local Ray cluster, in a new session
+    (output to ``log``: a pipe nobody reads would fill up and stall the driver)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(code)  # before the editable install of the shared venv
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "tune.sweep", "--config", str(config), "--storage",
+        return subprocess.Popen([sys.executable, "-m", *command, "--config", str(config), "--storage",
                                  str(storage), "--address", "local", "--num-cpus", "2", *extra],
-                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=code)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -256,11 +290,9 @@ def finished_trials(storage: Path) -> dict[str, dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def crashed_sweep(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("sweeps")
-    config = write_yaml(storage, TEST_SWEEP, "crash.yaml")
-    first = driver(config, storage, storage / "first.log")
+def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tuple[str, ...] = ("tune.sweep",)):
+    """Start the sweep with the code in ``code``, SIGKILL it once a trial has finished, resume it with this code."""
+    first = driver(config, storage, storage / "first.log", code=code, command=command)
     try:
         deadline = time.monotonic() + 420
         while not finished_trials(storage):
@@ -277,6 +309,12 @@ def crashed_sweep(tmp_path_factory):
         kill_tree(resumed)
     return {"storage": storage, "config": config, "before": before, "rc": resumed.returncode,
             "out": (storage / "resumed.log").read_text()}
+
+
+@pytest.fixture(scope="module")
+def crashed_sweep(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("sweeps")
+    return crash_and_resume(storage, write_yaml(storage, TEST_SWEEP, "crash.yaml"))
 
 
 def mlflow_runs(storage: Path):
@@ -357,6 +395,26 @@ def test_existing_sweep_is_not_overwritten_nor_resumed_with_another_config(crash
     changed = write_yaml(tmp_path, {**TEST_SWEEP, "num_samples": 5}, "crash.yaml")
     assert main(["--config", str(changed), "--storage", str(s["storage"]), "--resume"]) == 2
     assert "different configuration (num_samples changed)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_killed_before_the_split_resumes_after_it(tmp_path):
+    """The crash scenario across the split of tune/sweep.py: started by ``dilm sweep`` with the code of commit 739ab12
+    (its tuner.pkl names tune.sweep.PruneAwareOptunaSearch, .TrialEnd, .trial_dirname), resumed with this code."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "739ab12"], capture_output=True)
+    if archive.returncode:
+        pytest.skip("commit 739ab12 is not in this checkout's history")
+    old = tmp_path / "old"
+    old.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    storage = tmp_path / "sweeps"
+    storage.mkdir()
+    s = crash_and_resume(storage, write_yaml(storage, TEST_SWEEP, "crash.yaml"), code=old,
+                         command=("dilm.cli", "sweep"))
+    assert s["rc"] == 0, s["out"][-3000:]
+    assert "2 complete, 0 stopped early (ASHA), 1 failed" in s["out"]
+    after = finished_trials(storage)
+    assert len(after) == 2 and all(after[t] == m for t, m in s["before"].items())  # not run again
 
 
 # --------------------------------------------------------------------------- ray start + ray job submit
