@@ -188,7 +188,7 @@ class EvalSpec(EvalConfig):
 
     def eval_config(self) -> EvalConfig:
         """The protocol part, as the pool's actors take it."""
-        return EvalConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EvalConfig)})
+        return EvalConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EvalConfig) if f.init})
 
 
 @dataclass(frozen=True)
