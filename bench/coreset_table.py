@@ -17,8 +17,8 @@ from pathlib import Path
 
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.evaluate import EvalConfig, Evaluator
+from dilm.files import write_json
 from dilm.models import pick_device
-from dilm.synset import write_json
 from dilm.tasks import load_task
 
 REFERENCE = {  # SST-2, minilm-l6, from the foundation issue (herding and k-means on [CLS] features)

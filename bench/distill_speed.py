@@ -27,7 +27,6 @@ import time
 import torch
 from torch.func import functional_call, grad
 
-from dilm.evaluate import encode
 from dilm.generator import (
     TokenizedCorpus,
     generation_loss,
@@ -39,8 +38,9 @@ from dilm.generator import (
     sample_class,
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
-from dilm.models import autocast, load_model, load_tokenizer, pick_device
+from dilm.models import autocast, head_param_names, load_model, load_tokenizer, pick_device
 from dilm.tasks import load_task
+from dilm.text import encode
 
 
 def timed(fn, reps: int, device) -> float:
@@ -127,7 +127,7 @@ def matching_blocks(gen, gtok, learner_name, real_by_class, names, syn_per_class
     gen.train()
 
     def naive():
-        full = [p for k, p in learner.named_parameters() if k.startswith(("classifier.", "score."))]
+        full = [p for k, p in learner.named_parameters() if k in head_param_names(learner)]
         for c, (ids, am, tm), real, syn in per_class:
             y_real = torch.full((len(real["input_ids"]),), c, device=device)
             g_real = torch.autograd.grad(torch.nn.functional.cross_entropy(learner(**real).logits, y_real), full)

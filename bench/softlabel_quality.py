@@ -22,9 +22,10 @@ import torch
 
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.evaluate import EvalConfig, Evaluator
+from dilm.files import write_json
 from dilm.models import pick_device
 from dilm.softlabel import SoftLabelConfig, SoftLabeler, UnrollConfig, hard_label_ceiling, select_fewer_than_classes
-from dilm.synset import SynSet, write_json
+from dilm.synset import SynSet
 from dilm.tasks import TaskData, load_task
 from dilm.tdd import TDDConfig, distill_tdd, evaluate_tdd
 

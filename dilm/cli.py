@@ -46,7 +46,8 @@ def task_from_args(args):
 
 def cmd_evaluate(args) -> int:
     from dilm.evaluate import EvalConfig, Evaluator
-    from dilm.synset import read_set, write_json
+    from dilm.files import write_json
+    from dilm.synset import read_set
 
     cfg = EvalConfig(archs=args.arch, seeds=args.seeds, steps=args.steps, device=args.device,
                      test_limit=args.test_limit, ensemble=args.ensemble)

@@ -34,7 +34,8 @@ def cmd_distill(args) -> int:
     print(f"provenance: {result.provenance}")
     if args.evaluate:
         from dilm.evaluate import EvalConfig, Evaluator
-        from dilm.synset import read_set, write_json
+        from dilm.files import write_json
+        from dilm.synset import read_set
 
         task = task_from_args(args)
         ev = Evaluator(task, EvalConfig(archs=args.arch, seeds=args.eval_seeds, device=args.device))

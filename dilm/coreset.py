@@ -17,10 +17,11 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics.pairwise import euclidean_distances
 
 from dilm import DilmError
-from dilm.evaluate import join_pair
 from dilm.features import POOLINGS, embed
+from dilm.seeds import derive_seed
 from dilm.synset import SynSet
 from dilm.tasks import Example, TaskData
+from dilm.text import join_pair
 
 METHODS = ("random", "kcenters", "herding")
 
@@ -120,7 +121,7 @@ def build_coresets(task: TaskData, cfg: CoresetConfig, device=None) -> dict[int,
             picked: list[Example] = []
             for c, g in enumerate(groups):
                 if cfg.method == "random":
-                    idx = random.Random(seed * 1000 + c).sample(range(len(g)), dpc)
+                    idx = random.Random(derive_seed(seed, "random coreset", c)).sample(range(len(g)), dpc)
                 elif cfg.method == "kcenters":
                     idx = kmeans_nearest(feats[c], dpc, seed)
                 else:

@@ -28,8 +28,10 @@ from transformers import get_cosine_schedule_with_warmup
 import dilm
 from dilm import DilmError
 from dilm.coreset import check_dpc, kmeans_nearest
-from dilm.evaluate import EvalConfig, Evaluator, encode, join_pair, linear_warmup_decay, pad_ids, tokenize
+from dilm.ensemble import linear_warmup_decay
+from dilm.evaluate import EvalConfig, Evaluator
 from dilm.features import POOLINGS, embed, pool
+from dilm.files import atomic_write_dir, write_json
 from dilm.generator import (
     GEN_LOSS_NORMS,
     Sample,
@@ -44,8 +46,10 @@ from dilm.generator import (
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
 from dilm.sampling import Sampler
-from dilm.synset import SynExample, SynSet, write_json, write_set
+from dilm.seeds import derive_seed
+from dilm.synset import SynExample, SynSet, write_set
 from dilm.tasks import TASKS, Example, TaskData, length_limit, load_task
+from dilm.text import encode, join_pair, pad_ids, tokenize
 
 SAMPLER_MODES = ("dynamic", "static", "compiled")
 LEARNER_MAX_LEN = 128  # learner tokens per text in the matching stage
@@ -245,20 +249,13 @@ def _ckpt_dir(cfg: DistillConfig) -> Path:
 def save_checkpoint(cfg: DistillConfig, generator, state: State, best_state: dict | None,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     """Atomic: write into a fresh folder, then swap it in. The matching optimiser's moments go with it."""
-    final = _ckpt_dir(cfg)
-    tmp = final.with_name(f".checkpoint-{time.time_ns()}")
-    tmp.mkdir(parents=True)
-    torch.save({"generator": generator.state_dict(), "best": best_state,
-                "optimizer": optimizer.state_dict() if optimizer is not None else None}, tmp / "weights.pt")
-    write_json(tmp / "state.json", {**dataclasses.asdict(state), "config": cfg.to_dict()})
-    old = final.with_name(".checkpoint-old")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        import shutil
 
-        shutil.rmtree(old)
+    def fill(tmp: Path) -> None:
+        torch.save({"generator": generator.state_dict(), "best": best_state,
+                    "optimizer": optimizer.state_dict() if optimizer is not None else None}, tmp / "weights.pt")
+        write_json(tmp / "state.json", {**dataclasses.asdict(state), "config": cfg.to_dict()})
+
+    atomic_write_dir(_ckpt_dir(cfg), fill)
 
 
 def load_checkpoint(cfg: DistillConfig, generator, device) -> tuple[State, dict | None, dict | None]:
@@ -433,7 +430,8 @@ class Distiller:
         out = []
         for c, group in enumerate(_by_class(self.train, self.task.num_classes)):
             if cfg.rep_pool_per_class and len(group) > cfg.rep_pool_per_class:
-                group = random.Random(cfg.seed * 7919 + c).sample(group, cfg.rep_pool_per_class)
+                rng = random.Random(derive_seed(cfg.seed, "representative pool", c))
+                group = rng.sample(group, cfg.rep_pool_per_class)
             k = min(cfg.real_per_class, len(group))
             feats = self.features([join_pair(e.text, e.text_pair) for e in group])
             out.append([[group[i] for i in kmeans_nearest(feats, k, cfg.seed + r, n_init=1)]
@@ -610,12 +608,12 @@ class Distiller:
         per_set = cfg.over_sample * cfg.dpc[-1]
         c = self.task.num_classes
         # one sampling call for every (set, class): duplicates are removed within a set, not across sets
-        pooled = self.sample([per_set] * (c * cfg.n_sets), cfg.seed * 100003 + 77777,
+        pooled = self.sample([per_set] * (c * cfg.n_sets), derive_seed(cfg.seed, "final candidates"),
                              list(self.task.label_names) * cfg.n_sets)
         for k in tqdm(range(cfg.n_sets), desc="select"):
             cands = pooled[k * c: (k + 1) * c]
             for d in cfg.dpc:
-                synset = self.select(d, cfg.seed * 100003 + k, cands)
+                synset = self.select(d, derive_seed(cfg.seed, "final set", k), cands)
                 out[d].append(write_set(Path(cfg.output_dir) / "sets" / f"dpc{d}" / f"set{k:02d}.jsonl", synset))
         return out
 

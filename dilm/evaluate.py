@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from dilm import DilmError
+from dilm.ensemble import Ensemble, batch_schedule, linear_warmup_decay, per_member_clip, predict_ensemble
 from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
 from dilm.synset import SynExample, SynSet
 from dilm.tasks import Example, TaskData
+from dilm.text import encode, join_pair, left_pad
 
 TFIDF = "tfidf-logreg"
 ICL_PREFIX = "icl-"
@@ -122,104 +123,7 @@ def check_arch(arch: str) -> None:
         raise DilmError(f"{arch}: in-context learning needs a decoder LM, {icl_model(arch)} is an encoder")
 
 
-def join_pair(text: str, pair: str | None, sep: str = " [SEP] ") -> str:
-    return text if pair is None else f"{text}{sep}{pair}"
-
-
-def linear_warmup_decay(step: int, total: int, warmup_ratio: float) -> float:
-    """LR multiplier: linear 0→1 over the warm-up, then 1→0 (DESIGN.md protocol)."""
-    warm = max(1, int(total * warmup_ratio))
-    if step < warm:
-        return (step + 1) / warm
-    return max(0.0, (total - step) / max(1, total - warm))
-
-
 # --------------------------------------------------------------------------- ensembles of fine-tuned learners
-
-
-def additive_mask(attention_mask: torch.Tensor, causal: bool, dtype=torch.float32) -> torch.Tensor:
-    """(B, T) 0/1 mask → additive (B, 1, T, T) [causal] or (B, 1, 1, T) mask.
-
-    Passing the 4-D mask keeps HF's mask builders, whose data-dependent shortcuts break ``vmap``, out of the way.
-    """
-    neg = torch.finfo(dtype).min
-    keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
-    if causal:
-        t = attention_mask.shape[-1]
-        tri = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
-        keep = keep & tri  # (B, 1, T, T)
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, neg)
-
-
-def encode(tok, texts: list[str], max_length: int, device) -> dict[str, torch.Tensor]:
-    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-              padding_side="right")
-    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
-
-
-def tokenize(tok, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated as :func:`encode` truncates (pre-tokenise once, pad per batch)."""
-    return tok(texts, truncation=True, max_length=max_length)["input_ids"]
-
-
-def pad_ids(seqs: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask) of pre-tokenised sequences: what :func:`encode` gives the texts."""
-    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
-class Ensemble:
-    """N copies of one classifier, stacked for ``vmap``; member i has its own head initialised from seed i."""
-
-    def __init__(self, base: torch.nn.Module, seeds: list[int], device):
-        self.base = base
-        self.causal = base.config.model_type not in ("bert", "roberta", "distilbert", "electra", "deberta-v2")
-        head_keys = [k for k, _ in base.named_parameters() if k.split(".")[0] in ("classifier", "score")]
-        params, buffers = stack_module_state([base] * len(seeds))
-        for k in head_keys:
-            for i, seed in enumerate(seeds):
-                g = torch.Generator(device="cpu").manual_seed(seed)
-                fresh = torch.randn(params[k][i].shape, generator=g) * 0.02 if k.endswith("weight") else 0.0
-                params[k].data[i] = torch.as_tensor(fresh, dtype=params[k].dtype).to(device)
-        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        self.buffers = buffers
-
-    def logits(self, input_ids, attention_mask, batched: bool = True) -> torch.Tensor:
-        """Inputs (N, B, T) when ``batched`` else (B, T) shared by all members → logits (N, B, C)."""
-
-        def one(p, b, ids, am):
-            mask = additive_mask(am, self.causal)
-            return functional_call(self.base, (p, b), (), {"input_ids": ids, "attention_mask": mask}).logits
-
-        in_dims = (0, 0, 0, 0) if batched else (0, 0, None, None)
-        return vmap(one, in_dims=in_dims, randomness="different")(self.params, self.buffers, input_ids,
-                                                                   attention_mask)
-
-
-def _batch_schedule(sizes: list[int], steps: int, batch: int, seeds: list[int]) -> np.ndarray:
-    """Per member and step, indices into its set (epoch-wise shuffles), padded with -1 → (N, steps, B)."""
-    b_max = min(batch, max(sizes))
-    out = np.full((len(sizes), steps, b_max), -1, dtype=np.int64)
-    for i, (n, seed) in enumerate(zip(sizes, seeds)):
-        rng = np.random.default_rng(seed)
-        b = min(batch, n)
-        order = np.empty(0, dtype=np.int64)
-        for s in range(steps):
-            if len(order) < b:
-                order = np.concatenate([order, rng.permutation(n)])
-            out[i, s, :b], order = order[:b], order[b:]
-    return out
-
-
-def _per_member_clip(params: dict[str, torch.Tensor], max_norm: float) -> None:
-    norms = torch.sqrt(sum(p.grad.flatten(1).float().pow(2).sum(1) for p in params.values()))  # (N,)
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for p in params.values():
-        p.grad.mul_(coef.view(-1, *[1] * (p.grad.dim() - 1)).to(p.grad.dtype))
 
 
 def finetune_ensemble(model_name: str, jobs: list[tuple[SynSet, int]], test: list[Example], cfg: EvalConfig,
@@ -246,7 +150,7 @@ def finetune_ensemble(model_name: str, jobs: list[tuple[SynSet, int]], test: lis
         targets[i, : len(s)] = torch.tensor([e.target(num_classes) for e in s.examples], device=device)
         start += len(s)
 
-    schedule = torch.as_tensor(_batch_schedule(sizes, cfg.steps, cfg.batch_size, [sd for _, sd in jobs]),
+    schedule = torch.as_tensor(batch_schedule(sizes, cfg.steps, cfg.batch_size, [sd for _, sd in jobs]),
                                device=device)  # (N, steps, B)
     opt = torch.optim.AdamW(list(ens.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.steps, cfg.warmup_ratio))
@@ -262,22 +166,10 @@ def finetune_ensemble(model_name: str, jobs: list[tuple[SynSet, int]], test: lis
         loss = ((ce * valid).sum(1) / valid.sum(1)).sum()  # members independent: sum of their means
         opt.zero_grad(set_to_none=False)
         loss.backward()
-        _per_member_clip(ens.params, cfg.clip)
+        per_member_clip(ens.params, cfg.clip)
         opt.step()
         sched.step()
-    return _predict_ensemble(ens, tok, test, cfg, device)
-
-
-@torch.no_grad()
-def _predict_ensemble(ens: Ensemble, tok, test: list[Example], cfg: EvalConfig, device) -> list[np.ndarray]:
-    ens.base.eval()
-    preds = []
-    for i in range(0, len(test), 256):
-        chunk = test[i: i + 256]
-        enc = encode(tok, [join_pair(e.text, e.text_pair) for e in chunk], cfg.max_length, device)
-        with autocast(device):
-            preds.append(ens.logits(enc["input_ids"], enc["attention_mask"], batched=False).argmax(-1).cpu())
-    return list(torch.cat(preds, 1).numpy())  # N arrays of len(test)
+    return predict_ensemble(ens, tok, test, cfg, device)
 
 
 # --------------------------------------------------------------------------- TF-IDF + logistic regression
@@ -323,14 +215,9 @@ def label_logprobs(model, tok, prompts: list[str], label_words: list[str], devic
             chunk = prompts[i: i + batch_size]
             enc = tok([p for p in chunk], add_special_tokens=False)["input_ids"]
             seqs = [e + word_ids for e in enc]
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), tok.pad_token_id)
-            am = torch.zeros((len(seqs), width), dtype=torch.long)
-            for j, s in enumerate(seqs):  # left padding keeps the label word at the end
-                ids[j, width - len(s):] = torch.tensor(s)
-                am[j, width - len(s):] = 1
+            ids, am = left_pad(seqs, tok.pad_token_id, device)  # left padding keeps the label word at the end
             with autocast(device):
-                logits = model(input_ids=ids.to(device), attention_mask=am.to(device)).logits.float()
+                logits = model(input_ids=ids, attention_mask=am).logits.float()
             logp = torch.log_softmax(logits[:, -len(word_ids) - 1: -1], -1)  # positions predicting the word
             target = torch.tensor(word_ids, device=device).expand(len(seqs), -1)
             out[i: i + len(chunk), c] = logp.gather(-1, target[..., None]).squeeze(-1).sum(-1).cpu()

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dilm.evaluate import pad_ids
 from dilm.models import autocast
 from dilm.sampling import Sampler
+from dilm.seeds import derive_seed
+from dilm.text import pad_ids
 
 PAIR_MARK = "\npair:"
 
@@ -184,10 +185,10 @@ def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[i
         if not rows:
             break
         sampled = sampler.sample([prompts[c] for c in rows], top_p=top_p, temperature=temperature,
-                                 seed=seed * 101 + r)
+                                 seed=derive_seed(seed, "round", r))
         if is_pair:
             sampled = continue_pairs(sampler, tok, [prompts[c] for c in rows], sampled, top_p=top_p,
-                                     temperature=temperature, seed=seed * 101 + r + 50)
+                                     temperature=temperature, seed=derive_seed(seed, "pair continuation", r))
         added = 0
         for c, row in zip(rows, sampled):
             s = to_sample(row, prompts[c], tok, is_pair, allow_unfinished)

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-HEAD_PREFIXES = ("classifier.", "score.")
+from dilm.models import head_param_names
 
 
 def matched_params(learner: torch.nn.Module, all_layers: bool = False) -> dict[str, torch.Tensor]:
     """The learner parameters whose gradients are compared (detached copies; the learner is not changed)."""
-    return {k: v.detach() for k, v in learner.named_parameters()
-            if all_layers or k.startswith(HEAD_PREFIXES)}
+    head = set(head_param_names(learner))
+    return {k: v.detach() for k, v in learner.named_parameters() if all_layers or k in head}
 
 
 def class_gradient(learner: torch.nn.Module, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],

@@ -9,14 +9,13 @@ import contextlib
 import fcntl
 import functools
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dilm import DilmError
+from dilm.files import atomic_write_dir
 
 
 @dataclass(frozen=True)
@@ -95,10 +94,36 @@ def _family_of(location: str) -> str:
     except OSError:
         raise DilmError(f"model {location!r} is not a known model ({', '.join(MODELS)}), an existing local "
                         "path, or a Hugging Face id reachable from here") from None
-    return "decoder" if getattr(cfg, "is_decoder", False) or cfg.model_type in _DECODER_TYPES else "encoder"
+    return "decoder" if is_causal(cfg) else "encoder"
 
 
-_DECODER_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "opt", "phi", "gemma", "smollm3"}
+def is_causal(model_or_config) -> bool:
+    """Whether a model (or its config) attends causally — the one answer used for masks and model families.
+
+    A decoder by config (``is_decoder``), or a type that transformers maps to a causal LM and not to a masked LM:
+    BERT-likes (bert, roberta, xlm-roberta, …) have both heads and are encoders; mpnet, albert, electra,
+    deberta-v2 only the masked one; gpt2, llama, qwen2, … only the causal one.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    cfg = getattr(model_or_config, "config", model_or_config)
+    if getattr(cfg, "is_decoder", False):
+        return True
+    kind = cfg.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def head_param_names(model: torch.nn.Module) -> list[str]:
+    """Names of the task head's parameters: everything outside the pre-trained backbone
+    (``model.base_model_prefix``), e.g. ``classifier.*`` of a BERT, ``score.*`` of a Llama classifier,
+    ``pre_classifier.*`` and ``classifier.*`` of a DistilBERT. A bare backbone has none."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not hasattr(model, prefix):
+        return []
+    return [k for k, _ in model.named_parameters() if not k.startswith(prefix + ".")]
 
 
 def _package_path(rel: str) -> Path:
@@ -136,10 +161,12 @@ def smollm2_dir() -> Path:
         model.hf_quantizer = None  # GGUF-loaded models refuse save_pretrained otherwise
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-"))
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+
+        def fill(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+
+        atomic_write_dir(target, fill, replace=False)
     return target
 
 
@@ -231,9 +258,11 @@ def load_model(name: str, head: str, num_labels: int = 2, device: torch.device |
 
 
 def _reset_classifier(model: torch.nn.Module) -> None:
-    for name in ("classifier", "score"):
-        mod = getattr(model, name, None)
-        if isinstance(mod, torch.nn.Linear):
-            torch.nn.init.normal_(mod.weight, std=0.02)
-            if mod.bias is not None:
-                torch.nn.init.zeros_(mod.bias)
+    """A fresh head from the current torch seed: weights N(0, 0.02), biases 0 (as :class:`dilm.ensemble.Ensemble`)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k in head_param_names(model):
+            if k.endswith("weight"):
+                torch.nn.init.normal_(params[k], std=0.02)
+            else:
+                torch.nn.init.zeros_(params[k])

@@ -22,6 +22,9 @@ import copy
 
 import torch
 
+from dilm.seeds import derive_seed
+from dilm.text import left_pad
+
 SYNC_EVERY = 8
 
 
@@ -38,16 +41,6 @@ def top_p_sample(logits: torch.Tensor, top_p: float, temperature: float, rng: to
     u = torch.rand(mass.shape, device=mass.device, generator=rng) * mass
     pick = torch.searchsorted(cum, u).clamp(max=kept - 1)  # first rank whose cumulative mass reaches u
     return order.gather(-1, pick).squeeze(-1)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts → (ids, attention_mask), each (B, width), padded on the left so every row ends at the last column."""
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def bf16_params_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -119,7 +112,7 @@ class Sampler:
         out: list[list[int]] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start: start + self.batch_size]
-            rows = self._batch(chunk, top_p, temperature, seed * 1_000_003 + start).tolist()
+            rows = self._batch(chunk, top_p, temperature, derive_seed(seed, "batch", start)).tolist()
             for row in rows[: len(chunk)]:
                 out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
         return out
@@ -129,7 +122,7 @@ class Sampler:
         if self.static:  # a few fixed shapes: rows padded to a power of two, prompts to prompt_width
             prompts = prompts + [prompts[0]] * (bucket(len(prompts), self.batch_size) - len(prompts))
         width = max(self.prompt_width if self.static else 0, *map(len, prompts))
-        ids, mask = left_pad(prompts, self.pad_id, width, self.device)
+        ids, mask = left_pad(prompts, self.pad_id, self.device, width)
         b, total = len(prompts), width + self.max_new_tokens
         full_mask = torch.zeros((b, total), dtype=torch.long, device=self.device)  # filled as tokens arrive
         full_mask[:, :width] = mask

@@ -42,12 +42,15 @@ from tqdm.auto import tqdm
 
 from dilm import DilmError
 from dilm.cli import add_task_args, command, task_from_args
-from dilm.evaluate import additive_mask, encode, join_pair, linear_warmup_decay
+from dilm.ensemble import linear_warmup_decay
 from dilm.features import EMBED_POOLINGS, embed
+from dilm.files import write_json
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
-from dilm.models import load_model, load_tokenizer, pick_device
-from dilm.synset import SynSet, read_set, write_json, write_set
+from dilm.models import head_param_names, is_causal, load_model, load_tokenizer, pick_device
+from dilm.seeds import derive_seed
+from dilm.synset import SynSet, read_set, write_set
 from dilm.tasks import Example, TaskData
+from dilm.text import additive_mask, encode, join_pair
 
 MODES = ("head", "full")
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -56,7 +59,6 @@ SCHEDULES = ("constant", "protocol")  # protocol: the evaluation's linear warm-u
 DEFAULT_INNER_LR = {("head", "sgd"): 1.0, ("head", "adam"): 0.02, ("full", "sgd"): 0.01, ("full", "adam"): 1e-3}
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-HEAD_KEYS = ("classifier", "score")  # first component of a classification head's parameter names
 LOG_LR_RANGE = 3.0  # a learned log step size stays within ±3 of its start (e^3 ≈ 20×): the unroll cannot blow up
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]  # features (B, H) in head mode, tokenizer-style dicts in full mode
@@ -250,12 +252,12 @@ class FullProxy:
 
     def __init__(self, model: torch.nn.Module, real: dict[str, torch.Tensor], real_labels: torch.Tensor):
         self.model = model.eval().requires_grad_(False)
-        self.causal = model.config.model_type not in ("bert", "roberta", "distilbert", "electra", "deberta-v2")
+        self.causal = is_causal(model)
         self.dtype = next(model.parameters()).dtype
         table = model.get_input_embeddings().weight
         named = dict(model.named_parameters())
         self.frozen = {k: v for k, v in named.items() if v is table}
-        self.head = {k: v for k, v in named.items() if k.split(".")[0] in HEAD_KEYS}
+        self.head = {k: named[k] for k in head_param_names(model)}
         self.body = {k: v for k, v in named.items() if k not in self.frozen and k not in self.head}
         self.real = real
         self.real_labels = real_labels
@@ -288,7 +290,7 @@ def real_pool(task: TaskData, per_class: int, seed: int) -> list[Example]:
     """A seeded, class-stratified sample of the *training* split: the outer loss's real data."""
     out: list[Example] = []
     for c, group in enumerate(task.by_class("train")):
-        out += random.Random(seed * 7919 + c).sample(group, min(per_class, len(group)))
+        out += random.Random(derive_seed(seed, "real pool", c)).sample(group, min(per_class, len(group)))
     return out
 
 

@@ -20,9 +20,7 @@ refuses it rather than scoring the readings as if they were the set.
 from __future__ import annotations
 
 import math
-import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,20 +33,12 @@ from torch.func import functional_call, vmap
 from dilm import DilmError
 from dilm.cli import add_task_args, command, task_from_args
 from dilm.coreset import check_dpc
-from dilm.evaluate import (
-    ArchScores,
-    Ensemble,
-    EvalConfig,
-    Scores,
-    _batch_schedule,
-    _per_member_clip,
-    _predict_ensemble,
-    additive_mask,
-    join_pair,
-    linear_warmup_decay,
-)
+from dilm.ensemble import Ensemble, batch_schedule, linear_warmup_decay, per_member_clip, predict_ensemble
+from dilm.evaluate import ArchScores, EvalConfig, Scores
+from dilm.files import atomic_path, write_json
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
-from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.models import autocast, is_causal, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.seeds import derive_seed
 from dilm.softlabel import (
     HeadProxy,
     UnrollConfig,
@@ -61,8 +51,9 @@ from dilm.softlabel import (
     unroll_config_from_args,
     unroll_lr,
 )
-from dilm.synset import SynExample, SynSet, write_json, write_set
+from dilm.synset import SynExample, SynSet, write_set
 from dilm.tasks import TaskData
+from dilm.text import additive_mask, join_pair
 
 INITS = ("real", "random")
 
@@ -139,7 +130,7 @@ def init_sequences(task: TaskData, cfg: TDDConfig, table: torch.Tensor) -> tuple
         labels = sorted(labels[: cfg.total])
     picked = []
     for c in sorted(set(labels)):
-        picked += random.Random(cfg.seed * 7919 + c).sample(groups[c], labels.count(c))
+        picked += random.Random(derive_seed(cfg.seed, "tdd init", c)).sample(groups[c], labels.count(c))
     enc = tok([join_pair(e.text, e.text_pair) for e in picked], padding="max_length", truncation=True,
               max_length=cfg.seq_len, return_tensors="pt", padding_side="right")
     ids, mask = enc["input_ids"].to(table.device), enc["attention_mask"].to(table.device)
@@ -153,7 +144,7 @@ def init_sequences(task: TaskData, cfg: TDDConfig, table: torch.Tensor) -> tuple
 def pooled_features(body: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Last-layer features of input embeddings (n, T, H) → (n, H), as :func:`dilm.features.embed` pools them."""
     dtype = next(body.parameters()).dtype
-    states = body(inputs_embeds=embeds, attention_mask=additive_mask(mask, False, dtype))
+    states = body(inputs_embeds=embeds, attention_mask=additive_mask(mask, is_causal(body), dtype))
     if pooling == "pooler":
         return states.pooler_output
     hidden = states.last_hidden_state
@@ -230,14 +221,8 @@ def save_tdd(tdd: TDDSet, out: str | Path) -> dict[str, Path]:
     blob = {"inputs_embeds": tdd.inputs_embeds, "attention_mask": tdd.attention_mask,
             "soft_labels": tdd.soft_labels, "label_names": list(tdd.label_names), "meta": tdd.meta,
             "readings": list(tdd.readings)}
-    fd, tmp = tempfile.mkstemp(dir=paths["pt"].parent, prefix=f".{paths['pt'].name}.")
-    os.close(fd)
-    try:
+    with atomic_path(paths["pt"]) as tmp:
         torch.save(blob, tmp)
-        os.replace(tmp, paths["pt"])
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     readings = tdd.readings or tuple(f"[sequence {i}]" for i in range(len(tdd)))
     rows = [SynExample(text, int(s.argmax()), None, tuple(s.tolist()))
             for text, s in zip(readings, tdd.soft_labels.double())]
@@ -302,7 +287,7 @@ def _train_on_embeddings(learner: str, base: torch.nn.Module, tdd: TDDSet, seeds
     trained = {k: v for k, v in ens.params.items() if k != table_key}
     embeds, mask = tdd.inputs_embeds.to(device), tdd.attention_mask.to(device)  # (n, T, H), (n, T)
     targets = tdd.soft_labels.to(device)  # (n, C)
-    schedule = torch.as_tensor(_batch_schedule([len(tdd)] * len(seeds), cfg.steps, cfg.batch_size, seeds),
+    schedule = torch.as_tensor(batch_schedule([len(tdd)] * len(seeds), cfg.steps, cfg.batch_size, seeds),
                                device=device)  # (N, steps, B); every member sees the whole set when n <= batch
 
     def one(p, b, e, am):
@@ -321,10 +306,10 @@ def _train_on_embeddings(learner: str, base: torch.nn.Module, tdd: TDDSet, seeds
         loss = ((ce * valid).sum(1) / valid.sum(1)).sum()
         opt.zero_grad(set_to_none=False)
         loss.backward()
-        _per_member_clip(trained, cfg.clip)
+        per_member_clip(trained, cfg.clip)
         opt.step()
         sched.step()
-    return _predict_ensemble(ens, load_tokenizer(learner), test, cfg, device)
+    return predict_ensemble(ens, load_tokenizer(learner), test, cfg, device)
 
 
 # --------------------------------------------------------------------------- CLI

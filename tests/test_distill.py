@@ -10,7 +10,7 @@ from dilm import DilmError
 from dilm.cli import main
 from dilm.coreset import kmeans_nearest
 from dilm.distill import PRESETS, DistillConfig, Distiller, State, distill
-from dilm.evaluate import linear_warmup_decay
+from dilm.ensemble import linear_warmup_decay
 from dilm.synset import read_set
 from dilm.tasks import load_task
 

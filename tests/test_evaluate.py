@@ -2,18 +2,11 @@
 
 import torch
 
-from dilm.evaluate import (
-    Ensemble,
-    EvalConfig,
-    Evaluator,
-    encode,
-    label_logprobs,
-    linear_warmup_decay,
-    pad_ids,
-    tokenize,
-)
+from dilm.ensemble import Ensemble, linear_warmup_decay
+from dilm.evaluate import EvalConfig, Evaluator, label_logprobs
 from dilm.models import load_model, load_tokenizer
 from dilm.synset import SynSet
+from dilm.text import encode, pad_ids, tokenize
 
 CPU = torch.device("cpu")
 

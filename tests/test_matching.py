@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from dilm.evaluate import encode
 from dilm.generator import (
     GEN_LOSS_NORMS,
     Sample,
@@ -15,6 +14,7 @@ from dilm.generator import (
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import load_model, load_tokenizer
+from dilm.text import encode
 
 CPU = torch.device("cpu")
 

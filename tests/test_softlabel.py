@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dilm.softlabel  # noqa: F401  (registers the softlabel sub-command)
 from dilm import DilmError
-from dilm.evaluate import EvalConfig, Evaluator, encode, finetune_ensemble, tfidf_logreg
+from dilm.evaluate import EvalConfig, Evaluator, finetune_ensemble, tfidf_logreg
 from dilm.models import load_model, load_tokenizer
 from dilm.softlabel import (
     FullProxy,
@@ -26,6 +26,7 @@ from dilm.softlabel import (
 )
 from dilm.synset import SynSet, read_set, write_set
 from dilm.tasks import Example, TaskData
+from dilm.text import encode
 
 TINY = UnrollConfig(learner="tiny-bert", steps=10, learners=2, real_per_class=60, real_batch=64, max_length=32)
 

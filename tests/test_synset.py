@@ -18,7 +18,7 @@ def test_jsonl_round_trip(tmp_path):
     pair = read_set(path, NAMES, is_pair=False)
     assert pair.examples[2].text_pair is None  # single-sentence task ignores text_pair
     assert json.loads(path.read_text().splitlines()[0])["label"] == "positive"
-    assert not list(tmp_path.glob(".s.jsonl.*"))  # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["s.jsonl"]  # no temp file left behind
 
 
 @pytest.mark.parametrize("line,match", [

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from dilm.synset import atomic_write_text, write_json
+from dilm.files import atomic_write_text, write_json
 from tune.config import OBJECTIVE, SweepConfig, SweepPaths
 from tune.plots import param_importances as plot_importances
 

@@ -38,7 +38,7 @@ import ray
 from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner, with_parameters, with_resources
 
 from dilm import DilmError
-from dilm.synset import write_json
+from dilm.files import write_json
 from dilm.tasks import TASKS, load_task
 from tune.config import RETIRED_KEYS, SweepConfig, SweepPaths, load_config
 from tune.pool import PoolError, create_pool, shutdown_pool

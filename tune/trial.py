@@ -25,7 +25,8 @@ import torch
 from ray.tune import get_context, report
 
 from dilm.distill import DistillConfig, distill
-from dilm.synset import read_set, write_json
+from dilm.files import write_json
+from dilm.synset import read_set
 from tune.config import FINAL, OBJECTIVE, VAL_METRIC
 from tune.plots import accuracy_vs_dpc_all
 from tune.pool import PoolClient, PoolSpec

@@ -1,0 +1,92 @@
+"""Ensembles of fine-tuned learners: the evaluation protocol's training machinery (DESIGN.md).
+
+N copies of one classifier are trained at once: parameters stacked with ``torch.func.stack_module_state`` and the
+forward ``vmap``-ed over members, each member with its own head seed, data order and gradient clip. Protocol:
+AdamW, weight decay, linear warm-up over the first ``warmup_ratio`` of the steps then linear decay
+(:func:`linear_warmup_decay`), clip per member. Shapes: N members, B rows per step, T tokens, C classes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from dilm.models import autocast, head_param_names, is_causal
+from dilm.tasks import Example
+from dilm.text import additive_mask, encode, join_pair
+
+if TYPE_CHECKING:  # the protocol's hyperparameters; evaluate imports this module
+    from dilm.evaluate import EvalConfig
+
+
+def linear_warmup_decay(step: int, total: int, warmup_ratio: float) -> float:
+    """LR multiplier: linear 0→1 over the warm-up, then 1→0 (DESIGN.md protocol)."""
+    warm = max(1, int(total * warmup_ratio))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+class Ensemble:
+    """N copies of one classifier, stacked for ``vmap``; member i has its own head initialised from seed i."""
+
+    def __init__(self, base: torch.nn.Module, seeds: list[int], device):
+        self.base = base
+        self.causal = is_causal(base)
+        head_keys = head_param_names(base)
+        params, buffers = stack_module_state([base] * len(seeds))
+        for k in head_keys:
+            for i, seed in enumerate(seeds):
+                g = torch.Generator(device="cpu").manual_seed(seed)
+                fresh = torch.randn(params[k][i].shape, generator=g) * 0.02 if k.endswith("weight") else 0.0
+                params[k].data[i] = torch.as_tensor(fresh, dtype=params[k].dtype).to(device)
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.buffers = buffers
+
+    def logits(self, input_ids, attention_mask, batched: bool = True) -> torch.Tensor:
+        """Inputs (N, B, T) when ``batched`` else (B, T) shared by all members → logits (N, B, C)."""
+
+        def one(p, b, ids, am):
+            mask = additive_mask(am, self.causal)
+            return functional_call(self.base, (p, b), (), {"input_ids": ids, "attention_mask": mask}).logits
+
+        in_dims = (0, 0, 0, 0) if batched else (0, 0, None, None)
+        return vmap(one, in_dims=in_dims, randomness="different")(self.params, self.buffers, input_ids,
+                                                                   attention_mask)
+
+
+def batch_schedule(sizes: list[int], steps: int, batch: int, seeds: list[int]) -> np.ndarray:
+    """Per member and step, indices into its set (epoch-wise shuffles), padded with -1 → (N, steps, B)."""
+    b_max = min(batch, max(sizes))
+    out = np.full((len(sizes), steps, b_max), -1, dtype=np.int64)
+    for i, (n, seed) in enumerate(zip(sizes, seeds)):
+        rng = np.random.default_rng(seed)
+        b = min(batch, n)
+        order = np.empty(0, dtype=np.int64)
+        for s in range(steps):
+            if len(order) < b:
+                order = np.concatenate([order, rng.permutation(n)])
+            out[i, s, :b], order = order[:b], order[b:]
+    return out
+
+
+def per_member_clip(params: dict[str, torch.Tensor], max_norm: float) -> None:
+    norms = torch.sqrt(sum(p.grad.flatten(1).float().pow(2).sum(1) for p in params.values()))  # (N,)
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params.values():
+        p.grad.mul_(coef.view(-1, *[1] * (p.grad.dim() - 1)).to(p.grad.dtype))
+
+
+@torch.no_grad()
+def predict_ensemble(ens: Ensemble, tok, test: list[Example], cfg: EvalConfig, device) -> list[np.ndarray]:
+    ens.base.eval()
+    preds = []
+    for i in range(0, len(test), 256):
+        chunk = test[i: i + 256]
+        enc = encode(tok, [join_pair(e.text, e.text_pair) for e in chunk], cfg.max_length, device)
+        with autocast(device):
+            preds.append(ens.logits(enc["input_ids"], enc["attention_mask"], batched=False).argmax(-1).cpu())
+    return list(torch.cat(preds, 1).numpy())  # N arrays of len(test)
