@@ -205,7 +205,7 @@ def test_sweeps_pickled_before_the_split_unpickle(how):
 def test_resume_accepts_the_configuration_saved_before_the_split(tmp_path):
     """The state file of the smoke sweep as 739ab12 saved it (with metric/mode, and fewer eval keys) is the same
     configuration as today's sweeps/smoke.yaml; a real change is still refused."""
-    from dilm.synset import write_json
+    from dilm.files import write_json
     from tune.config import SweepPaths
     from tune.sweep import check_same_config
 
