@@ -9,14 +9,18 @@
 #   dilm      `dilm distill --preset gpu` on SST-2, evaluated (10 sets x DPC 5/10/20, minilm-l6, 5 seeds)
 #   vanilla   the same with outer_loops=0: no matching stage (the ablation DiLM must beat)
 #   sweep     `dilm sweep --config sweeps/gpu-quick.yaml` (4 trials at once sharing the GPU with the eval actor)
-#   softlabel hard vs learned soft labels, AG News fewer-than-classes, TDD
+#   softlabel hard vs learned soft vs smoothing (same confidence) vs teacher probe, paired 95 % intervals: SST-2
+#             DPC 10, 20 sets x 5 seeds of random / k-centers and of the dilm / vanilla parts' sets (run those
+#             first; their 10 sets per DPC are what exists), on minilm-l6, TF-IDF and the proxy (learned step)
+#   softlabel-smollm2  the same sets and labelings on the SmolLM2-135M classifier and TF-IDF
+#   softlabel-fewer    AG News with 2 and 3 examples in total (fewer than its 4 classes) + TDD at DPC 1
 # PRESET=smoke EVAL_ARCH=tfidf-logreg bash bench/gpu_evidence.sh dilm /tmp/ev   checks that plumbing on a CPU.
 # On the lent machine (../shared/gpu/README.md) prefix with: export PYTHONPATH=/root/site:$PWD;
 # At most 8 files come back from the lent machine, so each part leaves there only: $part.log (everything
 # printed), its JSON results, $part-gpu-util.csv (utilisation every 5 s) and, for distillations, a tarball of the
 # sets with their provenance and scores. Bulky state (checkpoints, sweep storage) stays in $WORK.
 set -euo pipefail
-part=${1:?usage: bash bench/gpu_evidence.sh check|coresets|dilm|vanilla|sweep|softlabel [OUT]}
+part=${1:?usage: bash bench/gpu_evidence.sh check|coresets|dilm|vanilla|sweep|softlabel|softlabel-smollm2|softlabel-fewer [OUT]}
 out=${2:-${OUT:-out}}
 work=${WORK:-/tmp/dilm-evidence}
 mkdir -p "$out" "$work"
@@ -51,9 +55,19 @@ case $part in
     $py -m tune.sweep --config sweeps/gpu-quick.yaml 2>&1 | quiet | tail -60 | tee -a "$log"
     $py -c "import mlflow; mlflow.search_runs(search_all_experiments=True).to_csv('$out/sweep-runs.csv')"
     ;;
-  softlabel)
-    $py bench/softlabel_quality.py --json "$out/softlabel.json" 2>&1 | quiet | tee -a "$log"
+  softlabel | softlabel-smollm2)
+    archs=minilm-l6,tfidf-logreg,proxy
+    [[ $part == softlabel-smollm2 ]] && archs=smollm2-135m,tfidf-logreg
+    gen=()
+    for g in dilm vanilla; do [[ -d $work/$g/sets ]] && gen+=(--generated "$g=$work/$g/sets"); done
+    $py bench/softlabel_quality.py --dpc 10 --n-sets 20 --seeds 5 --archs "$archs" --mean-proxy "${gen[@]}" \
+      --json "$out/$part.json" 2>&1 | quiet | tee -a "$log"
     ;;
-  *) echo "unknown part '$part'; known: check coresets dilm vanilla sweep softlabel" >&2; exit 2 ;;
+  softlabel-fewer)
+    $py bench/softlabel_quality.py --tasks ag_news --methods "" --totals 2,3 --dpc 1 --n-sets 20 --seeds 5 \
+      --archs minilm-l6,proxy --tdd-sets 3 --json "$out/$part.json" 2>&1 | quiet | tee -a "$log"
+    ;;
+  *) echo "unknown part '$part'; known: check coresets dilm vanilla sweep softlabel softlabel-smollm2 softlabel-fewer" >&2
+     exit 2 ;;
 esac
 echo "$part: $(( $(date +%s) - start )) s wall" | tee -a "$log"

@@ -24,7 +24,6 @@ import math
 
 import numpy as np
 import torch
-from scipy import stats
 
 from dilm import DilmError
 from dilm.synset import SynSet
@@ -149,6 +148,8 @@ class Teacher:
 
 def paired_interval(diffs: list[float], level: float = 0.95) -> dict:
     """Mean of paired differences with a Student-t interval (pairs treated as independent) → {mean, lo, hi, n}."""
+    from scipy import stats
+
     x = np.asarray(diffs, dtype=float)
     n = len(x)
     mean = float(x.mean()) if n else float("nan")

@@ -386,6 +386,7 @@ class SoftLabeler:
         self.task, self.cfg = task, cfg
         self.device = pick_device(str(device or cfg.device))
         self._proxy = self._body = None
+        self._test_inputs: dict[tuple[str, ...], Inputs] = {}
 
     def _build(self) -> None:
         ucfg = self.cfg.unroll
@@ -440,7 +441,10 @@ class SoftLabeler:
         ucfg, proxy, device = self.cfg.unroll, self.proxy, self.device
         lr = lr or synset.meta.get("soft_label", {}).get("learned_lr") or ucfg.lr
         syn = syn_inputs(proxy, [join_pair(e.text, e.text_pair) for e in synset.examples], ucfg, device, self._body)
-        test_x = syn_inputs(proxy, [join_pair(e.text, e.text_pair) for e in test], ucfg, device, self._body)
+        texts = tuple(join_pair(e.text, e.text_pair) for e in test)
+        if texts not in self._test_inputs:  # one test split, many sets: encode it once
+            self._test_inputs = {texts: syn_inputs(proxy, list(texts), ucfg, device, self._body)}
+        test_x = self._test_inputs[texts]
         targets = torch.tensor([e.target(synset.num_classes) for e in synset.examples], device=device,
                                dtype=proxy.dtype)
         out = []

@@ -1,9 +1,10 @@
 """Embedding-level text distillation (TDD), a same-architecture baseline beside DiLM (DESIGN.md).
 
-A TDD set is ``n = DPC × C`` free sequences of input word embeddings ``inputs_embeds`` (n, T, H) — fed to the
-learner in place of its word-embedding lookup, so position and token-type embeddings and the embedding LayerNorm
-still apply — each with learnable label logits (n, C) and one learnable unroll step size. They are optimised with
-the machinery of :mod:`dilm.softlabel`: a proxy learner is unrolled on the synthetic embeddings with ``torch.func``
+A TDD set is ``n = DPC × C`` (or ``total``, also fewer than the classes) free sequences of input word embeddings
+``inputs_embeds`` (n, T, H) — fed to the learner in place of its word-embedding lookup, so position and token-type
+embeddings and the embedding LayerNorm still apply — each with a learnable label distribution (n, C)
+(:mod:`dilm.labelspace`), and one learnable unroll step size. They are optimised with the machinery of
+:mod:`dilm.softlabel`: a proxy learner is unrolled on the synthetic embeddings with ``torch.func``
 and the outer loss is its cross-entropy on real *training* mini-batches.
 
 * ``head`` mode (default): the learner's body is frozen; the synthetic features are its pooled outputs on the

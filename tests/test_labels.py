@@ -17,7 +17,16 @@ from dilm.evaluate import (
     tfidf_logreg,
 )
 from dilm.features import embed
-from dilm.labelspace import initial_labels, limit_shift, project_simplex, shift
+from dilm.labelspace import (
+    Teacher,
+    initial_labels,
+    limit_shift,
+    mean_confidence,
+    paired_interval,
+    project_simplex,
+    shift,
+    smoothed_twin,
+)
 from dilm.models import load_model, load_tokenizer
 from dilm.softlabel import (
     HeadProxy,
@@ -288,3 +297,17 @@ def test_cli_softlabel_label_keys_and_proxy_evaluation(toy_task, tmp_path, capsy
     assert "proxy (head, pooler, learned lr), hard labels: accuracy" in out and "soft labels: accuracy" in out
     meta = read_set(tmp_path / "soft.jsonl", toy_task.label_names).meta["soft_label"]["config"]
     assert meta["max_shift"] == 0.2 and meta["weights"] is True
+
+
+def test_bench_controls_smoothing_teacher_and_paired_interval(toy_task):
+    hard = SynSet.from_examples(toy_task.train[:6], toy_task.label_names)
+    smooth = smoothed_twin(hard, 0.8)
+    assert mean_confidence(smooth) == pytest.approx(0.8) and [e.label for e in smooth.examples] == [
+        e.label for e in hard.examples]
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)), np.arange(40) % 2
+    x[:, 0] += 3 * y
+    taught = Teacher(x, y).label(hard, x[:6])
+    assert [e.label for e in taught.examples] == list(y[:6]) and all(max(e.soft_label) < 1 for e in taught.examples)
+    ci = paired_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert ci["mean"] == 2.0 and ci["hi"] - 2.0 == pytest.approx(4.303 / 3 ** 0.5, rel=1e-3)
