@@ -33,15 +33,18 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-pair-column", default=None)
     g.add_argument("--label-column", default="label")
     g.add_argument("--label-names", type=_strs, default=None, help="comma-separated, in id order")
+    g.add_argument("--no-header", action="store_true",
+                   help="TSV/CSV files without a header row: give columns by index (--text-column 1), as CoLA ships")
 
 
-def task_from_args(args):
+def task_from_args(args, need_test: bool = True):
     from dilm.tasks import load_task
 
     return load_task(args.task, train_file=args.train_file, test_file=args.test_file,
                      text_column=args.text_column, label_column=args.label_column,
                      text_pair_column=args.text_pair_column,
-                     label_names=list(args.label_names) if args.label_names else None)
+                     label_names=list(args.label_names) if args.label_names else None,
+                     has_header=not args.no_header, need_test=need_test)
 
 
 def cmd_evaluate(args) -> int:
@@ -73,7 +76,7 @@ def cmd_coreset(args) -> int:
     cfg = CoresetConfig(method=args.method, dpc=args.dpc, n_sets=args.n_sets, learner=args.learner,
                         pooling=args.pooling, seed=args.seed, device=args.device,
                         candidates_per_class=args.candidates_per_class or None)
-    task = task_from_args(args)
+    task = task_from_args(args, need_test=False)  # selection reads the training split only
     out = Path(args.output)
     for dpc, sets in build_coresets(task, cfg, pick_device(cfg.device)).items():
         for i, s in enumerate(sets):

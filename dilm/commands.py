@@ -27,7 +27,15 @@ def cmd_distill(args) -> int:
     overrides.update(task=args.task or "sst2", output_dir=str(args.output), seed=args.seed, device=args.device)
     if args.dpc:
         overrides["dpc"] = args.dpc
+    for key in ("lm_checkpoint", "prompt_template"):
+        if getattr(args, key) is not None:
+            overrides[key] = str(getattr(args, key))
     cfg = DistillConfig.from_preset(args.preset, **overrides)  # validated before any model loads
+    if args.lm_only:
+        from dilm.distill import lm_cache_key, train_lm
+
+        print(f"LM-stage checkpoint (key {lm_cache_key(cfg)}): {train_lm(cfg)}")
+        return 0
     result = distill(cfg)
     for dpc, paths in result.sets.items():
         print(f"DPC {dpc}: {len(paths)} set(s) in {paths[0].parent}")
@@ -60,6 +68,12 @@ def add_distill(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--set", metavar="KEY=VALUE", type=_override, action="append",
                    help="override any distill option, e.g. --set outer_loops=0 (vanilla LM ablation)")
+    p.add_argument("--prompt-template", default=None,
+                   help="generator prompt: task (the packaged task's own, default), label (label: <name>\\ntext:), "
+                        "or a template with {label}, e.g. 'Here is one short {label} product review:'")
+    p.add_argument("--lm-checkpoint", type=Path, default=None,
+                   help="start matching from this LM-stage checkpoint (OUTPUT/lm of a --lm-only run), no LM stage")
+    p.add_argument("--lm-only", action="store_true", help="run only the LM stage; write the checkpoint to OUTPUT/lm")
     p.add_argument("--evaluate", action="store_true", help="evaluate the written sets afterwards")
     p.add_argument("--arch", type=_strs, default=("minilm-l6",))
     p.add_argument("--eval-seeds", type=int, default=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import platform
 import random
@@ -41,10 +42,13 @@ from dilm.generator import (
     make_sampler,
     pad_samples,
     prompt,
+    resolve_template,
     sample_classes,
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
+from dilm.models import _file_lock as file_lock
 from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.probe import LabelProbe, task_fingerprint
 from dilm.sampling import Sampler
 from dilm.seeds import derive_seed
 from dilm.synset import SynExample, SynSet, write_set
@@ -69,7 +73,14 @@ class DistillConfig:
     output_dir: str = _f("runs/distill", "where sets, provenance and checkpoints go")
     seed: int = _f(0, "")
     device: str = _f("auto", "auto, cpu or cuda[:N]")
+    prompt_template: str = _f("task", "generator prompt: task (the packaged task's plain-words template; the bare "
+                                      "label format for other tasks), label (label: <name>\\ntext:), or a "
+                                      "template with a {label} field")
+    probe: str = _f("minilm-l6", "encoder of the label-agreement probe, fitted on the training split ('' = off)")
+    probe_examples: int = _f(4000, "training examples the probe is fitted on (a seeded sample; 0 = all)")
     # stage 1: label-conditioned LM fine-tuning
+    lm_checkpoint: str = _f("", "start matching from this LM-stage checkpoint (written by train_lm); the LM "
+                                "stage is skipped")
     lm_steps: int = _f(2000, "generator LM fine-tuning steps")
     lm_lr: float = _f(1e-4, "AdamW lr of the LM stage (cosine schedule, warm-up 10%)")
     lm_weight_decay: float = _f(0.01, "AdamW weight decay of the LM stage")
@@ -160,6 +171,7 @@ class DistillConfig:
             raise DilmError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLER_MODES)}")
         if self.over_sample < 1:
             raise DilmError("over_sample must be >= 1 (candidates = over_sample x DPC)")
+        resolve_template(self.prompt_template, self.task)  # a template without {label} fails here
 
     @property
     def total_match_steps(self) -> int:
@@ -193,7 +205,7 @@ PRESETS: dict[str, dict] = {
                   outer_loops=2, inner_loop=2, model_step_per_inner_step=1, syn_per_class=4, real_per_class=8,
                   n_rep_sets=2, rep_pool_per_class=200, generate_interval=1, val_interval=1, val_size=40,
                   val_dpc=2, val_sets=1, val_seeds=1, val_steps=5, over_sample=3, length_cap=24, gen_batch_size=16,
-                  generator_lr=1e-4),
+                  generator_lr=1e-4, probe="tiny-bert"),
     # packaged real models at CPU scale (the `make demo` sweep): few steps, short texts; the representative sets
     # cluster 1,000 examples per class, not the whole class (embedding all of SST-2 takes minutes on 2 cores)
     "demo": dict(dpc=(2, 4), n_sets=2, lm_steps=4, lm_batch_size=4, length_cap=128, outer_loops=1, inner_loop=2,
@@ -203,7 +215,7 @@ PRESETS: dict[str, dict] = {
     # one H100, whole pipeline in one 10-minute command (evaluation of 10 sets included)
     "gpu": dict(lm_steps=1500, lm_batch_size=64, outer_loops=20, inner_loop=10, model_step_per_inner_step=10,
                 syn_per_class=64, real_per_class=200, n_rep_sets=5, generate_interval=5, val_interval=5,
-                over_sample=20, n_sets=10, generator_lr=3e-6, gen_batch_size=2048),
+                over_sample=20, n_sets=10, generator_lr=3e-6, gen_batch_size=2048, probe_examples=0),
     # the reference's defaults (configs/train/{lm,dc}.yaml of the DiLM code), item by item; many GPU hours
     "paper": dict(generator="gpt2", learner="bert-base-uncased", dpc=(5, 10, 20), n_sets=20,
                   lm_steps=80000, lm_lr=1e-5, lm_weight_decay=0.01, lm_batch_size=64,
@@ -213,7 +225,7 @@ PRESETS: dict[str, dict] = {
                   n_rep_sets=10, rep_pool_per_class=0, pool_per_class=0, generate_interval=20, pooling="cls",
                   temperature=1.0, gen_loss_norm="batch", lm_lambda=0.0, all_layers=False, learner_lr=1e-4,
                   learner_batch_size=64, val_interval=200, val_dpc=20, val_sets=5, val_seeds=5, val_steps=200,
-                  over_sample=100, top_p=0.95, drop_unfinished=False),
+                  over_sample=100, top_p=0.95, drop_unfinished=False, probe_examples=0),
 }
 
 
@@ -274,6 +286,92 @@ def load_checkpoint(cfg: DistillConfig, generator, device) -> tuple[State, dict 
     return State(**saved), weights["best"], weights.get("optimizer")
 
 
+# --------------------------------------------------------------------------- the shared LM stage
+
+LM_KEYS = ("generator", "lm_steps", "lm_lr", "lm_batch_size", "max_length", "length_quantile", "length_cap",
+           "seed")  # what the LM stage reads
+LM_META = "dilm_lm.json"  # beside the Hugging Face files of an LM-stage checkpoint
+
+
+def split_train(cfg: DistillConfig, task: TaskData) -> tuple[list[Example], list[Example]]:
+    """(train, val): a seeded validation part held out of the training split (the test split is never looked at).
+    The LM stage and the matching stage train on the first."""
+    train = list(task.train)
+    random.Random(cfg.seed).shuffle(train)
+    n_val = min(cfg.val_size, len(train) // 5) if cfg.val_interval else 0
+    return train[n_val:], train[:n_val]
+
+
+def lm_cache_key(cfg: DistillConfig, task: TaskData | None = None) -> str:
+    """Content key of the LM stage: the ``LM_KEYS``, the rendered prompt template and a hash of the training
+    examples it sees. Configs with equal keys share one checkpoint; any other key (matching stage, DPC, …) does
+    not enter it."""
+    task = task or load_task(cfg.task)
+    train, _ = split_train(cfg, task)
+    payload = {**{k: getattr(cfg, k) for k in LM_KEYS}, "prompt": resolve_template(cfg.prompt_template, task.name),
+               "labels": list(task.label_names), "data": task_fingerprint(train, task.label_names)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_lm_meta(path: str | Path) -> dict:
+    d = Path(path)
+    if not d.is_dir():
+        raise DilmError(f"LM checkpoint {d} does not exist")
+    if not (d / LM_META).exists():
+        raise DilmError(f"{d} is not an LM-stage checkpoint written by dilm (no {LM_META}); see train_lm")
+    return json.loads((d / LM_META).read_text())
+
+
+def _lm_key(path: Path) -> str | None:
+    return json.loads((path / LM_META).read_text())["key"] if (path / LM_META).exists() else None
+
+
+def train_lm(cfg: DistillConfig, out_dir: str | Path | None = None, task: TaskData | None = None,
+             callback: Callback | None = None) -> Path:
+    """Run only the LM stage; save the generator (an ordinary Hugging Face checkpoint, with its tokenizer and
+    ``dilm_lm.json``) in ``out_dir`` (default ``<output_dir>/lm``), atomically. A folder already holding this
+    config's :func:`lm_cache_key` is reused as it is; concurrent callers (a file lock) train it once.
+    ``DistillConfig(lm_checkpoint=<the returned path>)`` then starts matching from it."""
+    task = task or load_task(cfg.task)
+    out = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / "lm"
+    key = lm_cache_key(cfg, task)
+    if _lm_key(out) == key:
+        return out
+    with file_lock(out.with_name(f".{out.name}.lock")):
+        if _lm_key(out) == key:  # trained by the caller that held the lock before us
+            return out
+        run = Distiller(dataclasses.replace(cfg, lm_checkpoint=""), callback, task)
+        state = State()
+        t0 = time.perf_counter()
+        run.lm_stage(state)
+        last = [r["lm_loss"] for r in state.history if "lm_loss" in r]
+
+        def fill(tmp: Path) -> None:
+            run.generator.save_pretrained(tmp)
+            run.gen_tok.save_pretrained(tmp)
+            write_json(tmp / LM_META, {
+                "key": key, "generator": cfg.generator, "task": task.name, "label_names": list(task.label_names),
+                "prompt_template": run.template, "config": {k: getattr(cfg, k) for k in LM_KEYS},
+                "train_examples": len(run.train), "final_lm_loss": last[-1] if last else None,
+                "lm_s": time.perf_counter() - t0, "dilm_version": dilm.__version__, "git_revision": _git_revision()})
+
+        atomic_write_dir(out, fill)
+    return out
+
+
+def load_lm_checkpoint(path: str | Path, cfg: DistillConfig, task: TaskData, template: str, device):
+    """The generator saved by :func:`train_lm`, after checking it fits this run (generator, labels, prompt)."""
+    meta = read_lm_meta(path)
+    for what, theirs, ours in (("generator", meta["generator"], cfg.generator),
+                               ("label names", meta["label_names"], list(task.label_names)),
+                               ("prompt template", meta["prompt_template"], template)):
+        if theirs != ours:
+            raise DilmError(f"LM checkpoint {path} was trained with {what} {theirs!r}, this run has {ours!r}")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -290,14 +388,14 @@ class Distiller:
             check_dpc(self.task, d)
         self.rng = random.Random(cfg.seed)
         torch.manual_seed(cfg.seed)
-        # held-out validation split carved from train; the test split is never looked at
-        train = list(self.task.train)
-        random.Random(cfg.seed).shuffle(train)
-        n_val = min(cfg.val_size, len(train) // 5) if cfg.val_interval else 0
-        self.val, self.train = train[:n_val], train[n_val:]
+        self.train, self.val = split_train(cfg, self.task)
+        self.template = resolve_template(cfg.prompt_template, self.task.name)
         self.gen_tok = load_tokenizer(cfg.generator)
         self.learn_tok = load_tokenizer(cfg.learner)
-        self.generator = load_model(cfg.generator, "causal-lm", device=self.device)
+        if cfg.lm_checkpoint:
+            self.generator = load_lm_checkpoint(cfg.lm_checkpoint, cfg, self.task, self.template, self.device)
+        else:
+            self.generator = load_model(cfg.generator, "causal-lm", device=self.device)
         self.timings: dict[str, float] = {}
         self._train_ids: dict[int, list[int]] = {}  # learner token ids of training examples, filled as drawn
 
@@ -311,21 +409,23 @@ class Distiller:
     def sampler(self) -> Sampler:
         cfg = self.cfg
         return make_sampler(self.generator, self.gen_tok, self.device, max_new_tokens=self.limits["max_new_tokens"],
-                            batch_size=cfg.gen_batch_size, label_names=self.task.label_names, mode=cfg.sampler)
+                            batch_size=cfg.gen_batch_size, label_names=self.task.label_names, mode=cfg.sampler,
+                            template=self.template)
 
     def sample(self, counts: list[int], seed: int, label_names: list[str] | None = None) -> list[list[Sample]]:
         """``counts[i]`` distinct usable samples of ``label_names[i]`` (default: the task's classes; fewer if the
         generator cannot), all sampled in shared batches."""
         cfg = self.cfg
         out = sample_classes(self.sampler, self.gen_tok, label_names or self.task.label_names, counts,
-                             self.task.is_pair, top_p=cfg.top_p, seed=seed, allow_unfinished=not cfg.drop_unfinished)
+                             self.task.is_pair, top_p=cfg.top_p, seed=seed, allow_unfinished=not cfg.drop_unfinished,
+                             template=self.template)
         self.generator.train()
         return out
 
     @functools.cached_property
     def full_corpus(self) -> TokenizedCorpus:
         """The training split rendered and tokenised once, whole."""
-        return TokenizedCorpus.build(self.gen_tok, self.train, self.task.label_names)
+        return TokenizedCorpus.build(self.gen_tok, self.train, self.task.label_names, template=self.template)
 
     @functools.cached_property
     def limits(self) -> dict[str, int]:
@@ -333,7 +433,8 @@ class Distiller:
         ``length_cap``: ``max_length`` of a rendered example (prompt and EOS included) for the LM stage,
         ``max_new_tokens`` of what follows the prompt for sampling."""
         cfg, tok = self.cfg, self.gen_tok
-        prompt_len = [len(tok(prompt(n), add_special_tokens=False)["input_ids"]) for n in self.task.label_names]
+        prompt_len = [len(tok(prompt(n, self.template), add_special_tokens=False)["input_ids"])
+                      for n in self.task.label_names]
         rendered = [len(s) for s in self.full_corpus.sequences]
         new = [n - prompt_len[e.label] for n, e in zip(rendered, self.train)]
         return {"max_length": cfg.max_length or length_limit(rendered, cfg.length_quantile, cfg.length_cap),
@@ -357,6 +458,20 @@ class Distiller:
         task = TaskData(self.task.name, self.task.label_names, self.train, self.val, self.task.is_pair)
         return Evaluator(task, EvalConfig(archs=(cfg.learner,), seeds=cfg.val_seeds, steps=cfg.val_steps,
                                           device=cfg.device, progress=False))
+
+    @functools.cached_property
+    def probe(self) -> LabelProbe | None:
+        """The label-agreement probe (fitted on the task's training split once, then cached on disk)."""
+        cfg = self.cfg
+        if not cfg.probe:
+            return None
+        model = self.feature_model if cfg.probe == cfg.learner else load_model(cfg.probe, "base", device=self.device)
+        return LabelProbe.for_task(self.task, cfg.probe, self.device, model, cfg.probe_examples)
+
+    def log_agreement(self, state: State, name: str, by_class: list[list]) -> None:
+        """``name`` = % of texts the probe assigns to the class they were generated for (``by_class[c]``)."""
+        if self.probe is not None:
+            self.emit(state, stage=state.stage, **{name: 100 * self.probe.agreement(by_class)})
 
     def features(self, texts: list[str]) -> torch.Tensor:
         """Features of the pre-trained learner's body (``pooling``: [CLS] by default) → (N, H) on CPU."""
@@ -551,6 +666,9 @@ class Distiller:
 
     def match_stage(self, state: State, best_state: dict | None, opt_state: dict | None = None) -> dict | None:
         cfg = self.cfg
+        if cfg.outer_loops == 0:  # the vanilla-LM ablation: no representative sets to build
+            state.stage = "select"
+            return best_state
         corpus = self.corpus
         rep_sets = [[self.learner_inputs(s) for s in sets] for sets in self.representative_sets()]  # encoded once
         opt, sched = self.match_optimizer()
@@ -568,6 +686,7 @@ class Distiller:
             if pools is None or outer == born:
                 # clustered on the learner as the last outer loop left it (the fresh one at the start / resume)
                 pools = self.regenerate_pool(cfg.seed + born, learner or fresh)
+                self.log_agreement(state, "label_agreement", [samples for samples, _, _ in pools])
             learner = fresh
             learner_opt, learner_sched = self.learner_optimizer(learner)
             for inner in range(cfg.inner_loop):
@@ -600,9 +719,11 @@ class Distiller:
             picked += [SynExample(cand[i].text, c, cand[i].text_pair) for i in kmeans_nearest(feats, dpc, seed)]
         return SynSet(picked, self.task.label_names, {"dpc": dpc, "seed": seed})
 
-    def final_sets(self) -> dict[int, list[Path]]:
+    def final_sets(self, state: State) -> dict[int, list[Path]]:
         """``n_sets`` sets per DPC; every DPC of set k selects from set k's over_sample × (largest DPC)
-        candidates; the candidates of all sets are sampled together (large batches)."""
+        candidates; the candidates of all sets are sampled together (large batches). Label agreement of all
+        candidates (``final_label_agreement``) and of each DPC's selected texts (``final_label_agreement/dpc<d>``)
+        is emitted."""
         cfg = self.cfg
         out: dict[int, list[Path]] = {d: [] for d in cfg.dpc}
         per_set = cfg.over_sample * cfg.dpc[-1]
@@ -610,18 +731,26 @@ class Distiller:
         # one sampling call for every (set, class): duplicates are removed within a set, not across sets
         pooled = self.sample([per_set] * (c * cfg.n_sets), derive_seed(cfg.seed, "final candidates"),
                              list(self.task.label_names) * cfg.n_sets)
+        picked: dict[int, list[list[SynExample]]] = {d: [[] for _ in range(c)] for d in cfg.dpc}  # [dpc][class]
         for k in tqdm(range(cfg.n_sets), desc="select"):
             cands = pooled[k * c: (k + 1) * c]
             for d in cfg.dpc:
                 synset = self.select(d, derive_seed(cfg.seed, "final set", k), cands)
                 out[d].append(write_set(Path(cfg.output_dir) / "sets" / f"dpc{d}" / f"set{k:02d}.jsonl", synset))
+                for e in synset.examples:
+                    picked[d][e.label].append(e)
+        self.log_agreement(state, "final_label_agreement", [sum(pooled[i::c], []) for i in range(c)])
+        for d in cfg.dpc:
+            self.log_agreement(state, f"final_label_agreement/dpc{d}", picked[d])
         return out
 
     def fit(self) -> DistillResult:
         cfg = self.cfg
         state, best_state, opt_state = load_checkpoint(cfg, self.generator, self.device)
         t0 = time.perf_counter()
-        if state.stage == "lm":
+        if state.stage == "lm" and cfg.lm_checkpoint:  # the LM stage is in that checkpoint, loaded in __init__
+            state.stage, state.step = "match", cfg.lm_steps
+        elif state.stage == "lm":
             self.lm_stage(state)
             save_checkpoint(cfg, self.generator, state, best_state)
         self.timings["lm_s"] = time.perf_counter() - t0
@@ -632,7 +761,7 @@ class Distiller:
         if best_state is not None:  # keep the generator that validated best
             self.generator.load_state_dict(best_state)
         t2 = time.perf_counter()
-        sets = self.final_sets()
+        sets = self.final_sets(state)
         self.timings["select_s"] = time.perf_counter() - t2
         prov = write_provenance(cfg, self, state)
         return DistillResult(Path(cfg.output_dir), sets, prov, state.history, state.best_val, dict(self.timings))
@@ -643,6 +772,13 @@ def _by_class(examples, num_classes):
     for e in examples:
         groups[e.label].append(e)
     return groups
+
+
+def label_agreement(history: list[dict]) -> dict:
+    """The probe's label agreement (%) from a run's history: per pool regeneration and for the final sets."""
+    return {"pools": [{"step": r["step"], "value": r["label_agreement"]} for r in history if "label_agreement" in r],
+            "final": {k.removeprefix("final_label_agreement").lstrip("/") or "candidates": v
+                      for r in history for k, v in r.items() if k.startswith("final_label_agreement")}}
 
 
 def _git_revision() -> str | None:
@@ -669,6 +805,8 @@ def write_provenance(cfg: DistillConfig, run: Distiller, state: State) -> Path:
         "python": platform.python_version(), "device": str(run.device), "timings_s": run.timings,
         "steps": state.step, "best_val_accuracy": state.best_val, "token_limits": run.limits,
         "validation": {"split": "held-out part of train", "size": len(run.val)},
+        "prompt_template": run.template, "lm_checkpoint": cfg.lm_checkpoint or None,
+        "label_agreement": label_agreement(state.history) | {"probe": cfg.probe or None},
     })
     return path
 

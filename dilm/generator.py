@@ -1,8 +1,10 @@
 """The generator: a causal LM fine-tuned to write class-conditioned texts (DiLM step 1), and its sampling.
 
-An example is rendered ``label: <name>\\ntext: <text>[\\npair: <text_pair>]<eos>``; the prompt of class c is
-``label: <name>\\ntext:``, so sampling from it yields class-c texts (pair tasks get both texts, split on the
-pair marker).
+An example is rendered ``<prompt of its class> <text>[\\npair: <text_pair>]<eos>``; sampling from the prompt of
+class c yields class-c texts (pair tasks get both texts, split on the pair marker). The prompt comes from a
+*template* with a ``{label}`` field: ``label`` (the key) is the bare format ``label: <name>\\ntext:``; packaged tasks
+carry a plain-words template (``Here is one short positive sentence from a movie review:``) that a pre-trained
+instruction model already follows, so the LM stage need not teach it the format (the "prompted warm start").
 """
 
 from __future__ import annotations
@@ -12,16 +14,35 @@ from dataclasses import dataclass
 
 import torch
 
+from dilm import DilmError
 from dilm.models import autocast
 from dilm.sampling import Sampler
 from dilm.seeds import derive_seed
 from dilm.text import pad_ids
 
 PAIR_MARK = "\npair:"
+LABEL_TEMPLATE = "label: {label}\ntext:"
+TEMPLATE_KEYS = ("task", "label")  # the task's own template, or the bare label format
 
 
-def prompt(label_name: str) -> str:
-    return f"label: {label_name}\ntext:"
+def resolve_template(key: str, task: str) -> str:
+    """``task`` → the packaged task's template (the bare label format for other tasks); ``label`` → the bare
+    format; anything else is itself a template and must hold ``{label}``."""
+    from dilm.tasks import TASKS
+
+    if key == "task":
+        spec = TASKS.get(task)
+        return spec.prompt_template if spec is not None and spec.prompt_template else LABEL_TEMPLATE
+    if key == "label":
+        return LABEL_TEMPLATE
+    if "{label}" not in key:
+        raise DilmError(f"prompt template {key!r} has no {{label}} field; use one, or a key: "
+                        f"{', '.join(TEMPLATE_KEYS)}")
+    return key
+
+
+def prompt(label_name: str, template: str = LABEL_TEMPLATE) -> str:
+    return template.replace("{label}", label_name)
 
 
 def completion(text: str, text_pair: str | None) -> str:
@@ -29,19 +50,20 @@ def completion(text: str, text_pair: str | None) -> str:
     return f" {text}" + (f"{PAIR_MARK} {text_pair}" if text_pair is not None else "")
 
 
-def render(label_name: str, text: str, text_pair: str | None, eos: str) -> str:
-    return prompt(label_name) + completion(text, text_pair) + eos
+def render(label_name: str, text: str, text_pair: str | None, eos: str, template: str = LABEL_TEMPLATE) -> str:
+    return prompt(label_name, template) + completion(text, text_pair) + eos
 
 
 def parse(completion: str, is_pair: bool) -> tuple[str, str | None] | None:
     """Split a sampled completion into (text, text_pair); None when it is unusable.
 
-    A completion ends at a following ``\nlabel:`` (the model starting another example). A pair splits on the
-    exact marker ``\npair:`` (a word ending in "pair:" does not split it), keeping the first two parts.
+    A completion ends at a following ``\nlabel:`` (the model starting another example); a single text ends at
+    its line (a prompted model may go on). A pair splits on the exact marker ``\npair:`` (a word ending in
+    "pair:" does not split it), keeping the first two parts.
     """
     body = completion.split("\nlabel:")[0]
     if not is_pair:
-        text = body.strip()
+        text = body.strip().split("\n")[0].strip()
         return (text, None) if text else None
     parts = body.split(PAIR_MARK)
     if len(parts) < 2:
@@ -58,9 +80,10 @@ class TokenizedCorpus:
     pad_id: int
 
     @classmethod
-    def build(cls, tok, examples, label_names, max_length: int | None = None) -> TokenizedCorpus:
+    def build(cls, tok, examples, label_names, max_length: int | None = None,
+              template: str = LABEL_TEMPLATE) -> TokenizedCorpus:
         """Rendered examples as token ids, cut at ``max_length`` tokens (None: whole)."""
-        texts = [render(label_names[e.label], e.text, e.text_pair, tok.eos_token) for e in examples]
+        texts = [render(label_names[e.label], e.text, e.text_pair, tok.eos_token, template) for e in examples]
         return cls(tok(texts, add_special_tokens=False)["input_ids"], tok.pad_token_id).truncated(max_length)
 
     def truncated(self, max_length: int | None) -> TokenizedCorpus:
@@ -116,9 +139,9 @@ class Sample:
 
 
 def make_sampler(generator, tok, device, *, max_new_tokens: int, batch_size: int, label_names: list[str] = (),
-                 mode: str = "dynamic") -> Sampler:
+                 mode: str = "dynamic", template: str = LABEL_TEMPLATE) -> Sampler:
     """A :class:`Sampler` for this generator; ``mode`` is dynamic, static (KV cache) or compiled (CUDA graph)."""
-    width = max([len(tok(prompt(n), add_special_tokens=False)["input_ids"]) for n in label_names] or [16])
+    width = max([len(tok(prompt(n, template), add_special_tokens=False)["input_ids"]) for n in label_names] or [16])
     return Sampler(generator, device, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                    max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_width=width,
                    static=mode in ("static", "compiled"), compile=mode == "compiled")
@@ -167,7 +190,7 @@ def continue_pairs(sampler: Sampler, tok, prompts: list[list[int]], rows: list[l
 
 def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[int], is_pair: bool, *,
                    top_p: float = 0.95, temperature: float = 1.0, seed: int = 0, max_rounds: int = 4,
-                   allow_unfinished: bool = True) -> list[list[Sample]]:
+                   allow_unfinished: bool = True, template: str = LABEL_TEMPLATE) -> list[list[Sample]]:
     """Up to ``counts[c]`` distinct, parseable samples of each class c, all classes sampled in shared batches.
 
     A round asks for what is still missing (plus a margin for rejects: duplicates, unparseable or, unless
@@ -175,7 +198,7 @@ def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[i
     Pair completions lacking the pair marker are continued after one (:func:`continue_pairs`).
     """
     sampler.sync()
-    prompts = [tok(prompt(n), add_special_tokens=False)["input_ids"] for n in label_names]
+    prompts = [tok(prompt(n, template), add_special_tokens=False)["input_ids"] for n in label_names]
     out: list[list[Sample]] = [[] for _ in label_names]
     seen: set[tuple[int, str, str | None]] = set()
     for r in range(max_rounds):

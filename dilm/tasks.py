@@ -41,6 +41,7 @@ class TaskSpec:
     has_header: bool = True
     labels_are_names: bool = False  # True: the file holds "Sports", not 1
     description: str = ""
+    prompt_template: str = ""  # the generator's prompt in plain words, with a {label} field (generator.py)
 
     @property
     def is_pair(self) -> bool:
@@ -52,16 +53,20 @@ TASKS: dict[str, TaskSpec] = {
         name="sst2", label_names=("negative", "positive"), train_file="sst2/train.tsv.gz",
         test_file="sst2/dev.tsv.gz", text_column="sentence", label_column="label",
         description="GLUE SST-2 movie-review sentiment; test = GLUE dev (872)",
+        prompt_template="Here is one short {label} sentence from a movie review:",
     ),
     "mrpc": TaskSpec(
         name="mrpc", label_names=("no", "yes"), train_file="mrpc/train.tsv.gz", test_file="mrpc/dev.tsv.gz",
         text_column="#1 String", text_pair_column="#2 String", label_column="Quality",
         description="GLUE MRPC paraphrase (sentence pairs); test = GLUE dev (408)",
+        prompt_template="Two sentences from a news article. Is the second a paraphrase of the first? {label}.\n"
+                        "First:",
     ),
     "ag_news": TaskSpec(
         name="ag_news", label_names=("World", "Sports", "Business", "Sci/Tech"),
         train_file="ag_news/train.tsv.gz", test_file="ag_news/test.tsv.gz", text_column=0, label_column=1,
         has_header=False, labels_are_names=True, description="AG News topic subset (10k train, 7.6k test)",
+        prompt_template="Here is the start of a {label} news article:",
     ),
 }
 
@@ -144,6 +149,9 @@ def _column_index(header: list[str] | None, column: int | str, path: Path) -> in
         return column
     if column.isdigit() and header is None:
         return int(column)
+    if header is None:
+        raise DilmError(f"{path}: column {column!r} named, but the file is read without a header (--no-header); "
+                        "give columns by index (0, 1, ...)")
     if header is None or column not in header:
         raise DilmError(f"{path}: missing column {column!r}; columns are {header or 'unnamed (no header)'}")
     return header.index(column)
@@ -199,8 +207,8 @@ def _to_examples(rows, label_names: tuple[str, ...], path) -> list[Example]:
             for i, (t, p, lab) in enumerate(rows, 1)]
 
 
-def _check_classes(data: TaskData) -> TaskData:
-    for split in ("train", "test"):
+def _check_classes(data: TaskData, need_test: bool = True) -> TaskData:
+    for split in ("train", "test") if need_test else ("train",):
         counts = Counter(ex.label for ex in getattr(data, split))
         if not getattr(data, split):
             raise DilmError(f"task {data.name}: the {split} split is empty")
@@ -223,19 +231,24 @@ def load_packaged(name: str) -> TaskData:
     return _check_classes(TaskData(name, spec.label_names, splits[0], splits[1], spec.is_pair))
 
 
-def load_files(train_file: str | Path, test_file: str | Path, text_column: str, label_column: str,
+def load_files(train_file: str | Path, test_file: str | Path | None, text_column: str, label_column: str,
                text_pair_column: str | None = None, label_names: list[str] | None = None,
-               name: str = "custom") -> TaskData:
-    """A user task from files. Label names come from ``label_names`` or, sorted, from the training file."""
-    train_rows, _ = read_examples(train_file, text_column, label_column, None, text_pair_column)
-    test_rows, _ = read_examples(test_file, text_column, label_column, None, text_pair_column)
+               name: str = "custom", has_header: bool = True) -> TaskData:
+    """A user task from files. Label names come from ``label_names`` or, sorted, from the training file.
+
+    Without ``test_file`` the test split is empty (enough for coreset selection, which reads only train).
+    ``has_header=False``: columns are given by index (``0``, ``1``, …), as GLUE's CoLA ships.
+    """
+    train_rows, _ = read_examples(train_file, text_column, label_column, None, text_pair_column, has_header)
+    test_rows = [] if test_file is None else read_examples(test_file, text_column, label_column, None,
+                                                           text_pair_column, has_header)[0]
     if label_names is None:
         raw = sorted({lab for _, _, lab in train_rows})
         label_names = sorted(raw, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     names = tuple(label_names)
     data = TaskData(name, names, _to_examples(train_rows, names, train_file),
                     _to_examples(test_rows, names, test_file), text_pair_column is not None)
-    return _check_classes(data)
+    return _check_classes(data, need_test=test_file is not None)
 
 
 def load_hf(dataset: str, text_column: str, label_column: str = "label", text_pair_column: str | None = None,
@@ -259,13 +272,14 @@ def load_hf(dataset: str, text_column: str, label_column: str = "label", text_pa
 
 def load_task(name: str | None = None, *, train_file: str | None = None, test_file: str | None = None,
               text_column: str = "text", label_column: str = "label", text_pair_column: str | None = None,
-              label_names: list[str] | None = None) -> TaskData:
-    """Resolve a task: a packaged name, ``hf:DATASET``, or user files."""
+              label_names: list[str] | None = None, has_header: bool = True, need_test: bool = True) -> TaskData:
+    """Resolve a task: a packaged name, ``hf:DATASET``, or user files (``need_test=False``: no test file needed)."""
     if train_file or test_file:
-        if not (train_file and test_file):
-            raise DilmError("user data needs both --train-file and --test-file")
+        if not train_file or (need_test and not test_file):
+            raise DilmError("user data needs both --train-file and --test-file" if need_test
+                            else "user data needs --train-file")
         return load_files(train_file, test_file, text_column, label_column, text_pair_column, label_names,
-                          name=name or Path(train_file).stem)
+                          name=name or Path(train_file).stem, has_header=has_header)
     if name and name.startswith("hf:"):
         return load_hf(name[3:], text_column, label_column, text_pair_column)
     if name is None:

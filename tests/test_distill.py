@@ -69,7 +69,7 @@ def test_final_sets_exact_dpc_no_duplicates(smoke_run):
 def test_callback_sees_lm_match_and_validation_metrics(smoke_run):
     cfg, result, seen = smoke_run
     stages = {m["stage"] for m in seen}
-    assert stages == {"lm", "match"}
+    assert stages == {"lm", "match", "select"}  # select: the final sets' label agreement
     match_steps = [m for m in seen if "match_loss" in m]
     assert len(match_steps) == cfg.total_match_steps
     assert [m["step"] for m in match_steps] == list(range(cfg.lm_steps + 1, cfg.lm_steps + cfg.total_match_steps + 1))

@@ -2,7 +2,7 @@ import pytest
 
 from dilm import DilmError
 from dilm.coreset import check_dpc
-from dilm.tasks import TaskData, length_limit, load_task, parse_label
+from dilm.tasks import Example, TaskData, length_limit, load_task, parse_label
 
 
 def test_unknown_task_names_known_keys():
@@ -87,3 +87,23 @@ def test_length_limit_is_a_capped_quantile():
     assert length_limit(lengths, 1.0, 40) == 40
     with pytest.raises(DilmError, match="no examples"):
         length_limit([], 0.99, 10)
+
+
+def test_headerless_files_by_column_index_and_coreset_without_test_file(tmp_path, capsys):
+    from dilm.cli import main
+    from dilm.synset import read_set
+
+    rows = [f"src\t{i % 2}\t\tsentence number {i} ." for i in range(12)]  # CoLA's layout: no header row
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    task = load_task(train_file=str(tmp_path / "train.tsv"), text_column="3", label_column="1", has_header=False,
+                     need_test=False)
+    assert len(task.train) == 12 and task.train[3] == Example("sentence number 3 .", 1) and task.test == []
+    with pytest.raises(DilmError, match="read without a header .*give columns by index"):
+        load_task(train_file=str(tmp_path / "train.tsv"), text_column="sentence", label_column="1",
+                  has_header=False, need_test=False)
+    with pytest.raises(DilmError, match="needs both --train-file and --test-file"):
+        load_task(train_file=str(tmp_path / "train.tsv"), text_column="3", label_column="1", has_header=False)
+    assert main(["coreset", "--train-file", str(tmp_path / "train.tsv"), "--no-header", "--text-column", "3",
+                 "--label-column", "1", "--dpc", "2", "--n-sets", "1", "-o", str(tmp_path / "out")]) == 0
+    s = read_set(tmp_path / "out" / "random_dpc2_set00.jsonl", ("0", "1"))
+    assert s.counts() == [2, 2] and all(e.text.startswith("sentence number") for e in s.examples)

@@ -1,0 +1,120 @@
+"""The shared LM stage: trained alone, saved atomically, keyed by content, reused by matching runs."""
+
+import dataclasses
+import json
+import threading
+
+import pytest
+import torch
+
+from dilm import DilmError
+from dilm.distill import LM_META, DistillConfig, Distiller, lm_cache_key, train_lm
+from dilm.tasks import Example, TaskData
+
+
+def _cfg(tmp_path, **kw) -> DistillConfig:
+    return DistillConfig.from_preset("smoke", output_dir=str(tmp_path / "run"), probe="", **kw)
+
+
+def test_key_follows_lm_keys_prompt_and_data_not_the_matching_stage(tmp_path, toy_task):
+    cfg = _cfg(tmp_path)
+    key = lm_cache_key(cfg, toy_task)
+    assert key == lm_cache_key(cfg, toy_task)
+    for same in ({"generator_lr": 1e-3}, {"outer_loops": 4}, {"dpc": (3,)}, {"n_sets": 5}, {"probe": "tiny-bert"}):
+        assert lm_cache_key(dataclasses.replace(cfg, **same), toy_task) == key, same
+    for other in ({"lm_lr": 5e-4}, {"lm_steps": 11}, {"seed": 1}, {"max_length": 20},
+                  {"prompt_template": "Review ({label}):"}, {"generator": "tiny-bert"}):
+        assert lm_cache_key(dataclasses.replace(cfg, **other), toy_task) != key, other
+    edited = list(toy_task.train)
+    edited[5] = Example(edited[5].text + " !", edited[5].label)
+    changed = TaskData("toy", toy_task.label_names, edited, toy_task.test)
+    assert lm_cache_key(cfg, changed) != key  # the data's content, not its name
+
+
+def test_train_lm_once_reused_and_replaced_when_the_key_changes(tmp_path, toy_task):
+    cfg = _cfg(tmp_path)
+    out = tmp_path / "cache" / "lm"
+    seen = []
+    path = train_lm(cfg, out, task=toy_task, callback=seen.append)
+    meta = json.loads((path / LM_META).read_text())
+    assert path == out and meta["key"] == lm_cache_key(cfg, toy_task) and meta["generator"] == "tiny-llama"
+    assert any(m.get("stage") == "lm" for m in seen)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".lm.lock", "lm"]  # no half-written folder left
+    stamp = (path / LM_META).stat().st_mtime_ns
+    seen.clear()
+    assert train_lm(cfg, out, task=toy_task, callback=seen.append) == path and not seen  # reused, not retrained
+    assert (path / LM_META).stat().st_mtime_ns == stamp
+    other = dataclasses.replace(cfg, lm_lr=3e-4)
+    train_lm(other, out, task=toy_task)  # a different LM config replaces the folder's content
+    assert json.loads((path / LM_META).read_text())["key"] == lm_cache_key(other, toy_task)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".lm.lock", "lm"]
+
+
+def test_concurrent_callers_train_once(tmp_path, toy_task):
+    cfg = _cfg(tmp_path)
+    out = tmp_path / "lm"
+    runs, errors = [], []
+
+    def call():
+        try:
+            seen = []
+            train_lm(cfg, out, task=toy_task, callback=seen.append)
+            runs.append(any(m.get("stage") == "lm" for m in seen))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(runs) == [False, True]  # one trained, the other found it done
+
+
+def test_matching_starts_from_the_checkpoint(tmp_path, toy_task):
+    cfg = _cfg(tmp_path)
+    path = train_lm(cfg, tmp_path / "lm", task=toy_task)
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    reuse = dataclasses.replace(cfg, lm_checkpoint=str(path), output_dir=str(tmp_path / "m"))
+    run = Distiller(reuse, task=toy_task)
+    for k, v in run.generator.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    fresh = Distiller(cfg, task=toy_task).generator.state_dict()
+    assert any(not torch.equal(fresh[k], saved[k]) for k in saved)  # the LM stage did change the weights
+    seen = []
+    result = Distiller(reuse, callback=seen.append, task=toy_task).fit()
+    assert not any(m["stage"] == "lm" for m in seen)
+    assert [m["step"] for m in seen if "match_loss" in m][0] == cfg.lm_steps + 1  # the step count goes on
+    assert json.loads(result.provenance.read_text())["lm_checkpoint"] == str(path)
+
+
+def test_bad_lm_checkpoints_fail_with_one_line(tmp_path, toy_task):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(DilmError, match="LM checkpoint .*nope does not exist"):
+        Distiller(dataclasses.replace(cfg, lm_checkpoint=str(tmp_path / "nope")), task=toy_task)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DilmError, match="not an LM-stage checkpoint written by dilm"):
+        Distiller(dataclasses.replace(cfg, lm_checkpoint=str(tmp_path / "empty")), task=toy_task)
+    path = train_lm(cfg, tmp_path / "lm", task=toy_task)
+    with pytest.raises(DilmError, match="trained with prompt template 'label: {label}"):
+        Distiller(dataclasses.replace(cfg, lm_checkpoint=str(path), prompt_template="Review ({label}):"),
+                  task=toy_task)
+    meta = json.loads((path / LM_META).read_text())
+    (path / LM_META).write_text(json.dumps({**meta, "generator": "gpt2"}))
+    with pytest.raises(DilmError, match="trained with generator 'gpt2', this run has 'tiny-llama'"):
+        Distiller(dataclasses.replace(cfg, lm_checkpoint=str(path)), task=toy_task)
+
+
+def test_cli_lm_only_then_lm_checkpoint(tmp_path, capsys):
+    from dilm.cli import main
+
+    base = ["distill", "--task", "sst2", "--preset", "smoke", "--set", "probe=", "--set", "n_sets=1"]
+    assert main([*base, "--lm-only", "-o", str(tmp_path / "a")]) == 0
+    assert "LM-stage checkpoint" in capsys.readouterr().out and (tmp_path / "a" / "lm" / LM_META).exists()
+    assert main([*base, "--lm-checkpoint", str(tmp_path / "a" / "lm"), "-o", str(tmp_path / "b")]) == 0
+    prov = json.loads((tmp_path / "b" / "provenance.json").read_text())
+    assert prov["lm_checkpoint"] == str(tmp_path / "a" / "lm") and prov["prompt_template"].startswith("Here is")
+    assert main([*base, "--lm-checkpoint", str(tmp_path / "zz"), "-o", str(tmp_path / "c")]) == 2
+    assert "does not exist" in capsys.readouterr().err

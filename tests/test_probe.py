@@ -1,0 +1,119 @@
+"""Prompt templates, the label-agreement probe and the ``<encoder>-probe`` evaluation architecture."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dilm import DilmError
+from dilm.distill import DistillConfig, Distiller
+from dilm.evaluate import EvalConfig, Evaluator, check_arch
+from dilm.generator import LABEL_TEMPLATE, TokenizedCorpus, parse, prompt, resolve_template
+from dilm.models import load_tokenizer
+from dilm.probe import LabelProbe, fit_logreg, predict
+from dilm.synset import SynExample, SynSet
+from dilm.tasks import TASKS, Example, TaskData
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- prompt templates
+
+def test_templates_resolve_by_key_task_or_literal():
+    assert resolve_template("task", "sst2") == TASKS["sst2"].prompt_template
+    assert prompt("positive", resolve_template("task", "sst2")) == \
+        "Here is one short positive sentence from a movie review:"
+    assert all(spec.prompt_template and "{label}" in spec.prompt_template for spec in TASKS.values())
+    assert resolve_template("task", "my-user-task") == LABEL_TEMPLATE  # no template of its own: the bare format
+    assert resolve_template("label", "sst2") == LABEL_TEMPLATE == "label: {label}\ntext:"
+    assert resolve_template("A {label} tweet:", "sst2") == "A {label} tweet:"
+    with pytest.raises(DilmError, match="has no {label} field"):
+        resolve_template("A tweet:", "sst2")
+    with pytest.raises(DilmError, match="has no {label} field"):
+        DistillConfig.from_preset("smoke", prompt_template="A tweet:")  # fails before any model loads
+
+
+def test_corpus_renders_the_template_and_parse_keeps_one_line():
+    tok = load_tokenizer("tiny-llama")
+    template = resolve_template("task", "sst2")
+    corpus = TokenizedCorpus.build(tok, [Example("a fine film", 1)], ("negative", "positive"), 64, template)
+    assert tok.decode(corpus.sequences[0]) == \
+        f"Here is one short positive sentence from a movie review: a fine film{tok.eos_token}"
+    assert parse(" a fine film\n\nHere is another one", False) == ("a fine film", None)
+    assert parse(" one\npair: two\nmore", True) == ("one", "two")
+
+
+def test_cli_prompt_template_reaches_provenance(tmp_path):
+    from dilm.cli import main
+
+    assert main(["distill", "--task", "sst2", "--preset", "smoke", "--set", "probe=", "--set", "n_sets=1",
+                 "--set", "outer_loops=0", "--prompt-template", "A {label} film review:", "-o", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "provenance.json").read_text())["prompt_template"] == "A {label} film review:"
+
+
+# ---------------------------------------------------------------- the label-agreement probe
+
+def test_probe_agreement_and_its_disk_cache(toy_task, tmp_path, monkeypatch):
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path))
+    probe = LabelProbe.for_task(toy_task, "tiny-bert", CPU)
+    by_class = toy_task.by_class("test")
+    assert probe.agreement(by_class) > 0.9
+    assert probe.agreement(by_class[::-1]) < 0.1  # texts of the other class: disagreement
+    cached = list((tmp_path / "probes").glob("*.joblib"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    LabelProbe.for_task(toy_task, "tiny-bert", CPU)  # read back, not refitted
+    assert cached[0].stat().st_mtime_ns == stamp
+    other = TaskData("toy", toy_task.label_names, toy_task.train[:-2], toy_task.test)
+    LabelProbe.for_task(other, "tiny-bert", CPU)  # other content: another cache entry
+    assert len(list((tmp_path / "probes").glob("*.joblib"))) == 2
+
+
+def test_distill_emits_label_agreement_per_pool_and_for_final_sets(tmp_path, toy_task):
+    seen = []
+    cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), probe="tiny-bert", dpc=(2, 3))
+    result = Distiller(cfg, callback=seen.append, task=toy_task).fit()
+    pools = [m for m in seen if "label_agreement" in m]
+    assert len(pools) == cfg.outer_loops // cfg.generate_interval
+    assert all(0 <= m["label_agreement"] <= 100 and m["stage"] == "match" for m in pools)
+    final = {k for m in seen for k in m if k.startswith("final_label_agreement")}
+    assert final == {"final_label_agreement", "final_label_agreement/dpc2", "final_label_agreement/dpc3"}
+    prov = json.loads(result.provenance.read_text())["label_agreement"]
+    assert len(prov["pools"]) == len(pools) and set(prov["final"]) == {"candidates", "dpc2", "dpc3"}
+    assert prov["probe"] == "tiny-bert"
+
+
+# ---------------------------------------------------------------- the <encoder>-probe architecture
+
+def _set(examples, names, soft=None):
+    return SynSet([SynExample(e.text, e.label, soft_label=None if soft is None else soft(e)) for e in examples],
+                  names, {})
+
+
+def test_minilm_probe_tells_a_good_set_from_a_bad_one(toy_task):
+    picked = [e for c in toy_task.by_class() for e in c[:5]]
+    good = _set(picked, toy_task.label_names)
+    bad = _set([Example(e.text, 1 - e.label) for e in picked], toy_task.label_names)  # labels swapped
+    # soft labels are honoured: 0.9 on the wrong class reads like the swapped set
+    soft_bad = _set(picked, toy_task.label_names, soft=lambda e: [0.9, 0.1] if e.label else [0.1, 0.9])
+    ev = Evaluator(toy_task, EvalConfig(archs=("minilm-probe",), seeds=3, progress=False))
+    acc = [ev.evaluate([s]).summary()["minilm-probe"] for s in (good, bad, soft_bad)]
+    assert acc[0]["accuracy"] > 90 and acc[1]["accuracy"] < 10 and acc[2]["accuracy"] < 10
+    assert acc[0]["n"] == 1  # deterministic: one fit per set, whatever the seeds
+
+
+def test_probe_arch_names_are_checked():
+    check_arch("minilm-probe")
+    check_arch("tiny-bert-probe")
+    with pytest.raises(DilmError, match="a probe needs an encoder, tiny-llama is a decoder"):
+        check_arch("tiny-llama-probe")
+
+
+def test_fit_logreg_soft_targets_and_one_class():
+    x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    hard = fit_logreg(x, np.eye(2)[[0, 0, 1, 1]])
+    assert list(predict(hard, x)) == [0, 0, 1, 1]
+    flipped = fit_logreg(x, np.array([[0.2, 0.8], [0.2, 0.8], [0.8, 0.2], [0.8, 0.2]]))
+    assert list(predict(flipped, x)) == [1, 1, 0, 0]
+    assert list(predict(fit_logreg(x, np.eye(2)[[1, 1, 1, 1]]), x)) == [1, 1, 1, 1]
