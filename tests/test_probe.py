@@ -41,7 +41,7 @@ def test_corpus_renders_the_template_and_parse_keeps_one_line():
     assert tok.decode(corpus.sequences[0]) == \
         f"Here is one short positive sentence from a movie review: a fine film{tok.eos_token}"
     assert parse(" a fine film\n\nHere is another one", False) == ("a fine film", None)
-    assert parse(" one\npair: two\nmore", True) == ("one", "two")
+    assert parse(" one\npair: two", True) == ("one", "two")
 
 
 def test_cli_prompt_template_reaches_provenance(tmp_path):
