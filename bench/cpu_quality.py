@@ -13,7 +13,7 @@ what it measured):
 3. **sets** — random (``--sets`` seeded draws) and herding (deterministic: one set) of real data; vanilla
    (``outer_loops=0``) and matching (a CPU-sized matching stage), both started from that checkpoint and sampled
    with the same seeds, so the two differ only by the matching steps; label agreement of their final sets;
-4. **minilm-probe** scores of every method (deterministic: one fit per set);
+4. **minilm-probe** scores of each method right after its sets (deterministic: one fit per set);
 5. **fine-tuned learner** (the protocol's 200 steps, full test split) in passes of one training seed per set,
    every method per pass, so that a cut-short run still compares all methods.
 
@@ -160,6 +160,13 @@ def main() -> int:
     rec.cell("lm", path=str(lm), **{k: v for k, v in json.loads((lm / "dilm_lm.json").read_text()).items()
                                     if k in ("key", "final_lm_loss", "lm_s", "train_examples")})
 
+    probe_eval = Evaluator(task, EvalConfig(archs=(f"{cfg.probe}-probe" if cfg.probe != "minilm-l6" else
+                                                   "minilm-probe",), seeds=1, device="cpu", progress=False))
+
+    def probe_cell(method: str) -> None:  # right after the method's sets: a run cut short keeps its scores
+        summary = next(iter(probe_eval.evaluate(sets[method]).summary().values()))
+        rec.cell(f"probe/{method}", mean=summary["accuracy"], std=summary["accuracy_std"], n=summary["n"])
+
     sets: dict[str, list] = {}
     for method in ("random", "herding"):
         cs = CoresetConfig(method=method, dpc=cfg.dpc, n_sets=args.sets, learner=cfg.learner,
@@ -168,6 +175,7 @@ def main() -> int:
         rec.cell(f"sets/{method}", n=len(sets[method]),
                  label_agreement=100 * probe.agreement([[e for s in sets[method] for e in s.examples
                                                         if e.label == c] for c in range(task.num_classes)]))
+        probe_cell(method)
     for method, mcfg in (("vanilla", cfg), ("matching", matching)):
         t = time.perf_counter()
         result = distill(dataclasses.replace(mcfg, lm_checkpoint=str(lm)))
@@ -180,12 +188,8 @@ def main() -> int:
                  match_steps=[{k: r[k] for k in ("step", "match_loss", "grad_sim")} for r in result.history
                               if "match_loss" in r],
                  examples=[e.text for e in sets[method][0].examples[:: max(1, cfg.dpc[0] // 2)]])
+        probe_cell(method)
 
-    probe_eval = Evaluator(task, EvalConfig(archs=(f"{cfg.probe}-probe" if cfg.probe != "minilm-l6" else
-                                                   "minilm-probe",), seeds=1, device="cpu", progress=False))
-    for method in METHODS:
-        summary = next(iter(probe_eval.evaluate(sets[method]).summary().values()))
-        rec.cell(f"probe/{method}", mean=summary["accuracy"], std=summary["accuracy_std"], n=summary["n"])
 
     learner = load_model(cfg.learner, "classifier", task.num_classes, device)
     accs: dict[str, list[float]] = {m: [] for m in METHODS}
