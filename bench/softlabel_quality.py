@@ -41,19 +41,12 @@ from dilm.evaluate import EvalConfig, Evaluator
 from dilm.files import write_json
 from dilm.labelspace import Teacher, mean_confidence, paired_interval, smoothed_twin
 from dilm.models import pick_device
-from dilm.softlabel import (
-    HeadProxy,
-    SoftLabelConfig,
-    SoftLabeler,
-    UnrollConfig,
-    hard_label_ceiling,
-    select_fewer_than_classes,
-    syn_inputs,
-)
+from dilm.softlabel import SoftLabelConfig, SoftLabeler, hard_label_ceiling, select_fewer_than_classes
 from dilm.synset import SynSet, read_set
 from dilm.tasks import TaskData, load_task
 from dilm.tdd import TDDConfig, distill_tdd, evaluate_tdd
 from dilm.text import join_pair
+from dilm.unroll import HeadProxy, UnrollConfig, syn_inputs
 
 PROXY = "proxy"
 CPU_SCALE = dict(tasks=("sst2",), archs=("tfidf-logreg", PROXY), dpc=(10,), n_sets=3, seeds=3, candidates=200,

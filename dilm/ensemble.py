@@ -46,16 +46,20 @@ class Ensemble:
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         self.buffers = buffers
 
+    def forward(self, inputs: dict[str, torch.Tensor], batched: bool = True) -> torch.Tensor:
+        """Model inputs (``input_ids`` (.., B, T) or ``inputs_embeds`` (.., B, T, H), and a 0/1 ``attention_mask``
+        (.., B, T)), with a leading member dimension N when ``batched``, else shared by all members → (N, B, C)."""
+
+        def one(p, b, inp):
+            kw = {**inp, "attention_mask": additive_mask(inp["attention_mask"], self.causal)}
+            return functional_call(self.base, (p, b), (), kw).logits
+
+        in_dims = (0, 0, 0 if batched else None)
+        return vmap(one, in_dims=in_dims, randomness="different")(self.params, self.buffers, inputs)
+
     def logits(self, input_ids, attention_mask, batched: bool = True) -> torch.Tensor:
-        """Inputs (N, B, T) when ``batched`` else (B, T) shared by all members → logits (N, B, C)."""
-
-        def one(p, b, ids, am):
-            mask = additive_mask(am, self.causal)
-            return functional_call(self.base, (p, b), (), {"input_ids": ids, "attention_mask": mask}).logits
-
-        in_dims = (0, 0, 0, 0) if batched else (0, 0, None, None)
-        return vmap(one, in_dims=in_dims, randomness="different")(self.params, self.buffers, input_ids,
-                                                                   attention_mask)
+        """Token ids (N, B, T) when ``batched`` else (B, T) shared by all members → logits (N, B, C)."""
+        return self.forward({"input_ids": input_ids, "attention_mask": attention_mask}, batched)
 
 
 def batch_schedule(sizes: list[int], steps: int, batch: int, seeds: list[int]) -> np.ndarray:
@@ -78,6 +82,37 @@ def per_member_clip(params: dict[str, torch.Tensor], max_norm: float) -> None:
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for p in params.values():
         p.grad.mul_(coef.view(-1, *[1] * (p.grad.dim() - 1)).to(p.grad.dtype))
+
+
+def train_ensemble(ens: Ensemble, inputs: dict[str, torch.Tensor], targets: torch.Tensor, sizes: list[int],
+                   seeds: list[int], cfg: EvalConfig, device, frozen: frozenset[str] = frozenset()) -> None:
+    """The protocol's training loop: ``cfg.steps`` steps of every member on its own set, all at once.
+
+    ``inputs`` {name: (N, max_n, ...)} (model inputs as :meth:`Ensemble.forward` takes them) and ``targets``
+    (N, max_n, C): member i's set in its first ``sizes[i]`` rows (data shared by all members can be an
+    ``expand``-ed view). Each member has its own data order (``seeds``), its own gradient clip, and the soft
+    cross-entropy mean over its batch; the loss is the sum over members, which are independent. Parameters named in
+    ``frozen`` stay out of the optimiser (no gradient reaches them, e.g. the word-embedding table under
+    ``inputs_embeds``).
+    """
+    trained = {k: v for k, v in ens.params.items() if k not in frozen}
+    schedule = torch.as_tensor(batch_schedule(sizes, cfg.steps, cfg.batch_size, seeds), device=device)  # (N, S, B)
+    opt = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.steps, cfg.warmup_ratio))
+    rows = torch.arange(len(sizes), device=device)[:, None]
+    for step in range(cfg.steps):
+        idx = schedule[:, step]  # (N, B), -1 where a member's set is smaller than the batch
+        valid = (idx >= 0).float()
+        idx = idx.clamp(min=0)
+        with autocast(device):
+            logits = ens.forward({k: v[rows, idx] for k, v in inputs.items()})  # (N, B, C)
+        ce = -(targets[rows, idx] * torch.log_softmax(logits.float(), -1)).sum(-1)  # (N, B)
+        loss = ((ce * valid).sum(1) / valid.sum(1)).sum()  # members independent: sum of their means
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        per_member_clip(trained, cfg.clip)
+        opt.step()
+        sched.step()
 
 
 @torch.no_grad()

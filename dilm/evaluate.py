@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dilm import DilmError
-from dilm.ensemble import Ensemble, batch_schedule, linear_warmup_decay, per_member_clip, predict_ensemble
+from dilm.ensemble import Ensemble, predict_ensemble, train_ensemble
 from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
 from dilm.probe import fit_logreg, predict, sentence_embeddings
 from dilm.synset import SynExample, SynSet
@@ -165,25 +165,8 @@ def finetune_ensemble(model_name: str, jobs: list[tuple[SynSet, int]], test: lis
         targets[i, : len(s)] = torch.tensor([e.target(num_classes) for e in s.examples], device=device)
         start += len(s)
 
-    schedule = torch.as_tensor(batch_schedule(sizes, cfg.steps, cfg.batch_size, [sd for _, sd in jobs]),
-                               device=device)  # (N, steps, B)
-    opt = torch.optim.AdamW(list(ens.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.steps, cfg.warmup_ratio))
-    rows = torch.arange(n, device=device)[:, None]
-    for step in range(cfg.steps):
-        idx = schedule[:, step]  # (N, B)
-        valid = (idx >= 0).float()
-        idx = idx.clamp(min=0)
-        with autocast(device):
-            logits = ens.logits(ids[rows, idx], am[rows, idx])  # (N, B, C)
-        logp = torch.log_softmax(logits.float(), -1)
-        ce = -(targets[rows, idx] * logp).sum(-1)  # (N, B)
-        loss = ((ce * valid).sum(1) / valid.sum(1)).sum()  # members independent: sum of their means
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        per_member_clip(ens.params, cfg.clip)
-        opt.step()
-        sched.step()
+    inputs = {"input_ids": ids, "attention_mask": am}
+    train_ensemble(ens, inputs, targets, sizes, [seed for _, seed in jobs], cfg, device)
     return predict_ensemble(ens, tok, test, cfg, device)
 
 

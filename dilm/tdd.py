@@ -29,32 +29,30 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
 
 from dilm import DilmError
 from dilm.cli import add_task_args, command, task_from_args
 from dilm.coreset import check_dpc
-from dilm.ensemble import Ensemble, batch_schedule, linear_warmup_decay, per_member_clip, predict_ensemble
+from dilm.ensemble import Ensemble, predict_ensemble, train_ensemble
 from dilm.evaluate import ArchScores, EvalConfig, Scores
 from dilm.files import atomic_path, write_json
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
-from dilm.models import autocast, is_causal, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.models import is_causal, load_model, load_tokenizer, pick_device, resolve_model
 from dilm.seeds import derive_seed
-from dilm.softlabel import (
+from dilm.softlabel import add_unroll_args, unroll_config_from_args
+from dilm.synset import SynExample, SynSet, write_set
+from dilm.tasks import TaskData
+from dilm.text import additive_mask, join_pair
+from dilm.unroll import (
     HeadProxy,
     UnrollConfig,
-    add_unroll_args,
     build_proxy,
     learned_lr,
     loss_summary,
     mean_unrolled_loss,
     outer_loop,
-    unroll_config_from_args,
     unroll_lr,
 )
-from dilm.synset import SynExample, SynSet, write_set
-from dilm.tasks import TaskData
-from dilm.text import additive_mask, join_pair
 
 INITS = ("real", "random")
 
@@ -280,36 +278,17 @@ def evaluate_tdd(path: str | Path | TDDSet, task: TaskData, learner: str, cfg: E
 
 def _train_on_embeddings(learner: str, base: torch.nn.Module, tdd: TDDSet, seeds: list[int], test, cfg: EvalConfig,
                          device) -> list[np.ndarray]:
-    """finetune_ensemble's loop with ``inputs_embeds`` in place of token ids."""
+    """The protocol's loop (:func:`dilm.ensemble.train_ensemble`) on ``inputs_embeds`` in place of token ids; every
+    member trains on the same set, so the data is an expanded view (N, n, ...). The word-embedding table is frozen."""
     base.train()
     ens = Ensemble(base, seeds, device)
     table = base.get_input_embeddings().weight
     table_key = next(k for k, v in base.named_parameters() if v is table)
-    trained = {k: v for k, v in ens.params.items() if k != table_key}
-    embeds, mask = tdd.inputs_embeds.to(device), tdd.attention_mask.to(device)  # (n, T, H), (n, T)
-    targets = tdd.soft_labels.to(device)  # (n, C)
-    schedule = torch.as_tensor(batch_schedule([len(tdd)] * len(seeds), cfg.steps, cfg.batch_size, seeds),
-                               device=device)  # (N, steps, B); every member sees the whole set when n <= batch
-
-    def one(p, b, e, am):
-        kw = {"inputs_embeds": e, "attention_mask": additive_mask(am, ens.causal)}
-        return functional_call(ens.base, (p, b), (), kw).logits
-
-    opt = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.steps, cfg.warmup_ratio))
-    for step in range(cfg.steps):
-        idx = schedule[:, step]  # (N, B)
-        valid = (idx >= 0).float()
-        idx = idx.clamp(min=0)
-        with autocast(device):
-            logits = vmap(one, randomness="different")(ens.params, ens.buffers, embeds[idx], mask[idx])  # (N, B, C)
-        ce = -(targets[idx] * torch.log_softmax(logits.float(), -1)).sum(-1)  # (N, B)
-        loss = ((ce * valid).sum(1) / valid.sum(1)).sum()
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        per_member_clip(trained, cfg.clip)
-        opt.step()
-        sched.step()
+    n = len(seeds)
+    inputs = {"inputs_embeds": tdd.inputs_embeds.to(device).expand(n, -1, -1, -1),  # (N, n, T, H)
+              "attention_mask": tdd.attention_mask.to(device).expand(n, -1, -1)}  # (N, n, T)
+    targets = tdd.soft_labels.to(device).expand(n, -1, -1)  # (N, n, C)
+    train_ensemble(ens, inputs, targets, [len(tdd)] * n, seeds, cfg, device, frozen=frozenset({table_key}))
     return predict_ensemble(ens, load_tokenizer(learner), test, cfg, device)
 
 

@@ -28,20 +28,11 @@ from dilm.labelspace import (
     smoothed_twin,
 )
 from dilm.models import load_model, load_tokenizer
-from dilm.softlabel import (
-    HeadProxy,
-    SoftLabelConfig,
-    SoftLabeler,
-    UnrollConfig,
-    build_proxy,
-    functional_inner_grad,
-    learn_soft_labels,
-    select_fewer_than_classes,
-    unroll,
-)
+from dilm.softlabel import SoftLabelConfig, SoftLabeler, learn_soft_labels, select_fewer_than_classes
 from dilm.synset import SynExample, SynSet, read_set, write_set
 from dilm.tasks import Example
 from dilm.tdd import TDDConfig, distill_tdd, pooled_features
+from dilm.unroll import HeadProxy, UnrollConfig, build_proxy, functional_inner_grad, unroll
 
 CPU = torch.device("cpu")
 TINY = UnrollConfig(learner="tiny-bert", steps=10, learners=2, real_per_class=60, real_batch=64, max_length=32)

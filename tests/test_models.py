@@ -58,7 +58,7 @@ def test_encoders_outside_any_list_get_no_causal_mask(kind):
     """The classifier reads position 0, which sees the last token only without a causal mask: changing the last
     token must move the logits, in the evaluation ensemble and in the soft-label proxy alike."""
     from dilm.ensemble import Ensemble
-    from dilm.softlabel import FullProxy
+    from dilm.unroll import FullProxy
 
     model = _tiny_encoder(kind)
     assert not is_causal(model) and not is_causal(model.config)

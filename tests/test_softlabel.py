@@ -10,23 +10,20 @@ import dilm.softlabel  # noqa: F401  (registers the softlabel sub-command)
 from dilm import DilmError
 from dilm.evaluate import EvalConfig, Evaluator, finetune_ensemble, tfidf_logreg
 from dilm.models import load_model, load_tokenizer
-from dilm.softlabel import (
-    FullProxy,
-    HeadProxy,
-    SoftLabelConfig,
-    UnrollConfig,
-    build_proxy,
-    functional_inner_grad,
-    hard_label_ceiling,
-    learn_soft_labels,
-    mean_unrolled_loss,
-    select_fewer_than_classes,
-    soft_cross_entropy,
-    syn_inputs,
-)
+from dilm.softlabel import SoftLabelConfig, hard_label_ceiling, learn_soft_labels, select_fewer_than_classes
 from dilm.synset import SynSet, read_set, write_set
 from dilm.tasks import Example, TaskData
 from dilm.text import encode
+from dilm.unroll import (
+    FullProxy,
+    HeadProxy,
+    UnrollConfig,
+    build_proxy,
+    functional_inner_grad,
+    mean_unrolled_loss,
+    soft_cross_entropy,
+    syn_inputs,
+)
 
 TINY = UnrollConfig(learner="tiny-bert", steps=10, learners=2, real_per_class=60, real_batch=64, max_length=32)
 

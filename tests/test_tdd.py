@@ -10,9 +10,9 @@ from dilm.cli import build_parser
 from dilm.evaluate import EvalConfig, Evaluator
 from dilm.features import embed
 from dilm.models import load_model
-from dilm.softlabel import HeadProxy, UnrollConfig, mean_unrolled_loss
 from dilm.synset import read_set
 from dilm.tdd import TDDConfig, distill_tdd, evaluate_tdd, load_tdd, pooled_features, save_tdd
+from dilm.unroll import HeadProxy, UnrollConfig, mean_unrolled_loss
 
 TINY = UnrollConfig(learner="tiny-bert", steps=3, learners=2, real_per_class=40, real_batch=32, max_length=16)
 EVAL = EvalConfig(archs=("tiny-bert",), seeds=2, steps=4, test_limit=20, device="cpu", progress=False)
