@@ -24,10 +24,10 @@ import pytest
 import yaml
 
 from dilm import DilmError
-from dilm.distill import DistillConfig
+from dilm.distill import LM_META, DistillConfig, lm_cache_key
 from tune.config import FINAL, OBJECTIVE, VAL_METRIC, EvalSpec, SweepConfig, load_config
 from tune.search import PruneAwareOptunaSearch
-from tune.sweep import check_resources, main
+from tune.sweep import base_distill_config, check_resources, main
 from tune.trial import final_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,7 +324,7 @@ def mlflow_runs(storage: Path):
     exp = client.get_experiment_by_name("dilm-test-crash")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    return client, parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags and "baseline" not in r.data.tags]
 
 
 def study_trials(storage: Path):
@@ -361,6 +361,7 @@ def test_sweep_records_runs_params_metrics_artifacts_and_study(crashed_sweep):
     for r in done:
         assert set(r.data.params) == distill_keys  # every DistillConfig key
         for key in ("match_loss", "grad_sim", "lr", VAL_METRIC, OBJECTIVE, "accuracy/tiny-bert/dpc2",
+                    "label_agreement", "final_label_agreement", "final_label_agreement/dpc2",
                     "accuracy/tfidf-logreg/dpc2", "acc_tiny-bert"):
             assert key in r.data.metrics, key
         assert len(client.get_metric_history(r.info.run_id, "match_loss")) >= 2  # per step
@@ -376,6 +377,71 @@ def test_sweep_records_runs_params_metrics_artifacts_and_study(crashed_sweep):
                   for tid in finished_trials(s["storage"])}
     assert {t.user_attrs["ray_trial_id"]: t.value for t in trials if t.state.name == "COMPLETE"} == objectives
     assert not list((s["storage"] / "sets" / "crash").glob("*/checkpoint"))  # generator weights removed
+
+
+def test_the_lm_stage_is_trained_once_before_the_trials_and_reused_on_resume(crashed_sweep):
+    s = crashed_sweep
+    [lm] = [p for p in (s["storage"] / "lm").iterdir() if not p.name.startswith(".")]  # one config, one checkpoint
+    meta = json.loads((lm / LM_META).read_text())
+    assert lm.name == meta["key"] == lm_cache_key(base_distill_config(load_config(s["config"])))
+    trained = (lm / LM_META).stat().st_mtime_ns
+    finals = finished_trials(s["storage"])
+    assert all(trained < m["final"] for m in finals.values())  # before the trials, and not again on resume
+    for tid in finals:
+        prov = json.loads((s["storage"] / "sets" / "crash" / tid / "provenance.json").read_text())
+        assert prov["lm_checkpoint"] == str(lm)  # every trial started matching from it
+    _, [parent], _ = mlflow_runs(s["storage"])
+    assert parent.data.tags["dilm.lm_checkpoint"] == str(lm)
+
+
+def test_concurrent_trials_share_one_lm_checkpoint_per_lm_config(ray_cluster, tmp_path):
+    """Ray tasks starting together with the same LM config get one checkpoint (trained once, atomically: no partial
+    folder left); another LM key gets its own; a later caller reuses it untouched."""
+    import ray
+
+    from tune.trial import lm_checkpoint_for
+
+    base = DistillConfig.from_preset("smoke", task="sst2", device="cpu", lm_steps=2)
+    other = dataclasses.replace(base, lm_lr=base.lm_lr * 3)
+    task = ray.remote(num_cpus=0.5)(lm_checkpoint_for)
+    paths = ray.get([task.remote(c, str(tmp_path)) for c in (base, base, other)])
+    assert paths[0] == paths[1] != paths[2]
+    assert {p.name for p in paths} == {lm_cache_key(base), lm_cache_key(other)}
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted({p.name for p in paths})
+    assert not [p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith(".")]  # no temporary folder left
+    stamp = (paths[0] / LM_META).stat().st_mtime_ns
+    assert lm_checkpoint_for(dataclasses.replace(base, generator_lr=1.0), tmp_path) == paths[0]  # matching key: reused
+    assert (paths[0] / LM_META).stat().st_mtime_ns == stamp
+
+
+def test_baselines_are_scored_beside_the_sweep(crashed_sweep):
+    """Random real sets and the vanilla LM (the shared checkpoint, no matching) are runs of the sweep's experiment,
+    tagged, with a trial's metric names; the summary puts the best trial beside them, the plot has all curves."""
+    s = crashed_sweep
+    client = mlflow_runs(s["storage"])[0]
+    exp = client.get_experiment_by_name("dilm-test-crash")
+    runs = {r.data.tags["baseline"]: r for r in client.search_runs([exp.experiment_id], "tags.baseline != ''")}
+    assert set(runs) == {"random", "vanilla"}
+    _, [parent], _ = mlflow_runs(s["storage"])
+    for r in runs.values():
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        for arch in ("tiny-bert", "tfidf-logreg"):
+            assert 0 <= r.data.metrics[f"accuracy/{arch}/dpc2"] <= 100 and f"accuracy_std/{arch}/dpc2" in r.data.metrics
+        assert OBJECTIVE in r.data.metrics
+    [lm] = [p for p in (s["storage"] / "lm").iterdir() if not p.name.startswith(".")]
+    assert runs["vanilla"].data.tags["dilm.lm_checkpoint"] == str(lm)
+    vanilla = json.loads((s["storage"] / "sets" / "crash" / "baselines" / "vanilla" / "provenance.json").read_text())
+    assert vanilla["config"]["outer_loops"] == 0 and vanilla["lm_checkpoint"] == str(lm)
+    assert "best trial vs baselines" in s["out"] and "best-random" in s["out"]
+    assert "words found in the training vocabulary: best trial" in s["out"]
+    assert 0 <= parent.data.metrics["vocab_rate/best_trial"] <= 100
+    rows = json.loads((s["storage"] / "reports" / "crash" / "baselines.json").read_text())
+    assert {(r["arch"], r["dpc"]) for r in rows} == {("tiny-bert", 2), ("tfidf-logreg", 2)}
+    for r in rows:
+        assert r["vs_random"] == pytest.approx(r["best"] - r["random"])
+    assert "best_vs_random/tiny-bert/dpc2" in parent.data.metrics
+    assert {"plots/accuracy_vs_dpc_tiny-bert.png", "plots/accuracy_vs_dpc_tfidf-logreg.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
 
 
 def test_failing_trial_is_recorded_and_the_sweep_goes_on(crashed_sweep):

@@ -83,7 +83,7 @@ def test_failed_trial_and_retry_reuse_one_child(store):
         assert run.run_id == failed.info.run_id
         run.log_params({"temperature": -1.0, "seed": 0})  # known params are skipped, new ones added
     assert tracker.find_child("t-fail").data.params == {"temperature": "-1.0", "seed": "0"}
-    tracker.end_child("t-fail", "KILLED", {"dilm.stopped_early": "asha"})
+    tracker.end_child("t-fail", "KILLED", {"stopped_early": "asha"})
     assert tracker.find_child("t-fail").info.status == "KILLED"
     ids = [r.data.tags[TRIAL_TAG] for r in tracker.child_runs()]
     assert sorted(ids) == sorted(set(ids))  # one child per trial
@@ -168,3 +168,25 @@ def test_ui_points_at_a_tracking_server(monkeypatch, capsys):
     assert ui_main([]) == 0
     assert "http://mlflow.internal:5000" in capsys.readouterr().out
 
+
+
+def test_asha_stopped_trial_ends_finished_with_its_tag_and_runs_read_at_a_glance(store, tmp_path):
+    """TrialEnd (the driver callback) on a trial whose last report was not final (ASHA stopped it): the child run is
+    FINISHED with ``stopped_early=asha``, not KILLED; a finished trial's run is named id, objective, values."""
+    from types import SimpleNamespace
+
+    from tune.search import TrialEnd
+    from tune.tracking import run_label
+
+    _, tracker = store
+    values = {"generator_lr": 3.21e-05, "inner_loop": 2}
+    with TrialRun(tracker.spec, "abcd1234_00003", run_label("abcd1234_00003", values)) as run:
+        run.rename(run_label("abcd1234_00003", values, 61.234))
+    with TrialRun(tracker.spec, "abcd1234_00004", run_label("abcd1234_00004", values)):
+        pass
+    end = TrialEnd(tracker.spec, str(tmp_path))
+    end.on_trial_complete(0, [], SimpleNamespace(trial_id="abcd1234_00004", last_result={"final": False}))
+    stopped = tracker.find_child("abcd1234_00004")
+    assert stopped.info.status == "FINISHED" and stopped.data.tags["stopped_early"] == "asha"
+    assert stopped.info.run_name == "00004 generator_lr=3.21e-05 inner_loop=2"
+    assert tracker.find_child("abcd1234_00003").info.run_name == "00003 obj 61.2 | generator_lr=3.21e-05 inner_loop=2"

@@ -14,6 +14,9 @@ Storage (``--storage``, else the YAML's ``storage``, else ``$DILM_SWEEP_DIR`` or
     mlflow.db, mlartifacts/      MLflow store shared by all sweeps here (``dilm ui``), unless $MLFLOW_TRACKING_URI
     optuna.db                    one Optuna study per sweep name (``optuna-dashboard sqlite:////<storage>/optuna.db``)
     tune/<name>/                 the Ray Tune experiment (what ``--resume`` restores); ``tune_storage`` may move it
+    lm/<lm_cache_key>/           shared LM-stage checkpoints (train_lm; written atomically), one per distinct LM
+                                 config, reused by every sweep and resume here; another LM key or data, another key
+    sets/<name>/baselines/       random real sets and vanilla-LM sets scored beside the trials
     sets/<name>/<trial_id>/      a trial's distill output: sets/, provenance.json, scores.json, plots/, final.json
                                  (and checkpoint/ while it runs: removed when it ends, kept if it errored)
     state/<name>.json            the MLflow parent run id and the configuration, so a resumed sweep continues the
@@ -351,6 +354,10 @@ class SweepPaths:
     @property
     def tune_dir(self) -> str:
         return f"{self.tune_storage.rstrip('/')}/{self.name}"
+
+    @property
+    def lm_dir(self) -> Path:
+        return self.storage / "lm"  # shared by every sweep of this storage: one checkpoint per lm_cache_key
 
     @property
     def sets_dir(self) -> Path:

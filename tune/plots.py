@@ -28,17 +28,23 @@ def safe_name(arch: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in arch)
 
 
-def accuracy_vs_dpc(scores: dict[int, dict[str, dict]], arch: str, path: str | Path, title: str = "") -> Path:
-    """One architecture's mean accuracy ± std (over sets × seeds) against DPC.
+def accuracy_vs_dpc(scores: dict[int, dict[str, dict]], arch: str, path: str | Path, title: str = "",
+                    beside: dict[str, dict] | None = None, label: str = "") -> Path:
+    """One architecture's mean accuracy ± std (over sets × seeds) against DPC; ``beside`` adds other curves
+    ({name: scores}, e.g. the sweep's baselines ``random`` and ``vanilla``) with a legend.
 
     ``scores``: {dpc: {arch: {"accuracy", "accuracy_std", "n", ...}}} as returned by the evaluation pool.
     """
-    dpcs = sorted(d for d in scores if arch in scores[d])
-    acc = [scores[d][arch]["accuracy"] for d in dpcs]
-    std = [scores[d][arch]["accuracy_std"] for d in dpcs]
     fig = Figure(figsize=(4.5, 3.2))
     ax = fig.add_subplot()
-    ax.errorbar(dpcs, acc, yerr=std, marker="o", capsize=3)
+    dpcs = []
+    for name, sc in {label or arch: scores, **(beside or {})}.items():
+        ds = sorted(d for d in sc if arch in sc[d])
+        ax.errorbar(ds, [sc[d][arch]["accuracy"] for d in ds], yerr=[sc[d][arch]["accuracy_std"] for d in ds],
+                    marker="o", capsize=3, label=name)
+        dpcs = sorted(set(dpcs) | set(ds))
+    if beside:
+        ax.legend(fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(dpcs, [str(d) for d in dpcs])
     ax.set_xlabel("data per class (DPC)")
@@ -48,11 +54,12 @@ def accuracy_vs_dpc(scores: dict[int, dict[str, dict]], arch: str, path: str | P
     return _save(fig, path)
 
 
-def accuracy_vs_dpc_all(scores: dict[int, dict[str, dict]], out_dir: str | Path, title: str = "") -> list[Path]:
-    """One ``accuracy_vs_dpc_<arch>.png`` per architecture found in ``scores``."""
+def accuracy_vs_dpc_all(scores: dict[int, dict[str, dict]], out_dir: str | Path, title: str = "",
+                        beside: dict[str, dict] | None = None, label: str = "") -> list[Path]:
+    """One ``accuracy_vs_dpc_<arch>.png`` per architecture found in ``scores`` (``beside``: see above)."""
     archs = sorted({a for per_arch in scores.values() for a in per_arch})
     return [accuracy_vs_dpc(scores, a, Path(out_dir) / f"accuracy_vs_dpc_{safe_name(a)}.png",
-                            f"{title} — {a}" if title else a) for a in archs]
+                            f"{title} — {a}" if title else a, beside, label) for a in archs]
 
 
 def param_importances(importances: dict[str, float], path: str | Path, title: str = "") -> Path:

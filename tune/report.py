@@ -11,13 +11,17 @@ import csv
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
 from dilm.files import atomic_write_text, write_json
+from dilm.tasks import load_task
+from tune.baselines import compare, format_compare
 from tune.config import OBJECTIVE, SweepConfig, SweepPaths
+from tune.plots import accuracy_vs_dpc_all
 from tune.plots import param_importances as plot_importances
 
 log = logging.getLogger("tune.report")
@@ -60,6 +64,43 @@ def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dic
             "storage": str(paths.storage), "optuna_url": paths.optuna_url}
 
 
+WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def vocab_rate(set_files: list[Path], vocabulary: set[str]) -> float:
+    """% of the words of these sets' texts (lower-cased letter runs) found in ``vocabulary``: texts a reader would
+    accept score near 100, word salad ("applesurgency") far below."""
+    found = total = 0
+    for f in set_files:
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            ws = words(" ".join(str(row.get(k) or "") for k in ("text", "text_pair")))
+            found += sum(w in vocabulary for w in ws)
+            total += len(ws)
+    return 100.0 * found / total if total else float("nan")
+
+
+def add_baselines(summary: dict, baselines: dict, paths: SweepPaths, task: str) -> None:
+    """The best trial beside the baselines: ``summary["baselines"]`` rows (:func:`tune.baselines.compare`) and the
+    accuracy-vs-DPC plots with all curves, in ``reports/<name>/``."""
+    summary["baseline_scores"] = baselines
+    if not summary["best"]:
+        return
+    best_dir = paths.sets_dir / summary["best"]["ray_trial_id"]
+    best = {int(d): s for d, s in json.loads((best_dir / "scores.json").read_text()).items()}
+    summary["baselines"] = compare(best, baselines)
+    vocabulary = {w for e in load_task(task).train for w in words(f"{e.text} {e.text_pair or ''}")}
+    summary["vocab_rate"] = {"best trial": vocab_rate(sorted(best_dir.glob("sets/dpc*/*.jsonl")), vocabulary),
+                             "vanilla": vocab_rate(sorted((paths.sets_dir / "baselines" / "vanilla").glob(
+                                 "sets/dpc*/*.jsonl")), vocabulary)}
+    summary["plots"] = [str(p) for p in accuracy_vs_dpc_all(best, paths.reports_dir, f"{summary['name']}",
+                                                            beside=baselines, label="best trial")]
+
+
 def _csv(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
@@ -81,6 +122,14 @@ def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
         tracker.set_tags({"dilm.best_trial": summary["best"]["ray_trial_id"],
                           "dilm.best_params": json.dumps({k: v for k, v in summary["best"].items()
                                                           if k not in ("number", "ray_trial_id", "state")})})
+    for p in summary.get("plots", []):
+        tracker.log_artifact(p, "plots")
+    if summary.get("baselines"):
+        write_json(out / "baselines.json", summary["baselines"])
+        tracker.log_artifact(out / "baselines.json")
+        tracker.log_metrics({f"vocab_rate/{k.replace(' ', '_')}": v for k, v in summary["vocab_rate"].items()})
+        tracker.log_metrics({f"best_vs_{n}/{r['arch']}/dpc{r['dpc']}": r[f"vs_{n}"]
+                             for r in summary["baselines"] for n in ("random", "vanilla") if f"vs_{n}" in r})
     if summary["importances"]:
         write_json(out / "param_importances.json", summary["importances"])
         tracker.log_artifact(plot_importances(summary["importances"], out / "param_importances.png",
@@ -96,6 +145,11 @@ def format_summary(s: dict) -> str:
         params = {k: v for k, v in s["best"].items() if k not in ("number", "ray_trial_id", "state", OBJECTIVE)}
         lines.append(f"  best objective {s['best'][OBJECTIVE]:.2f} (trial {s['best']['ray_trial_id']}): {params}")
         lines.append(f"  its sets:  {Path(s['storage']) / 'sets' / s['name'] / s['best']['ray_trial_id'] / 'sets'}")
+    if s.get("baselines"):
+        lines.append("  best trial vs baselines (accuracy % ± std over sets x seeds; difference in points):")
+        lines += format_compare(s["baselines"])
+        lines.append("  words found in the training vocabulary: " + ", ".join(
+            f"{k} {v:.1f} %" for k, v in s["vocab_rate"].items()) + " (target >= 95 %)")
     if s["importances"]:
         lines.append("  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in s["importances"].items()))
     lines.append(f"  MLflow:    dilm ui --storage {s['storage']}")

@@ -121,7 +121,8 @@ class TrialEnd(Callback):
         if (trial.last_result or {}).get(FINAL):
             self._end(trial, "FINISHED")
         else:
-            self._end(trial, "KILLED", {"dilm.stopped_early": "asha"})
+            # stopped by ASHA is an outcome, not a failure: FINISHED (not KILLED's red cross), tagged
+            self._end(trial, "FINISHED", {"stopped_early": "asha"})
             shutil.rmtree(Path(self.sets_dir) / trial.trial_id / "checkpoint", ignore_errors=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -38,14 +38,16 @@ import ray
 from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner, with_parameters, with_resources
 
 from dilm import DilmError
+from dilm.distill import LM_KEYS, DistillConfig
 from dilm.files import write_json
 from dilm.tasks import TASKS, load_task
+from tune.baselines import run_baselines
 from tune.config import RETIRED_KEYS, SweepConfig, SweepPaths, load_config
 from tune.pool import PoolError, create_pool, shutdown_pool
-from tune.report import fail_orphans, load_study, report_summary, summarize
+from tune.report import add_baselines, fail_orphans, load_study, report_summary, summarize
 from tune.search import PruneAwareOptunaSearch, TrialEnd, make_scheduler, make_searcher, trial_dirname
 from tune.tracking import SweepTracker, flatten, tracking_uri
-from tune.trial import TrialPlan, run_trial
+from tune.trial import TrialPlan, lm_checkpoint_for, run_trial
 
 # These lived in this module before tune/sweep.py was split, and Tune pickled them by that qualified name
 # (tune.sweep.X) into each experiment's tuner.pkl (searcher, callback, trial_dirname_creator): `--resume` of such a
@@ -136,6 +138,26 @@ def task_labels(task: str) -> tuple[tuple[str, ...], bool]:
     return tuple(data.label_names), bool(data.is_pair)
 
 
+def lm_searched(cfg: SweepConfig) -> list[str]:
+    """The searched keys that change the LM stage (then each trial's LM config may differ)."""
+    return sorted(set(cfg.search) & {*LM_KEYS, "prompt_template"})
+
+
+def base_distill_config(cfg: SweepConfig, **override) -> DistillConfig:
+    return DistillConfig.from_preset(cfg.preset, **{**cfg.distill_fixed(), **override}, task=cfg.task)
+
+
+def train_shared_lm(cfg: SweepConfig, paths: SweepPaths) -> Path | None:
+    """Train the sweep's LM stage once, before any trial starts, as a Ray task with a trial's resources (so it runs
+    where a trial would, GPU included); trials then find it by its key and only load it. ``None`` when LM keys are
+    searched: the trials train one checkpoint per distinct LM config (under the same lock)."""
+    if lm_searched(cfg):
+        return None
+    r = cfg.trial_resources
+    task = ray.remote(num_cpus=r.cpu, num_gpus=r.gpu)(lm_checkpoint_for)
+    return ray.get(task.remote(base_distill_config(cfg), str(paths.lm_dir)))
+
+
 def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, restore: bool) -> Tuner:
     trainable = with_resources(with_parameters(run_trial, plan=plan), cfg.trial_resources.as_tune())
     if restore:  # search algorithm, scheduler and callbacks come back from the experiment's saved state
@@ -167,19 +189,26 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
     tracker = start_tracking(cfg, paths, resume)
     status, handles = "FAILED", []
     try:
+        lm = train_shared_lm(cfg, paths)
+        if lm is not None:
+            tracker.set_tags({"dilm.lm_checkpoint": str(lm)})
         pool, handles = create_pool(cfg.task, cfg.eval.eval_config(), actors=cfg.eval.actors,
                                     cpu=cfg.eval.actor_resources.cpu, gpu=cfg.eval.actor_resources.gpu,
                                     max_restarts=cfg.eval.max_restarts, retries=cfg.eval.retries,
                                     prefix=f"{cfg.name}-{os.getpid()}-{int(time.time())}",
                                     start_timeout_s=300 if resource_check else 3600)  # autoscaling: nodes boot
         plan = TrialPlan(cfg.task, label_names, is_pair, cfg.preset, cfg.distill_fixed(), str(paths.sets_dir),
-                         paths.tune_dir, pool, tracker.spec, cfg.trial_resources.cpu)
+                         paths.tune_dir, pool, tracker.spec, cfg.trial_resources.cpu, str(paths.lm_dir))
         results = build_tuner(cfg, paths, plan, restore).fit()
         finished = results.num_terminated + results.num_errors == len(results) >= cfg.num_samples
         study = load_study(cfg, paths)
         if finished:
             fail_orphans(study)
         summary = summarize(study, cfg, paths, finished)
+        if summary["finished"]:
+            baselines = run_baselines(base_distill_config(cfg), str(lm) if lm else None, pool, tracker,
+                                      paths.sets_dir / "baselines", cfg.trial_resources)
+            add_baselines(summary, baselines, paths, cfg.task)
         report_summary(tracker, summary, paths)
         status = "FINISHED" if summary["finished"] else "KILLED"
         return summary

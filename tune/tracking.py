@@ -239,11 +239,22 @@ class TrialRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def rename(self, name: str) -> None:
+        self.client.set_tag(self.run_id, "mlflow.runName", name)
+
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
 
 # --------------------------------------------------------------------------- dilm ui
+
+
+def run_label(trial_id: str, values: dict, objective: float | None = None) -> str:
+    """A child run's name that reads at a glance in the runs table: short trial id, objective, searched values
+    (``00003 obj 61.2 | generator_lr=3.2e-05 inner_loop=2``)."""
+    short = trial_id.rsplit("_", 1)[-1]
+    vals = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items()))
+    return f"{short} " + ("" if objective is None else f"obj {objective:.1f} | ") + vals
 
 
 def ui_command(uri: str, host: str, port: int) -> list[str]:

@@ -8,12 +8,17 @@
 * once, at the end: :func:`final_result` — ``objective`` (mean test accuracy over the pool's architectures and
   the DPCs), ``acc_<arch>`` and ``final: True``.
 
+The LM stage is shared: a trial starts matching from the checkpoint ``<storage>/lm/<lm_cache_key>``
+(:func:`lm_checkpoint_for`). The driver trains it once before the Tuner starts when no LM key is searched; when some
+are, the first trial of each distinct LM config trains it and the others wait on ``train_lm``'s lock and reuse it.
+
 A trial resumed after a driver crash that had already written ``final.json`` reports it again instead of running
 again; one that had not resumes distill from its checkpoint in the trial's output folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -24,13 +29,13 @@ from pathlib import Path
 import torch
 from ray.tune import get_context, report
 
-from dilm.distill import DistillConfig, distill
+from dilm.distill import DistillConfig, distill, lm_cache_key, train_lm
 from dilm.files import write_json
 from dilm.synset import read_set
 from tune.config import FINAL, OBJECTIVE, VAL_METRIC
 from tune.plots import accuracy_vs_dpc_all
 from tune.pool import PoolClient, PoolSpec
-from tune.tracking import TrackingSpec, TrialRun
+from tune.tracking import TrackingSpec, TrialRun, run_label
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,13 @@ class TrialPlan:
     pool: PoolSpec
     tracking: TrackingSpec
     cpu: float
+    lm_dir: str = ""  # <storage>/lm: one LM-stage checkpoint per lm_cache_key ("" = each trial runs its own)
+
+
+def lm_checkpoint_for(cfg: DistillConfig, lm_dir: str | Path) -> Path:
+    """The shared LM-stage checkpoint of ``cfg``: ``<lm_dir>/<lm_cache_key>``, trained (atomically, once under a
+    file lock however many callers arrive together) if it is not there yet, reused as it is otherwise."""
+    return train_lm(cfg, Path(lm_dir) / lm_cache_key(cfg))
 
 
 class StepReporter:
@@ -116,10 +128,12 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         report(json.loads(done.read_text()))
         return
     torch.set_num_threads(max(1, int(plan.cpu)))  # as Ray's OMP_NUM_THREADS: floor(cpu), at least 1
-    with TrialRun(plan.tracking, trial_id, ctx.get_trial_name()) as run:
+    with TrialRun(plan.tracking, trial_id, run_label(trial_id, config)) as run:
         run.set_tags({"dilm.output_dir": str(out), "dilm.tune_trial_dir": f"{plan.tune_dir}/{trial_id}"})
         run.log_params(config)  # the sampled values, logged even if the config turns out invalid
         cfg = DistillConfig.from_preset(plan.preset, **{**plan.fixed, **config}, task=plan.task, output_dir=str(out))
+        if plan.lm_dir and not cfg.lm_checkpoint:
+            cfg = dataclasses.replace(cfg, lm_checkpoint=str(lm_checkpoint_for(cfg, plan.lm_dir)))
         run.log_params(cfg.to_dict())
         result = distill(cfg, callback=StepReporter(run))
         scores = score_on_pool(result.sets, plan)
@@ -127,5 +141,6 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         final = final_result(scores, result.best_val_accuracy, last_step)
         log_trial_outputs(run, result, scores, final, out)
         write_json(done, final)
+        run.rename(run_label(trial_id, config, final[OBJECTIVE]))
     shutil.rmtree(out / "checkpoint", ignore_errors=True)  # generator weights: only needed to resume this trial
     report(final)
