@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -125,12 +126,17 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def test_ui_serves_the_runs(store):
-    """``dilm ui`` (``python -m tune.tracking``) on 127.0.0.1: the REST API lists the sweep's runs."""
+def test_ui_serves_the_runs(store, tmp_path):
+    """``dilm ui`` (``python -m tune.tracking``) on 127.0.0.1: the REST API lists the sweep's runs, it prints the
+    direct link to the experiment's runs page, and SIGTERM to it stops the MLflow server and its workers."""
+    import psutil
+
     storage, tracker = store
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tune.tracking", "--storage", str(storage), "--port", str(port)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "ui.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tune.tracking", "--storage", str(storage), "--port",
+                                 str(port)], start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -148,8 +154,18 @@ def test_ui_serves_the_runs(store):
         ids = {r["info"]["run_id"] for r in runs}
         assert tracker.spec.parent_run_id in ids
         assert tracker.find_child("t-ok").info.run_id in ids
+        assert f"{base}/#/experiments/{tracker.spec.experiment_id}/runs" in log.read_text()
+        server = psutil.Process(proc.pid).children(recursive=True)
+        assert server
+        proc.send_signal(signal.SIGTERM)  # to `dilm ui` alone, as a service manager does
+        assert proc.wait(timeout=30) != 0
+        gone, alive = psutil.wait_procs(server, timeout=30)
+        assert not alive, f"still running after SIGTERM to dilm ui: {alive}"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{base}/health", timeout=2)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the whole group: mlflow, its server workers
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the whole group, if the test failed before
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

@@ -20,8 +20,10 @@ trials and contend for the database lock.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -280,18 +282,45 @@ def ui_main(argv: list[str] | None = None) -> int:
     if db is not None and not db.exists():
         raise DilmError(f"no MLflow store at {db}; run a sweep first (make demo) or pass --storage")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
-    proc = subprocess.Popen(ui_command(uri, args.host, args.port), env=env)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {base}  (store {uri}; Ctrl-C stops it)", flush=True)
+    for line in runs_links(uri, base):  # MLflow 3 opens an empty traces page first: the runs tables directly
+        print(f"  {line}", flush=True)
+    # its own process group: mlflow starts workers (huey_consumer, gunicorn/uvicorn) that must stop with it
+    proc = subprocess.Popen(ui_command(uri, args.host, args.port), env=env, start_new_session=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)  # SIGTERM to `dilm ui` stops the server too
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_group(proc)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
+
+def runs_links(uri: str, base: str) -> list[str]:
+    """``<experiment>: <base>/#/experiments/<id>/runs`` for every experiment of the store holding runs."""
+    client = MlflowClient(tracking_uri=uri)
+    return [f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs" for e in client.search_experiments()
+            if client.search_runs([e.experiment_id], max_results=1)]
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM to the process group ``proc`` leads (started with ``start_new_session``), SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
+        os.killpg(proc.pid, signal.SIGKILL)
 
 if __name__ == "__main__":
     try:
