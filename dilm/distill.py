@@ -5,6 +5,10 @@ steps; the learner re-initialised every outer loop and trained ``model_step_per_
 between generator steps; the synthetic pool regenerated every ``generate_interval`` outer loops) → ``select``
 (``over_sample`` × DPC candidates per class, k-means nearest-centroid on learner features, ``n_sets`` sets).
 ``outer_loops = 0`` is the "vanilla LM" ablation (steps 1 + 6 only).
+
+Long because one run's config (keys, validation, presets: some 170 lines) sits beside the stages that
+share its state (models, pools, checkpoints); moving ``DistillConfig`` and ``PRESETS`` to their own module is the
+next split.
 """
 
 from __future__ import annotations

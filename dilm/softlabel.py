@@ -25,28 +25,21 @@ evaluates the paper's way instead: fresh proxies trained by the unroll itself wi
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from dilm import DilmError
-from dilm.cli import add_task_args, command, task_from_args
-from dilm.features import EMBED_POOLINGS, embed
-from dilm.files import write_json
+from dilm.features import embed
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
 from dilm.models import load_model, pick_device
-from dilm.synset import SynSet, read_set, write_set
+from dilm.synset import SynSet
 from dilm.tasks import Example, TaskData
 from dilm.text import join_pair
 from dilm.unroll import (
-    INNER_OPTIMIZERS,
-    MODES,
-    SCHEDULES,
     FullProxy,
     HeadProxy,
     Inputs,
@@ -211,89 +204,3 @@ def hard_label_ceiling(task: TaskData, n_total: int) -> float:
     ``n_total`` classes, so at best it is right on the ``n_total`` largest test classes."""
     counts = sorted(np.bincount([e.label for e in task.test], minlength=task.num_classes), reverse=True)
     return 100.0 * sum(counts[:n_total]) / len(task.test)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_unroll_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("unrolled learner")
-    g.add_argument("--learner", default="minilm-l6")
-    g.add_argument("--mode", default="head", choices=MODES,
-                   help="head: linear head on frozen features (fast, default); full: the whole model")
-    g.add_argument("--pooling", default="pooler", choices=EMBED_POOLINGS,
-                   help="head-mode features; pooler: the classifier's own [CLS] pooler, what evaluation trains on")
-    g.add_argument("--unroll", type=int, default=20, help="differentiable learner steps per outer step")
-    g.add_argument("--inner-optimizer", default="sgd", choices=INNER_OPTIMIZERS)
-    g.add_argument("--schedule", default="constant", choices=SCHEDULES,
-                   help="unroll step size: constant, or protocol (warm-up over half, then decay)")
-    g.add_argument("--inner-lr", type=float, default=None, help="unroll step size (default by mode/optimizer)")
-    g.add_argument("--fixed-lr", action="store_true", help="do not learn the unroll step size")
-    g.add_argument("--learners", type=int, default=4, help="fresh learner initialisations per outer step")
-    g.add_argument("--real-per-class", type=int, default=500)
-    g.add_argument("--real-batch", type=int, default=256)
-    g.add_argument("--max-length", type=int, default=128, help="token limit (the evaluation protocol's: 128)")
-
-
-def unroll_config_from_args(args) -> UnrollConfig:
-    return UnrollConfig(learner=args.learner, mode=args.mode, pooling=args.pooling, steps=args.unroll,
-                        optimizer=args.inner_optimizer, schedule=args.schedule, lr=args.inner_lr,
-                        learn_lr=not args.fixed_lr,
-                        learners=args.learners, real_per_class=args.real_per_class, real_batch=args.real_batch,
-                        max_length=args.max_length)
-
-
-def cmd_softlabel(args) -> int:
-    cfg = SoftLabelConfig(steps=args.steps, lr=args.lr, max_shift=args.max_shift, init_smoothing=args.init_smoothing,
-                          weights=args.weights, max_weight=args.max_weight, seed=args.seed, device=args.device,
-                          unroll=unroll_config_from_args(args), progress=True)
-    if (args.set is None) == (args.total is None):
-        raise DilmError("give either a SET.jsonl or --total N")
-    task = task_from_args(args)
-    device = pick_device(cfg.device)
-    if args.set is not None:
-        synset = read_set(args.set, task.label_names, task.is_pair)
-    else:
-        synset = select_fewer_than_classes(task, args.total, cfg.unroll.learner, cfg.seed, cfg.unroll.pooling,
-                                           device=device)
-    labeler = SoftLabeler(task, cfg, device)
-    out = labeler(synset)
-    write_set(args.output, out)
-    write_json(Path(args.output).with_suffix(".meta.json"),
-               {**out.meta, "source": str(args.set) if args.set else f"--total {args.total}", "task": task.name})
-    m = out.meta["soft_label"]
-    trail = (f" (outer loss {m['outer_loss_first']:.3f} → {m['outer_loss_last']:.3f}, "
-             f"learned unroll lr {m['learned_lr']:.3g})" if cfg.steps else "")
-    print(f"soft labels for {len(out)} examples → {args.output}{trail}")
-    if args.evaluate_proxy:  # the paper's setting: the proxy itself, trained with the learned step size
-        test = task.test[: args.test_limit] if args.test_limit else task.test
-        for name, s in (("hard labels", synset), ("soft labels", out)):
-            accs = 100 * np.array(labeler.proxy_accuracy(s, args.eval_seeds, test, m.get("learned_lr")))
-            print(f"proxy ({cfg.unroll.mode}, {cfg.unroll.pooling}, learned lr), {name}: accuracy "
-                  f"{accs.mean():.1f} ± {accs.std(ddof=1) if len(accs) > 1 else 0.0:.1f} (n={len(accs)})")
-    return 0
-
-
-@command
-def add_softlabel(sub) -> None:
-    p = sub.add_parser("softlabel", help="learn soft labels for a set by unrolled learner training")
-    p.add_argument("set", nargs="?", type=Path, help="JSONL set (coreset, DiLM set…); omit with --total")
-    add_task_args(p)
-    p.add_argument("--total", type=int, default=None,
-                   help="instead of SET: N real examples over all classes (k-means), fewer than the classes allowed")
-    p.add_argument("--steps", type=int, default=100, help="outer steps")
-    p.add_argument("--lr", type=float, default=0.05, help="outer Adam step size")
-    p.add_argument("--max-shift", type=float, default=0.5,
-                   help="most total-variation distance a label may move from its start (1: free)")
-    p.add_argument("--init-smoothing", type=float, default=0.0, help="labels start at (1-s)*onehot + s/C")
-    p.add_argument("--weights", action="store_true", help="learn a per-example weight on the label distribution")
-    p.add_argument("--max-weight", type=float, default=4.0, help="weights stay in [1/max_weight, max_weight]")
-    p.add_argument("--evaluate-proxy", action="store_true",
-                   help="score hard and soft labels by training the proxy itself with the learned step size")
-    p.add_argument("--eval-seeds", type=int, default=5)
-    p.add_argument("--test-limit", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    add_unroll_args(p)
-    p.add_argument("-o", "--output", required=True, type=Path)
-    p.set_defaults(func=cmd_softlabel)

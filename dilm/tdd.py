@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from dilm import DilmError
-from dilm.cli import add_task_args, command, task_from_args
 from dilm.coreset import check_dpc
 from dilm.ensemble import Ensemble, predict_ensemble, train_ensemble
 from dilm.evaluate import ArchScores, EvalConfig, Scores
@@ -39,7 +38,6 @@ from dilm.files import atomic_path, write_json
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
 from dilm.models import is_causal, load_model, load_tokenizer, pick_device, resolve_model
 from dilm.seeds import derive_seed
-from dilm.softlabel import add_unroll_args, unroll_config_from_args
 from dilm.synset import SynExample, SynSet, write_set
 from dilm.tasks import TaskData
 from dilm.text import additive_mask, join_pair
@@ -290,59 +288,3 @@ def _train_on_embeddings(learner: str, base: torch.nn.Module, tdd: TDDSet, seeds
     targets = tdd.soft_labels.to(device).expand(n, -1, -1)  # (N, n, C)
     train_ensemble(ens, inputs, targets, [len(tdd)] * n, seeds, cfg, device, frozen=frozenset({table_key}))
     return predict_ensemble(ens, load_tokenizer(learner), test, cfg, device)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cmd_tdd(args) -> int:
-    task = task_from_args(args)
-    if args.existing is not None:
-        tdd = load_tdd(args.existing)
-        print(f"TDD set {args.existing}: {len(tdd)} sequences for {tdd.learner}")
-    else:
-        cfg = TDDConfig(dpc=args.dpc, seq_len=args.seq_len, steps=args.steps, lr=args.lr, label_lr=args.label_lr,
-                        total=args.total, max_shift=args.max_shift, init_smoothing=args.init_smoothing, init=args.init,
-                        seed=args.seed, device=args.device,
-                        unroll=unroll_config_from_args(args), progress=True)
-        if args.output is None:
-            raise DilmError("dilm tdd needs -o OUT (or an existing TDD set to evaluate)")
-        tdd = distill_tdd(task, cfg)
-        paths = save_tdd(tdd, args.output)
-        print(f"TDD set: {len(tdd)} sequences × {tdd.inputs_embeds.shape[1]} embeddings → {paths['pt']} "
-              f"(readings {paths['jsonl']}; outer loss {tdd.meta['outer_loss_first']} → {tdd.meta['outer_loss_last']})")
-    if args.evaluate:
-        ecfg = EvalConfig(archs=(args.arch or tdd.learner,), seeds=args.eval_seeds, steps=args.eval_steps,
-                          test_limit=args.test_limit, device=args.device)
-        s = evaluate_tdd(args.existing or tdd, task, args.arch or tdd.learner, ecfg).summary()
-        for arch, v in s.items():
-            print(f"{arch:>16}: accuracy {v['accuracy']:.1f} ± {v['accuracy_std']:.1f}  (n={v['n']})")
-    return 0
-
-
-@command
-def add_tdd(sub) -> None:
-    p = sub.add_parser("tdd", help="embedding-level text distillation baseline (evaluable on its learner only)")
-    p.add_argument("existing", nargs="?", type=Path, help="an existing TDD set (.pt) to evaluate instead")
-    add_task_args(p)
-    p.add_argument("--dpc", type=int, default=1)
-    p.add_argument("--total", type=int, default=None,
-                   help="instead of --dpc: N sequences over all classes (fewer than the classes allowed)")
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--steps", type=int, default=200, help="outer steps")
-    p.add_argument("--lr", type=float, default=0.05, help="embedding step, in units of the table's std")
-    p.add_argument("--label-lr", type=float, default=0.05)
-    p.add_argument("--max-shift", type=float, default=1.0, help="most total-variation distance a label may move")
-    p.add_argument("--init-smoothing", type=float, default=0.0, help="labels start at (1-s)*onehot + s/C")
-    p.add_argument("--init", default="real", choices=INITS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    add_unroll_args(p)
-    p.add_argument("-o", "--output", type=Path, help="OUT → OUT.pt, OUT.jsonl (readings), OUT.meta.json")
-    e = p.add_argument_group("evaluation (protocol of dilm evaluate)")
-    e.add_argument("--evaluate", action="store_true", help="train fresh learners on the set; report test accuracy")
-    e.add_argument("--arch", default=None, help="evaluation model (default and only valid choice: the learner)")
-    e.add_argument("--eval-seeds", type=int, default=5)
-    e.add_argument("--eval-steps", type=int, default=200)
-    e.add_argument("--test-limit", type=int, default=None)
-    p.set_defaults(func=cmd_tdd)

@@ -277,8 +277,6 @@ def test_soft_labels_for_fewer_examples_than_classes_reach_the_other_classes(top
 
 
 def test_cli_softlabel_label_keys_and_proxy_evaluation(toy_task, tmp_path, capsys, task_file_args, run_cli):
-    import dilm.softlabel  # noqa: F401  (registers the softlabel sub-command)
-
     src = write_set(tmp_path / "hard.jsonl", SynSet.from_examples(toy_task.train[:4], toy_task.label_names))
     assert run_cli(["softlabel", str(src), *task_file_args, "--learner", "tiny-bert", "--steps", "3", "--unroll", "3",
                     "--learners", "2", "--real-per-class", "40", "--device", "cpu", "--max-shift", "0.2",

@@ -6,7 +6,6 @@ import torch
 from torch.func import grad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import dilm.softlabel  # noqa: F401  (registers the softlabel sub-command)
 from dilm import DilmError
 from dilm.evaluate import EvalConfig, Evaluator, finetune_ensemble, tfidf_logreg
 from dilm.models import load_model, load_tokenizer

@@ -4,7 +4,6 @@ import torch
 from torch.func import grad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import dilm.tdd  # noqa: F401  (registers the tdd sub-command)
 from dilm import DilmError
 from dilm.cli import build_parser
 from dilm.evaluate import EvalConfig, Evaluator
