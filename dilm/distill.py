@@ -75,7 +75,7 @@ class DistillConfig:
     dpc: tuple[int, ...] = _f((5, 10, 20), "data per class of the final sets")
     n_sets: int = _f(10, "final sets written per DPC (different seeds)")
     output_dir: str = _f("runs/distill", "where sets, provenance and checkpoints go")
-    seed: int = _f(0, "")
+    seed: int = _f(0, "seed of the run: data split, LM batches, pools, learners and selection derive from it")
     device: str = _f("auto", "auto, cpu or cuda[:N]")
     prompt_template: str = _f("task", "generator prompt: task (the packaged task's plain-words template; the bare "
                                       "label format for other tasks), label (label: <name>\\ntext:), or a "
@@ -128,7 +128,7 @@ class DistillConfig:
                                 "length_cap")
     length_quantile: float = _f(0.99, "quantile of the data's token lengths that sets max_length / max_new_tokens")
     length_cap: int = _f(512, "upper bound on the data-derived max_length and max_new_tokens")
-    top_p: float = _f(0.95, "")
+    top_p: float = _f(0.95, "nucleus sampling: smallest set of top tokens whose probability reaches top_p")
     drop_unfinished: bool = _f(False, "drop samples that hit max_new_tokens without EOS (the reference keeps them)")
     gen_batch_size: int = _f(256, "rows sampled together (all classes share a batch)")
     sampler: str = _f("dynamic", "decode loop: dynamic (KV cache grows), static (pre-allocated KV cache) or "
@@ -173,8 +173,6 @@ class DistillConfig:
             raise DilmError(f"unknown gen_loss_norm {self.gen_loss_norm!r}; known: {', '.join(GEN_LOSS_NORMS)}")
         if self.sampler not in SAMPLER_MODES:
             raise DilmError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLER_MODES)}")
-        if self.over_sample < 1:
-            raise DilmError("over_sample must be >= 1 (candidates = over_sample x DPC)")
         resolve_template(self.prompt_template, self.task)  # a template without {label} fails here
 
     @property

@@ -105,7 +105,7 @@ class Scores:
         return {arch: s.summary() for arch, s in self.by_arch.items()}
 
     def mean_accuracy(self) -> float:
-        """The sweep objective: mean accuracy (%) over architectures."""
+        """Mean accuracy (%) over architectures (the validation score of a distillation run)."""
         return statistics.fmean(s.summary()["accuracy"] for s in self.by_arch.values())
 
 

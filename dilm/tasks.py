@@ -90,9 +90,6 @@ class TaskData:
             groups[ex.label].append(ex)
         return groups
 
-    def label_id(self, label: str | int, where: str = "") -> int:
-        return parse_label(label, self.label_names, where)
-
 
 def length_limit(lengths: list[int], quantile: float, cap: int) -> int:
     """A token limit from a task's data: the ``quantile`` of ``lengths`` (rounded up), at most ``cap``, at least 1.
