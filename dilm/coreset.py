@@ -21,7 +21,7 @@ from dilm.features import POOLINGS, embed
 from dilm.seeds import derive_seed
 from dilm.synset import SynSet
 from dilm.tasks import Example, TaskData
-from dilm.text import join_pair
+from dilm.text import pair_args
 
 METHODS = ("random", "kcenters", "herding")
 
@@ -111,7 +111,7 @@ def build_coresets(task: TaskData, cfg: CoresetConfig, device=None) -> dict[int,
     groups = class_candidates(task, cfg)
     feats = None
     if cfg.method != "random":
-        feats = [embed([join_pair(e.text, e.text_pair) for e in g], cfg.learner, device, cfg.pooling) for g in groups]
+        feats = [embed(pair_args(g)[0], cfg.learner, device, cfg.pooling, pairs=pair_args(g)[1]) for g in groups]
     out: dict[int, list[SynSet]] = {}
     for dpc in cfg.dpc:
         sets = []

@@ -57,7 +57,7 @@ from dilm.sampling import Sampler
 from dilm.seeds import derive_seed
 from dilm.synset import SynExample, SynSet, write_set
 from dilm.tasks import TASKS, Example, TaskData, length_limit, load_task
-from dilm.text import encode, join_pair, pad_ids, tokenize
+from dilm.text import encode, pad_ids, pair_args, tokenize
 
 SAMPLER_MODES = ("dynamic", "static", "compiled")
 LEARNER_MAX_LEN = 128  # learner tokens per text in the matching stage
@@ -475,9 +475,11 @@ class Distiller:
         if self.probe is not None:
             self.emit(state, stage=state.stage, **{name: 100 * self.probe.agreement(by_class)})
 
-    def features(self, texts: list[str]) -> torch.Tensor:
-        """Features of the pre-trained learner's body (``pooling``: [CLS] by default) → (N, H) on CPU."""
-        return embed(texts, self.cfg.learner, self.device, self.cfg.pooling, model=self.feature_model)
+    def features(self, items) -> torch.Tensor:
+        """Features of examples or samples under the pre-trained learner's body (``pooling``: [CLS] by default; a
+        pair through the tokenizer's pair API) → (N, H) on CPU."""
+        texts, pairs = pair_args(items)
+        return embed(texts, self.cfg.learner, self.device, self.cfg.pooling, model=self.feature_model, pairs=pairs)
 
     @torch.no_grad()
     def learner_features(self, learner, rows: list[list[int]], batch: int = 256) -> torch.Tensor:
@@ -497,12 +499,14 @@ class Distiller:
         return load_model(self.cfg.learner, "classifier", self.task.num_classes, self.device, seed=seed)
 
     def learner_inputs(self, examples) -> dict[str, torch.Tensor]:
-        return encode(self.learn_tok, [join_pair(e.text, e.text_pair) for e in examples], LEARNER_MAX_LEN,
-                      self.device)
+        texts, pairs = pair_args(examples)  # a pair through the tokenizer's pair API (separator, segment ids)
+        return encode(self.learn_tok, texts, LEARNER_MAX_LEN, self.device, pairs)
 
-    def learner_ids(self, items) -> list[list[int]]:
-        """Learner token ids of examples or samples, tokenised once so steps only pad (no per-step host work)."""
-        return tokenize(self.learn_tok, [join_pair(e.text, e.text_pair) for e in items], LEARNER_MAX_LEN)
+    def learner_ids(self, items) -> list[list[int]] | list[dict]:
+        """Learner token ids of examples or samples (pairs: with segment ids), tokenised once so steps only pad
+        (no per-step host work)."""
+        texts, pairs = pair_args(items)
+        return tokenize(self.learn_tok, texts, LEARNER_MAX_LEN, pairs)
 
     def train_ids(self, idx: list[int]) -> list[list[int]]:
         """Learner token ids of training examples by index, each tokenised the first time it is drawn."""
@@ -550,7 +554,7 @@ class Distiller:
                 rng = random.Random(derive_seed(cfg.seed, "representative pool", c))
                 group = rng.sample(group, cfg.rep_pool_per_class)
             k = min(cfg.real_per_class, len(group))
-            feats = self.features([join_pair(e.text, e.text_pair) for e in group])
+            feats = self.features(group)
             out.append([[group[i] for i in kmeans_nearest(feats, k, cfg.seed + r, n_init=1)]
                         for r in range(cfg.n_rep_sets)])
         return out
@@ -717,7 +721,7 @@ class Distiller:
             if len(cand) < dpc:
                 raise DilmError(f"only {len(cand)} usable candidates for class {name!r}, DPC {dpc} needs more; "
                                 "train the generator longer or raise max_new_tokens / length_cap")
-            feats = self.features([join_pair(s.text, s.text_pair) for s in cand])
+            feats = self.features(cand)
             picked += [SynExample(cand[i].text, c, cand[i].text_pair) for i in kmeans_nearest(feats, dpc, seed)]
         return SynSet(picked, self.task.label_names, {"dpc": dpc, "seed": seed})
 

@@ -16,7 +16,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from dilm.models import autocast, head_param_names, is_causal
 from dilm.tasks import Example
-from dilm.text import additive_mask, encode, join_pair
+from dilm.text import additive_mask, encode, pair_args
 
 if TYPE_CHECKING:  # the protocol's hyperparameters; evaluate imports this module
     from dilm.evaluate import EvalConfig
@@ -121,7 +121,8 @@ def predict_ensemble(ens: Ensemble, tok, test: list[Example], cfg: EvalConfig, d
     preds = []
     for i in range(0, len(test), 256):
         chunk = test[i: i + 256]
-        enc = encode(tok, [join_pair(e.text, e.text_pair) for e in chunk], cfg.max_length, device)
+        texts, pairs = pair_args(chunk)  # a pair through the tokenizer's pair API (separator, segment ids)
+        enc = encode(tok, texts, cfg.max_length, device, pairs)
         with autocast(device):
-            preds.append(ens.logits(enc["input_ids"], enc["attention_mask"], batched=False).argmax(-1).cpu())
+            preds.append(ens.forward(enc, batched=False).argmax(-1).cpu())
     return list(torch.cat(preds, 1).numpy())  # N arrays of len(test)

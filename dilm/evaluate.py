@@ -37,7 +37,7 @@ from dilm.models import autocast, load_model, load_tokenizer, pick_device, resol
 from dilm.probe import fit_logreg, predict, sentence_embeddings
 from dilm.synset import SynExample, SynSet
 from dilm.tasks import Example, TaskData
-from dilm.text import encode, join_pair, left_pad
+from dilm.text import encode, join_pair, left_pad, pair_args
 
 TFIDF = "tfidf-logreg"
 ICL_PREFIX = "icl-"
@@ -151,21 +151,22 @@ def finetune_ensemble(model_name: str, jobs: list[tuple[SynSet, int]], test: lis
     n = len(jobs)
     ens = Ensemble(base, [seed for _, seed in jobs], device)
 
-    # Training data, (N, max_n, T) ids and (N, max_n, C) targets; each set tokenized once.
+    # Training data, (N, max_n, T) per model input and (N, max_n, C) targets; each set tokenized once, a pair
+    # through the tokenizer's pair API (separator, segment ids).
     sizes = [len(s) for s, _ in jobs]
-    enc = encode(tok, [join_pair(e.text, e.text_pair) for s, _ in jobs for e in s.examples], cfg.max_length, device)
+    texts, pairs = pair_args([e for s, _ in jobs for e in s.examples])
+    enc = encode(tok, texts, cfg.max_length, device, pairs)
     t = enc["input_ids"].shape[1]
-    ids = torch.full((n, max(sizes), t), tok.pad_token_id, device=device)
-    am = torch.zeros((n, max(sizes), t), dtype=torch.long, device=device)
+    inputs = {k: torch.full((n, max(sizes), t), tok.pad_token_id if k == "input_ids" else 0, dtype=torch.long,
+                            device=device) for k in enc}
     targets = torch.zeros((n, max(sizes), num_classes), device=device)
     start = 0
     for i, (s, _) in enumerate(jobs):
-        ids[i, : len(s)] = enc["input_ids"][start: start + len(s)]
-        am[i, : len(s)] = enc["attention_mask"][start: start + len(s)]
+        for k, v in enc.items():
+            inputs[k][i, : len(s)] = v[start: start + len(s)]
         targets[i, : len(s)] = torch.tensor([e.target(num_classes) for e in s.examples], device=device)
         start += len(s)
 
-    inputs = {"input_ids": ids, "attention_mask": am}
     train_ensemble(ens, inputs, targets, sizes, [seed for _, seed in jobs], cfg, device)
     return predict_ensemble(ens, tok, test, cfg, device)
 

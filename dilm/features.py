@@ -14,9 +14,11 @@ EMBED_POOLINGS = (*POOLINGS, "pooler")  # embed() also reads the model's own [CL
 
 @torch.no_grad()
 def embed(texts: list[str], model_name: str, device, pooling: str = "mean", batch_size: int = 128,
-          max_length: int = 128, model: torch.nn.Module | None = None, progress: bool = False) -> torch.Tensor:
+          max_length: int = 128, model: torch.nn.Module | None = None, progress: bool = False,
+          pairs: list[str] | None = None) -> torch.Tensor:
     """Last-layer features → (len(texts), H) float32 on CPU. ``mean``: masked mean; ``cls``: first token;
-    ``pooler``: the model's own [CLS] pooler (BERT: tanh(dense(h_cls))), what its sequence classifier's head reads."""
+    ``pooler``: the model's own [CLS] pooler (BERT: tanh(dense(h_cls))), what its sequence classifier's head reads.
+    With ``pairs``, each text and its pair are encoded together by the tokenizer's pair API."""
     if pooling not in EMBED_POOLINGS:
         raise DilmError(f"unknown pooling {pooling!r}; known: {', '.join(EMBED_POOLINGS)}")
     tok = load_tokenizer(model_name)
@@ -24,8 +26,8 @@ def embed(texts: list[str], model_name: str, device, pooling: str = "mean", batc
     model.eval()
     out = []
     for i in tqdm(range(0, len(texts), batch_size), desc="embed", disable=not progress):
-        enc = tok(texts[i: i + batch_size], padding=True, truncation=True, max_length=max_length,
-                  return_tensors="pt", padding_side="right").to(device)
+        enc = tok(texts[i: i + batch_size], None if pairs is None else pairs[i: i + batch_size], padding=True,
+                  truncation=True, max_length=max_length, return_tensors="pt", padding_side="right").to(device)
         with autocast(device):
             states = model(**enc)
         if pooling == "pooler":

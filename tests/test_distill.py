@@ -12,7 +12,8 @@ from dilm.coreset import kmeans_nearest
 from dilm.distill import PRESETS, DistillConfig, Distiller, State, distill
 from dilm.ensemble import linear_warmup_decay
 from dilm.synset import read_set
-from dilm.tasks import load_task
+from dilm.tasks import Example, load_task
+from dilm.text import pad_ids
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -160,7 +161,7 @@ def test_representative_sets_cluster_the_whole_class(toy_run):
     for c, group in enumerate(run.task.by_class()):
         group = [e for e in run.train if e.label == c]  # the training part (validation held out)
         assert len(sets[c]) == cfg.n_rep_sets
-        feats = run.features([e.text for e in group])
+        feats = run.features(group)
         for r, rep in enumerate(sets[c]):
             assert len(rep) == len(set(rep)) == cfg.real_per_class
             assert rep == [group[i] for i in kmeans_nearest(feats, cfg.real_per_class, cfg.seed + r, n_init=1)]
@@ -283,3 +284,15 @@ def test_paper_preset_is_the_reference_item_by_item():
     }
     assert {k: getattr(cfg, k) for k in reference} == reference
     assert cfg.pool_size == 64 * 10 * 20 == 12800 and cfg.total_match_steps == 20000
+
+
+def test_learner_encodes_pairs_with_the_pair_api(toy_run):
+    """Item 9: the learner sees a pair as the tokenizer's pair encoding, pre-tokenised rows included."""
+    run, tok = toy_run, toy_run.learn_tok
+    pairs = [Example("The repair: was costly", 1, "It cost a lot"), Example("A cat sat", 0, "Dogs bark")]
+    enc = run.learner_inputs(pairs)
+    want = tok([e.text for e in pairs], [e.text_pair for e in pairs], padding=True, return_tensors="pt")
+    assert all(torch.equal(enc[k], want[k]) for k in ("input_ids", "token_type_ids"))
+    assert enc["token_type_ids"][0].max() == 1  # segment ids: what a joined "a [SEP] b" string never gets
+    rows = pad_ids(run.learner_ids(pairs), tok.pad_token_id, "cpu")
+    assert all(torch.equal(rows[k], enc[k]) for k in enc)

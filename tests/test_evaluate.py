@@ -62,3 +62,22 @@ def test_pre_tokenised_batches_equal_encode():
     ids = tokenize(tok, texts, 16)
     got, want = pad_ids([ids[2], ids[0]], tok.pad_token_id, CPU), encode(tok, [texts[2], texts[0]], 16, CPU)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_pairs_go_through_the_tokenizers_pair_api():
+    """A pair is encoded as the tokenizer encodes a pair — its separator and segment ids — not as the string
+    "a [SEP] b"; pre-tokenised pairs pad to the same batch; the ensemble reads the segment ids."""
+    tok = load_tokenizer("tiny-bert")
+    a, b = ["a cat sat on the mat", "dogs bark"], ["a cat was sitting", "loud dogs " * 20]
+    enc = encode(tok, a, 24, CPU, b)
+    want = tok(a, b, padding=True, truncation=True, max_length=24, return_tensors="pt")
+    assert all(torch.equal(enc[k], want[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+    assert enc["token_type_ids"][0].max() == 1  # the second text is segment 1
+    got = pad_ids(tokenize(tok, a, 24, b), tok.pad_token_id, CPU)
+    assert got.keys() == enc.keys() and all(torch.equal(got[k], enc[k]) for k in enc)
+    ens = Ensemble(load_model("tiny-bert", "classifier", 2).eval(), [0], CPU)
+    ref = load_model("tiny-bert", "classifier", 2).eval()
+    ref.load_state_dict({k: v[0] for k, v in ens.params.items()}, strict=False)
+    torch.testing.assert_close(ens.forward(enc, batched=False)[0], ref(**enc).logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ref(**enc).logits, ref(input_ids=enc["input_ids"],
+                                                     attention_mask=enc["attention_mask"]).logits)
