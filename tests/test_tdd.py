@@ -43,8 +43,11 @@ def test_tdd_refuses_another_architecture(tiny_tdd, toy_task, tmp_path):
 
 
 def test_evaluate_tdd_trains_fresh_learners(tiny_tdd, toy_task):
-    s = evaluate_tdd(tiny_tdd, toy_task, "tiny-bert", EVAL).summary()["tiny-bert"]
-    assert s["n"] == 2 and 0.0 <= s["accuracy"] <= 100.0
+    scores = evaluate_tdd(tiny_tdd, toy_task, "tiny-bert", EVAL).by_arch["tiny-bert"]
+    assert len(scores.accuracies) == 2  # one learner per seed
+    assert all(abs(a * 20 - round(a * 20)) < 1e-9 for a in scores.accuracies)  # k right out of the 20 test examples
+    again = evaluate_tdd(tiny_tdd, toy_task, "tiny-bert", EVAL).by_arch["tiny-bert"]
+    assert again.accuracies == scores.accuracies  # seeded: the same learners again
 
 
 def test_tdd_embedding_gradient_matches_finite_differences(toy_task):
