@@ -64,11 +64,15 @@ def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dic
             "storage": str(paths.storage), "optuna_url": paths.optuna_url}
 
 
-WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+WORD = re.compile(r"[a-z]+")
+NEGATION = re.compile(r"n't\b")
 
 
 def words(text: str) -> list[str]:
-    return WORD.findall(text.lower())
+    """Lower-cased letter runs, with contractions split the way SST-2's tokenizer writes them: ``don't`` and SST-2's
+    ``do n't`` both read as ``do``, ``not``; ``it's`` and ``it 's`` as ``it``, ``s``. Without this, fluent text
+    (``don't``, ``isn't``) counts as out of a tokenised corpus's vocabulary."""
+    return WORD.findall(NEGATION.sub(" not", text.lower().replace("\u2019", "'")))
 
 
 def vocab_rate(set_files: list[Path], vocabulary: set[str]) -> float:
