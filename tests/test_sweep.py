@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -190,7 +191,17 @@ def test_sweeps_pickled_before_the_split_unpickle(how):
     from tune.tracking import TrackingSpec
     from tune.trial import run_trial
 
-    state = ray.cloudpickle.loads((DATA / f"tuner-739ab12-{how}.pkl").read_bytes())
+    raw = (DATA / f"tuner-739ab12-{how}.pkl").read_bytes()
+    # the searcher reopens its Optuna store on unpickling, as a resumed sweep does in its own (existing) storage:
+    # give the store the folder it was pickled with (an absolute path of the machine that made the fixture)
+    store_dir = Path(re.search(rb"sqlite:///(/[^\x00'\"]+)/optuna\.db", raw).group(1).decode())
+    made = next((d for d in [*reversed(store_dir.parents), store_dir] if not d.exists()), None)  # topmost new folder
+    store_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state = ray.cloudpickle.loads(raw)
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
     tune_config, run_config = state["_tune_config"], state["_run_config"]
     [callback] = run_config.callbacks
     assert state["__trainable_name"] == run_trial.__name__  # Tuner.restore refuses a trainable of another name
