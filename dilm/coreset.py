@@ -18,6 +18,7 @@ from sklearn.metrics.pairwise import euclidean_distances
 
 from dilm import DilmError
 from dilm.features import POOLINGS, embed
+from dilm.options import option
 from dilm.seeds import derive_seed
 from dilm.synset import SynSet
 from dilm.tasks import Example, TaskData
@@ -28,14 +29,15 @@ METHODS = ("random", "kcenters", "herding")
 
 @dataclass(frozen=True)
 class CoresetConfig:
-    method: str = "random"
-    dpc: tuple[int, ...] = (5, 10, 20)
-    n_sets: int = 20
-    learner: str = "minilm-l6"
-    pooling: str = "mean"
-    candidates_per_class: int | None = 2000  # features computed on a seeded sample of each class (None = all)
-    seed: int = 0
-    device: str = "auto"
+    method: str = option("random", "how examples are chosen: random, kcenters or herding", choices=METHODS)
+    dpc: tuple[int, ...] = option((5, 10, 20), "data per class, comma-separated: one group of sets each")
+    n_sets: int = option(20, "sets per DPC (herding: always one)")
+    learner: str = option("minilm-l6", "feature model of kcenters and herding")
+    pooling: str = option("mean", "features: mean or cls of the last layer", choices=POOLINGS)
+    candidates_per_class: int = option(2000, "kcenters and herding read the features of a seeded sample of each "
+                                             "class this large (0 = the whole class)")
+    seed: int = option(0, "seed of the random sets, samples and k-means")
+    device: str = option("auto", "auto, cpu or cuda[:N]")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -99,7 +101,7 @@ def herding(features: torch.Tensor, k: int) -> list[int]:
 def class_candidates(task: TaskData, cfg: CoresetConfig) -> list[list[Example]]:
     groups = task.by_class()
     limit = cfg.candidates_per_class
-    if limit is None or cfg.method == "random":
+    if not limit or cfg.method == "random":
         return groups
     return [random.Random(cfg.seed + c).sample(g, min(limit, len(g))) for c, g in enumerate(groups)]
 

@@ -52,6 +52,7 @@ from dilm.generator import (
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import _file_lock as file_lock
 from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.options import option
 from dilm.probe import LabelProbe, task_fingerprint
 from dilm.sampling import Sampler
 from dilm.seeds import derive_seed
@@ -63,78 +64,77 @@ SAMPLER_MODES = ("dynamic", "static", "compiled")
 LEARNER_MAX_LEN = 128  # learner tokens per text in the matching stage
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class DistillConfig:
-    task: str = _f("sst2", "packaged task name or hf:DATASET")
-    generator: str = _f("smollm2-135m", "causal LM to fine-tune (registry name, HF id or path)")
-    learner: str = _f("minilm-l6", "encoder classifier whose gradients are matched")
-    dpc: tuple[int, ...] = _f((5, 10, 20), "data per class of the final sets")
-    n_sets: int = _f(10, "final sets written per DPC (different seeds)")
-    output_dir: str = _f("runs/distill", "where sets, provenance and checkpoints go")
-    seed: int = _f(0, "seed of the run: data split, LM batches, pools, learners and selection derive from it")
-    device: str = _f("auto", "auto, cpu or cuda[:N]")
-    prompt_template: str = _f("task", "generator prompt: task (the packaged task's plain-words template; the bare "
-                                      "label format for other tasks), label (label: <name>\\ntext:), or a "
-                                      "template with a {label} field")
-    probe: str = _f("minilm-l6", "encoder of the label-agreement probe, fitted on the training split ('' = off)")
-    probe_examples: int = _f(4000, "training examples the probe is fitted on (a seeded sample; 0 = all)")
+    task: str = option("sst2", "packaged task name or hf:DATASET")
+    generator: str = option("smollm2-135m", "causal LM to fine-tune (registry name, HF id or path)")
+    learner: str = option("minilm-l6", "encoder classifier whose gradients are matched")
+    dpc: tuple[int, ...] = option((5, 10, 20), "data per class of the final sets")
+    n_sets: int = option(10, "final sets written per DPC (different seeds)")
+    output_dir: str = option("runs/distill", "where sets, provenance and checkpoints go")
+    seed: int = option(0, "seed of the run: data split, LM batches, pools, learners and selection derive from it")
+    device: str = option("auto", "auto, cpu or cuda[:N]")
+    prompt_template: str = option("task", "generator prompt: task (the packaged task's plain-words template; the bare "
+                                          "label format for other tasks), label (label: <name>\\ntext:), or a "
+                                          "template with a {label} field")
+    probe: str = option("minilm-l6", "encoder of the label-agreement probe, fitted on the training split ('' = off)")
+    probe_examples: int = option(4000, "training examples the probe is fitted on (a seeded sample; 0 = all)")
     # stage 1: label-conditioned LM fine-tuning
-    lm_checkpoint: str = _f("", "start matching from this LM-stage checkpoint (written by train_lm); the LM "
-                                "stage is skipped")
-    lm_steps: int = _f(2000, "generator LM fine-tuning steps")
-    lm_lr: float = _f(1e-4, "AdamW lr of the LM stage (cosine schedule, warm-up 10%)")
-    lm_weight_decay: float = _f(0.01, "AdamW weight decay of the LM stage")
-    lm_batch_size: int = _f(64, "sequences per LM step")
-    max_length: int = _f(0, "LM-stage tokens per rendered training example (prompt and EOS included); 0 = from "
-                            "the task's data: the length_quantile of the rendered lengths, at most length_cap")
+    lm_checkpoint: str = option("", "start matching from this LM-stage checkpoint (OUTPUT/lm of a run with "
+                                    "--lm-only, written by train_lm); the LM stage is skipped")
+    lm_steps: int = option(2000, "generator LM fine-tuning steps")
+    lm_lr: float = option(1e-4, "AdamW lr of the LM stage (cosine schedule, warm-up 10%)")
+    lm_weight_decay: float = option(0.01, "AdamW weight decay of the LM stage")
+    lm_batch_size: int = option(64, "sequences per LM step")
+    max_length: int = option(0, "LM-stage tokens per rendered training example (prompt and EOS included); 0 = from "
+                                "the task's data: the length_quantile of the rendered lengths, at most length_cap")
     # stage 2: gradient matching
-    outer_loops: int = _f(50, "learner re-initialisations; 0 = vanilla LM ablation")
-    inner_loop: int = _f(10, "generator steps per outer loop")
-    model_step_per_inner_step: int = _f(20, "learner steps on real data between generator steps")
-    generator_lr: float = _f(3e-6, "AdamW lr of the matching stage (cosine, warm-up 5%)")
-    generator_weight_decay: float = _f(0.01, "AdamW weight decay of the matching stage")
-    syn_per_class: int = _f(64, "synthetic texts per class per matching step (B)")
-    real_per_class: int = _f(200, "real texts per class per representative set")
-    n_rep_sets: int = _f(10, "representative real sets per class, used in order")
-    rep_pool_per_class: int = _f(0, "real examples per class clustered into the representative sets; 0 = the "
-                                    "whole class (the reference's)")
-    pool_per_class: int = _f(0, "synthetic pool per class; 0 = syn_per_class x inner_loop x generate_interval "
-                                "(the reference's: each pool text used about once)")
-    pooling: str = _f("cls", "learner features for every k-means (representative sets, pool clusters, final "
-                             "selection): cls (last-layer first token, the reference's) or mean")
-    generate_interval: int = _f(10, "regenerate the pool every this many outer loops")
-    temperature: float = _f(1.0, "T in w = softmax(-loss/T)")
-    gen_loss_norm: str = _f("batch", "generation loss per text: batch (sum of token NLLs / the batch's longest "
-                                     "text, the reference's) or text (per-text mean NLL)")
-    lm_lambda: float = _f(0.0, "weight of the LM loss mixed into the matching loss")
-    all_layers: bool = _f(False, "match gradients of all learner layers, not just the head")
-    learner_lr: float = _f(1e-4, "inner-loop learner lr (AdamW, the evaluation protocol's weight decay, warm-up "
-                                 "and clipping)")
-    learner_batch_size: int = _f(64, "real examples per inner-loop learner step")
-    val_interval: int = _f(10, "validate at the start and every this many outer loops (0 = never)")
-    val_size: int = _f(500, "held-out training examples for validation")
-    val_dpc: int = _f(10, "DPC of the validation sets")
-    val_sets: int = _f(3, "validation sets per validation")
-    val_seeds: int = _f(3, "learner seeds per validation set")
-    val_steps: int = _f(200, "learner steps per validation evaluation (the protocol's 200)")
+    outer_loops: int = option(50, "learner re-initialisations; 0 = vanilla LM ablation")
+    inner_loop: int = option(10, "generator steps per outer loop")
+    model_step_per_inner_step: int = option(20, "learner steps on real data between generator steps")
+    generator_lr: float = option(3e-6, "AdamW lr of the matching stage (cosine, warm-up 5%)")
+    generator_weight_decay: float = option(0.01, "AdamW weight decay of the matching stage")
+    syn_per_class: int = option(64, "synthetic texts per class per matching step (B)")
+    real_per_class: int = option(200, "real texts per class per representative set")
+    n_rep_sets: int = option(10, "representative real sets per class, used in order")
+    rep_pool_per_class: int = option(0, "real examples per class clustered into the representative sets; 0 = the "
+                                        "whole class (the reference's)")
+    pool_per_class: int = option(0, "synthetic pool per class; 0 = syn_per_class x inner_loop x generate_interval "
+                                    "(the reference's: each pool text used about once)")
+    pooling: str = option("cls", "learner features for every k-means (representative sets, pool clusters, final "
+                                 "selection): cls (last-layer first token, the reference's) or mean",
+                                 choices=POOLINGS)
+    generate_interval: int = option(10, "regenerate the pool every this many outer loops")
+    temperature: float = option(1.0, "T in w = softmax(-loss/T)")
+    gen_loss_norm: str = option("batch", "generation loss per text: batch (sum of token NLLs / the batch's longest "
+                                         "text, the reference's) or text (per-text mean NLL)",
+                                         choices=GEN_LOSS_NORMS)
+    lm_lambda: float = option(0.0, "weight of the LM loss mixed into the matching loss")
+    all_layers: bool = option(False, "match gradients of all learner layers, not just the head")
+    learner_lr: float = option(1e-4, "inner-loop learner lr (AdamW, the evaluation protocol's weight decay, warm-up "
+                                     "and clipping)")
+    learner_batch_size: int = option(64, "real examples per inner-loop learner step")
+    val_interval: int = option(10, "validate at the start and every this many outer loops (0 = never)")
+    val_size: int = option(500, "held-out training examples for validation")
+    val_dpc: int = option(10, "DPC of the validation sets")
+    val_sets: int = option(3, "validation sets per validation")
+    val_seeds: int = option(3, "learner seeds per validation set")
+    val_steps: int = option(200, "learner steps per validation evaluation (the protocol's 200)")
     # stage 3: final sets
-    over_sample: int = _f(20, "candidates per class = over_sample x DPC")
-    max_new_tokens: int = _f(0, "sampling limit in new tokens; 0 = from the task's data: the length_quantile of "
-                                "the training texts' token lengths (pair marker and EOS included), at most "
-                                "length_cap")
-    length_quantile: float = _f(0.99, "quantile of the data's token lengths that sets max_length / max_new_tokens")
-    length_cap: int = _f(512, "upper bound on the data-derived max_length and max_new_tokens")
-    top_p: float = _f(0.95, "nucleus sampling: smallest set of top tokens whose probability reaches top_p")
-    drop_unfinished: bool = _f(False, "drop samples that hit max_new_tokens without EOS (the reference keeps them)")
-    gen_batch_size: int = _f(256, "rows sampled together (all classes share a batch)")
-    sampler: str = _f("dynamic", "decode loop: dynamic (KV cache grows), static (pre-allocated KV cache) or "
-                                 "compiled (static + torch.compile, a CUDA graph on GPUs)")
-    checkpoint_interval: int = _f(1, "checkpoint every this many outer loops")
-    fail_at_step: int = _f(-1, "testing aid: raise at this matching step (-1 = never)")
+    over_sample: int = option(20, "candidates per class = over_sample x DPC")
+    max_new_tokens: int = option(0, "sampling limit in new tokens; 0 = from the task's data: the length_quantile of "
+                                    "the training texts' token lengths (pair marker and EOS included), at most "
+                                    "length_cap")
+    length_quantile: float = option(0.99, "quantile of the data's token lengths that sets max_length / max_new_tokens")
+    length_cap: int = option(512, "upper bound on the data-derived max_length and max_new_tokens")
+    top_p: float = option(0.95, "nucleus sampling: smallest set of top tokens whose probability reaches top_p")
+    drop_unfinished: bool = option(False, "drop samples that hit max_new_tokens without EOS (the reference keeps them)")
+    gen_batch_size: int = option(256, "rows sampled together (all classes share a batch)")
+    sampler: str = option("dynamic", "decode loop: dynamic (KV cache grows), static (pre-allocated KV cache) or "
+                                     "compiled (static + torch.compile, a CUDA graph on GPUs)",
+                                     choices=SAMPLER_MODES)
+    checkpoint_interval: int = option(1, "checkpoint every this many outer loops")
+    fail_at_step: int = option(-1, "testing aid: raise at this matching step (-1 = never)")
 
     def __post_init__(self):
         object.__setattr__(self, "dpc", tuple(sorted(int(d) for d in self.dpc)))

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from dilm import DilmError
 from dilm.ensemble import Ensemble, predict_ensemble, train_ensemble
 from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.options import option
 from dilm.probe import fit_logreg, predict, sentence_embeddings
 from dilm.synset import SynExample, SynSet
 from dilm.tasks import Example, TaskData
@@ -48,20 +49,21 @@ PROBE_ALIASES = {"minilm-probe": "minilm-l6"}
 
 @dataclass(frozen=True)
 class EvalConfig:
-    archs: tuple[str, ...] = ("minilm-l6",)
-    seeds: int = 5  # training seeds per set
-    steps: int = 200
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.5
-    clip: float = 1.0
-    batch_size: int = 64
-    max_length: int = 128
-    ensemble: int = 16  # members trained at once (vmap); capped by memory for large models
-    icl_shots: int = 8
-    test_limit: int | None = None  # evaluate on the first N test examples (smoke runs only)
-    device: str = "auto"
-    progress: bool = True
+    archs: tuple[str, ...] = option(("minilm-l6",), "architectures, comma-separated: model names, tfidf-logreg, "
+                                                    "<encoder>-probe, icl-<model>")
+    seeds: int = option(5, "training seeds per set")
+    steps: int = option(200, "learner steps per training")
+    lr: float = option(1e-4, "AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_ratio: float = option(0.5, "share of the steps of linear learning-rate warm-up, then linear decay")
+    clip: float = option(1.0, "gradient-norm clip per model")
+    batch_size: int = option(64, "examples per step (the whole set when smaller)")
+    max_length: int = option(128, "token limit per text")
+    ensemble: int = option(16, "learners trained at once (vmap); capped by memory for large models")
+    icl_shots: int = option(8, "demonstrations per prompt of icl-<model>")
+    test_limit: int | None = option(None, "evaluate on the first N test examples only (smoke runs)")
+    device: str = option("auto", "auto, cpu or cuda[:N]")
+    progress: bool = option(True, "show progress bars")
 
     def __post_init__(self):
         if not self.archs:

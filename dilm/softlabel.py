@@ -26,7 +26,7 @@ evaluates the paper's way instead: fresh proxies trained by the unroll itself wi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
@@ -36,6 +36,7 @@ from dilm import DilmError
 from dilm.features import embed
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
 from dilm.models import load_model, pick_device
+from dilm.options import option
 from dilm.synset import SynSet
 from dilm.tasks import Example, TaskData
 from dilm.text import join_pair
@@ -61,17 +62,16 @@ from dilm.unroll import (
 
 @dataclass(frozen=True)
 class SoftLabelConfig:
-    steps: int = field(default=100, metadata={"help": "outer steps (0: the hard labels as exact one-hots)"})
-    lr: float = field(default=0.05, metadata={"help": "outer Adam step size on labels, log weights and log lr"})
-    max_shift: float = field(default=0.5, metadata={"help": "most total-variation distance a label may move from "
-                                                           "its start (1: free)"})
-    init_smoothing: float = field(default=0.0, metadata={"help": "labels start at (1-s)*onehot + s/C; 0: one-hot"})
-    weights: bool = field(default=False, metadata={"help": "learn a per-example weight on the label distribution"})
-    max_weight: float = field(default=4.0, metadata={"help": "learned weights stay in [1/max_weight, max_weight]"})
-    seed: int = 0
-    device: str = "auto"
-    unroll: UnrollConfig = field(default_factory=UnrollConfig)
-    progress: bool = False
+    steps: int = option(100, "outer steps (0: the hard labels as exact one-hots)")
+    lr: float = option(0.05, "outer Adam step size on labels, log weights and log lr")
+    max_shift: float = option(0.5, "most total-variation distance a label may move from its start (1: free)")
+    init_smoothing: float = option(0.0, "labels start at (1-s)*onehot + s/C; 0: one-hot")
+    weights: bool = option(False, "learn a per-example weight on the label distribution")
+    max_weight: float = option(4.0, "learned weights stay in [1/max_weight, max_weight]")
+    seed: int = option(0, "seed of the proxy initialisations, batches and real pool")
+    device: str = option("auto", "auto, cpu or cuda[:N]")
+    unroll: UnrollConfig = option(default_factory=UnrollConfig, help="the proxy learner and its unroll")
+    progress: bool = option(False, "show a progress bar")
 
     def __post_init__(self):
         if self.steps < 0:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from dilm.evaluate import ArchScores, EvalConfig, Scores
 from dilm.files import atomic_path, write_json
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
 from dilm.models import is_causal, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.options import option
 from dilm.seeds import derive_seed
 from dilm.synset import SynExample, SynSet, write_set
 from dilm.tasks import TaskData
@@ -57,22 +58,21 @@ INITS = ("real", "random")
 
 @dataclass(frozen=True)
 class TDDConfig:
-    dpc: int = field(default=1, metadata={"help": "synthetic sequences per class"})
-    total: int | None = field(default=None, metadata={"help": "instead of dpc: this many sequences over all "
-                                                               "classes (fewer than the classes allowed), each "
-                                                               "starting from one class drawn without replacement"})
-    seq_len: int = field(default=32, metadata={"help": "T: positions per synthetic sequence"})
-    steps: int = field(default=200, metadata={"help": "outer steps"})
-    lr: float = field(default=0.05, metadata={"help": "Adam step on embeddings, in units of the table's std"})
-    label_lr: float = field(default=0.05, metadata={"help": "Adam step on labels and the log unroll lr"})
-    max_shift: float = field(default=1.0, metadata={"help": "most total-variation distance a label may move "
-                                                           "from its start (1: free, as the paper)"})
-    init_smoothing: float = field(default=0.0, metadata={"help": "labels start at (1-s)*onehot + s/C; 0: one-hot"})
-    init: str = field(default="real", metadata={"help": "real: embeddings of random real examples; random"})
-    seed: int = 0
-    device: str = "auto"
-    unroll: UnrollConfig = field(default_factory=UnrollConfig)
-    progress: bool = False
+    dpc: int = option(1, "synthetic sequences per class")
+    total: int | None = option(None, "instead of dpc: this many sequences over all classes (fewer than the classes "
+                                     "allowed), each starting from one class drawn without replacement")
+    seq_len: int = option(32, "T: positions per synthetic sequence")
+    steps: int = option(200, "outer steps")
+    lr: float = option(0.05, "Adam step on embeddings, in units of the table's std")
+    label_lr: float = option(0.05, "Adam step on labels and the log unroll lr")
+    max_shift: float = option(1.0, "most total-variation distance a label may move from its start (1: free, as "
+                                   "the paper)")
+    init_smoothing: float = option(0.0, "labels start at (1-s)*onehot + s/C; 0: one-hot")
+    init: str = option("real", "real: embeddings of random real examples; random", choices=INITS)
+    seed: int = option(0, "seed of the initial sequences, proxy initialisations and batches")
+    device: str = option("auto", "auto, cpu or cuda[:N]")
+    unroll: UnrollConfig = option(default_factory=UnrollConfig, help="the proxy learner and its unroll")
+    progress: bool = option(False, "show a progress bar")
 
     def __post_init__(self):
         if self.dpc < 1 or self.seq_len < 2 or self.steps < 0:

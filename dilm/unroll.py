@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -33,6 +33,7 @@ from dilm import DilmError
 from dilm.ensemble import linear_warmup_decay
 from dilm.features import EMBED_POOLINGS, embed
 from dilm.models import head_param_names, is_causal, load_model, load_tokenizer
+from dilm.options import option
 from dilm.seeds import derive_seed
 from dilm.tasks import Example, TaskData
 from dilm.text import additive_mask, encode, join_pair
@@ -53,22 +54,22 @@ Inputs = torch.Tensor | dict[str, torch.Tensor]  # features (B, H) in head mode,
 class UnrollConfig:
     """The proxy learner and how it is unrolled; shared by soft-label learning and TDD."""
 
-    learner: str = field(default="minilm-l6", metadata={"help": "model whose features / body the proxy uses"})
-    mode: str = field(default="head", metadata={"help": "head: linear head on frozen features; full: whole model"})
-    pooling: str = field(default="pooler", metadata={"help": "head-mode features: pooler (the classifier's own "
-                                                                "[CLS] pooler, as evaluated), mean or cls"})
-    steps: int = field(default=20, metadata={"help": "differentiable learner steps per outer step"})
-    optimizer: str = field(default="sgd", metadata={"help": "unrolled update: sgd or adam"})
-    schedule: str = field(default="constant", metadata={"help": "unroll step size: constant or protocol "
-                                                                "(warm-up over half the steps, then decay)"})
-    lr: float | None = field(default=None, metadata={"help": "unroll step size (None: DEFAULT_INNER_LR)"})
-    learn_lr: bool = field(default=True, metadata={"help": "learn the unroll's (log) step size too"})
-    learners: int = field(default=4, metadata={"help": "fresh learner initialisations per outer step"})
-    batch_size: int = field(default=64, metadata={"help": "synthetic examples per unroll step (set when smaller)"})
-    real_per_class: int = field(default=500, metadata={"help": "real training examples per class in the pool"})
-    real_batch: int = field(default=256, metadata={"help": "real examples per outer loss"})
-    max_length: int = field(default=128, metadata={"help": "token limit of real and synthetic texts "
-                                                                  "(the evaluation protocol's: 128)"})
+    learner: str = option("minilm-l6", "model whose features / body the proxy uses")
+    mode: str = option("head", "head: linear head on frozen features; full: whole model", choices=MODES)
+    pooling: str = option("pooler", "head-mode features: pooler (the classifier's own [CLS] pooler, as evaluated), "
+                                    "mean or cls", choices=EMBED_POOLINGS)
+    steps: int = option(20, "differentiable learner steps per outer step")
+    optimizer: str = option("sgd", "unrolled update: sgd or adam", choices=INNER_OPTIMIZERS)
+    schedule: str = option("constant", "unroll step size: constant or protocol (warm-up over half the steps, then "
+                                       "decay)", choices=SCHEDULES)
+    lr: float | None = option(None, "unroll step size (none: by mode/optimizer: " + ", ".join(
+        f"{m}/{o} {lr:g}" for (m, o), lr in DEFAULT_INNER_LR.items()) + ")")
+    learn_lr: bool = option(True, "learn the unroll's (log) step size too")
+    learners: int = option(4, "fresh learner initialisations per outer step")
+    batch_size: int = option(64, "synthetic examples per unroll step (set when smaller)")
+    real_per_class: int = option(500, "real training examples per class in the pool")
+    real_batch: int = option(256, "real examples per outer loss")
+    max_length: int = option(128, "token limit of real and synthetic texts (the evaluation protocol's: 128)")
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -5,7 +5,6 @@ from torch.func import grad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dilm import DilmError
-from dilm.cli import build_parser
 from dilm.evaluate import EvalConfig, Evaluator
 from dilm.features import embed
 from dilm.models import load_model
@@ -102,4 +101,3 @@ def test_cli_tdd(toy_task, tmp_path, capsys, task_file_args, run_cli):
     assert "tiny-bert: accuracy" in capsys.readouterr().out
     with pytest.raises(DilmError, match="evaluable only on tiny-bert"):
         run_cli(["tdd", str(tmp_path / "t.pt"), *common, "--arch", "tiny-llama"])
-    assert build_parser().parse_args(["tdd", "-o", "x", "--task", "sst2"]).learner == "minilm-l6"

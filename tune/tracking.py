@@ -271,8 +271,9 @@ def ui_main(argv: list[str] | None = None) -> int:
                    help="sweep storage folder holding mlflow.db (default: $DILM_SWEEP_DIR or ./runs/sweeps)")
     p.add_argument("--backend-store-uri", default=None, help="a store URI instead (default: $MLFLOW_TRACKING_URI "
                    "or sqlite:////<storage>/mlflow.db)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="address the UI listens on (default: 127.0.0.1, this machine "
+                   "only)")
+    p.add_argument("--port", type=int, default=5000, help="port the UI listens on (default: 5000)")
     args = p.parse_args(argv)
     uri = args.backend_store_uri or tracking_uri(args.storage or default_storage())
     if uri.startswith(("http://", "https://")):
