@@ -206,8 +206,13 @@ def test_proxy_evaluation_uses_the_learned_step_size(toy_task):
     assert all(torch.equal(a, b) for a, b in zip(default, labeler.proxy_predictions(soft, 2, test, learned)))
     frozen = labeler.proxy_predictions(soft, 2, test, 1e-12)  # a step size of ~0 leaves the fresh head as it was
     assert not all(torch.equal(a, b) for a, b in zip(default, frozen))
-    accs = labeler.proxy_accuracy(hard, 2, test)
-    assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
+    gold = torch.tensor([e.label for e in test])
+    accs = labeler.proxy_accuracy(hard, 2, test)  # one per seed: the share of its predictions that are right
+    assert accs == [float((p == gold).double().mean()) for p in labeler.proxy_predictions(hard, 2, test)]
+    assert min(accs) > 0.8  # 4 examples per class of a separable task: every proxy learns it
+    swapped = SynSet.from_examples([Example(ex.text, 1 - ex.label) for g in toy_task.by_class() for ex in g[:4]],
+                                   toy_task.label_names)
+    assert max(labeler.proxy_accuracy(swapped, 2, test)) < 0.2  # what the proxy learns is the labels
 
 
 # --------------------------------------------------------------------------- fewer examples than classes

@@ -70,13 +70,28 @@ def test_probe_agreement_and_its_disk_cache(toy_task, tmp_path, monkeypatch):
     assert len(list((tmp_path / "probes").glob("*.joblib"))) == 2
 
 
-def test_distill_emits_label_agreement_per_pool_and_for_final_sets(tmp_path, toy_task):
-    seen = []
+def percent_of_own_class(probe: LabelProbe, by_class: list[list]) -> float:
+    """% of the texts of ``by_class[c]`` the probe predicts as c, over all classes."""
+    return 100 * float(np.concatenate([probe.predict([s.text for s in g]) == c for c, g in enumerate(by_class)]).mean())
+
+
+def test_distill_emits_label_agreement_per_pool_and_for_final_sets(tmp_path, toy_task, monkeypatch):
+    seen, generated = [], []
+    regenerate = Distiller.regenerate_pool
+
+    def regenerate_and_keep(self, seed, learner):
+        pools = regenerate(self, seed, learner)
+        generated.append([samples for samples, _, _ in pools])  # per class: the texts generated for it
+        return pools
+
+    monkeypatch.setattr(Distiller, "regenerate_pool", regenerate_and_keep)
     cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), probe="tiny-bert", dpc=(2, 3))
     result = Distiller(cfg, callback=seen.append, task=toy_task).fit()
     pools = [m for m in seen if "label_agreement" in m]
-    assert len(pools) == cfg.outer_loops // cfg.generate_interval
-    assert all(0 <= m["label_agreement"] <= 100 and m["stage"] == "match" for m in pools)
+    assert len(pools) == len(generated) == cfg.outer_loops // cfg.generate_interval
+    assert all(m["stage"] == "match" for m in pools)
+    probe = LabelProbe.for_task(toy_task, "tiny-bert", CPU)  # the run's probe, read back from the disk cache
+    assert [m["label_agreement"] for m in pools] == pytest.approx([percent_of_own_class(probe, g) for g in generated])
     final = {k for m in seen for k in m if k.startswith("final_label_agreement")}
     assert final == {"final_label_agreement", "final_label_agreement/dpc2", "final_label_agreement/dpc3"}
     prov = json.loads(result.provenance.read_text())["label_agreement"]
