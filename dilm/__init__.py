@@ -13,7 +13,30 @@ Vocabulary used throughout the package:
 ``dilm`` never imports Ray or Optuna; orchestration lives in the sibling package ``tune``.
 """
 
+import os
+import subprocess
+from pathlib import Path
+
 __version__ = "0.1.0"
+GIT_REVISION_ENV = "DILM_GIT_REVISION"  # set where the code runs from a copy without .git (a Ray job's working dir)
+
+
+def git_revision() -> str:
+    """The git commit of this code, for provenance: ``$DILM_GIT_REVISION`` when set, else ``git rev-parse HEAD`` of
+    the checkout this package lives in (only when ``dilm/`` is that checkout's own: not a copy installed inside some
+    other repository), else ``"unknown"``."""
+    if os.environ.get(GIT_REVISION_ENV):
+        return os.environ[GIT_REVISION_ENV]
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=here)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    lines = out.stdout.split()
+    if out.returncode or len(lines) != 2 or Path(lines[0]).resolve() / "dilm" != here:
+        return "unknown"
+    return lines[1]
 
 
 class DilmError(ValueError):

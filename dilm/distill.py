@@ -19,7 +19,6 @@ import hashlib
 import json
 import platform
 import random
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -357,7 +356,8 @@ def train_lm(cfg: DistillConfig, out_dir: str | Path | None = None, task: TaskDa
                 "key": key, "generator": cfg.generator, "task": task.name, "label_names": list(task.label_names),
                 "prompt_template": run.template, "config": {k: getattr(cfg, k) for k in LM_KEYS},
                 "train_examples": len(run.train), "final_lm_loss": last[-1] if last else None,
-                "lm_s": time.perf_counter() - t0, "dilm_version": dilm.__version__, "git_revision": _git_revision()})
+                "lm_s": time.perf_counter() - t0, "dilm_version": dilm.__version__,
+                "git_revision": dilm.git_revision()})
 
         atomic_write_dir(out, fill)
     return out
@@ -789,14 +789,6 @@ def label_agreement(history: list[dict]) -> dict:
                       for r in history for k, v in r.items() if k.startswith("final_label_agreement")}}
 
 
-def _git_revision() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def write_provenance(cfg: DistillConfig, run: Distiller, state: State) -> Path:
     import importlib.metadata as md
 
@@ -808,7 +800,7 @@ def write_provenance(cfg: DistillConfig, run: Distiller, state: State) -> Path:
             versions[pkg] = None
     path = Path(cfg.output_dir) / "provenance.json"
     write_json(path, {
-        "config": cfg.to_dict(), "dilm_version": dilm.__version__, "git_revision": _git_revision(),
+        "config": cfg.to_dict(), "dilm_version": dilm.__version__, "git_revision": dilm.git_revision(),
         "models": {"generator": cfg.generator, "learner": cfg.learner}, "versions": versions,
         "python": platform.python_version(), "device": str(run.device), "timings_s": run.timings,
         "steps": state.step, "best_val_accuracy": state.best_val, "token_limits": run.limits,

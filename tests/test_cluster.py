@@ -134,6 +134,8 @@ def test_kuberay_rayjob():
     assert job["apiVersion"].startswith("ray.io/")
     spec = job["spec"]
     assert "tune.sweep" in spec["entrypoint"]
+    storage = re.search(r"--storage[= ]+(\S+)", spec["entrypoint"])  # inside a Ray job: absolute, or refused
+    assert storage and Path(storage.group(1)).is_absolute()
     assert spec["shutdownAfterJobFinishes"] is True
 
     cluster = spec["rayClusterSpec"]
@@ -164,6 +166,7 @@ def test_kuberay_runtime_env_is_valid(no_network):
     runtime_env = yaml.safe_load(kuberay_job()["spec"]["runtimeEnvYAML"])
     assert "working_dir" in runtime_env
     assert "MLFLOW_TRACKING_URI" in runtime_env["env_vars"]
+    assert "DILM_GIT_REVISION" in runtime_env["env_vars"]  # the zip has no .git: provenance records this
     RuntimeEnv(**runtime_env)  # Ray's own runtime_env field validation (offline)
 
 

@@ -1,5 +1,12 @@
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import dilm
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_method_package_never_imports_ray_optuna_or_mlflow():
@@ -16,3 +23,23 @@ def test_dilm_help_lists_every_command():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     for cmd in ("evaluate", "coreset", "distill", "softlabel", "tdd", "sweep", "ui"):
         assert cmd in out.stdout
+
+
+def test_git_revision_from_checkout_env_or_unknown(tmp_path, monkeypatch):
+    """Provenance's git_revision: ``git rev-parse HEAD`` in a checkout; ``$DILM_GIT_REVISION`` first (what a Ray job
+    submitted with --working-dir is given: its copy has no .git); "unknown" in a copy without either."""
+    monkeypatch.delenv(dilm.GIT_REVISION_ENV, raising=False)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert dilm.git_revision() == head.stdout.strip()
+    monkeypatch.setenv(dilm.GIT_REVISION_ENV, "0123abc")
+    assert dilm.git_revision() == "0123abc"
+
+    copy = tmp_path / "copy"  # like Ray's working-dir copy: the package without .git (nor a checkout above it)
+    shutil.copytree(ROOT / "dilm", copy / "dilm", ignore=shutil.ignore_patterns("__pycache__", "data"))
+    code = "import dilm; print(dilm.__file__, dilm.git_revision())"
+    for env, expected in (({}, "unknown"), ({dilm.GIT_REVISION_ENV: "0123abc"}, "0123abc")):
+        clean = {k: v for k, v in os.environ.items() if k not in (dilm.GIT_REVISION_ENV, "PYTHONPATH")}
+        out = subprocess.run([sys.executable, "-c", code], cwd=copy, env={**clean, **env}, capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert out == [str(copy / "dilm" / "__init__.py"), expected]

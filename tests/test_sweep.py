@@ -26,7 +26,7 @@ import yaml
 
 from dilm import DilmError
 from dilm.distill import LM_META, DistillConfig, lm_cache_key
-from tune.config import FINAL, OBJECTIVE, VAL_METRIC, EvalSpec, SweepConfig, load_config
+from tune.config import FINAL, OBJECTIVE, VAL_METRIC, EvalSpec, SweepConfig, SweepPaths, load_config
 from tune.search import PruneAwareOptunaSearch
 from tune.sweep import base_distill_config, check_resources, main
 from tune.trial import final_result
@@ -90,6 +90,38 @@ def test_bad_config_is_a_one_line_error(tmp_path, change, message):
     with pytest.raises(DilmError, match=message) as err:
         load_config(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("storage, env, name", [
+    ("runs/rel", {}, "storage 'runs/rel'"),  # --storage (or the YAML's storage)
+    (None, {"DILM_SWEEP_DIR": "rel"}, "$DILM_SWEEP_DIR 'rel'"),
+    (None, {}, "the default storage 'runs/sweeps'"),
+])
+def test_relative_storage_is_refused_inside_a_ray_job(tmp_path, monkeypatch, capsys, storage, env, name):
+    """In a `ray job submit` entrypoint (Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR) the working dir is Ray's temporary
+    copy: a relative storage is a one-line error before Ray is touched; an absolute one is used as given."""
+    import tune.sweep
+
+    monkeypatch.delenv("DILM_SWEEP_DIR", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"metadata": {"job_submission_id": "raysubmit_test"}}')
+    monkeypatch.chdir(tmp_path)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started although the storage is refused")
+
+    monkeypatch.setattr(tune.sweep, "connect_ray", no_ray)
+    assert main(["--config", str(SWEEPS / "smoke.yaml"), *(["--storage", storage] if storage else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{name} is relative: inside a Ray job" in err and "pass an absolute path" in err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(DilmError, match="tune_storage 'tune' is relative"):
+        SweepPaths.of(load_config(SWEEPS / "smoke.yaml", storage=tmp_path, tune_storage="tune"))
+    paths = SweepPaths.of(load_config(SWEEPS / "smoke.yaml", storage=tmp_path / "abs"))
+    assert paths.storage == tmp_path / "abs" and paths.tune_dir == str(tmp_path / "abs" / "tune" / "smoke")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # outside a job: relative to the working directory
+    assert SweepPaths.of(load_config(SWEEPS / "smoke.yaml", storage="rel")).storage == tmp_path / "rel"
 
 
 def test_help_gives_every_option_a_default(capsys):
@@ -506,35 +538,71 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_job_submit_runs_the_smoke_sweep(tmp_path):
-    """``ray start --head`` (``--block``: it stops what it started when terminated) + ``ray job submit``."""
+def test_job_submit_recipe_puts_results_under_storage(tmp_path):
+    """The README's `ray job submit` recipe on a real local head (``ray start --head --block``: it stops what it
+    started when terminated), started as a user would without the venv on PATH: the entrypoint names the venv's
+    interpreter, the results land under the absolute --storage the job prints (not in Ray's temporary copy of the
+    working dir), provenance records the revision passed as DILM_GIT_REVISION, and a relative --storage is refused."""
     import tempfile
+
+    from mlflow.tracking import MlflowClient
 
     ray_bin = Path(sys.executable).parent / "ray"
     port, dash = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DILM_SWEEP_DIR",
+                                                            "DILM_GIT_REVISION", "VIRTUAL_ENV")}
+    env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep)
+                                  if Path(d).resolve() != Path(sys.executable).parent.resolve())
     if (Path.home() / ".ray" / "auth_token").exists():  # Ray 2.60 then enables token auth: clients must use it
         env["RAY_AUTH_MODE"] = "token"
+    head_rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    revision = head_rev.stdout.strip() if head_rev.returncode == 0 else "f" * 40
+    storage = tmp_path / "sweeps"
+
+    def submit(*args: str) -> subprocess.CompletedProcess:
+        # = RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \
+        #     --runtime-env-json '{"env_vars": {"DILM_GIT_REVISION": "'$(git rev-parse HEAD)'"}}' \
+        #     -- "$PWD/.venv/bin/python" -m tune.sweep --config sweeps/smoke.yaml --storage "$PWD/runs/sweeps"
+        return subprocess.run([str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                               "--working-dir", str(ROOT), "--runtime-env-json",
+                               json.dumps({"env_vars": {"DILM_GIT_REVISION": revision}}),
+                               "--", sys.executable, "-m", "tune.sweep", "--config", "sweeps/smoke.yaml", *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
     with open(tmp_path / "head.log", "w") as log:
+        # every fixed default port freed: another Ray on this machine may hold 10001 (client) or 52365 (job agent)
         head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
                                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                                 "--ray-client-server-port", str(free_port()),
+                                 "--dashboard-agent-listen-port", str(free_port()),
                                  "--temp-dir", temp_dir], start_new_session=True, stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
-    address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 120
-        while subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+        while subprocess.run([str(ray_bin), "job", "list", "--address", f"http://127.0.0.1:{dash}"], env=env,
                              capture_output=True).returncode:
             assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(1)
-        job = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                              "--", sys.executable, "-m", "tune.sweep", "--config", "sweeps/smoke.yaml",
-                              "--storage", str(tmp_path / "sweeps")],
-                             env=env, capture_output=True, text=True, timeout=900)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "sweep smoke: 3 complete" in job.stdout
-        assert (tmp_path / "sweeps" / "mlflow.db").exists()
+        refused = submit("--storage", "runs/sweeps")
+        assert refused.returncode != 0
+        assert "storage 'runs/sweeps' is relative: inside a Ray job" in refused.stdout + refused.stderr
+
+        job = submit("--storage", str(storage))
+        out = job.stdout + job.stderr
+        assert job.returncode == 0, out[-4000:]
+        assert f"sweep smoke: storage {storage}\n" in out  # at the start ...
+        assert "sweep smoke: 3 complete" in out and f"  storage:   {storage}\n" in out  # ... and with the summary
+        assert "git revision unknown" not in out
+        assert {"mlflow.db", "optuna.db", "tune", "sets", "reports", "state"} <= {p.name for p in storage.iterdir()}
+        provenances = list((storage / "sets" / "smoke").rglob("provenance.json"))
+        assert len(provenances) == 4  # 3 trials and the vanilla-LM baseline
+        assert {json.loads(p.read_text())["git_revision"] for p in provenances} == {revision}
+        client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+        parent = client.get_run(json.loads((storage / "state" / "smoke.json").read_text())["parent_run_id"])
+        assert parent.data.tags["dilm.git_revision"] == revision
+        copies = list(Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/*"))
+        assert copies and not any((c / "runs").exists() for c in copies)  # nothing landed in Ray's copy
     finally:
         head.terminate()
         try:

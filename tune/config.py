@@ -9,7 +9,8 @@ one-line :class:`~dilm.DilmError` naming it, raised before Ray starts.
 The sweep always maximises ``objective``, the mean test accuracy (%) over the evaluation pool's architectures and
 the DPCs (:func:`tune.trial.final_result`); ``metric``/``mode`` keys of older YAMLs are refused with that message.
 
-Storage (``--storage``, else the YAML's ``storage``, else ``$DILM_SWEEP_DIR`` or ``./runs/sweeps``; absolute)::
+Storage (``--storage``, else the YAML's ``storage``, else ``$DILM_SWEEP_DIR`` or ``./runs/sweeps``; made absolute,
+but refused if relative inside a Ray job, whose working dir is Ray's temporary copy of the uploaded folder)::
 
     mlflow.db, mlartifacts/      MLflow store shared by all sweeps here (``dilm ui``), unless $MLFLOW_TRACKING_URI
     optuna.db                    one Optuna study per sweep name (``optuna-dashboard sqlite:////<storage>/optuna.db``)
@@ -27,6 +28,7 @@ Storage (``--storage``, else the YAML's ``storage``, else ``$DILM_SWEEP_DIR`` or
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,23 @@ VAL_METRIC = "val_accuracy"  # ASHA's metric, maximised: distill's validation ac
 SEARCH_TYPES = ("loguniform", "uniform", "int", "categorical")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RETIRED_KEYS = ("metric", "mode")  # in YAMLs (and saved configurations) before the objective was fixed
+# set by Ray in the environment of a `ray job submit` entrypoint (runtime env and metadata as JSON), of no other driver
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def in_ray_job() -> bool:
+    return RAY_JOB_ENV in os.environ
+
+
+def local_folder(path: str | Path, what: str) -> Path:
+    """``path`` made absolute; refused (DilmError) when relative inside a Ray job, where the working directory is
+    Ray's temporary copy of the uploaded folder (see the module docstring)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and in_ray_job():
+        raise DilmError(f"{what} {str(path)!r} is relative: inside a Ray job it would land in Ray's temporary copy of "
+                        "the working dir, deleted with Ray's session; pass an absolute path (e.g. --storage "
+                        '"$PWD/runs/sweeps", expanded by the shell that submits the job)')
+    return p.resolve()
 
 
 def _build(cls, raw, where: str):
@@ -348,8 +367,13 @@ class SweepPaths:
 
     @classmethod
     def of(cls, cfg: SweepConfig) -> SweepPaths:
-        storage = Path(cfg.storage).expanduser().resolve() if cfg.storage else default_storage()
-        return cls(storage, cfg.name, cfg.tune_storage or str(storage / "tune"))
+        where = ("storage" if cfg.storage else "$DILM_SWEEP_DIR" if os.environ.get("DILM_SWEEP_DIR")
+                 else "the default storage")
+        storage = local_folder(cfg.storage or default_storage(), where)
+        tune_storage = cfg.tune_storage or str(storage / "tune")
+        if "://" not in tune_storage:  # a local folder or a shared mount; else s3://, gs://, ... as given
+            tune_storage = str(local_folder(tune_storage, "tune_storage"))
+        return cls(storage, cfg.name, tune_storage)
 
     @property
     def tune_dir(self) -> str:

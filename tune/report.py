@@ -156,6 +156,7 @@ def format_summary(s: dict) -> str:
             f"{k} {v:.1f} %" for k, v in s["vocab_rate"].items()) + " (target >= 95 %)")
     if s["importances"]:
         lines.append("  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in s["importances"].items()))
+    lines.append(f"  storage:   {s['storage']}")
     lines.append(f"  MLflow:    dilm ui --storage {s['storage']}")
     lines.append(f"  Optuna:    optuna-dashboard {s['optuna_url']}")
     return "\n".join(lines)

@@ -37,12 +37,12 @@ import optuna
 import ray
 from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner, with_parameters, with_resources
 
-from dilm import DilmError
+from dilm import GIT_REVISION_ENV, DilmError, git_revision
 from dilm.distill import LM_KEYS, DistillConfig
 from dilm.files import write_json
 from dilm.tasks import TASKS, load_task
 from tune.baselines import run_baselines
-from tune.config import RETIRED_KEYS, SweepConfig, SweepPaths, load_config
+from tune.config import RETIRED_KEYS, SweepConfig, SweepPaths, in_ray_job, load_config
 from tune.pool import PoolError, create_pool, shutdown_pool
 from tune.report import add_baselines, fail_orphans, load_study, report_summary, summarize
 from tune.search import PruneAwareOptunaSearch, TrialEnd, make_scheduler, make_searcher, trial_dirname
@@ -124,7 +124,8 @@ def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool) -> SweepTr
     same_store = state.get("tracking_uri") == uri
     tracker = SweepTracker.start(uri, cfg.experiment, cfg.name,
                                  parent_run_id=state.get("parent_run_id") if same_store else None,
-                                 tags={"dilm.storage": str(paths.storage), "mlflow.note.content": cfg.description})
+                                 tags={"dilm.storage": str(paths.storage), "dilm.git_revision": git_revision(),
+                                       "mlflow.note.content": cfg.description})
     write_json(paths.state_file, {"parent_run_id": tracker.spec.parent_run_id, "tracking_uri": uri,
                                   "experiment_id": tracker.spec.experiment_id, "config": cfg.to_dict()})
     tracker.log_params(flatten(cfg.to_dict()))
@@ -171,10 +172,22 @@ def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, restore: b
     return Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
+def announce(cfg: SweepConfig, paths: SweepPaths) -> None:
+    """Say where the results go (inside a Ray job the working directory is a temporary copy: the user needs the
+    absolute path) and warn when the code's revision cannot be recorded."""
+    tune_dir = "" if paths.tune_storage == str(paths.storage / "tune") else f" (Ray Tune experiment: {paths.tune_dir})"
+    print(f"sweep {cfg.name}: storage {paths.storage}{tune_dir}", flush=True)
+    if in_ray_job() and git_revision() == "unknown":
+        print(f"warning: git revision unknown (Ray's copy of the working dir has no .git): submit with "
+              f"--runtime-env-json '{{\"env_vars\": {{\"{GIT_REVISION_ENV}\": \"'$(git rev-parse HEAD)'\"}}}}' "
+              "to record it in provenance", file=sys.stderr, flush=True)
+
+
 def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None, num_cpus: int | None = None,
               resource_check: bool = True) -> dict:
     """Run (or, with ``resume``, continue) a sweep; returns the summary (see :func:`tune.report.summarize`)."""
     paths = SweepPaths.of(cfg)
+    announce(cfg, paths)
     restore = Tuner.can_restore(paths.tune_dir)
     if not resume and (restore or _study_exists(paths, cfg.name)):
         raise DilmError(f"sweep {cfg.name!r} already exists in {paths.storage}: pass --resume to continue it, "
@@ -230,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the sweep of this name (start it if new) "
                    "(default: off: an existing sweep is an error)")
     p.add_argument("--name", help="sweep name (default: the YAML's name, else its file name)")
-    p.add_argument("--storage", help="local state folder (default: the YAML's storage, else $DILM_SWEEP_DIR, else "
-                   "./runs/sweeps)")
+    p.add_argument("--storage", help="local state folder; must be absolute inside a Ray job (default: the YAML's "
+                   "storage, else $DILM_SWEEP_DIR, else ./runs/sweeps)")
     p.add_argument("--tune-storage", help="Ray Tune experiment location: s3://, gs:// or a shared mount, for "
                    "multi-node sweeps (default: the YAML's tune_storage, else <storage>/tune)")
     p.add_argument("--address", help="Ray cluster address; 'local' starts a private one (default: $RAY_ADDRESS, a "

@@ -44,8 +44,8 @@ MAX_METRICS_PER_BATCH = 1000
 
 def default_storage() -> Path:
     """Where sweeps keep their state when neither ``--storage`` nor the YAML says: ``$DILM_SWEEP_DIR`` or
-    ``./runs/sweeps``."""
-    return Path(os.environ.get("DILM_SWEEP_DIR", "runs/sweeps")).expanduser().resolve()
+    ``./runs/sweeps``, as given (a relative one is relative to the working directory)."""
+    return Path(os.environ.get("DILM_SWEEP_DIR", "runs/sweeps")).expanduser()
 
 
 def tracking_uri(storage: str | Path) -> str:
