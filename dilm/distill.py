@@ -212,7 +212,7 @@ PRESETS: dict[str, dict] = {
     # validation is 1 set x 1 seed x 30 learner steps (the default 3 x 3 x 200 alone takes minutes on 2 cores);
     # top_p 0.6, not 0.95: with 4 LM steps the generator is the prompted pre-trained model, whose 0.95 nucleus
     # reaches word salad (SST-2, 80 samples: 91.0 % of words in the training vocabulary, 48.8 % label agreement;
-    # at 0.6: 96.8 %, 63.7 %)
+    # at 0.6: 96.8 %, 63.7 %; bench/top_p_quality.py)
     "demo": dict(dpc=(2, 4), n_sets=2, lm_steps=4, lm_batch_size=4, length_cap=128, outer_loops=1, inner_loop=2,
                  model_step_per_inner_step=1, syn_per_class=4, real_per_class=8, n_rep_sets=1,
                  rep_pool_per_class=1000, generate_interval=1, val_interval=1, val_size=100, val_dpc=2,
