@@ -1,9 +1,10 @@
 """Ensembles of fine-tuned learners: the evaluation protocol's training machinery (DESIGN.md).
 
 N copies of one classifier are trained at once: parameters stacked with ``torch.func.stack_module_state`` and the
-forward ``vmap``-ed over members, each member with its own head seed, data order and gradient clip. Protocol:
-AdamW, weight decay, linear warm-up over the first ``warmup_ratio`` of the steps then linear decay
-(:func:`linear_warmup_decay`), clip per member. Shapes: N members, B rows per step, T tokens, C classes.
+forward ``vmap``-ed over members (on GPUs; called in turn on the CPU), each member with its own head seed, data
+order and gradient clip. Protocol: AdamW (fused), weight decay, linear warm-up over the first ``warmup_ratio`` of
+the steps then linear decay (:func:`linear_warmup_decay`), clip per member. Shapes: N members, B rows per step,
+T tokens, C classes.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ def linear_warmup_decay(step: int, total: int, warmup_ratio: float) -> float:
 class Ensemble:
     """N copies of one classifier, stacked for ``vmap``; member i has its own head initialised from seed i."""
 
-    def __init__(self, base: torch.nn.Module, seeds: list[int], device):
-        self.base = base
+    def __init__(self, base: torch.nn.Module, seeds: list[int], device, vectorized: bool | None = None):
+        self.base, self.n = base, len(seeds)
+        # vmap on GPUs; on the CPU vmap's batched attention falls back to a slow per-member loop, and calling the
+        # members in turn is faster (bench/cpu_ensemble.py)
+        self.vectorized = torch.device(device).type != "cpu" if vectorized is None else vectorized
         self.causal = is_causal(base)
         head_keys = head_param_names(base)
         params, buffers = stack_module_state([base] * len(seeds))
@@ -45,6 +49,16 @@ class Ensemble:
                 params[k].data[i] = torch.as_tensor(fresh, dtype=params[k].dtype).to(device)
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         self.buffers = buffers
+        if not self.vectorized:  # member i's parameters: leaves viewing row i of the stacked ones, grads included,
+            for v in self.params.values():  # so that backward accumulates into the stacked grads in place
+                v.grad = torch.zeros_like(v)
+            self.members = [{k: self._row(v, i) for k, v in self.params.items()} for i in range(self.n)]
+
+    @staticmethod
+    def _row(stacked: torch.Tensor, i: int) -> torch.Tensor:
+        row = stacked.detach()[i].requires_grad_(True)
+        row.grad = stacked.grad[i]
+        return row
 
     def forward(self, inputs: dict[str, torch.Tensor], batched: bool = True) -> torch.Tensor:
         """Model inputs (``input_ids`` (.., B, T) or ``inputs_embeds`` (.., B, T, H), and a 0/1 ``attention_mask``
@@ -54,8 +68,12 @@ class Ensemble:
             kw = {**inp, "attention_mask": additive_mask(inp["attention_mask"], self.causal)}
             return functional_call(self.base, (p, b), (), kw).logits
 
-        in_dims = (0, 0, 0 if batched else None)
-        return vmap(one, in_dims=in_dims, randomness="different")(self.params, self.buffers, inputs)
+        if self.vectorized:
+            in_dims = (0, 0, 0 if batched else None)
+            return vmap(one, in_dims=in_dims, randomness="different")(self.params, self.buffers, inputs)
+        return torch.stack([one(p, {k: v[i] for k, v in self.buffers.items()},
+                                {k: v[i] for k, v in inputs.items()} if batched else inputs)
+                            for i, p in enumerate(self.members)])
 
     def logits(self, input_ids, attention_mask, batched: bool = True) -> torch.Tensor:
         """Token ids (N, B, T) when ``batched`` else (B, T) shared by all members → logits (N, B, C)."""
@@ -97,7 +115,7 @@ def train_ensemble(ens: Ensemble, inputs: dict[str, torch.Tensor], targets: torc
     """
     trained = {k: v for k, v in ens.params.items() if k not in frozen}
     schedule = torch.as_tensor(batch_schedule(sizes, cfg.steps, cfg.batch_size, seeds), device=device)  # (N, S, B)
-    opt = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.steps, cfg.warmup_ratio))
     rows = torch.arange(len(sizes), device=device)[:, None]
     for step in range(cfg.steps):

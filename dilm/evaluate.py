@@ -18,7 +18,9 @@ Architectures (``--arch``):
 
 Many evaluations run at once: the fine-tuned learners of one architecture are trained as an *ensemble* —
 parameters stacked with ``torch.func.stack_module_state`` and the forward ``vmap``-ed over members, each member
-with its own set, seed and data order. One process then keeps a GPU busy with many small evaluations.
+with its own set, seed and data order. One process then keeps a GPU busy with many small evaluations. On the CPU
+the learners are trained one at a time: measured on 2 cores (MiniLM-L6, SST-2 DPC 10), 0.33 s per learner step
+alone vs 0.46 in an ensemble of 5 whose members are called in turn, and 0.7 when ``vmap``-ed.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class EvalConfig:
     clip: float = option(1.0, "gradient-norm clip per model")
     batch_size: int = option(64, "examples per step (the whole set when smaller)")
     max_length: int = option(128, "token limit per text")
-    ensemble: int = option(16, "learners trained at once (vmap); capped by memory for large models")
+    ensemble: int = option(16, "learners trained at once (vmap) on a GPU; capped by memory for large models; "
+                               "one at a time on the CPU, where that is faster")
     icl_shots: int = option(8, "demonstrations per prompt of icl-<model>")
     test_limit: int | None = option(None, "evaluate on the first N test examples only (smoke runs)")
     device: str = option("auto", "auto, cpu or cuda[:N]")
@@ -315,8 +318,9 @@ class Evaluator:
             kind = arch_kind(arch)
             if kind == "finetune":
                 base = self._model(arch, "classifier")  # members copy its weights; it stays untouched
-                for i in range(0, len(jobs), self.cfg.ensemble):
-                    chunk = jobs[i: i + self.cfg.ensemble]
+                size = self.cfg.ensemble if self.device.type != "cpu" else 1  # CPU: one at a time is faster
+                for i in range(0, len(jobs), size):
+                    chunk = jobs[i: i + size]
                     for preds in finetune_ensemble(arch, chunk, self.test, self.cfg, self.device, base):
                         self._record(scores, preds)
                     bar.update(len(chunk))

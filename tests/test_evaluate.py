@@ -81,3 +81,31 @@ def test_pairs_go_through_the_tokenizers_pair_api():
     torch.testing.assert_close(ens.forward(enc, batched=False)[0], ref(**enc).logits, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(ref(**enc).logits, ref(input_ids=enc["input_ids"],
                                                      attention_mask=enc["attention_mask"]).logits)
+
+
+def test_members_in_turn_train_as_the_vmap_ensemble():
+    """On the CPU the members are called in turn, their parameters views of the stacked ones: one protocol step
+    must give the stacked gradients, and the updated parameters, that the vmap path gives."""
+    from dilm.ensemble import train_ensemble
+
+    tok = load_tokenizer("tiny-bert")
+    enc = encode(tok, ["a good film", "bad", "dull plot", "fine acting"], 16, CPU)
+    inputs = {k: v.view(2, 2, -1) for k, v in enc.items()}  # member i trains on its own two texts
+    targets = torch.eye(2).expand(2, 2, 2)
+    cfg = EvalConfig(archs=("tiny-bert",), steps=1, lr=1e-2, warmup_ratio=0.0, progress=False)
+    runs = {}
+    for vectorized in (True, False):
+        base = load_model("tiny-bert", "classifier", 2).eval()  # eval: no dropout, so both paths are deterministic
+        ens = Ensemble(base, [0, 1], CPU, vectorized=vectorized)
+        logits = ens.forward(inputs)
+        (logits[0, 0, 1] + 2 * logits[1, 1, 0]).backward()  # members' grads differ
+        grads = {k: v.grad.clone() for k, v in ens.params.items()}
+        train_ensemble(ens, inputs, targets, [2, 2], [0, 1], cfg, CPU)
+        runs[vectorized] = logits.detach(), grads, {k: v.detach().clone() for k, v in ens.params.items()}
+    (l_v, g_v, p_v), (l_t, g_t, p_t) = runs[True], runs[False]
+    torch.testing.assert_close(l_t, l_v, rtol=1e-4, atol=1e-5)
+    assert any(g.abs().sum() > 0 for g in g_t.values())
+    for k in g_v:
+        torch.testing.assert_close(g_t[k], g_v[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p_t[k], p_v[k], rtol=1e-4, atol=1e-4)  # Adam: lr 1e-2 steps, noise ~1e-5
+    assert not torch.equal(p_t["classifier.weight"][0], p_t["classifier.weight"][1])
