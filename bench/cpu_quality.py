@@ -131,7 +131,8 @@ def _finetune(job: tuple) -> float:
 def finetune_passes(sets: dict[str, list], task, args, learner: str, rec: Record) -> None:
     """Every (set, seed) of every method fine-tuned, in passes of one training seed per set, every method per
     pass (a run cut short still compares all methods); ``--workers`` processes of one torch thread each (on 2
-    cores, two one-thread learners train ~1.5x faster than one two-thread learner)."""
+    cores a MiniLM-L6 step takes 0.45 s on one thread and 0.27 s on two: two one-thread learners side by side
+    train ~1.2x faster than one two-thread learner after another)."""
     jobs = [(seed, m, s) for seed in range(args.seeds) for m in METHODS for s in sets[m]]
     accs: dict[str, list[float]] = {m: [] for m in METHODS}
     left = {(seed, m): len(sets[m]) for seed in range(args.seeds) for m in METHODS}
