@@ -49,9 +49,9 @@ from dilm.tasks import load_task
 
 METHODS = ("random", "herding", "vanilla", "matching")
 BASE = dict(  # shared by the LM stage, vanilla and matching
-    generator="smollm2-135m", learner="minilm-l6", dpc=(10,), lm_steps=16, lm_lr=1e-5, lm_batch_size=8,
+    generator="smollm2-135m", learner="minilm-l6", dpc=(10,), lm_steps=150, lm_lr=1e-4, lm_batch_size=8,
     max_length=48, prompt_template="task", val_interval=0, over_sample=2, max_new_tokens=32, gen_batch_size=64,
-    probe="minilm-l6", probe_examples=4000)
+    probe="minilm-l6", probe_examples=4000, top_p=0.6)
 MATCHING = dict(  # the CPU-sized matching stage
     outer_loops=2, inner_loop=3, generate_interval=2, model_step_per_inner_step=5, generator_lr=1e-5,
     syn_per_class=8, pool_per_class=16, real_per_class=16, n_rep_sets=1, learner_batch_size=16,
