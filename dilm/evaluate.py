@@ -19,8 +19,9 @@ Architectures (``--arch``):
 Many evaluations run at once: the fine-tuned learners of one architecture are trained as an *ensemble* —
 parameters stacked with ``torch.func.stack_module_state`` and the forward ``vmap``-ed over members, each member
 with its own set, seed and data order. One process then keeps a GPU busy with many small evaluations. On the CPU
-the learners are trained one at a time: measured on 2 cores (MiniLM-L6, SST-2 DPC 10), 0.33 s per learner step
-alone vs 0.46 in an ensemble of 5 whose members are called in turn, and 0.7 when ``vmap``-ed.
+the learners are trained one at a time: on 2 cores (MiniLM-L6, SST-2 DPC 10, fused AdamW) 0.36 s per learner step
+alone vs 0.43 in an ensemble of 5 whose members are called in turn and 0.50 when ``vmap``-ed
+(``python bench/cpu_ensemble.py``; ~0.7 s vmap-ed with the unfused AdamW of before).
 """
 
 from __future__ import annotations
