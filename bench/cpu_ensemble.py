@@ -45,10 +45,11 @@ def main() -> int:
     cfg = EvalConfig(archs=(a.arch,), steps=a.steps, progress=False)
 
     def timed(members: slice, vectorized: bool) -> float:
-        ens = Ensemble(base, list(range(members.start, members.stop)), cpu, vectorized=vectorized)
+        seeds = list(range(members.start, members.stop))
+        ens = Ensemble(base, seeds, cpu, vectorized=vectorized)
         t = time.perf_counter()
-        train_ensemble(ens, {k: v[members] for k, v in inputs.items()}, targets[members],
-                       [n] * (members.stop - members.start), list(range(members.start, members.stop)), cfg, cpu)
+        train_ensemble(ens, {k: v[members] for k, v in inputs.items()}, targets[members], [n] * len(seeds), seeds,
+                       cfg, cpu)
         return time.perf_counter() - t
 
     timed(slice(0, 1), False)  # warm-up: kernels, allocator

@@ -18,7 +18,7 @@ from dilm.generator import make_sampler, resolve_template, sample_classes
 from dilm.options import strs
 from dilm.probe import LabelProbe
 from dilm.tasks import load_task
-from tune.report import words
+from tune.report import task_vocabulary, word_rate
 
 BASELINE = 0.95
 
@@ -37,7 +37,7 @@ def main() -> int:
     gen = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
     task = load_task(args.task)
     names, template = list(task.label_names), resolve_template("task", args.task)
-    vocabulary = {w for e in task.train for w in words(f"{e.text} {e.text_pair or ''}")}
+    vocabulary = task_vocabulary(task.name)
     probe = LabelProbe.for_task(task, "minilm-l6", device, max_examples=4000)
     sampler = make_sampler(gen, tok, device, max_new_tokens=args.max_new_tokens, batch_size=64, label_names=names,
                            template=template)
@@ -47,8 +47,8 @@ def main() -> int:
         t = time.perf_counter()
         out = sample_classes(sampler, tok, names, [args.per_class] * len(names), task.is_pair, top_p=top_p, seed=1,
                              template=template)
-        ws = [w for group in out for s in group for w in words(f"{s.text} {s.text_pair or ''}")]
-        rate, agree = 100 * sum(w in vocabulary for w in ws) / len(ws), 100 * probe.agreement(out)
+        rate = word_rate([f"{s.text} {s.text_pair or ''}" for group in out for s in group], vocabulary)
+        agree = 100 * probe.agreement(out)
         base = base or (rate, agree)
         print(f"top_p {top_p}: {rate:.1f} % of words in the training vocabulary ({rate - base[0]:+.1f} vs "
               f"{BASELINE}), label agreement {agree:.1f} % ({agree - base[1]:+.1f}), n={sum(map(len, out))}, "

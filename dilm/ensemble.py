@@ -126,7 +126,7 @@ def train_ensemble(ens: Ensemble, inputs: dict[str, torch.Tensor], targets: torc
             logits = ens.forward({k: v[rows, idx] for k, v in inputs.items()})  # (N, B, C)
         ce = -(targets[rows, idx] * torch.log_softmax(logits.float(), -1)).sum(-1)  # (N, B)
         loss = ((ce * valid).sum(1) / valid.sum(1)).sum()  # members independent: sum of their means
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=False)  # in place: the in-turn members' grads are views of these
         loss.backward()
         per_member_clip(trained, cfg.clip)
         opt.step()

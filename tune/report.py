@@ -75,17 +75,22 @@ def words(text: str) -> list[str]:
     return WORD.findall(NEGATION.sub(" not", text.lower().replace("\u2019", "'")))
 
 
+def task_vocabulary(task: str) -> set[str]:
+    """The :func:`words` of a task's training texts (pairs: both texts)."""
+    return {w for e in load_task(task).train for w in words(f"{e.text} {e.text_pair or ''}")}
+
+
+def word_rate(texts: list[str], vocabulary: set[str]) -> float:
+    """% of the :func:`words` of ``texts`` found in ``vocabulary``: texts a reader would accept score near 100,
+    word salad ("applesurgency") far below; nan when there are no words."""
+    ws = [w for t in texts for w in words(t)]
+    return 100.0 * sum(w in vocabulary for w in ws) / len(ws) if ws else float("nan")
+
+
 def vocab_rate(set_files: list[Path], vocabulary: set[str]) -> float:
-    """% of the words of these sets' texts (lower-cased letter runs) found in ``vocabulary``: texts a reader would
-    accept score near 100, word salad ("applesurgency") far below."""
-    found = total = 0
-    for f in set_files:
-        for line in f.read_text().splitlines():
-            row = json.loads(line)
-            ws = words(" ".join(str(row.get(k) or "") for k in ("text", "text_pair")))
-            found += sum(w in vocabulary for w in ws)
-            total += len(ws)
-    return 100.0 * found / total if total else float("nan")
+    """:func:`word_rate` of these sets' texts (a pair's two texts together)."""
+    rows = [json.loads(line) for f in set_files for line in f.read_text().splitlines()]
+    return word_rate([" ".join(str(row.get(k) or "") for k in ("text", "text_pair")) for row in rows], vocabulary)
 
 
 def add_baselines(summary: dict, baselines: dict, paths: SweepPaths, task: str) -> None:
@@ -97,7 +102,7 @@ def add_baselines(summary: dict, baselines: dict, paths: SweepPaths, task: str) 
     best_dir = paths.sets_dir / summary["best"]["ray_trial_id"]
     best = {int(d): s for d, s in json.loads((best_dir / "scores.json").read_text()).items()}
     summary["baselines"] = compare(best, baselines)
-    vocabulary = {w for e in load_task(task).train for w in words(f"{e.text} {e.text_pair or ''}")}
+    vocabulary = task_vocabulary(task)
     summary["vocab_rate"] = {"best trial": vocab_rate(sorted(best_dir.glob("sets/dpc*/*.jsonl")), vocabulary),
                              "vanilla": vocab_rate(sorted((paths.sets_dir / "baselines" / "vanilla").glob(
                                  "sets/dpc*/*.jsonl")), vocabulary)}
