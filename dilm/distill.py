@@ -296,8 +296,27 @@ def load_checkpoint(cfg: DistillConfig, generator, device) -> tuple[State, dict 
 
 # --------------------------------------------------------------------------- the shared LM stage
 
-LM_KEYS = ("generator", "lm_steps", "lm_lr", "lm_batch_size", "max_length", "length_quantile", "length_cap",
-           "seed")  # what the LM stage reads
+@dataclass(frozen=True)
+class LMStageConfig:
+    """Every config field the LM stage reads, under the :class:`DistillConfig` names: the stage's code takes this
+    object, not the whole config, so a field it reads is a field of its cache key (:func:`lm_cache_key`)."""
+
+    generator: str
+    lm_steps: int
+    lm_lr: float
+    lm_weight_decay: float
+    lm_batch_size: int
+    max_length: int
+    length_quantile: float
+    length_cap: int
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: DistillConfig) -> LMStageConfig:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+LM_KEYS = tuple(f.name for f in dataclasses.fields(LMStageConfig))  # the DistillConfig fields of the LM stage
 LM_META = "dilm_lm.json"  # beside the Hugging Face files of an LM-stage checkpoint
 
 
@@ -311,12 +330,12 @@ def split_train(cfg: DistillConfig, task: TaskData) -> tuple[list[Example], list
 
 
 def lm_cache_key(cfg: DistillConfig, task: TaskData | None = None) -> str:
-    """Content key of the LM stage: the ``LM_KEYS``, the rendered prompt template and a hash of the training
-    examples it sees. Configs with equal keys share one checkpoint; any other key (matching stage, DPC, …) does
-    not enter it."""
+    """Content key of the LM stage: its :class:`LMStageConfig`, the rendered prompt template and a hash of the
+    training examples it sees. Configs with equal keys share one checkpoint; any other field (matching stage, DPC,
+    …) does not enter it."""
     task = task or load_task(cfg.task)
     train, _ = split_train(cfg, task)
-    payload = {**{k: getattr(cfg, k) for k in LM_KEYS}, "prompt": resolve_template(cfg.prompt_template, task.name),
+    payload = {**dataclasses.asdict(LMStageConfig.of(cfg)), "prompt": resolve_template(cfg.prompt_template, task.name),
                "labels": list(task.label_names), "data": task_fingerprint(train, task.label_names)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -359,7 +378,7 @@ def train_lm(cfg: DistillConfig, out_dir: str | Path | None = None, task: TaskDa
             run.gen_tok.save_pretrained(tmp)
             write_json(tmp / LM_META, {
                 "key": key, "generator": cfg.generator, "task": task.name, "label_names": list(task.label_names),
-                "prompt_template": run.template, "config": {k: getattr(cfg, k) for k in LM_KEYS},
+                "prompt_template": run.template, "config": dataclasses.asdict(LMStageConfig.of(cfg)),
                 "train_examples": len(run.train), "final_lm_loss": last[-1] if last else None,
                 "lm_s": time.perf_counter() - t0, "dilm_version": dilm.__version__,
                 "git_revision": dilm.git_revision()})
@@ -525,13 +544,13 @@ class Distiller:
     # ---- stage 1
     def lm_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """The reference's LM stage: AdamW (``lm_lr``, ``lm_weight_decay``), cosine schedule with 10 % warm-up."""
-        cfg = self.cfg
+        cfg = LMStageConfig.of(self.cfg)
         opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lm_lr, weight_decay=cfg.lm_weight_decay,
                                 fused=self.device.type == "cuda")
         return opt, get_cosine_schedule_with_warmup(opt, int(0.1 * cfg.lm_steps), cfg.lm_steps)
 
     def lm_stage(self, state: State) -> None:
-        cfg = self.cfg
+        cfg = LMStageConfig.of(self.cfg)  # what this stage reads is what its cache key hashes
         corpus = self.corpus
         opt, sched = self.lm_optimizer()
         for _ in range(state.step):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dilm import DilmError
-from dilm.distill import LM_META, DistillConfig, Distiller, lm_cache_key, train_lm
+from dilm.distill import LM_META, DistillConfig, Distiller, LMStageConfig, lm_cache_key, train_lm
 from dilm.tasks import Example, TaskData
 
 
@@ -29,6 +29,47 @@ def test_key_follows_lm_keys_prompt_and_data_not_the_matching_stage(tmp_path, to
     edited[5] = Example(edited[5].text + " !", edited[5].label)
     changed = TaskData("toy", toy_task.label_names, edited, toy_task.test)
     assert lm_cache_key(cfg, changed) != key  # the data's content, not its name
+
+
+# fields that reach the LM stage through its data or prompt, not through LMStageConfig: the held-out split
+# (val_size, val_interval) and the rendered template are hashed as the data and the prompt
+DATA_FIELDS = {"task", "prompt_template", "val_size", "val_interval"}
+OTHER_VALUE = {"generator": "tiny-bert", "learner": "minilm-l6", "device": "cpu", "probe": "minilm-l6",
+               "output_dir": "elsewhere", "lm_checkpoint": "some/lm", "pooling": "mean", "gen_loss_norm": "text",
+               "sampler": "static", "dpc": (3, 5), "length_quantile": 0.5, "top_p": 0.5, "temperature": 2.0}
+
+
+def other_value(cfg: DistillConfig, name: str):
+    """A valid value of field ``name`` that differs from ``cfg``'s."""
+    if name in OTHER_VALUE:
+        return OTHER_VALUE[name]
+    v = getattr(cfg, name)
+    if isinstance(v, bool):
+        return not v
+    if name == "outer_loops":
+        return v + cfg.generate_interval * cfg.val_interval  # stays a multiple of both
+    if name in ("generate_interval", "val_interval"):
+        return 1 if v != 1 else cfg.outer_loops  # divides outer_loops
+    return v * 2 + 50 if isinstance(v, int) else v * 0.5 + 0.25
+
+
+def test_every_lm_stage_field_and_no_other_field_enters_the_key(tmp_path, toy_task):
+    """The key hashes every field the LM stage reads (``LMStageConfig``, what the stage's code takes) and no field of
+    the matching or selection stages, so two configs that differ only in how the LM is trained never share one."""
+    cfg = _cfg(tmp_path)
+    key = lm_cache_key(cfg, toy_task)
+    lm_fields = {f.name for f in dataclasses.fields(LMStageConfig)}
+    assert {"lm_weight_decay", "lm_lr", "lm_steps", "lm_batch_size", "generator", "seed"} <= lm_fields
+    changed, kept = set(), set()
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in DATA_FIELDS:
+            continue
+        other = dataclasses.replace(cfg, **{f.name: other_value(cfg, f.name)})
+        assert getattr(other, f.name) != getattr(cfg, f.name), f.name
+        (changed if lm_cache_key(other, toy_task) != key else kept).add(f.name)
+    assert changed == lm_fields, f"in the key but not LM-stage fields: {changed - lm_fields}; " \
+                                 f"LM-stage fields missing from the key: {lm_fields - changed}"
+    assert "generator_lr" in kept and "outer_loops" in kept and "top_p" in kept  # the walk covered the others
 
 
 def test_train_lm_once_reused_and_replaced_when_the_key_changes(tmp_path, toy_task):
