@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 from dilm.coreset import CoresetConfig, build_coresets
-from dilm.evaluate import EvalConfig, Evaluator
+from dilm.evaluate import Evaluator
 from dilm.files import write_json
 from dilm.models import pick_device
+from dilm.protocol import EvalConfig
 from dilm.tasks import load_task
 
 REFERENCE = {  # SST-2, minilm-l6, from the foundation issue (herding and k-means on [CLS] features)

@@ -17,8 +17,8 @@ import time
 import torch
 
 from dilm.ensemble import Ensemble, train_ensemble
-from dilm.evaluate import EvalConfig
 from dilm.models import load_model, load_tokenizer
+from dilm.protocol import EvalConfig
 from dilm.tasks import load_task
 from dilm.text import encode
 

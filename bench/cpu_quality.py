@@ -37,13 +37,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dilm.archs.finetune import finetune_ensemble
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.distill import DistillConfig, Distiller, distill, train_lm
-from dilm.evaluate import EvalConfig, Evaluator, finetune_ensemble
+from dilm.evaluate import Evaluator
 from dilm.files import write_json
 from dilm.generator import make_sampler, prompt, resolve_template, sample_classes
 from dilm.models import load_model, pick_device
 from dilm.probe import LabelProbe
+from dilm.protocol import EvalConfig
 from dilm.synset import read_set
 from dilm.tasks import load_task
 

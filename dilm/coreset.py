@@ -11,17 +11,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.metrics.pairwise import euclidean_distances
 
 from dilm import DilmError
 from dilm.features import POOLINGS, embed
 from dilm.options import option
 from dilm.seeds import derive_seed
+from dilm.selection import kmeans_nearest
 from dilm.synset import SynSet
-from dilm.tasks import Example, TaskData
+from dilm.tasks import Example, TaskData, check_dpc
 from dilm.text import pair_args
 
 METHODS = ("random", "kcenters", "herding")
@@ -47,39 +45,6 @@ class CoresetConfig:
         if not self.dpc or min(self.dpc) < 1 or self.n_sets < 1:
             raise DilmError("dpc values and n_sets must be >= 1")
         object.__setattr__(self, "dpc", tuple(sorted(self.dpc)))
-
-
-def check_dpc(task: TaskData, dpc: int) -> None:
-    for c, group in enumerate(task.by_class()):
-        if dpc > len(group):
-            raise DilmError(f"DPC {dpc} is larger than class {task.label_names[c]!r} ({len(group)} examples)")
-
-
-KMEANS_FULL_LIMIT = 2_000_000  # rows × clusters up to which full k-means is used; MiniBatchKMeans above
-
-
-def kmeans_nearest(features: torch.Tensor, k: int, seed: int, n_init: int = 3) -> list[int]:
-    """Indices of the rows nearest each of k k-means centroids (distinct rows).
-
-    k-means++ (seeded); on large inputs (a whole SST-2 class with k = 200) scikit-learn's MiniBatchKMeans, which
-    takes seconds where full k-means takes minutes on a few cores.
-    """
-    x = features.numpy().astype(np.float64)
-    if len(x) * k <= KMEANS_FULL_LIMIT:
-        km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed).fit(x)
-    else:
-        km = MiniBatchKMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed,
-                             batch_size=4096).fit(x)
-    dist = euclidean_distances(x, km.cluster_centers_)  # (n, k)
-    chosen: list[int] = []
-    taken: set[int] = set()
-    for j in range(k):
-        for i in np.argsort(dist[:, j]):
-            if int(i) not in taken:
-                chosen.append(int(i))
-                taken.add(int(i))
-                break
-    return chosen
 
 
 def herding(features: torch.Tensor, k: int) -> list[int]:

@@ -31,9 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 import dilm
 from dilm import DilmError
-from dilm.coreset import check_dpc, kmeans_nearest
-from dilm.ensemble import linear_warmup_decay
-from dilm.evaluate import EvalConfig, Evaluator
+from dilm.evaluate import Evaluator
 from dilm.features import POOLINGS, embed, pool
 from dilm.files import atomic_write_dir, write_json
 from dilm.generator import (
@@ -53,14 +51,16 @@ from dilm.models import _file_lock as file_lock
 from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
 from dilm.options import option
 from dilm.probe import LabelProbe, task_fingerprint
+from dilm.protocol import PROTOCOL, EvalConfig, linear_warmup_decay
 from dilm.sampling import Sampler
 from dilm.seeds import derive_seed
+from dilm.selection import kmeans_nearest
 from dilm.synset import SynExample, SynSet, write_set
-from dilm.tasks import TASKS, Example, TaskData, length_limit, load_task
+from dilm.tasks import TASKS, Example, TaskData, check_dpc, length_limit, load_task
 from dilm.text import encode, pad_ids, pair_args, tokenize
 
 SAMPLER_MODES = ("dynamic", "static", "compiled")
-LEARNER_MAX_LEN = 128  # learner tokens per text in the matching stage
+LEARNER_MAX_LEN = PROTOCOL.max_length  # learner tokens per text in the matching stage: the evaluation's
 
 
 @dataclass(frozen=True)
@@ -650,11 +650,11 @@ class Distiller:
         """The evaluation protocol's optimiser for the inner learner: AdamW (``learner_lr``, the protocol's weight
         decay), linear warm-up over the protocol's share then decay, over ``inner_loop × model_step_per_inner_step``
         steps (as the reference; the last inner step takes none, so the decay never quite reaches 0)."""
-        cfg, proto = self.cfg, EvalConfig()
-        opt = torch.optim.AdamW(learner.parameters(), lr=cfg.learner_lr, weight_decay=proto.weight_decay)
+        cfg = self.cfg
+        opt = torch.optim.AdamW(learner.parameters(), lr=cfg.learner_lr, weight_decay=PROTOCOL.weight_decay)
         total = cfg.inner_loop * cfg.model_step_per_inner_step
         return opt, torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: linear_warmup_decay(s, total, proto.warmup_ratio))
+            opt, lambda s: linear_warmup_decay(s, total, PROTOCOL.warmup_ratio))
 
     def inner_learner_steps(self, learner, learner_opt, learner_sched) -> None:
         """``model_step_per_inner_step`` steps on random real batches, in eval mode (no dropout), clipped."""
@@ -667,7 +667,7 @@ class Distiller:
                 [self.train[i].label for i in idx], device=self.device))
             learner_opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(learner.parameters(), EvalConfig().clip)
+            torch.nn.utils.clip_grad_norm_(learner.parameters(), PROTOCOL.clip)
             learner_opt.step()
             learner_sched.step()
 

@@ -2,33 +2,22 @@
 
 N copies of one classifier are trained at once: parameters stacked with ``torch.func.stack_module_state`` and the
 forward ``vmap``-ed over members (on GPUs; called in turn on the CPU), each member with its own head seed, data
-order and gradient clip. Protocol: AdamW (fused), weight decay, linear warm-up over the first ``warmup_ratio`` of
-the steps then linear decay (:func:`linear_warmup_decay`), clip per member. Shapes: N members, B rows per step,
-T tokens, C classes.
+order and gradient clip. The protocol (:mod:`dilm.protocol`, as an :class:`~dilm.protocol.EvalConfig` carries it):
+AdamW (fused), weight decay, linear warm-up over the first ``warmup_ratio`` of the steps then linear decay
+(:func:`~dilm.protocol.linear_warmup_decay`), clip per member. Shapes: N members, B rows per step, T tokens,
+C classes.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from dilm.models import autocast, head_param_names, is_causal
+from dilm.protocol import EvalConfig, linear_warmup_decay
 from dilm.tasks import Example
 from dilm.text import additive_mask, encode, pair_args
-
-if TYPE_CHECKING:  # the protocol's hyperparameters; evaluate imports this module
-    from dilm.evaluate import EvalConfig
-
-
-def linear_warmup_decay(step: int, total: int, warmup_ratio: float) -> float:
-    """LR multiplier: linear 0→1 over the warm-up, then 1→0 (DESIGN.md protocol)."""
-    warm = max(1, int(total * warmup_ratio))
-    if step < warm:
-        return (step + 1) / warm
-    return max(0.0, (total - step) / max(1, total - warm))
 
 
 class Ensemble:

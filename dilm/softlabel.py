@@ -37,6 +37,8 @@ from dilm.features import embed
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
 from dilm.models import load_model, pick_device
 from dilm.options import option
+from dilm.protocol import PROTOCOL
+from dilm.selection import kmeans_nearest
 from dilm.synset import SynSet
 from dilm.tasks import Example, TaskData
 from dilm.text import join_pair
@@ -181,12 +183,10 @@ def _with_meta(synset: SynSet, softlabel_meta: dict) -> SynSet:
 
 def select_fewer_than_classes(task: TaskData, n_total: int, learner: str = "minilm-l6", seed: int = 0,
                               pooling: str = "mean", candidates_per_class: int = 500, device=None,
-                              max_length: int = 128) -> SynSet:
+                              max_length: int = PROTOCOL.max_length) -> SynSet:
     """``n_total`` real examples chosen over all classes at once (any number, also fewer than the classes): the
     examples nearest the centroids of a k-means (k = n_total, seeded) on the learner features of a class-balanced
     sample. Their hard labels cover at most ``n_total`` classes; :func:`learn_soft_labels` spreads them."""
-    from dilm.coreset import kmeans_nearest
-
     if n_total < 1:
         raise DilmError(f"--total must be >= 1, got {n_total}")
     pool = real_pool(task, candidates_per_class, seed)

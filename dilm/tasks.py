@@ -91,6 +91,13 @@ class TaskData:
         return groups
 
 
+def check_dpc(task: TaskData, dpc: int) -> None:
+    """Refuse a DPC larger than a class of the task's training split (a set takes DPC distinct real examples)."""
+    for c, group in enumerate(task.by_class()):
+        if dpc > len(group):
+            raise DilmError(f"DPC {dpc} is larger than class {task.label_names[c]!r} ({len(group)} examples)")
+
+
 def length_limit(lengths: list[int], quantile: float, cap: int) -> int:
     """A token limit from a task's data: the ``quantile`` of ``lengths`` (rounded up), at most ``cap``, at least 1.
 

@@ -31,16 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from dilm import DilmError
-from dilm.coreset import check_dpc
 from dilm.ensemble import Ensemble, predict_ensemble, train_ensemble
-from dilm.evaluate import ArchScores, EvalConfig, Scores
+from dilm.evaluate import ArchScores, Scores
 from dilm.files import atomic_path, write_json
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
 from dilm.models import is_causal, load_model, load_tokenizer, pick_device, resolve_model
 from dilm.options import option
+from dilm.protocol import EvalConfig
 from dilm.seeds import derive_seed
 from dilm.synset import SynExample, SynSet, write_set
-from dilm.tasks import TaskData
+from dilm.tasks import TaskData, check_dpc
 from dilm.text import additive_mask, join_pair
 from dilm.unroll import (
     HeadProxy,
@@ -266,11 +266,7 @@ def evaluate_tdd(path: str | Path | TDDSet, task: TaskData, learner: str, cfg: E
     seeds = list(range(cfg.seeds))
     for i in range(0, len(seeds), cfg.ensemble):
         for preds in _train_on_embeddings(learner, base, tdd, seeds[i: i + cfg.ensemble], test, cfg, device):
-            scores.accuracies.append(float((preds == gold).mean()))
-            if task.num_classes == 2 and task.is_pair:
-                from sklearn.metrics import f1_score
-
-                scores.f1s.append(float(f1_score(gold, preds)))
+            scores.record(preds, gold, f1=task.num_classes == 2 and task.is_pair)
     return Scores({learner: scores})
 
 

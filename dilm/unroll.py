@@ -30,17 +30,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from dilm import DilmError
-from dilm.ensemble import linear_warmup_decay
 from dilm.features import EMBED_POOLINGS, embed
 from dilm.models import head_param_names, is_causal, load_model, load_tokenizer
 from dilm.options import option
+from dilm.protocol import PROTOCOL, linear_warmup_decay
 from dilm.seeds import derive_seed
 from dilm.tasks import Example, TaskData
 from dilm.text import additive_mask, encode, join_pair
 
 MODES = ("head", "full")
 INNER_OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "protocol")  # protocol: the evaluation's linear warm-up over half, then decay
+SCHEDULES = ("constant", "protocol")  # protocol: the evaluation's linear warm-up, then decay (dilm.protocol)
 # Unroll step size when none is given: head mode sees |x| ≈ 1 features; full mode moves a pre-trained body.
 DEFAULT_INNER_LR = {("head", "sgd"): 1.0, ("head", "adam"): 0.02, ("full", "sgd"): 0.01, ("full", "adam"): 1e-3}
 ADAM_BETAS = (0.9, 0.999)
@@ -60,8 +60,8 @@ class UnrollConfig:
                                     "mean or cls", choices=EMBED_POOLINGS)
     steps: int = option(20, "differentiable learner steps per outer step")
     optimizer: str = option("sgd", "unrolled update: sgd or adam", choices=INNER_OPTIMIZERS)
-    schedule: str = option("constant", "unroll step size: constant or protocol (warm-up over half the steps, then "
-                                       "decay)", choices=SCHEDULES)
+    schedule: str = option("constant", "unroll step size: constant or protocol (warm-up over the first "
+                           f"{PROTOCOL.warmup_ratio:.0%} of the steps, then decay)", choices=SCHEDULES)
     lr: float | None = option(None, "unroll step size (none: by mode/optimizer: " + ", ".join(
         f"{m}/{o} {lr:g}" for (m, o), lr in DEFAULT_INNER_LR.items()) + ")")
     learn_lr: bool = option(True, "learn the unroll's (log) step size too")
@@ -69,7 +69,8 @@ class UnrollConfig:
     batch_size: int = option(64, "synthetic examples per unroll step (set when smaller)")
     real_per_class: int = option(500, "real training examples per class in the pool")
     real_batch: int = option(256, "real examples per outer loss")
-    max_length: int = option(128, "token limit of real and synthetic texts (the evaluation protocol's: 128)")
+    max_length: int = option(PROTOCOL.max_length, "token limit of real and synthetic texts (the evaluation "
+                                                  "protocol's)")
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -130,7 +131,7 @@ def unroll(inner_grad: Callable, params: dict, syn: Inputs, targets: torch.Tenso
     state = None if optimizer == "sgd" else {s: {k: torch.zeros_like(v) for k, v in params.items()} for s in "mv"}
     for t in range(steps):
         x, y = (syn, targets) if batches is None else (take(syn, batches[t]), targets[batches[t]])
-        lr_t = lr * linear_warmup_decay(t, steps, 0.5) if schedule == "protocol" else lr
+        lr_t = lr * linear_warmup_decay(t, steps, PROTOCOL.warmup_ratio) if schedule == "protocol" else lr
         params, state = inner_update(params, inner_grad(params, x, y), state, lr_t, optimizer, t + 1)
     return params
 

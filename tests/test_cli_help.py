@@ -10,8 +10,8 @@ from dilm.cli import build_parser, main
 from dilm.commands import OUTPUT, UNROLL_FLAGS, distill_config
 from dilm.coreset import CoresetConfig
 from dilm.distill import PRESETS, DistillConfig
-from dilm.evaluate import EvalConfig
 from dilm.options import Flag, config_from_args, show
+from dilm.protocol import EvalConfig
 from dilm.softlabel import SoftLabelConfig
 from dilm.tdd import TDDConfig
 from dilm.unroll import UnrollConfig

@@ -8,9 +8,9 @@ import torch
 
 from dilm import DilmError
 from dilm.cli import main
-from dilm.coreset import kmeans_nearest
 from dilm.distill import PRESETS, DistillConfig, Distiller, State, distill
-from dilm.ensemble import linear_warmup_decay
+from dilm.protocol import linear_warmup_decay
+from dilm.selection import kmeans_nearest
 from dilm.synset import read_set
 from dilm.tasks import Example, load_task
 from dilm.text import pad_ids

@@ -1,10 +1,13 @@
 """Evaluation: the vmap ensemble equals separate models; learners beat chance on a separable toy; ICL scoring."""
 
+import pytest
 import torch
 
-from dilm.ensemble import Ensemble, linear_warmup_decay
-from dilm.evaluate import EvalConfig, Evaluator, label_logprobs
+from dilm.archs.icl import label_logprobs
+from dilm.ensemble import Ensemble
+from dilm.evaluate import Evaluator
 from dilm.models import load_model, load_tokenizer
+from dilm.protocol import EvalConfig, linear_warmup_decay
 from dilm.synset import SynSet
 from dilm.text import encode, pad_ids, tokenize
 
@@ -53,6 +56,34 @@ def test_icl_scoring_picks_the_likelier_label():
 def test_protocol_schedule_warms_up_over_half_then_decays():
     lrs = [linear_warmup_decay(s, 200, 0.5) for s in range(200)]
     assert max(lrs) == 1.0 and lrs.index(1.0) == 99 and lrs[0] < 0.02 and lrs[-1] < 0.02
+
+
+def test_one_protocol_feeds_the_evaluator_the_matching_learner_and_the_unroll():
+    from dilm.distill import LEARNER_MAX_LEN
+    from dilm.protocol import PROTOCOL
+    from dilm.unroll import UnrollConfig
+
+    cfg = EvalConfig()
+    assert {k: getattr(cfg, k) for k in vars(PROTOCOL)} == vars(PROTOCOL)
+    assert (PROTOCOL.steps, PROTOCOL.lr, PROTOCOL.weight_decay, PROTOCOL.warmup_ratio, PROTOCOL.clip,
+            PROTOCOL.batch_size, PROTOCOL.max_length) == (200, 1e-4, 0.01, 0.5, 1.0, 64, 128)
+    assert LEARNER_MAX_LEN == UnrollConfig().max_length == PROTOCOL.max_length
+
+
+def test_arch_names_find_their_kind_and_a_miss_names_the_kinds():
+    from dilm import DilmError
+    from dilm.archs import KINDS, check_arch, kind_of
+
+    got = {a: (kind_of(a).name, kind_of(a).model(a)) for a in (
+        "tfidf-logreg", "icl-smollm2", "icl-tiny-llama", "minilm-probe", "tiny-bert-probe", "minilm-l6")}
+    assert got == {"tfidf-logreg": ("tfidf", None), "icl-smollm2": ("icl", "smollm2-135m"),
+                   "icl-tiny-llama": ("icl", "tiny-llama"), "minilm-probe": ("probe", "minilm-l6"),
+                   "tiny-bert-probe": ("probe", "tiny-bert"), "minilm-l6": ("finetune", "minilm-l6")}
+    assert KINDS[-1].name == "finetune"  # takes any other name, so it is asked last
+    with pytest.raises(DilmError, match=r"unknown architecture ''; known kinds: tfidf-logreg \(tfidf\), icl-<model>"):
+        kind_of("")
+    with pytest.raises(DilmError, match="in-context learning needs a decoder LM, tiny-bert is an encoder.*known kinds"):
+        check_arch("icl-tiny-bert")
 
 
 def test_pre_tokenised_batches_equal_encode():

@@ -7,15 +7,10 @@ import pytest
 import torch
 
 from dilm import DilmError
-from dilm.evaluate import (
-    ICL_SOFT_NOTE,
-    EvalConfig,
-    Evaluator,
-    encode,
-    finetune_ensemble,
-    icl_demonstrations,
-    tfidf_logreg,
-)
+from dilm.archs.finetune import finetune_ensemble
+from dilm.archs.icl import ICL_SOFT_NOTE, icl_demonstrations
+from dilm.archs.tfidf import tfidf_logreg
+from dilm.evaluate import Evaluator
 from dilm.features import embed
 from dilm.labelspace import (
     Teacher,
@@ -28,10 +23,12 @@ from dilm.labelspace import (
     smoothed_twin,
 )
 from dilm.models import load_model, load_tokenizer
+from dilm.protocol import EvalConfig
 from dilm.softlabel import SoftLabelConfig, SoftLabeler, learn_soft_labels, select_fewer_than_classes
 from dilm.synset import SynExample, SynSet, read_set, write_set
 from dilm.tasks import Example
 from dilm.tdd import TDDConfig, distill_tdd, pooled_features
+from dilm.text import encode
 from dilm.unroll import HeadProxy, UnrollConfig, build_proxy, functional_inner_grad, unroll
 
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from dilm.evaluate import EvalConfig  # noqa: E402
+from dilm.protocol import EvalConfig  # noqa: E402
 from dilm.synset import SynSet  # noqa: E402
 from tune.pool import PoolClient, PoolError, PoolSpec, create_pool, shutdown_pool  # noqa: E402
 

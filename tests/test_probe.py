@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from dilm import DilmError
+from dilm.archs import check_arch
 from dilm.distill import DistillConfig, Distiller
-from dilm.evaluate import EvalConfig, Evaluator, check_arch
+from dilm.evaluate import Evaluator
 from dilm.generator import LABEL_TEMPLATE, TokenizedCorpus, parse, prompt, resolve_template
 from dilm.models import load_tokenizer
 from dilm.probe import LabelProbe, fit_logreg, predict
+from dilm.protocol import EvalConfig
 from dilm.synset import SynExample, SynSet
 from dilm.tasks import TASKS, Example, TaskData
 

@@ -7,8 +7,11 @@ from torch.func import grad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dilm import DilmError
-from dilm.evaluate import EvalConfig, Evaluator, finetune_ensemble, tfidf_logreg
+from dilm.archs.finetune import finetune_ensemble
+from dilm.archs.tfidf import tfidf_logreg
+from dilm.evaluate import Evaluator
 from dilm.models import load_model, load_tokenizer
+from dilm.protocol import EvalConfig
 from dilm.softlabel import SoftLabelConfig, hard_label_ceiling, learn_soft_labels, select_fewer_than_classes
 from dilm.synset import SynSet, read_set, write_set
 from dilm.tasks import Example, TaskData

@@ -1,8 +1,7 @@
 import pytest
 
 from dilm import DilmError
-from dilm.coreset import check_dpc
-from dilm.tasks import Example, TaskData, length_limit, load_task, parse_label
+from dilm.tasks import Example, TaskData, check_dpc, length_limit, load_task, parse_label
 
 
 def test_unknown_task_names_known_keys():

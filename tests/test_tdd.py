@@ -5,9 +5,10 @@ from torch.func import grad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dilm import DilmError
-from dilm.evaluate import EvalConfig, Evaluator
+from dilm.evaluate import Evaluator
 from dilm.features import embed
 from dilm.models import load_model
+from dilm.protocol import EvalConfig
 from dilm.synset import read_set
 from dilm.tdd import TDDConfig, distill_tdd, evaluate_tdd, load_tdd, pooled_features, save_tdd
 from dilm.unroll import HeadProxy, UnrollConfig, mean_unrolled_loss

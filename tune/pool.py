@@ -4,7 +4,7 @@ Vocabulary
   * **pool** — ``actors`` named Ray actors ``<prefix>-eval-<i>`` in one namespace, created once per sweep *by the
     driver*; each holds a :class:`dilm.evaluate.Evaluator`, so tokenizers and models stay loaded between trials.
   * **job** — one ``score`` call: a list of sets (the ``n_sets`` sets of one DPC), trained on by every architecture
-    of the pool's :class:`~dilm.evaluate.EvalConfig`; the answer is ``Scores.summary()`` ({arch: {"accuracy", ...}}).
+    of the pool's :class:`~dilm.protocol.EvalConfig`; the answer is ``Scores.summary()`` ({arch: {"accuracy", ...}}).
   * **client** — :class:`PoolClient`, used inside a trial: looks the actors up by name, spreads jobs over them and
     retries a job whose actor died.
 
@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from dilm.evaluate import EvalConfig, Evaluator
+from dilm.evaluate import Evaluator
+from dilm.protocol import EvalConfig
 from dilm.synset import SynSet
 from dilm.tasks import TaskData, load_task
 
