@@ -7,14 +7,14 @@ method code in ``dilm`` never imports Ray.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from dilm import DilmError, commands
+from dilm.options import Parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dilm", description="Text dataset distillation into a language model (DiLM).")
+def build_parser() -> Parser:
+    p = Parser(prog="dilm", description="Text dataset distillation into a language model (DiLM).")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (commands.add_evaluate, commands.add_coreset, commands.add_distill, commands.add_orchestration,
                 commands.add_softlabel, commands.add_tdd):

@@ -8,6 +8,9 @@ the dataclass defaults (or a preset's values, for ``dilm distill``) fill in the 
 
 Types: ``str``, ``int``, ``float``; ``X | None`` (``none`` on the command line); ``bool`` (``--flag`` /
 ``--no-flag``); ``tuple[int, ...]`` and ``tuple[str, ...]`` (comma-separated).
+
+Every ``dilm`` parser is a :class:`Parser`: a mistyped command line gets one line naming what was wrong, not a screen
+of usage.
 """
 
 from __future__ import annotations
@@ -26,6 +29,33 @@ def option(default=MISSING, help: str = "", *, choices: Collection | None = None
     """A config field with its help (and the values it may take, shown and checked on the command line)."""
     metadata = {"help": help} | ({"choices": tuple(choices)} if choices else {})
     return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr, then exit status 2::
+
+        dilm coreset: error: argument --method: invalid choice: 'herdz' (choose from ...); see dilm coreset --help
+
+    Its sub-command parsers are Parsers too (argparse makes them of their parent's class). An unknown option after a
+    sub-command is that sub-command's error: plain argparse reports it from the top parser, whose ``--help`` does
+    not list the option."""
+
+    commands: argparse.Action | None = None  # the sub-command action, once add_subparsers is called
+
+    def add_subparsers(self, **kwargs):
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            chosen = self.commands and self.commands.choices.get(getattr(parsed, self.commands.dest, None))
+            (chosen or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def error(self, message: str):
+        message = " ".join(line.strip() for line in message.splitlines())
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 @dataclass(frozen=True)

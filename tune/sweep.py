@@ -24,7 +24,6 @@ and the same Optuna study); a trial that had written its ``final.json`` reports 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -40,6 +39,7 @@ from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner, with_parameter
 from dilm import GIT_REVISION_ENV, DilmError, git_revision
 from dilm.distill import LM_KEYS, DistillConfig
 from dilm.files import write_json
+from dilm.options import Parser
 from dilm.tasks import TASKS, load_task
 from tune.baselines import run_baselines
 from tune.config import RETIRED_KEYS, SweepConfig, SweepPaths, in_ray_job, load_config
@@ -233,9 +233,9 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
         tracker.end(status)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dilm sweep", description="Ray Tune + Optuna sweep of DiLM distillation, "
-                                "tracked in MLflow (storage layout: tune/config.py)")
+def build_parser() -> Parser:
+    p = Parser(prog="dilm sweep", description="Ray Tune + Optuna sweep of DiLM distillation, tracked in MLflow "
+               "(storage layout: tune/config.py)")
     p.add_argument("--config", required=True, type=Path, help="sweep YAML (sweeps/demo.yaml, sweeps/sst2.yaml, "
                    "...); required")
     p.add_argument("--smoke", action="store_true", help="tiny models, 3 trials, CPU: check the plumbing in minutes "

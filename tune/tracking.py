@@ -19,7 +19,6 @@ trials and contend for the database lock.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -34,6 +33,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from dilm import DilmError
+from dilm.options import Parser
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "dilm.trial_id"
@@ -266,7 +266,7 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
 
 def ui_main(argv: list[str] | None = None) -> int:
     """``dilm ui``: serve the sweeps' MLflow store with ``mlflow ui`` until Ctrl-C."""
-    p = argparse.ArgumentParser(prog="dilm ui", description="MLflow UI over the sweeps' tracking store")
+    p = Parser(prog="dilm ui", description="MLflow UI over the sweeps' tracking store")
     p.add_argument("--storage", type=Path, default=None,
                    help="sweep storage folder holding mlflow.db (default: $DILM_SWEEP_DIR or ./runs/sweeps)")
     p.add_argument("--backend-store-uri", default=None, help="a store URI instead (default: $MLFLOW_TRACKING_URI "
