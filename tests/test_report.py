@@ -21,3 +21,22 @@ def test_vocab_rate_counts_words_found_in_the_vocabulary(tmp_path):
     )) + "\n")
     assert vocab_rate([f], vocabulary) == 100 * 10 / 11
     assert vocab_rate([], vocabulary) != vocab_rate([], vocabulary)  # nan: no words
+
+
+def test_best_trial_beside_the_baselines_rows_table_and_metric_names():
+    from tune.scores import OBJECTIVE, best_row, compare, comparison_metrics, format_compare, objective
+
+    best = {2: {"a": {"accuracy": 60.0, "accuracy_std": 1.0}, "b": {"accuracy": 80.0, "accuracy_std": 2.0}},
+            4: {"a": {"accuracy": 80.0, "accuracy_std": 1.0}}}
+    baselines = {"random": {2: {"a": {"accuracy": 50.0, "accuracy_std": 1.0}}},
+                 "vanilla": {2: {"a": {"accuracy": 55.0, "accuracy_std": 1.0}, "b": {"accuracy": 70.0,
+                                                                                     "accuracy_std": 1.0}}}}
+    assert objective(best) == 75.0  # a: mean of 60 and 80 over its DPCs; b: 80
+    rows = compare(best, baselines)
+    assert [(r["arch"], r["dpc"]) for r in rows] == [("a", 2), ("b", 2), ("a", 4)]
+    assert rows[0]["vs_random"] == 10.0 and rows[0]["vs_vanilla"] == 5.0 and "vs_random" not in rows[1]
+    assert comparison_metrics(rows) == {"best_vs_random/a/dpc2": 10.0, "best_vs_vanilla/a/dpc2": 5.0,
+                                        "best_vs_vanilla/b/dpc2": 10.0}
+    table = format_compare(rows)
+    assert "best-random" in table[0] and table[0].index("random") < table[0].index("vanilla") and len(table) == 4
+    assert best_row([{OBJECTIVE: 1.0}, {OBJECTIVE: 3.0}]) == {OBJECTIVE: 3.0} and best_row([]) is None

@@ -26,7 +26,8 @@ import yaml
 
 from dilm import DilmError
 from dilm.distill import LM_META, DistillConfig, lm_cache_key
-from tune.config import FINAL, OBJECTIVE, VAL_METRIC, EvalSpec, SweepConfig, SweepPaths, load_config
+from tune.config import EvalSpec, SweepConfig, SweepPaths, load_config
+from tune.scores import FINAL, OBJECTIVE, VAL_METRIC
 from tune.search import PruneAwareOptunaSearch
 from tune.sweep import base_distill_config, check_resources, main
 from tune.trial import final_result
@@ -157,8 +158,8 @@ def test_config_is_frozen_and_complete():
 
 
 def test_eval_defaults_come_from_eval_config():
-    """The pool's protocol has one source of defaults: dilm.evaluate.EvalConfig."""
-    from dilm.evaluate import EvalConfig
+    """The pool's protocol has one source of defaults: dilm.protocol.EvalConfig."""
+    from dilm.protocol import EvalConfig
 
     spec, protocol = EvalSpec(), EvalConfig()
     assert spec.eval_config() == dataclasses.replace(protocol, progress=False)

@@ -7,7 +7,7 @@ and tracking (``mlflow.experiment``). Every part is a frozen dataclass validated
 one-line :class:`~dilm.DilmError` naming it, raised before Ray starts.
 
 The sweep always maximises ``objective``, the mean test accuracy (%) over the evaluation pool's architectures and
-the DPCs (:func:`tune.trial.final_result`); ``metric``/``mode`` keys of older YAMLs are refused with that message.
+the DPCs (:func:`tune.scores.objective`); ``metric``/``mode`` keys of older YAMLs are refused with that message.
 
 Storage (``--storage``, else the YAML's ``storage``, else ``$DILM_SWEEP_DIR`` or ``./runs/sweeps``; made absolute,
 but refused if relative inside a Ray job, whose working dir is Ray's temporary copy of the uploaded folder)::
@@ -38,13 +38,10 @@ import yaml
 
 from dilm import DilmError
 from dilm.distill import PRESETS, DistillConfig
-from dilm.evaluate import EvalConfig
+from dilm.protocol import EvalConfig
+from tune.scores import OBJECTIVE
 from tune.tracking import default_storage
 
-# The keys of a trial's results (``tune.report``), read by the searcher, the scheduler and the summary.
-FINAL = "final"  # True on a trial's last report (scores from the pool), False on validation reports
-OBJECTIVE = "objective"  # the searcher's metric, maximised: mean accuracy (%) over the pool's archs and the DPCs
-VAL_METRIC = "val_accuracy"  # ASHA's metric, maximised: distill's validation accuracy every val_interval outer loops
 SEARCH_TYPES = ("loguniform", "uniform", "int", "categorical")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RETIRED_KEYS = ("metric", "mode")  # in YAMLs (and saved configurations) before the objective was fixed
@@ -188,7 +185,7 @@ class AshaConfig:
 
 @dataclass(frozen=True)
 class EvalSpec(EvalConfig):
-    """The evaluation pool: every :class:`dilm.evaluate.EvalConfig` field, with its default (the protocol has one
+    """The evaluation pool: every :class:`dilm.protocol.EvalConfig` field, with its default (the protocol has one
     source of defaults), plus the actors that run it. ``progress`` is off: actors log no progress bars."""
 
     actors: int = 1

@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dilm.files import atomic_path
+from tune.scores import ScoreTable, archs, curve
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -28,20 +29,19 @@ def safe_name(arch: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in arch)
 
 
-def accuracy_vs_dpc(scores: dict[int, dict[str, dict]], arch: str, path: str | Path, title: str = "",
-                    beside: dict[str, dict] | None = None, label: str = "") -> Path:
+def accuracy_vs_dpc(scores: ScoreTable, arch: str, path: str | Path, title: str = "",
+                    beside: dict[str, ScoreTable] | None = None, label: str = "") -> Path:
     """One architecture's mean accuracy ± std (over sets × seeds) against DPC; ``beside`` adds other curves
     ({name: scores}, e.g. the sweep's baselines ``random`` and ``vanilla``) with a legend.
 
-    ``scores``: {dpc: {arch: {"accuracy", "accuracy_std", "n", ...}}} as returned by the evaluation pool.
+    ``scores``: a score table (:mod:`tune.scores`) as returned by the evaluation pool.
     """
     fig = Figure(figsize=(4.5, 3.2))
     ax = fig.add_subplot()
     dpcs = []
     for name, sc in {label or arch: scores, **(beside or {})}.items():
-        ds = sorted(d for d in sc if arch in sc[d])
-        ax.errorbar(ds, [sc[d][arch]["accuracy"] for d in ds], yerr=[sc[d][arch]["accuracy_std"] for d in ds],
-                    marker="o", capsize=3, label=name)
+        ds, acc, std = curve(sc, arch)
+        ax.errorbar(ds, acc, yerr=std, marker="o", capsize=3, label=name)
         dpcs = sorted(set(dpcs) | set(ds))
     if beside:
         ax.legend(fontsize=8)
@@ -54,12 +54,11 @@ def accuracy_vs_dpc(scores: dict[int, dict[str, dict]], arch: str, path: str | P
     return _save(fig, path)
 
 
-def accuracy_vs_dpc_all(scores: dict[int, dict[str, dict]], out_dir: str | Path, title: str = "",
-                        beside: dict[str, dict] | None = None, label: str = "") -> list[Path]:
+def accuracy_vs_dpc_all(scores: ScoreTable, out_dir: str | Path, title: str = "",
+                        beside: dict[str, ScoreTable] | None = None, label: str = "") -> list[Path]:
     """One ``accuracy_vs_dpc_<arch>.png`` per architecture found in ``scores`` (``beside``: see above)."""
-    archs = sorted({a for per_arch in scores.values() for a in per_arch})
     return [accuracy_vs_dpc(scores, a, Path(out_dir) / f"accuracy_vs_dpc_{safe_name(a)}.png",
-                            f"{title} — {a}" if title else a, beside, label) for a in archs]
+                            f"{title} — {a}" if title else a, beside, label) for a in archs(scores)]
 
 
 def param_importances(importances: dict[str, float], path: str | Path, title: str = "") -> Path:

@@ -19,10 +19,10 @@ from optuna.trial import TrialState
 
 from dilm.files import atomic_write_text, write_json
 from dilm.tasks import load_task
-from tune.baselines import compare, format_compare
-from tune.config import OBJECTIVE, SweepConfig, SweepPaths
+from tune.config import SweepConfig, SweepPaths
 from tune.plots import accuracy_vs_dpc_all
 from tune.plots import param_importances as plot_importances
+from tune.scores import OBJECTIVE, best_row, compare, comparison_metrics, format_compare
 
 log = logging.getLogger("tune.report")
 
@@ -56,7 +56,7 @@ def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dic
              OBJECTIVE: t.value if t.state.name == "COMPLETE" else None, **t.params}
             for t in study.trials]
     complete = [r for r in rows if r["state"] == "COMPLETE"]
-    best = max(complete, key=lambda r: r[OBJECTIVE]) if complete else None
+    best = best_row(complete)
     states = [r["state"] for r in rows]
     return {"name": cfg.name, "rows": rows, "best": best, "complete": len(complete),
             "pruned": states.count("PRUNED"), "failed": states.count("FAIL"), "finished": finished,
@@ -94,7 +94,7 @@ def vocab_rate(set_files: list[Path], vocabulary: set[str]) -> float:
 
 
 def add_baselines(summary: dict, baselines: dict, paths: SweepPaths, task: str) -> None:
-    """The best trial beside the baselines: ``summary["baselines"]`` rows (:func:`tune.baselines.compare`) and the
+    """The best trial beside the baselines: ``summary["baselines"]`` rows (:func:`tune.scores.compare`) and the
     accuracy-vs-DPC plots with all curves, in ``reports/<name>/``."""
     summary["baseline_scores"] = baselines
     if not summary["best"]:
@@ -137,8 +137,7 @@ def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
         write_json(out / "baselines.json", summary["baselines"])
         tracker.log_artifact(out / "baselines.json")
         tracker.log_metrics({f"vocab_rate/{k.replace(' ', '_')}": v for k, v in summary["vocab_rate"].items()})
-        tracker.log_metrics({f"best_vs_{n}/{r['arch']}/dpc{r['dpc']}": r[f"vs_{n}"]
-                             for r in summary["baselines"] for n in ("random", "vanilla") if f"vs_{n}" in r})
+        tracker.log_metrics(comparison_metrics(summary["baselines"]))
     if summary["importances"]:
         write_json(out / "param_importances.json", summary["importances"])
         tracker.log_artifact(plot_importances(summary["importances"], out / "param_importances.png",

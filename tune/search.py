@@ -30,7 +30,8 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tune.config import FINAL, OBJECTIVE, VAL_METRIC, SweepConfig, SweepPaths
+from tune.config import SweepConfig, SweepPaths
+from tune.scores import FINAL, MODE, OBJECTIVE, VAL_METRIC
 from tune.tracking import SweepTracker, TrackingSpec
 
 log = logging.getLogger("tune.search")
@@ -86,7 +87,7 @@ def make_searcher(cfg: SweepConfig, paths: SweepPaths) -> PruneAwareOptunaSearch
     startup = cfg.startup_trials if cfg.startup_trials is not None else max(1, cfg.num_samples // 2)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
     space = {k: p.distribution() for k, p in cfg.search.items()}
-    return PruneAwareOptunaSearch(space, metric=OBJECTIVE, mode="max", sampler=sampler, study_name=cfg.name,
+    return PruneAwareOptunaSearch(space, metric=OBJECTIVE, mode=MODE, sampler=sampler, study_name=cfg.name,
                                   storage=storage, points_to_evaluate=list(cfg.points_to_evaluate) or None)
 
 
@@ -94,7 +95,7 @@ def make_scheduler(cfg: SweepConfig):
     if cfg.asha is None:
         return FIFOScheduler()
     a = cfg.asha
-    return ASHAScheduler(time_attr=a.time_attr, metric=VAL_METRIC, mode="max", max_t=a.max_t,
+    return ASHAScheduler(time_attr=a.time_attr, metric=VAL_METRIC, mode=MODE, max_t=a.max_t,
                          grace_period=a.grace_period, reduction_factor=a.reduction_factor)
 
 

@@ -6,7 +6,7 @@
 * every validation of distill (every ``val_interval`` outer loops): ``{val_accuracy, step, objective: nan,
   final: False}`` — ASHA's signal (:class:`StepReporter`; every step's metrics also go to the MLflow child run);
 * once, at the end: :func:`final_result` — ``objective`` (mean test accuracy over the pool's architectures and
-  the DPCs), ``acc_<arch>`` and ``final: True``.
+  the DPCs: :func:`tune.scores.objective`), ``acc_<arch>`` and ``final: True``.
 
 The LM stage is shared: a trial starts matching from the checkpoint ``<storage>/lm/<lm_cache_key>``
 (:func:`lm_checkpoint_for`). The driver trains it once before the Tuner starts when no LM key is searched; when some
@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import shutil
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +31,9 @@ from ray.tune import get_context, report
 from dilm.distill import DistillConfig, distill, lm_cache_key, train_lm
 from dilm.files import write_json
 from dilm.synset import read_set
-from tune.config import FINAL, OBJECTIVE, VAL_METRIC
 from tune.plots import accuracy_vs_dpc_all
 from tune.pool import PoolClient, PoolSpec
+from tune.scores import FINAL, OBJECTIVE, VAL_METRIC, ScoreTable, final_metrics, score_metrics
 from tune.tracking import TrackingSpec, TrialRun, run_label
 
 
@@ -76,38 +75,23 @@ class StepReporter:
             report({OBJECTIVE: math.nan, VAL_METRIC: float(metrics[VAL_METRIC]), "step": step, FINAL: False})
 
 
-def score_on_pool(sets: dict[int, list[Path]], plan: TrialPlan) -> dict[int, dict[str, dict]]:
+def score_on_pool(sets: dict[int, list[Path]], plan: TrialPlan) -> ScoreTable:
     """{dpc: [set paths]} → {dpc: {arch: summary}}, one pool job per DPC."""
     jobs = {dpc: [read_set(p, plan.label_names, plan.is_pair) for p in paths] for dpc, paths in sets.items()}
     return PoolClient(plan.pool).score(jobs)
 
 
-def final_result(scores: dict[int, dict[str, dict]], best_val: float | None, step: int) -> dict:
-    """The trial's last report: objective = mean accuracy over architectures and DPCs, plus each architecture's
-    mean over DPCs (``acc_<arch>``)."""
-    archs = sorted({a for per in scores.values() for a in per})
-    per_arch = {a: statistics.fmean(scores[d][a]["accuracy"] for d in scores if a in scores[d]) for a in archs}
-    out = {OBJECTIVE: statistics.fmean(per_arch.values()),
-           VAL_METRIC: math.nan if best_val is None else float(best_val), "step": step, FINAL: True}
-    out.update({f"acc_{a}": v for a, v in per_arch.items()})
-    return out
+def final_result(scores: ScoreTable, best_val: float | None, step: int) -> dict:
+    """The trial's last report: the objective and each architecture's mean over DPCs (``acc_<arch>``;
+    :func:`tune.scores.final_metrics`), the best validation accuracy and the step."""
+    return {**final_metrics(scores), VAL_METRIC: math.nan if best_val is None else float(best_val), "step": step,
+            FINAL: True}
 
 
-def score_metrics(scores: dict[int, dict[str, dict]]) -> dict[str, float]:
-    """MLflow metric names for the final scores: ``accuracy/<arch>/dpc<d>`` and ``accuracy_std/...``."""
-    out = {}
-    for d, per in scores.items():
-        for a, s in per.items():
-            out[f"accuracy/{a}/dpc{d}"] = s["accuracy"]
-            out[f"accuracy_std/{a}/dpc{d}"] = s["accuracy_std"]
-    return out
-
-
-def log_trial_outputs(run: TrialRun, result, scores: dict, final: dict, out: Path) -> None:
+def log_trial_outputs(run: TrialRun, result, scores: ScoreTable, final: dict, out: Path) -> None:
     write_json(out / "scores.json", {str(d): s for d, s in scores.items()})
     plots = accuracy_vs_dpc_all(scores, out / "plots", title=out.name)
-    summary = {k: v for k, v in final.items() if k not in (FINAL, VAL_METRIC, "step")}  # objective, acc_<arch>
-    run.log_metrics({**score_metrics(scores), **summary}, final["step"])
+    run.log_metrics({**score_metrics(scores), **final_metrics(scores)}, final["step"])
     run.flush()
     run.log_artifacts(out / "sets", "sets")
     run.log_artifact(result.provenance)
