@@ -1,8 +1,9 @@
-"""The shape of the house: no import cycles in ``dilm`` and ``tune``, ``dilm`` never imports Ray, and no module grows
-past ~400 lines without its docstring saying why ("Long because ...").
+"""The shape of the house: no import cycles in ``dilm`` and ``tune`` (sub-packages included), ``dilm`` never imports
+Ray, and no module longer than 400 lines.
 
 Imports are read from the sources (``ast``), not executed: every ``import`` / ``from ... import`` anywhere in a module
-counts (also inside functions), except those under ``if TYPE_CHECKING:``, which never run.
+counts — inside functions too, and under ``if TYPE_CHECKING:``: a circle that only type hints close is still one
+(the modules are one piece that cannot be read or split apart).
 """
 
 import ast
@@ -15,30 +16,20 @@ PACKAGES = ("dilm", "tune")
 MAX_LINES = 400
 
 
+def module_name(path: Path) -> str:
+    """``dilm/archs/icl.py`` → ``dilm.archs.icl``; a package's ``__init__.py`` → the package."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def modules() -> dict[str, Path]:
-    out = {}
-    for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).glob("*.py")):
-            out[pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"] = path
-    return out
-
-
-def _runtime_nodes(tree: ast.AST):
-    """All nodes, skipping the bodies of ``if TYPE_CHECKING:`` blocks."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            stack.extend(node.orelse)
-            continue
-        yield node
-        stack.extend(ast.iter_child_nodes(node))
+    return {module_name(path): path for pkg in PACKAGES for path in sorted((ROOT / pkg).rglob("*.py"))}
 
 
 def imported_names(path: Path) -> set[str]:
     """Absolute module names a source file imports (``from pkg import mod`` names ``pkg.mod`` when that exists)."""
     names = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -71,11 +62,17 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_the_walk_sees_the_imports():
+def test_the_walk_sees_the_imports(tmp_path):
     edges = graph()
     assert {"dilm.cli", "dilm.commands", "dilm.distill", "tune.sweep", "tune.pool"} <= set(edges)
+    assert {"dilm", "dilm.archs", "dilm.archs.icl"} <= set(edges)  # packages and their modules
     assert "dilm.matching" in edges["dilm.distill"] and "dilm.commands" in edges["dilm.cli"]
-    assert "dilm.evaluate" not in edges["dilm.ensemble"]  # a TYPE_CHECKING import is not an arrow
+    assert "dilm.archs.icl" in edges["dilm.archs"] and "dilm.archs.base" in edges["dilm.archs.icl"]
+    assert "dilm.evaluate" not in edges["dilm.ensemble"]  # the protocol is its own module: no circle through it
+    src = tmp_path / "m.py"
+    src.write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from dilm.evaluate import Scores\n\n\n"
+                   "def f():\n    import dilm.tdd\n")
+    assert {"dilm.evaluate", "dilm.evaluate.Scores", "dilm.tdd"} <= imported_names(src)  # type-only and local
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -91,11 +88,12 @@ def test_dilm_never_imports_ray():
     assert not {m: n for m, n in offenders.items() if n}
 
 
-@pytest.mark.parametrize("module", sorted(modules()))
-def test_long_modules_say_why(module):
+BEING_SPLIT = {"dilm.distill": "being split into dilm/distill/"}  # modules over the limit for now, and why
+
+
+@pytest.mark.parametrize("module", [pytest.param(m, marks=pytest.mark.xfail(reason=BEING_SPLIT[m], strict=False))
+                                    if m in BEING_SPLIT else m for m in sorted(modules())])
+def test_no_module_is_longer_than_the_limit(module):
     path = modules()[module]
     lines = len(path.read_text().splitlines())
-    if lines > MAX_LINES:
-        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        where = path.relative_to(ROOT)
-        assert "Long because" in doc, f"{where} has {lines} lines and no 'Long because' in its docstring"
+    assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (at most {MAX_LINES}): split it"
