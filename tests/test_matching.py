@@ -70,10 +70,12 @@ def _generator_batch(gen, tok, n=6):
 
 
 def test_matching_step_changes_generator_and_loss_decreases_on_fixed_pool():
+    """In float64: the tiny models' head gradients are nearly collinear (a loss of ~1.6e-6), and float32's rounding
+    of 1 - cos (~1e-7) is within a few percent of the decrease, so its order flips with the BLAS."""
     torch.manual_seed(0)
-    gen = load_model("tiny-llama", "causal-lm")
+    gen = load_model("tiny-llama", "causal-lm").double()
     gtok = load_tokenizer("tiny-llama")
-    learner, ltok = _learner()
+    learner, ltok = _learner(torch.float64)
     params = matched_params(learner)
     samples, (ids, am, tm) = _generator_batch(gen, gtok, 8)
     syn = _inputs(ltok, [s.text for s in samples])
@@ -90,7 +92,7 @@ def test_matching_step_changes_generator_and_loss_decreases_on_fixed_pool():
         opt.step()
         losses.append(loss.item())
     assert any(not torch.equal(b, p) for b, p in zip(before, gen.parameters()))
-    assert losses[-1] < losses[0]
+    assert losses[-1] < 0.95 * losses[0]  # measured 0.83 of the start; float64 noise is ~1e-16 of it
 
 
 def test_label_conditioned_sampling_is_parseable_for_each_class():

@@ -60,8 +60,11 @@ def test_probe_agreement_and_its_disk_cache(toy_task, tmp_path, monkeypatch):
     monkeypatch.setenv("DILM_CACHE", str(tmp_path))
     probe = LabelProbe.for_task(toy_task, "tiny-bert", CPU)
     by_class = toy_task.by_class("test")
-    assert probe.agreement(by_class) > 0.9
-    assert probe.agreement(by_class[::-1]) < 0.1  # texts of the other class: disagreement
+    # a probe on a random tiny encoder's features: 55 of 60 measured; chance is 30 ± 3.9 (sd), so 45 is > 3.8 sd
+    # above chance and 10 test examples below what was measured
+    agree = probe.agreement(by_class)
+    assert agree > 0.75
+    assert probe.agreement(by_class[::-1]) == pytest.approx(1 - agree)  # texts of the other class: disagreement
     cached = list((tmp_path / "probes").glob("*.joblib"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
