@@ -11,13 +11,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import torch
-
 from dilm import DilmError
 from dilm.features import POOLINGS, embed
 from dilm.options import option
 from dilm.seeds import derive_seed
-from dilm.selection import kmeans_nearest
+from dilm.selection import herding, kmeans_nearest
 from dilm.synset import SynSet
 from dilm.tasks import Example, TaskData, check_dpc
 from dilm.text import pair_args
@@ -45,22 +43,6 @@ class CoresetConfig:
         if not self.dpc or min(self.dpc) < 1 or self.n_sets < 1:
             raise DilmError("dpc values and n_sets must be >= 1")
         object.__setattr__(self, "dpc", tuple(sorted(self.dpc)))
-
-
-def herding(features: torch.Tensor, k: int) -> list[int]:
-    """Greedy herding: keep the mean of the chosen features closest to the mean of all."""
-    x = torch.nn.functional.normalize(features.double(), dim=1)
-    mu = x.mean(0)
-    total = torch.zeros_like(mu)
-    chosen: list[int] = []
-    for t in range(1, k + 1):
-        dist = ((mu - (total[None] + x) / t) ** 2).sum(1)
-        if chosen:
-            dist[chosen] = float("inf")
-        i = int(dist.argmin())
-        chosen.append(i)
-        total += x[i]
-    return chosen
 
 
 def class_candidates(task: TaskData, cfg: CoresetConfig) -> list[list[Example]]:

@@ -102,6 +102,15 @@ class LabelProbe:
     def predict(self, texts: list[str]) -> np.ndarray:
         return predict(self.clf, sentence_embeddings(texts, self.encoder, self.device, self.model))
 
+    def probabilities(self, items: list, num_classes: int) -> np.ndarray:
+        """(len(items), num_classes): the probe's class probabilities of items (with ``text``/``text_pair``)."""
+        x = sentence_embeddings([join(s) for s in items], self.encoder, self.device, self.model)
+        if isinstance(self.clf, int):  # fitted on one class only
+            return np.eye(num_classes)[[self.clf] * len(items)]
+        out = np.zeros((len(items), num_classes))
+        out[:, self.clf.classes_] = self.clf.predict_proba(x)
+        return out
+
     def agreement(self, by_class: list[list]) -> float:
         """Fraction (0–1) of the items (anything with ``text``/``text_pair``) of ``by_class[c]`` predicted as c."""
         items = [(c, join(s)) for c, group in enumerate(by_class) for s in group]

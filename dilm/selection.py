@@ -1,8 +1,15 @@
-"""Representative rows of a feature matrix: the real examples nearest the centroids of a k-means.
+"""Choosing k rows of a feature matrix, and the label filter that runs before a choice among generated candidates.
 
-Shared by the coreset baseline ``kcenters`` (:mod:`dilm.coreset`), the matching stage's representative sets and the
-selection of final sets from a synthetic pool (:mod:`dilm.distill`), and the real examples that start soft-label
-learning with fewer examples than classes (:mod:`dilm.softlabel`).
+Vocabulary: *candidates* are the generated texts of one class; *selection* keeps DPC of them.
+
+* ``kmeans`` — the rows nearest the centroids of a k-means (the DiLM reference's "k-centers"): representative
+  points. Shared by the coreset baseline ``kcenters`` (:mod:`dilm.coreset`), the matching stage's representative
+  sets, the final sets, and the real examples that start soft-label learning with fewer examples than classes.
+* ``herding`` — greedy herding: the running mean of the chosen rows is kept closest to a target mean, by default
+  the candidates' own mean; ``herding-real`` aims at the mean of the class's *real* examples (distribution matching).
+* the **label filter** (``probe``) keeps the candidates a probe fitted on the real training split assigns to the
+  class they were generated for with probability ≥ a threshold; a generator that writes off-label texts otherwise
+  puts them into the sets. Too few survivors → the most confident candidates fill up to k.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics.pairwise import euclidean_distances
 
+SELECTIONS = ("kmeans", "herding", "herding-real")
+FILTERS = ("none", "probe")
 KMEANS_FULL_LIMIT = 2_000_000  # rows × clusters up to which full k-means is used; MiniBatchKMeans above
 
 
@@ -37,3 +46,45 @@ def kmeans_nearest(features: torch.Tensor, k: int, seed: int, n_init: int = 3) -
                 taken.add(int(i))
                 break
     return chosen
+
+
+def herding(features: torch.Tensor, k: int, target: torch.Tensor | None = None) -> list[int]:
+    """Greedy herding on unit rows: step t keeps the row that brings the mean of the t chosen closest to ``target``
+    (default: the mean of all rows; a (H,) mean of other data, e.g. the class's real examples, is unit-normalised
+    feature space too). Deterministic; k distinct rows."""
+    x = torch.nn.functional.normalize(features.double(), dim=1)  # (N, H)
+    mu = x.mean(0) if target is None else target.double().to(x.device)  # (H,)
+    total = torch.zeros_like(mu)
+    chosen: list[int] = []
+    for t in range(1, k + 1):
+        dist = ((mu - (total[None] + x) / t) ** 2).sum(1)  # (N,) distance of each candidate mean to the target
+        if chosen:
+            dist[chosen] = float("inf")
+        i = int(dist.argmin())
+        chosen.append(i)
+        total += x[i]
+    return chosen
+
+
+def label_filter(probs: np.ndarray, label: int, threshold: float, k: int) -> list[int]:
+    """Indices of the candidates whose probability (rows of ``probs`` (N, C)) of ``label`` is ≥ ``threshold``, in
+    their original order; when fewer than ``k`` pass, the ``k`` most confident instead (so selection can run)."""
+    p = probs[:, label]
+    keep = np.flatnonzero(p >= threshold)
+    if len(keep) >= k:
+        return keep.tolist()
+    return sorted(np.argsort(-p, kind="stable")[:k].tolist())
+
+
+def select_rows(features: torch.Tensor, k: int, method: str, seed: int,
+                real_mean: torch.Tensor | None = None) -> list[int]:
+    """k rows of ``features`` by ``method`` (one of :data:`SELECTIONS`); ``herding-real`` needs ``real_mean``."""
+    if method == "kmeans":
+        return kmeans_nearest(features, k, seed)
+    if method == "herding":
+        return herding(features, k)
+    if method == "herding-real":
+        if real_mean is None:
+            raise ValueError("herding-real needs the real class mean")
+        return herding(features, k, real_mean)
+    raise ValueError(f"unknown selection {method!r}; known: {', '.join(SELECTIONS)}")

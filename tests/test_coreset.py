@@ -3,8 +3,8 @@ import torch
 
 from dilm import DilmError
 from dilm.cli import main
-from dilm.coreset import CoresetConfig, build_coresets, herding
-from dilm.selection import kmeans_nearest
+from dilm.coreset import CoresetConfig, build_coresets
+from dilm.selection import herding, kmeans_nearest
 from dilm.synset import read_set
 
 CPU = torch.device("cpu")

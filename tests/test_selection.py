@@ -1,0 +1,79 @@
+"""Selection among generated candidates (k-means, herding toward the candidates' or the real mean, the probe's label
+filter) and the memorisation / contamination report of a set."""
+
+import numpy as np
+import pytest
+import torch
+
+from dilm.memorisation import CopyIndex, memorisation_report, ngrams
+from dilm.selection import SELECTIONS, herding, label_filter, select_rows
+
+
+def blobs(seed=0) -> torch.Tensor:
+    """60 unit-ish rows in 3 well separated blobs of 20 (blob b around axis b)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(8)[:3] * 5
+    return torch.cat([c + 0.3 * torch.randn(20, 8, generator=g) for c in centres])
+
+
+@pytest.mark.parametrize("method", SELECTIONS)
+def test_every_selection_returns_k_distinct_rows(method):
+    x = blobs()
+    idx = select_rows(x, 6, method, seed=0, real_mean=torch.nn.functional.normalize(x, dim=1).mean(0))
+    assert len(idx) == len(set(idx)) == 6 and all(0 <= i < 60 for i in idx)
+
+
+def test_herding_matches_the_mean_it_is_given():
+    x = blobs()
+    unit = torch.nn.functional.normalize(x.double(), dim=1)
+    # toward the candidates' own mean: the 3 chosen rows' mean is closer to it than any 3 rows of one blob
+    own = herding(x, 3)
+    assert sorted(i // 20 for i in own) == [0, 1, 2]  # one per blob: the balanced mean
+    # toward a target inside blob 2 (real data elsewhere than the candidates' mean): the rows come from blob 2
+    target = unit[40:60].mean(0)
+    assert all(i // 20 == 2 for i in herding(x, 3, target))
+    # herding beats the rows picked at random at matching the target
+    chosen = unit[herding(x, 5, target)].mean(0)
+    rand = unit[torch.randperm(60, generator=torch.Generator().manual_seed(1))[:5]].mean(0)
+    assert (chosen - target).norm() < (rand - target).norm()
+
+
+def test_label_filter_keeps_the_confident_and_falls_back_to_the_most_confident():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.45, 0.55], [0.95, 0.05]])
+    assert label_filter(probs, 0, 0.5, 2) == [0, 2, 4]
+    assert label_filter(probs, 1, 0.5, 2) == [1, 3]
+    assert label_filter(probs, 1, 0.9, 2) == [1, 3]  # none pass 0.9: the 2 most confident of class 1
+    assert label_filter(probs, 0, 0.0, 5) == [0, 1, 2, 3, 4]
+
+
+def test_memorisation_counts_exact_and_near_copies_of_train_and_test():
+    train = ["a gripping , beautifully acted drama about two brothers and their father",
+             "the plot is thin", "utterly charming from start to finish"]
+    test = ["a dull and lifeless sequel that nobody asked for"]
+    synthetic = [
+        "The plot is   thin",  # exact copy (case and spaces normalised)
+        "a gripping , beautifully acted drama about two brothers and their mother",  # 9 of 10 4-grams in one text
+        "a fresh comedy with a big heart",  # new
+        "a dull and lifeless sequel that nobody asked for",  # a test text
+    ]
+    report = memorisation_report(synthetic, CopyIndex(train), CopyIndex(test))
+    assert report["train"] == {"n": 4, "exact": 1, "near": 2, "exact_share": 0.25, "near_share": 0.5}
+    assert report["test"]["exact"] == 1 and report["test"]["near"] == 1
+    # n-grams from different training texts do not add up to a copy
+    spliced = "a gripping , beautifully acted utterly charming from start to finish"
+    assert CopyIndex(train).overlap(spliced) < 0.8
+    assert ngrams("too short") == {("too", "short")} and ngrams("") == set()
+
+
+def test_probe_probabilities_rank_on_and_off_label_texts(toy_task, tmp_path, monkeypatch):
+    from dilm.probe import LabelProbe
+
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path))
+    probe = LabelProbe.for_task(toy_task, "tiny-bert", torch.device("cpu"))
+    neg, pos = toy_task.by_class("test")
+    p = probe.probabilities(neg + pos, 2)
+    assert p.shape == (len(neg) + len(pos), 2) and np.allclose(p.sum(1), 1)
+    assert np.array_equal(p.argmax(1), probe.predict([e.text for e in neg + pos]))
+    # the filter at 0.5 keeps exactly the texts the probe assigns to the class
+    kept = label_filter(p[: len(neg)], 0, 0.5, 1)
+    assert kept == [i for i in range(len(neg)) if p[i, 0] >= 0.5] and len(kept) > len(neg) / 2
