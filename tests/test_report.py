@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tune.report import vocab_rate, words
 
 
@@ -40,3 +42,23 @@ def test_best_trial_beside_the_baselines_rows_table_and_metric_names():
     table = format_compare(rows)
     assert "best-random" in table[0] and table[0].index("random") < table[0].index("vanilla") and len(table) == 4
     assert best_row([{OBJECTIVE: 1.0}, {OBJECTIVE: 3.0}]) == {OBJECTIVE: 3.0} and best_row([]) is None
+
+
+def test_differences_come_with_a_welch_interval_in_rows_table_and_metrics():
+    from scipy import stats
+
+    from tune.scores import compare, comparison_metrics, difference_interval, format_compare
+
+    a, b = {"accuracy": 70.0, "accuracy_std": 3.0, "n": 10}, {"accuracy": 64.0, "accuracy_std": 4.0, "n": 20}
+    lo, hi = difference_interval(a, b)
+    # against scipy's own Welch test: the interval's ends are where the two-sided p-value is 0.05
+    for end in (lo, hi):
+        shifted = stats.ttest_ind_from_stats(70.0 - end, 3.0, 10, 64.0, 4.0, 20, equal_var=False)
+        assert shifted.pvalue == pytest.approx(0.05, abs=1e-6)
+    assert lo < 6.0 < hi and difference_interval(a, {**b, "n": 1}) is None
+    rows = compare({5: {"p": a}}, {"random": {5: {"p": b}}, "vanilla": {5: {"p": {**b, "accuracy": 69.0}}}})
+    assert rows[0]["vs_random_lo"] == pytest.approx(lo) and rows[0]["vs_random_hi"] == pytest.approx(hi)
+    assert comparison_metrics(rows)["best_vs_random_lo/p/dpc5"] == pytest.approx(lo)
+    line = format_compare(rows)[1]
+    assert f"[{lo:+5.1f},{hi:+5.1f}]*" in line  # excludes 0: starred
+    assert "+1.0 [" in line and "]*" not in line.split("+1.0 [")[1]  # vs vanilla: includes 0, no star

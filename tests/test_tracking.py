@@ -206,3 +206,18 @@ def test_asha_stopped_trial_ends_finished_with_its_tag_and_runs_read_at_a_glance
     assert stopped.info.status == "FINISHED" and stopped.data.tags["stopped_early"] == "asha"
     assert stopped.info.run_name == "00004 generator_lr=3.21e-05 inner_loop=2"
     assert tracker.find_child("abcd1234_00003").info.run_name == "00003 obj 61.2 | generator_lr=3.21e-05 inner_loop=2"
+
+
+def test_the_experiment_opens_as_model_development_and_the_winner_reads_at_a_glance(store):
+    from tune.tracking import BEST_MARK, BEST_TAG, EXPERIMENT_KIND_TAG, NOTE_TAG
+
+    _, tracker = store
+    exp = tracker.client.get_experiment(tracker.spec.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # not MLflow 3's GenAI traces view
+    with TrialRun(tracker.spec, "t-win", "00007 obj 70.1 | x=1"):
+        pass
+    tracker.mark_best("t-win", "best-random +6.0 [+2.1,+9.9]*")
+    tracker.mark_best("t-win", "best-random +6.0 [+2.1,+9.9]*")  # again (a resumed sweep): one mark
+    run = tracker.find_child("t-win")
+    assert run.info.run_name == f"{BEST_MARK} 00007 obj 70.1 | x=1" and run.data.tags[BEST_TAG] == "true"
+    assert run.data.tags[NOTE_TAG].startswith("best-random +6.0")

@@ -23,6 +23,7 @@ from tune.config import SweepConfig, SweepPaths
 from tune.plots import accuracy_vs_dpc_all
 from tune.plots import param_importances as plot_importances
 from tune.scores import OBJECTIVE, best_row, compare, comparison_metrics, format_compare
+from tune.tracking import NOTE_TAG
 
 log = logging.getLogger("tune.report")
 
@@ -138,6 +139,10 @@ def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
         tracker.log_artifact(out / "baselines.json")
         tracker.log_metrics({f"vocab_rate/{k.replace(' ', '_')}": v for k, v in summary["vocab_rate"].items()})
         tracker.log_metrics(comparison_metrics(summary["baselines"]))
+    if summary["best"]:
+        headline = "\n".join(format_summary(summary).splitlines()[1:])
+        tracker.mark_best(summary["best"]["ray_trial_id"], headline)
+        tracker.set_tags({NOTE_TAG: headline})
     if summary["importances"]:
         write_json(out / "param_importances.json", summary["importances"])
         tracker.log_artifact(plot_importances(summary["importances"], out / "param_importances.png",

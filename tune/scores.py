@@ -66,39 +66,79 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(rows, key=lambda r: r[OBJECTIVE], default=None)
 
 
+def difference_interval(a: dict, b: dict, level: float = 0.95) -> tuple[float, float] | None:
+    """Welch's ``level`` interval of mean accuracy ``a`` − ``b`` (two summaries with ``accuracy``, ``accuracy_std``
+    and ``n`` over independent (set, seed) pairs); None when either has fewer than 2."""
+    from scipy import stats
+
+    na, nb = a.get("n", 0), b.get("n", 0)
+    if na < 2 or nb < 2:
+        return None
+    va, vb = a["accuracy_std"] ** 2 / na, b["accuracy_std"] ** 2 / nb
+    diff = a["accuracy"] - b["accuracy"]
+    if va + vb == 0:
+        return diff, diff
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))  # Welch–Satterthwaite
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * (va + vb) ** 0.5
+    return diff - half, diff + half
+
+
 def compare(best: ScoreTable, baselines: dict[str, ScoreTable]) -> list[dict]:
-    """Rows (arch, dpc): the best trial's accuracy ± std, each baseline's, and the difference in points
-    (``vs_<baseline>``)."""
+    """Rows (arch, dpc): the best trial's accuracy ± std (over n sets × seeds), each baseline's, the difference in
+    points (``vs_<baseline>``) and its 95 % interval (``vs_<baseline>_lo`` / ``_hi``, Welch)."""
     rows = []
     for d in sorted(best):
         for a in sorted(best[d]):
-            row = {"arch": a, "dpc": d, "best": best[d][a]["accuracy"], "best_std": best[d][a]["accuracy_std"]}
+            mine = best[d][a]
+            row = {"arch": a, "dpc": d, "best": mine["accuracy"], "best_std": mine["accuracy_std"],
+                   "best_n": mine.get("n", 0)}
             for name, sc in baselines.items():
                 if a in sc.get(d, {}):
-                    row[name] = sc[d][a]["accuracy"]
-                    row[f"{name}_std"] = sc[d][a]["accuracy_std"]
+                    theirs = sc[d][a]
+                    row[name] = theirs["accuracy"]
+                    row[f"{name}_std"] = theirs["accuracy_std"]
                     row[f"vs_{name}"] = row["best"] - row[name]
+                    if (ci := difference_interval(mine, theirs)) is not None:
+                        row[f"vs_{name}_lo"], row[f"vs_{name}_hi"] = ci
             rows.append(row)
     return rows
 
 
 def compared(rows: list[dict]) -> list[str]:
     """The baselines that :func:`compare` rows hold, in their order."""
-    return list(dict.fromkeys(k.removeprefix("vs_") for r in rows for k in r if k.startswith("vs_")))
+    return list(dict.fromkeys(k.removeprefix("vs_") for r in rows for k in r
+                              if k.startswith("vs_") and not k.endswith(("_lo", "_hi"))))
+
+
+def _difference(r: dict, n: str) -> str:
+    """``+4.1 [+1.2, +7.0]``: the difference and its 95 % interval (``*`` when the interval excludes 0)."""
+    if f"vs_{n}_lo" not in r:
+        return f"{r['vs_' + n]:+6.1f}" + " " * 17
+    lo, hi = r[f"vs_{n}_lo"], r[f"vs_{n}_hi"]
+    return f"{r['vs_' + n]:+6.1f} [{lo:+5.1f},{hi:+5.1f}]{'*' if lo > 0 or hi < 0 else ' '}"
 
 
 def format_compare(rows: list[dict]) -> list[str]:
-    """The summary's table: best trial vs each baseline, accuracy ± std over sets × seeds, difference in points."""
+    """The summary's table: best trial vs each baseline, accuracy ± std over n sets × seeds, the difference in points
+    with its 95 % interval (``*``: the interval excludes 0)."""
     names = compared(rows)
-    lines = ["  arch               DPC  best trial     " + "".join(f"{n:<15}best-{n:<9}" for n in names)]
+    lines = ["  arch               DPC  best trial (n)    " + "".join(f"{n:<15}best-{n} [95% CI]{'':<10}"
+                                                                  for n in names)]
     for r in rows:
-        cells = "".join(f"{r[n]:5.1f} ± {r[n + '_std']:4.1f}   {r['vs_' + n]:+6.1f}        " if n in r else " " * 30
+        cells = "".join(f"{r[n]:5.1f} ± {r[n + '_std']:4.1f}   {_difference(r, n)}  " if n in r else " " * 42
                         for n in names)
-        lines.append(f"  {r['arch']:<18} {r['dpc']:>3}  {r['best']:5.1f} ± {r['best_std']:4.1f}   {cells}".rstrip())
+        lines.append(f"  {r['arch']:<18} {r['dpc']:>3}  {r['best']:5.1f} ± {r['best_std']:4.1f} ({r['best_n']:>3})  "
+                     f"{cells}".rstrip())
     return lines
 
 
 def comparison_metrics(rows: list[dict]) -> dict[str, float]:
-    """MLflow metric names for :func:`compare` rows: ``best_vs_<baseline>/<arch>/dpc<d>``, in points."""
-    names = compared(rows)
-    return {f"best_vs_{n}/{r['arch']}/dpc{r['dpc']}": r[f"vs_{n}"] for r in rows for n in names if f"vs_{n}" in r}
+    """MLflow metric names for :func:`compare` rows: ``best_vs_<baseline>/<arch>/dpc<d>`` in points, and the ends of
+    its 95 % interval (``best_vs_<baseline>_lo/...``, ``_hi``)."""
+    out = {}
+    for r in rows:
+        for n in compared(rows):
+            for suffix in ("", "_lo", "_hi"):
+                if f"vs_{n}{suffix}" in r:
+                    out[f"best_vs_{n}{suffix}/{r['arch']}/dpc{r['dpc']}"] = r[f"vs_{n}{suffix}"]
+    return out

@@ -42,6 +42,12 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+BEST_TAG = "dilm.best"
+BEST_MARK = "★ best"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI
+
+
 def default_storage() -> Path:
     """Where sweeps keep their state when neither ``--storage`` nor the YAML says: ``$DILM_SWEEP_DIR`` or
     ``./runs/sweeps``, as given (a relative one is relative to the working directory)."""
@@ -129,6 +135,8 @@ class SweepTracker:
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(
             experiment, artifact_location=artifact_location(uri, experiment))
+        # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view: runs table with metrics instead
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         if parent_run_id:
             client.update_run(parent_run_id, status="RUNNING")
         else:
@@ -172,6 +180,18 @@ class SweepTracker:
         if tags:
             self.client.log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self.client.set_terminated(run.info.run_id, status=status)
+
+    def mark_best(self, trial_id: str, headline: str) -> None:
+        """The winning trial's child run, visible without picking columns: its name starts with ``★ best``, it is
+        tagged ``dilm.best``, and ``headline`` (how much it beat the baselines by) is its description."""
+        run = self.find_child(trial_id)
+        if run is None:
+            return
+        name = run.info.run_name or trial_id
+        tags = [RunTag(BEST_TAG, "true"), RunTag(NOTE_TAG, headline)]
+        if not name.startswith(BEST_MARK):
+            tags.append(RunTag("mlflow.runName", f"{BEST_MARK} {name}"))
+        self.client.log_batch(run.info.run_id, tags=tags)
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.spec.parent_run_id, status=status)
