@@ -1,7 +1,7 @@
 """Evaluation: train fresh learners on synthetic sets and report their test accuracy (DESIGN.md).
 
 Every architecture in ``EvalConfig.archs`` (:mod:`dilm.archs`: fine-tuned models, ``tfidf-logreg``,
-``<encoder>-probe``, ``icl-<model>``) scores every set, fine-tuned learners by the protocol (:mod:`dilm.protocol`):
+``<model>-probe``, ``icl-<model>``) scores every set, fine-tuned learners by the protocol (:mod:`dilm.protocol`):
 ``cfg.seeds`` fits per set, each fit's test accuracy (and F1 on MRPC-style pair tasks) one entry of
 :class:`ArchScores`. The mean over architectures is the validation score of a distillation run.
 """

@@ -56,7 +56,7 @@ class EvalConfig:
     """One evaluation: the protocol's values (defaults: :data:`PROTOCOL`) and what trains on the sets, where."""
 
     archs: tuple[str, ...] = option(("minilm-l6",), "architectures, comma-separated: model names, tfidf-logreg, "
-                                                    "<encoder>-probe, icl-<model>")
+                                                    "<model>-probe, icl-<model>")
     seeds: int = option(5, "training seeds per set")
     steps: int = protocol_option("steps")
     lr: float = protocol_option("lr")

@@ -75,10 +75,12 @@ def test_arch_names_find_their_kind_and_a_miss_names_the_kinds():
     from dilm.archs import KINDS, check_arch, kind_of
 
     got = {a: (kind_of(a).name, kind_of(a).model(a)) for a in (
-        "tfidf-logreg", "icl-smollm2", "icl-tiny-llama", "minilm-probe", "tiny-bert-probe", "minilm-l6")}
+        "tfidf-logreg", "icl-smollm2", "icl-tiny-llama", "minilm-probe", "tiny-bert-probe", "minilm-l6",
+        "smollm2-probe")}
     assert got == {"tfidf-logreg": ("tfidf", None), "icl-smollm2": ("icl", "smollm2-135m"),
                    "icl-tiny-llama": ("icl", "tiny-llama"), "minilm-probe": ("probe", "minilm-l6"),
-                   "tiny-bert-probe": ("probe", "tiny-bert"), "minilm-l6": ("finetune", "minilm-l6")}
+                   "tiny-bert-probe": ("probe", "tiny-bert"), "minilm-l6": ("finetune", "minilm-l6"),
+                   "smollm2-probe": ("probe", "smollm2-135m")}
     assert KINDS[-1].name == "finetune"  # takes any other name, so it is asked last
     with pytest.raises(DilmError, match=r"unknown architecture ''; known kinds: tfidf-logreg \(tfidf\), icl-<model>"):
         kind_of("")

@@ -1,4 +1,4 @@
-"""Prompt templates, the label-agreement probe and the ``<encoder>-probe`` evaluation architecture."""
+"""Prompt templates, the label-agreement probe and the ``<model>-probe`` evaluation architecture."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 
 from dilm import DilmError
 from dilm.archs import check_arch
-from dilm.distill import DistillConfig, Distiller
+from dilm.distill import DistillConfig, Distiller, match_stage
 from dilm.evaluate import Evaluator
 from dilm.generator import LABEL_TEMPLATE, TokenizedCorpus, parse, prompt, resolve_template
 from dilm.models import load_tokenizer
@@ -82,14 +82,14 @@ def percent_of_own_class(probe: LabelProbe, by_class: list[list]) -> float:
 
 def test_distill_emits_label_agreement_per_pool_and_for_final_sets(tmp_path, toy_task, monkeypatch):
     seen, generated = [], []
-    regenerate = Distiller.regenerate_pool
+    regenerate = match_stage.regenerate_pool
 
-    def regenerate_and_keep(self, seed, learner):
-        pools = regenerate(self, seed, learner)
+    def regenerate_and_keep(ctx, seed, learner):
+        pools = regenerate(ctx, seed, learner)
         generated.append([samples for samples, _, _ in pools])  # per class: the texts generated for it
         return pools
 
-    monkeypatch.setattr(Distiller, "regenerate_pool", regenerate_and_keep)
+    monkeypatch.setattr(match_stage, "regenerate_pool", regenerate_and_keep)
     cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), probe="tiny-bert", dpc=(2, 3))
     result = Distiller(cfg, callback=seen.append, task=toy_task).fit()
     pools = [m for m in seen if "label_agreement" in m]
@@ -104,7 +104,7 @@ def test_distill_emits_label_agreement_per_pool_and_for_final_sets(tmp_path, toy
     assert prov["probe"] == "tiny-bert"
 
 
-# ---------------------------------------------------------------- the <encoder>-probe architecture
+# ---------------------------------------------------------------- the <model>-probe architecture
 
 def _set(examples, names, soft=None):
     return SynSet([SynExample(e.text, e.label, soft_label=None if soft is None else soft(e)) for e in examples],
@@ -126,8 +126,9 @@ def test_minilm_probe_tells_a_good_set_from_a_bad_one(toy_task):
 def test_probe_arch_names_are_checked():
     check_arch("minilm-probe")
     check_arch("tiny-bert-probe")
-    with pytest.raises(DilmError, match="a probe needs an encoder, tiny-llama is a decoder"):
-        check_arch("tiny-llama-probe")
+    check_arch("tiny-llama-probe")  # a decoder's states too (test_a_decoder_lm_probe_is_a_judge_too)
+    with pytest.raises(DilmError, match="no-such-model"):
+        check_arch("./no-such-model-probe")
 
 
 def test_fit_logreg_soft_targets_and_one_class():
@@ -137,3 +138,18 @@ def test_fit_logreg_soft_targets_and_one_class():
     flipped = fit_logreg(x, np.array([[0.2, 0.8], [0.2, 0.8], [0.8, 0.2], [0.8, 0.2]]))
     assert list(predict(flipped, x)) == [1, 1, 0, 0]
     assert list(predict(fit_logreg(x, np.eye(2)[[1, 1, 1, 1]]), x)) == [1, 1, 1, 1]
+
+
+def test_a_decoder_lm_probe_is_a_judge_too(toy_task):
+    """``<decoder>-probe`` (``smollm2-probe`` on the packaged model): mean-pooled decoder states, a judge whose
+    features no MiniLM-space selection saw; on the toy task a good set beats its label-swapped twin."""
+    from dilm.archs import check_arch, kind_of
+
+    check_arch("tiny-llama-probe")
+    assert kind_of("smollm2-probe").model("smollm2-probe") == "smollm2-135m"
+    picked = [e for c in toy_task.by_class() for e in c[:5]]
+    good = _set(picked, toy_task.label_names)
+    bad = _set([Example(e.text, 1 - e.label) for e in picked], toy_task.label_names)
+    ev = Evaluator(toy_task, EvalConfig(archs=("tiny-llama-probe",), seeds=1, progress=False))
+    good_acc, bad_acc = (ev.evaluate([s]).summary()["tiny-llama-probe"]["accuracy"] for s in (good, bad))
+    assert good_acc == pytest.approx(100 - bad_acc) and good_acc > 75  # 60 test texts; chance 50 ± 6.5

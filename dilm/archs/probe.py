@@ -1,5 +1,8 @@
-"""``<encoder>-probe`` (``minilm-probe`` = ``minilm-l6``): the frozen encoder's mean-pooled, unit-norm sentence
-embeddings + logistic regression trained on the set (soft labels by weighted expansion).
+"""``<model>-probe`` (``minilm-probe`` = ``minilm-l6``, ``smollm2-probe`` = ``smollm2-135m``): the frozen model's
+mean-pooled, unit-norm last-layer states + logistic regression trained on the set (soft labels by weighted expansion).
+
+An encoder or a decoder LM: ``smollm2-probe`` reads features that a selection in MiniLM's feature space never saw,
+so it is an independent judge of sets chosen there.
 
 Deterministic, so one fit per set whatever ``seeds`` says. Cheap on a CPU and, unlike 200 fine-tuning steps on 20
 texts, it separates good sets from bad ones.
@@ -32,5 +35,5 @@ def score(ctx: EvalContext, encoder: str, sets: list[SynSet]) -> Predictions:
         yield probe_predictions(ctx, encoder, s), ctx.cfg.seeds
 
 
-KIND = ArchKind("probe", "<encoder>-probe", re.compile(r"(?P<model>.+)-probe"), score, title="a probe",
-                family="encoder", aliases={"minilm-probe": "minilm-l6"})
+KIND = ArchKind("probe", "<model>-probe", re.compile(r"(?P<model>.+)-probe"), score, title="a probe",
+                aliases={"minilm-probe": "minilm-l6", "smollm2-probe": "smollm2-135m"})
