@@ -2,7 +2,7 @@
 
 * :mod:`~dilm.archs.finetune` ``<model>`` — a model fine-tuned with a fresh classification head by the protocol;
 * :mod:`~dilm.archs.tfidf` ``tfidf-logreg`` — TF-IDF + logistic regression trained from scratch;
-* :mod:`~dilm.archs.probe` ``<model>-probe`` — logistic regression on a frozen model's mean-pooled states (encoder or decoder);
+* :mod:`~dilm.archs.probe` ``<model>-probe`` — logistic regression on a frozen model's mean-pooled states;
 * :mod:`~dilm.archs.icl` ``icl-<model>`` — k-shot in-context learning with a decoder LM.
 
 A name belongs to the first kind in :data:`KINDS` whose pattern it matches (``<model>`` takes any other name, so it
