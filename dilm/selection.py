@@ -7,8 +7,8 @@ Vocabulary: *candidates* are the generated texts of one class; *selection* keeps
   sets, the final sets, and the real examples that start soft-label learning with fewer examples than classes.
 * ``herding`` — greedy herding: the running mean of the chosen rows is kept closest to a target mean, by default
   the candidates' own mean; ``herding-real`` aims at the mean of the class's *real* examples (distribution matching).
-* the **label filter** (``probe``) keeps the candidates a probe fitted on the real training split assigns to the
-  class they were generated for with probability ≥ a threshold; a generator that writes off-label texts otherwise
+* the **label filter** (``probe``) keeps the candidates that a probe fitted on the real training split assigns to
+  the class they were generated for (its most probable class, with probability ≥ a threshold); a generator that writes off-label texts otherwise
   puts them into the sets. Too few survivors → the most confident candidates fill up to k.
 """
 
@@ -67,10 +67,11 @@ def herding(features: torch.Tensor, k: int, target: torch.Tensor | None = None) 
 
 
 def label_filter(probs: np.ndarray, label: int, threshold: float, k: int) -> list[int]:
-    """Indices of the candidates whose probability (rows of ``probs`` (N, C)) of ``label`` is ≥ ``threshold``, in
-    their original order; when fewer than ``k`` pass, the ``k`` most confident instead (so selection can run)."""
+    """Indices (in order) of the candidates the probe assigns to ``label`` — its most probable class (rows of
+    ``probs`` (N, C)) — with probability ≥ ``threshold``; when fewer than ``k`` pass, the ``k`` with the highest
+    probability of ``label`` instead (so selection can run)."""
     p = probs[:, label]
-    keep = np.flatnonzero(p >= threshold)
+    keep = np.flatnonzero((probs.argmax(1) == label) & (p >= threshold))
     if len(keep) >= k:
         return keep.tolist()
     return sorted(np.argsort(-p, kind="stable")[:k].tolist())

@@ -40,10 +40,13 @@ def test_herding_matches_the_mean_it_is_given():
 
 def test_label_filter_keeps_the_confident_and_falls_back_to_the_most_confident():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.45, 0.55], [0.95, 0.05]])
-    assert label_filter(probs, 0, 0.5, 2) == [0, 2, 4]
-    assert label_filter(probs, 1, 0.5, 2) == [1, 3]
+    assert label_filter(probs, 0, 0.0, 2) == [0, 2, 4]  # the probe's class is the candidate's
+    assert label_filter(probs, 1, 0.0, 2) == [1, 3]
+    assert label_filter(probs, 0, 0.7, 2) == [0, 4]  # and confident enough
     assert label_filter(probs, 1, 0.9, 2) == [1, 3]  # none pass 0.9: the 2 most confident of class 1
-    assert label_filter(probs, 0, 0.0, 5) == [0, 1, 2, 3, 4]
+    assert label_filter(probs, 0, 0.0, 5) == [0, 1, 2, 3, 4]  # k of 5: all
+    three = np.array([[0.4, 0.35, 0.25], [0.3, 0.45, 0.25]])  # 3 classes: the argmax, not p >= 0.5
+    assert label_filter(three, 0, 0.0, 1) == [0] and label_filter(three, 1, 0.0, 1) == [1]
 
 
 def test_memorisation_counts_exact_and_near_copies_of_train_and_test():
@@ -74,6 +77,6 @@ def test_probe_probabilities_rank_on_and_off_label_texts(toy_task, tmp_path, mon
     p = probe.probabilities(neg + pos, 2)
     assert p.shape == (len(neg) + len(pos), 2) and np.allclose(p.sum(1), 1)
     assert np.array_equal(p.argmax(1), probe.predict([e.text for e in neg + pos]))
-    # the filter at 0.5 keeps exactly the texts the probe assigns to the class
-    kept = label_filter(p[: len(neg)], 0, 0.5, 1)
+    # the filter keeps exactly the texts the probe assigns to the class
+    kept = label_filter(p[: len(neg)], 0, 0.0, 1)
     assert kept == [i for i in range(len(neg)) if p[i, 0] >= 0.5] and len(kept) > len(neg) / 2
