@@ -8,8 +8,8 @@ Vocabulary: *candidates* are the generated texts of one class; *selection* keeps
 * ``herding`` — greedy herding: the running mean of the chosen rows is kept closest to a target mean, by default
   the candidates' own mean; ``herding-real`` aims at the mean of the class's *real* examples (distribution matching).
 * the **label filter** (``probe``) keeps the candidates that a probe fitted on the real training split assigns to
-  the class they were generated for (its most probable class, with probability ≥ a threshold); a generator that writes off-label texts otherwise
-  puts them into the sets. Too few survivors → the most confident candidates fill up to k.
+  the class they were generated for (its most probable class, with probability ≥ a threshold); without it, the
+  off-label texts a generator writes go into the sets. Too few survivors → the most confident fill up to k.
 """
 
 from __future__ import annotations
