@@ -84,7 +84,7 @@ def test_shipped_sweeps_load(name):
     ({"name": "a b"}, "sweep name must be"),
     ({"points_to_evaluate": [{"lm_lr": 1e-4}]}, "must give every search key"),
     ({"trial_resources": {"cpu": 1, "gpu": -1}}, "resources must be >= 0"),
-    ({"storage": "s3://bucket/dilm"}, "put s3:// or gs:// URIs in tune_storage"),
+    ({"storage": "ftp://host/dilm"}, "storage .ftp://host/dilm.: unknown URI scheme .ftp."),
 ])
 def test_bad_config_is_a_one_line_error(tmp_path, change, message):
     path = write_yaml(tmp_path, {**smoke_raw(), **change})

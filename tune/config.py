@@ -1,4 +1,4 @@
-"""The sweep YAML schema (:class:`SweepConfig` and its parts) and where a sweep keeps its state (:class:`SweepPaths`).
+"""The sweep YAML schema: :class:`SweepConfig` and its parts.
 
 A sweep YAML (``sweeps/*.yaml``) is data: ``fixed`` DistillConfig values (``fixed.preset`` picks the preset they
 override), a ``search`` space (``{type: loguniform|uniform|int|categorical, ...}`` per DistillConfig key), budgets
@@ -9,26 +9,12 @@ one-line :class:`~dilm.DilmError` naming it, raised before Ray starts.
 The sweep always maximises ``objective``, the mean test accuracy (%) over the evaluation pool's architectures and
 the DPCs (:func:`tune.scores.objective`); ``metric``/``mode`` keys of older YAMLs are refused with that message.
 
-Storage (``--storage``, else the YAML's ``storage``, else ``$DILM_SWEEP_DIR`` or ``./runs/sweeps``; made absolute,
-but refused if relative inside a Ray job, whose working dir is Ray's temporary copy of the uploaded folder)::
-
-    mlflow.db, mlartifacts/      MLflow store shared by all sweeps here (``dilm ui``), unless $MLFLOW_TRACKING_URI
-    optuna.db                    one Optuna study per sweep name (``optuna-dashboard sqlite:////<storage>/optuna.db``)
-    tune/<name>/                 the Ray Tune experiment (what ``--resume`` restores); ``tune_storage`` may move it
-    lm/<lm_cache_key>/           shared LM-stage checkpoints (train_lm; written atomically), one per distinct LM
-                                 config, reused by every sweep and resume here; another LM key or data, another key
-    sets/<name>/baselines/       random real sets and vanilla-LM sets scored beside the trials
-    sets/<name>/<trial_id>/      a trial's distill output: sets/, provenance.json, scores.json, plots/, final.json
-                                 (and checkpoint/ while it runs: removed when it ends, kept if it errored)
-    state/<name>.json            the MLflow parent run id and the configuration, so a resumed sweep continues the
-                                 same parent run and refuses a changed YAML
-    reports/<name>/              trials.csv and the parameter-importance plot of the sweep
+Where a sweep keeps its state (``--storage``: a folder or a URI) is :class:`tune.paths.SweepPaths`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,31 +25,13 @@ import yaml
 from dilm import DilmError
 from dilm.distill import PRESETS, DistillConfig
 from dilm.protocol import EvalConfig
+from tune.paths import SweepPaths, in_ray_job, local_folder  # noqa: F401 (importable from here, as before)
 from tune.scores import OBJECTIVE
-from tune.tracking import default_storage
+from tune.storage import check_location
 
 SEARCH_TYPES = ("loguniform", "uniform", "int", "categorical")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RETIRED_KEYS = ("metric", "mode")  # in YAMLs (and saved configurations) before the objective was fixed
-# set by Ray in the environment of a `ray job submit` entrypoint (runtime env and metadata as JSON), of no other driver
-RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-
-
-def in_ray_job() -> bool:
-    return RAY_JOB_ENV in os.environ
-
-
-def local_folder(path: str | Path, what: str) -> Path:
-    """``path`` made absolute; refused (DilmError) when relative inside a Ray job, where the working directory is
-    Ray's temporary copy of the uploaded folder (see the module docstring)."""
-    p = Path(path).expanduser()
-    if not p.is_absolute() and in_ray_job():
-        raise DilmError(f"{what} {str(path)!r} is relative: inside a Ray job it would land in Ray's temporary copy of "
-                        "the working dir, deleted with Ray's session; pass an absolute path (e.g. --storage "
-                        '"$PWD/runs/sweeps", expanded by the shell that submits the job)')
-    return p.resolve()
-
-
 def _build(cls, raw, where: str):
     """Construct dataclass ``cls`` from a YAML mapping; unknown or missing keys give a one-line DilmError."""
     if raw is None:
@@ -96,10 +64,12 @@ def _number(value, where: str, kind=float):
 
 @dataclass(frozen=True)
 class Resources:
-    """A Ray resource share: logical CPUs and a GPU fraction."""
+    """A Ray resource share: logical CPUs, a GPU fraction and custom resources (``{worker: 1}`` asks for nodes
+    started with ``ray start --resources '{"worker": N}'``)."""
 
     cpu: float = 1.0
     gpu: float = 0.0
+    custom: dict = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "cpu", _number(self.cpu, "cpu"))
@@ -108,9 +78,17 @@ class Resources:
             raise DilmError(f"resources must be >= 0, got cpu={self.cpu:g} gpu={self.gpu:g}")
         if self.gpu > 1 and self.gpu != int(self.gpu):
             raise DilmError(f"a GPU share above 1 must be whole, got {self.gpu:g}")
+        if not isinstance(self.custom, dict) or {"cpu", "gpu", "memory"} & {str(k).lower() for k in self.custom}:
+            raise DilmError(f"custom resources must be a mapping of other names than cpu/gpu/memory, got "
+                            f"{self.custom!r}")
+        object.__setattr__(self, "custom", {str(k): _number(v, f"custom.{k}") for k, v in self.custom.items()})
 
     def as_tune(self) -> dict:
-        return {"cpu": self.cpu, **({"gpu": self.gpu} if self.gpu else {})}
+        return {"cpu": self.cpu, **({"gpu": self.gpu} if self.gpu else {}), **self.custom}
+
+    def as_remote(self) -> dict:
+        """``ray.remote`` options: a Ray task placed as a trial would be."""
+        return {"num_cpus": self.cpu, "num_gpus": self.gpu, **({"resources": self.custom} if self.custom else {})}
 
 
 @dataclass(frozen=True)
@@ -249,9 +227,8 @@ class SweepConfig:
             object.__setattr__(self, key, _number(getattr(self, key), key, int))
         if self.num_samples < 1 or self.max_concurrent_trials < 1 or self.max_failures < 0:
             raise DilmError("num_samples and max_concurrent_trials must be >= 1, max_failures >= 0")
-        if self.storage and "://" in str(self.storage):
-            raise DilmError(f"storage must be a local folder (a shared mount for multi-node sweeps), got "
-                            f"{self.storage!r}; put s3:// or gs:// URIs in tune_storage (--tune-storage)")
+        if self.storage:
+            check_location(str(self.storage), "storage")
         unknown = sorted(set(self.mlflow) - {"experiment"})
         if unknown:
             raise DilmError(f"mlflow: unknown key(s) {unknown}; known keys: experiment")
@@ -352,46 +329,3 @@ def load_config(path: str | Path, smoke: bool = False, name: str | None = None, 
         return SweepConfig.from_dict(raw)
     except DilmError as e:
         raise DilmError(f"{path}: {e}") from None
-
-
-@dataclass(frozen=True)
-class SweepPaths:
-    """Where the sweep ``name`` keeps its state under ``storage`` (see the module docstring)."""
-
-    storage: Path
-    name: str
-    tune_storage: str
-
-    @classmethod
-    def of(cls, cfg: SweepConfig) -> SweepPaths:
-        where = ("storage" if cfg.storage else "$DILM_SWEEP_DIR" if os.environ.get("DILM_SWEEP_DIR")
-                 else "the default storage")
-        storage = local_folder(cfg.storage or default_storage(), where)
-        tune_storage = cfg.tune_storage or str(storage / "tune")
-        if "://" not in tune_storage:  # a local folder or a shared mount; else s3://, gs://, ... as given
-            tune_storage = str(local_folder(tune_storage, "tune_storage"))
-        return cls(storage, cfg.name, tune_storage)
-
-    @property
-    def tune_dir(self) -> str:
-        return f"{self.tune_storage.rstrip('/')}/{self.name}"
-
-    @property
-    def lm_dir(self) -> Path:
-        return self.storage / "lm"  # shared by every sweep of this storage: one checkpoint per lm_cache_key
-
-    @property
-    def sets_dir(self) -> Path:
-        return self.storage / "sets" / self.name
-
-    @property
-    def optuna_url(self) -> str:
-        return f"sqlite:///{self.storage / 'optuna.db'}"
-
-    @property
-    def state_file(self) -> Path:
-        return self.storage / "state" / f"{self.name}.json"
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.storage / "reports" / self.name
