@@ -128,7 +128,9 @@ def distill_config(args) -> DistillConfig:
 def cmd_distill(args) -> int:
     cfg = distill_config(args)  # validated before any model loads
     if args.lm_only:
-        print(f"LM-stage checkpoint (key {lm_cache_key(cfg)}): {train_lm(cfg)}")
+        task = load_task(cfg.task)  # loaded and hashed once for the key and the LM stage
+        key = lm_cache_key(cfg, task)
+        print(f"LM-stage checkpoint (key {key}): {train_lm(cfg, task=task, key=key)}")
         return 0
     result = distill(cfg)
     for dpc, paths in result.sets.items():

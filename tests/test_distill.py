@@ -1,14 +1,19 @@
-"""End-to-end DiLM on tiny models: config validation, selection, resume, the CLI smoke preset."""
+"""End-to-end DiLM on tiny models: config validation, presets, selection, resume, the CLI smoke preset."""
 
+import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
+import yaml
 
 from dilm import DilmError
 from dilm.cli import main
-from dilm.distill import PRESETS, DistillConfig, Distiller, State, distill
+from dilm.distill import PRESETS, DistillConfig, Distiller, LMStageConfig, State, distill, match_stage
+from dilm.distill.config import PRESET_DIR, load_preset
+from dilm.distill.lm_stage import lm_optimizer
 from dilm.protocol import linear_warmup_decay
 from dilm.selection import kmeans_nearest
 from dilm.synset import read_set
@@ -37,6 +42,37 @@ def test_bad_configs_fail_before_any_model_loads(overrides, match):
 def test_every_preset_is_a_valid_config(preset):
     cfg = DistillConfig.from_preset(preset)  # validates (divisibility, sizes, sampler mode)
     assert DistillConfig(**cfg.to_dict()) == cfg  # what provenance and the sweep's params record rebuilds it
+
+
+def test_every_preset_file_holds_config_fields_each_with_its_reason():
+    """``dilm/presets/*.yaml`` is ``PRESETS``: each file loads, sets only DistillConfig fields, builds a valid config
+    that keeps every value as written, and gives every value a reason (a comment on its line)."""
+    files = sorted(PRESET_DIR.glob("*.yaml"))
+    assert [p.stem for p in files] == sorted(PRESETS) and {"smoke", "demo", "gpu", "paper"} <= set(PRESETS)
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    for path in files:
+        raw = yaml.safe_load(path.read_text())
+        assert raw and set(raw) <= fields, path.name
+        values = load_preset(path)
+        assert values == PRESETS[path.stem] and set(values) == set(raw)
+        cfg = DistillConfig(**values)
+        assert {k: getattr(cfg, k) for k in values} == values, path.name
+        for line in path.read_text().splitlines():
+            if line and not line.startswith("#"):
+                assert re.fullmatch(r"\w+: \S.*?\s+# \S.*", line), f"{path.name}: no reason on {line!r}"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("lm_stepz: 3  # a typo\n", "unknown key 'lm_stepz'"),
+    ("lm_lr: 1e-4\n", r"lm_lr must be a float, got '1e-4' \(YAML reads"),
+    ("dpc: 2\n", "dpc must be a tuple, got 2"),
+    ("- smoke\n", "expected a mapping"),
+])
+def test_a_bad_preset_file_fails_naming_the_file_and_the_key(tmp_path, text, match):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(DilmError, match=f"preset {re.escape(str(path))}: {match}"):
+        load_preset(path)
 
 
 def test_dpc_larger_than_class_and_missing_model_fail_early(tmp_path, toy_task):
@@ -157,7 +193,7 @@ def test_representative_sets_cluster_the_whole_class(toy_run):
     """Item 2: per class, n_rep_sets k-means runs (k = real_per_class) over the whole class on the pre-trained
     learner's features, the example nearest each centroid."""
     run, cfg = toy_run, toy_run.cfg
-    sets = run.representative_sets()
+    sets = match_stage.representative_sets(run)
     for c, group in enumerate(run.task.by_class()):
         group = [e for e in run.train if e.label == c]  # the training part (validation held out)
         assert len(sets[c]) == cfg.n_rep_sets
@@ -174,17 +210,17 @@ def test_pool_is_clustered_and_batches_take_one_member_of_every_cluster_in_turn(
     ``slot`` is member ``slot`` of every cluster (wrapping when a cluster runs out)."""
     run, cfg = toy_run, toy_run.cfg
     learner = run.fresh_learner(0)
-    pools = run.regenerate_pool(5, learner)
+    pools = match_stage.regenerate_pool(run, 5, learner)
     for samples, clusters, _ in pools:
         assert len(samples) == cfg.pool_size == cfg.syn_per_class * cfg.inner_loop * cfg.generate_interval
         assert len(clusters) == cfg.syn_per_class
         assert sorted(i for cl in clusters for i in cl) == list(range(len(samples)))
     recorded = [(samples, [Recording(cl) for cl in clusters], ids) for samples, clusters, ids in pools]
-    rep_sets = [Recording([run.learner_inputs(s) for s in sets]) for sets in run.representative_sets()]
-    opt, sched = run.match_optimizer()
+    rep_sets = [Recording([run.learner_inputs(s) for s in sets]) for sets in match_stage.representative_sets(run)]
+    opt, sched = match_stage.match_optimizer(run)
     state = State(stage="match", step=cfg.lm_steps)
     for slot in range(4):
-        run.generator_step(state, opt, sched, learner, rep_sets, recorded, run.corpus, slot)
+        match_stage.generator_step(run, state, opt, sched, learner, rep_sets, recorded, run.corpus, slot)
         state.step += 1
     assert rep_sets[0].read == [0, 1, 2, 0]  # in order, then around again
     for _, clusters, _ in recorded:
@@ -198,12 +234,12 @@ def test_inner_learner_uses_the_protocols_optimiser_in_eval_mode(toy_run):
     run, cfg = toy_run, toy_run.cfg
     learner = run.fresh_learner(0)
     learner.train()
-    opt, sched = run.learner_optimizer(learner)
+    opt, sched = match_stage.learner_optimizer(run, learner)
     assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[0]["initial_lr"] == cfg.learner_lr
     total = cfg.inner_loop * cfg.model_step_per_inner_step
     lrs = [lr * cfg.learner_lr for lr in (linear_warmup_decay(s, total, 0.5) for s in range(total))]
     assert sched.get_last_lr()[0] == pytest.approx(lrs[0]) and lrs[0] < cfg.learner_lr
-    run.inner_learner_steps(learner, opt, sched)
+    match_stage.inner_learner_steps(run, learner, opt, sched)
     assert not learner.training and sched.get_last_lr()[0] == pytest.approx(lrs[cfg.model_step_per_inner_step])
     batch = run.learner_inputs(run.train[:8])
     assert torch.equal(learner(**batch).logits, learner(**batch).logits)
@@ -212,8 +248,10 @@ def test_inner_learner_uses_the_protocols_optimiser_in_eval_mode(toy_run):
 def test_lm_and_matching_optimisers_are_the_references(toy_run):
     """Item 7 (and the matching stage): AdamW with weight decay 0.01, cosine schedules (10 % / 5 % warm-up)."""
     run, cfg = toy_run, toy_run.cfg
-    for (opt, sched), lr, total, warm in ((run.lm_optimizer(), cfg.lm_lr, cfg.lm_steps, int(0.1 * cfg.lm_steps)),
-                                          (run.match_optimizer(), cfg.generator_lr, cfg.total_match_steps, 1)):
+    lm = lm_optimizer(LMStageConfig.of(cfg), run.generator, run.device)
+    for (opt, sched), lr, total, warm in ((lm, cfg.lm_lr, cfg.lm_steps, int(0.1 * cfg.lm_steps)),
+                                          (match_stage.match_optimizer(run), cfg.generator_lr, cfg.total_match_steps,
+                                           1)):
         assert opt.param_groups[0]["weight_decay"] == 0.01
         seen = []
         for _ in range(total):
@@ -225,34 +263,41 @@ def test_lm_and_matching_optimisers_are_the_references(toy_run):
         assert seen == pytest.approx(cosine)
 
 
-class Declining(Distiller):
-    """Validation that only gets worse, and a count of the inner learner's step blocks."""
+class Declining:
+    """Validation that only gets worse, and a count of the inner learner's step blocks (stand-ins for the matching
+    stage's ``validate`` and ``inner_learner_steps``)."""
 
-    def validate(self, seed):
-        self.seen_states = getattr(self, "seen_states", [])
-        self.seen_states.append({k: v.clone() for k, v in self.generator.state_dict().items()})
+    def __init__(self):
+        self.seen_states, self.inner_blocks = [], 0
+        self.inner_learner_steps_of = match_stage.inner_learner_steps
+
+    def validate(self, ctx, seed):
+        self.seen_states.append({k: v.clone() for k, v in ctx.generator.state_dict().items()})
         return 90.0 - 10 * len(self.seen_states)
 
     def inner_learner_steps(self, *args):
-        self.inner_blocks = getattr(self, "inner_blocks", 0) + 1
-        super().inner_learner_steps(*args)
+        self.inner_blocks += 1
+        self.inner_learner_steps_of(*args)
 
 
-def test_step_zero_is_validated_and_kept_when_matching_only_hurts(tmp_path, toy_task):
+def test_step_zero_is_validated_and_kept_when_matching_only_hurts(tmp_path, toy_task, monkeypatch):
     """Items 6 and 4: the LM-only generator is validated before the first matching step, so a run whose matching
     only lowers validation keeps the LM's generator; the learner takes no steps after an outer loop's last
     generator step."""
     seen = []
     cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), rep_pool_per_class=0)
-    run = Declining(cfg, callback=seen.append, task=toy_task)
+    declining = Declining()
+    monkeypatch.setattr(match_stage, "validate", declining.validate)
+    monkeypatch.setattr(match_stage, "inner_learner_steps", declining.inner_learner_steps)
+    run = Distiller(cfg, callback=seen.append, task=toy_task)
     result = run.fit()
     vals = [m for m in seen if "val_accuracy" in m]
     assert [m["step"] for m in vals] == [cfg.lm_steps + cfg.inner_loop * o for o in range(cfg.outer_loops + 1)]
     assert result.best_val_accuracy == 80.0
     kept = run.generator.state_dict()
-    assert all(torch.equal(kept[k], v) for k, v in run.seen_states[0].items())
-    assert not all(torch.equal(kept[k], v) for k, v in run.seen_states[-1].items())  # matching did change it
-    assert run.inner_blocks == cfg.outer_loops * (cfg.inner_loop - 1)
+    assert all(torch.equal(kept[k], v) for k, v in declining.seen_states[0].items())
+    assert not all(torch.equal(kept[k], v) for k, v in declining.seen_states[-1].items())  # matching did change it
+    assert declining.inner_blocks == cfg.outer_loops * (cfg.inner_loop - 1)
 
 
 @pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"smoke", "demo"}))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dilm import DilmError
-from dilm.distill import LM_META, DistillConfig, Distiller, LMStageConfig, lm_cache_key, train_lm
+from dilm.distill import LM_META, DistillConfig, Distiller, LMStageConfig, distill, lm_cache_key, train_lm
 from dilm.tasks import Example, TaskData
 
 
@@ -129,6 +129,28 @@ def test_matching_starts_from_the_checkpoint(tmp_path, toy_task):
     assert not any(m["stage"] == "lm" for m in seen)
     assert [m["step"] for m in seen if "match_loss" in m][0] == cfg.lm_steps + 1  # the step count goes on
     assert json.loads(result.provenance.read_text())["lm_checkpoint"] == str(path)
+
+
+def test_a_loaded_task_is_not_loaded_or_hashed_again(tmp_path, toy_task, monkeypatch):
+    """A sweep trial loads its task once: given it, the shared LM checkpoint (key, training) hashes the training data
+    once and loads nothing, and distill loads nothing either."""
+    from dilm.distill import context, lm_stage
+    from tune.trial import lm_checkpoint_for
+
+    def no_load(name, *args, **kwargs):
+        raise AssertionError(f"task {name!r} loaded again")
+
+    hashes = []
+    fingerprint = lm_stage.task_fingerprint
+    monkeypatch.setattr(lm_stage, "task_fingerprint", lambda *a: hashes.append(a) or fingerprint(*a))
+    for module in (context, lm_stage):
+        monkeypatch.setattr(module, "load_task", no_load)
+    cfg = _cfg(tmp_path)
+    path = lm_checkpoint_for(cfg, tmp_path / "lm", toy_task)
+    assert len(hashes) == 1 and path.name == json.loads((path / LM_META).read_text())["key"]
+    assert path.name == lm_cache_key(cfg, toy_task) and len(hashes) == 2  # the same key, recomputed here to check
+    result = distill(dataclasses.replace(cfg, lm_checkpoint=str(path)), task=toy_task)
+    assert result.sets and len(hashes) == 2
 
 
 def test_bad_lm_checkpoints_fail_with_one_line(tmp_path, toy_task):

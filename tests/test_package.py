@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import dilm
@@ -43,3 +44,21 @@ def test_git_revision_from_checkout_env_or_unknown(tmp_path, monkeypatch):
         out = subprocess.run([sys.executable, "-c", code], cwd=copy, env={**clean, **env}, capture_output=True,
                              text=True, check=True).stdout.split()
         assert out == [str(copy / "dilm" / "__init__.py"), expected]
+
+
+def test_the_wheel_ships_the_presets_and_the_distill_package(tmp_path):
+    """pyproject's package data includes ``dilm/presets/*.yaml`` (PRESETS is read from them) and the package search
+    finds ``dilm.distill``: a wheel built from a copy of the sources holds every preset file and every module."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for pkg in ("dilm", "tune"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], capture_output=True, text=True, check=True)
+    names = set(zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).namelist())
+    presets = {f"dilm/presets/{p.name}" for p in (ROOT / "dilm" / "presets").glob("*.yaml")}
+    modules = {f"dilm/distill/{p.name}" for p in (ROOT / "dilm" / "distill").glob("*.py")}
+    assert len(presets) >= 4 and presets <= names
+    assert "dilm/distill/__init__.py" in modules and modules <= names

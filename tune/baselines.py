@@ -19,7 +19,7 @@ import ray
 from mlflow.entities import RunTag
 
 from dilm.coreset import CoresetConfig, build_coresets
-from dilm.distill import DistillConfig, Distiller
+from dilm.distill import DistillConfig, distill
 from dilm.files import write_json
 from dilm.synset import read_set
 from dilm.tasks import load_task
@@ -38,7 +38,7 @@ def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out:
         return build_coresets(task, CoresetConfig(method="random", dpc=tuple(cfg.dpc), n_sets=cfg.n_sets,
                                                   seed=cfg.seed))
     vanilla = dataclasses.replace(cfg, outer_loops=0, lm_checkpoint=lm_checkpoint or "", output_dir=str(out))
-    result = Distiller(vanilla, task=task).fit()  # = distill(vanilla), with the task already loaded
+    result = distill(vanilla, task=task)  # the task already loaded
     return {d: [read_set(p, task.label_names, task.is_pair) for p in paths] for d, paths in result.sets.items()}
 
 

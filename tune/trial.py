@@ -8,9 +8,10 @@
 * once, at the end: :func:`final_result` — ``objective`` (mean test accuracy over the pool's architectures and
   the DPCs: :func:`tune.scores.objective`), ``acc_<arch>`` and ``final: True``.
 
-The LM stage is shared: a trial starts matching from the checkpoint ``<storage>/lm/<lm_cache_key>``
-(:func:`lm_checkpoint_for`). The driver trains it once before the Tuner starts when no LM key is searched; when some
-are, the first trial of each distinct LM config trains it and the others wait on ``train_lm``'s lock and reuse it.
+A trial loads its task once and hands it to the LM key, the LM stage and distill. The LM stage is shared: a trial
+starts matching from the checkpoint ``<storage>/lm/<lm_cache_key>`` (:func:`lm_checkpoint_for`). The driver trains it
+once before the Tuner starts when no LM key is searched; when some are, the first trial of each distinct LM config
+trains it and the others wait on ``train_lm``'s lock and reuse it.
 
 A trial resumed after a driver crash that had already written ``final.json`` reports it again instead of running
 again; one that had not resumes distill from its checkpoint in the trial's output folder.
@@ -31,6 +32,7 @@ from ray.tune import get_context, report
 from dilm.distill import DistillConfig, distill, lm_cache_key, train_lm
 from dilm.files import write_json
 from dilm.synset import read_set
+from dilm.tasks import TaskData, load_task
 from tune.plots import accuracy_vs_dpc_all
 from tune.pool import PoolClient, PoolSpec
 from tune.scores import FINAL, OBJECTIVE, VAL_METRIC, ScoreTable, final_metrics, score_metrics
@@ -55,10 +57,13 @@ class TrialPlan:
     lm_dir: str = ""  # <storage>/lm: one LM-stage checkpoint per lm_cache_key ("" = each trial runs its own)
 
 
-def lm_checkpoint_for(cfg: DistillConfig, lm_dir: str | Path) -> Path:
+def lm_checkpoint_for(cfg: DistillConfig, lm_dir: str | Path, task: TaskData | None = None) -> Path:
     """The shared LM-stage checkpoint of ``cfg``: ``<lm_dir>/<lm_cache_key>``, trained (atomically, once under a
-    file lock however many callers arrive together) if it is not there yet, reused as it is otherwise."""
-    return train_lm(cfg, Path(lm_dir) / lm_cache_key(cfg))
+    file lock however many callers arrive together) if it is not there yet, reused as it is otherwise. The task
+    (``task``, loaded here if not given) is hashed once, for the key."""
+    task = task or load_task(cfg.task)
+    key = lm_cache_key(cfg, task)
+    return train_lm(cfg, Path(lm_dir) / key, task=task, key=key)
 
 
 class StepReporter:
@@ -116,10 +121,11 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         run.set_tags({"dilm.output_dir": str(out), "dilm.tune_trial_dir": f"{plan.tune_dir}/{trial_id}"})
         run.log_params(config)  # the sampled values, logged even if the config turns out invalid
         cfg = DistillConfig.from_preset(plan.preset, **{**plan.fixed, **config}, task=plan.task, output_dir=str(out))
+        task = load_task(cfg.task)  # once: the LM key, the LM stage and distill share it
         if plan.lm_dir and not cfg.lm_checkpoint:
-            cfg = dataclasses.replace(cfg, lm_checkpoint=str(lm_checkpoint_for(cfg, plan.lm_dir)))
+            cfg = dataclasses.replace(cfg, lm_checkpoint=str(lm_checkpoint_for(cfg, plan.lm_dir, task)))
         run.log_params(cfg.to_dict())
-        result = distill(cfg, callback=StepReporter(run))
+        result = distill(cfg, callback=StepReporter(run), task=task)
         scores = score_on_pool(result.sets, plan)
         last_step = result.history[-1]["step"] if result.history else 0
         final = final_result(scores, result.best_val_accuracy, last_step)
