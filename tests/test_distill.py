@@ -32,6 +32,9 @@ from dilm.text import pad_ids
     ({"length_quantile": 0}, r"length_quantile must be in \(0, 1\], got 0"),
     ({"length_cap": 0}, "length_cap must be >= 1, got 0"),
     ({"max_new_tokens": -1}, "max_new_tokens must be >= 0, got -1"),
+    ({"selection": "greedy"}, "unknown selection 'greedy'; known: kmeans, herding, herding-real"),
+    ({"label_filter": "probe", "probe": ""}, "label_filter probe needs a probe"),
+    ({"filter_threshold": 1.0}, r"filter_threshold must be in \[0, 1\)"),
 ])
 def test_bad_configs_fail_before_any_model_loads(overrides, match):
     with pytest.raises(DilmError, match=match):
@@ -101,6 +104,11 @@ def test_final_sets_exact_dpc_no_duplicates(smoke_run):
             assert len({e.text for e in s.examples}) == len(s.examples)
     prov = json.loads(result.provenance.read_text())
     assert prov["config"]["dpc"] == [2, 3] and "torch" in prov["versions"] and prov["timings_s"]
+    # every DPC's copies of training and test texts, in provenance, the result and the metrics
+    assert set(prov["copies"]) == {"2", "3"} and prov["copies"]["3"]["train"]["n"] == 3 * 2 * cfg.n_sets
+    assert result.copies[2]["train"]["near"] >= result.copies[2]["train"]["exact"] >= 0
+    assert {f"copies/{s}_{k}/dpc{d}" for s in ("train", "test") for k in ("exact", "near") for d in (2, 3)} <= {
+        k for m in smoke_run[2] for k in m}
 
 
 def test_callback_sees_lm_match_and_validation_metrics(smoke_run):
@@ -324,8 +332,8 @@ def test_paper_preset_is_the_reference_item_by_item():
         "learner_lr": 1e-4, "learner_batch_size": 64,
         # validation every 2,000 generator steps and at step 0: 5 sets × 5 seeds at DPC 20, 200 steps
         "val_interval": 200, "val_dpc": 20, "val_sets": 5, "val_seeds": 5, "val_steps": 200,
-        # final sets: 100 × DPC candidates, top-p 0.95
-        "over_sample": 100, "top_p": 0.95,
+        # final sets: 100 × DPC candidates, top-p 0.95, k-means nearest-centroid on [CLS], no filter
+        "over_sample": 100, "top_p": 0.95, "selection": "kmeans", "label_filter": "none", "select_pooling": "cls",
     }
     assert {k: getattr(cfg, k) for k in reference} == reference
     assert cfg.pool_size == 64 * 10 * 20 == 12800 and cfg.total_match_steps == 20000

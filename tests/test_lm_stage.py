@@ -13,7 +13,7 @@ from dilm.tasks import Example, TaskData
 
 
 def _cfg(tmp_path, **kw) -> DistillConfig:
-    return DistillConfig.from_preset("smoke", output_dir=str(tmp_path / "run"), probe="", **kw)
+    return DistillConfig.from_preset("smoke", output_dir=str(tmp_path / "run"), probe="", label_filter="none", **kw)
 
 
 def test_key_follows_lm_keys_prompt_and_data_not_the_matching_stage(tmp_path, toy_task):
@@ -36,7 +36,8 @@ def test_key_follows_lm_keys_prompt_and_data_not_the_matching_stage(tmp_path, to
 DATA_FIELDS = {"task", "prompt_template", "val_size", "val_interval"}
 OTHER_VALUE = {"generator": "tiny-bert", "learner": "minilm-l6", "device": "cpu", "probe": "minilm-l6",
                "output_dir": "elsewhere", "lm_checkpoint": "some/lm", "pooling": "mean", "gen_loss_norm": "text",
-               "sampler": "static", "dpc": (3, 5), "length_quantile": 0.5, "top_p": 0.5, "temperature": 2.0}
+               "sampler": "static", "dpc": (3, 5), "selection": "kmeans", "label_filter": "none",
+               "select_pooling": "cls", "length_quantile": 0.5, "top_p": 0.5, "temperature": 2.0}
 
 
 def other_value(cfg: DistillConfig, name: str):
@@ -56,7 +57,7 @@ def other_value(cfg: DistillConfig, name: str):
 def test_every_lm_stage_field_and_no_other_field_enters_the_key(tmp_path, toy_task):
     """The key hashes every field the LM stage reads (``LMStageConfig``, what the stage's code takes) and no field of
     the matching or selection stages, so two configs that differ only in how the LM is trained never share one."""
-    cfg = _cfg(tmp_path)
+    cfg = dataclasses.replace(_cfg(tmp_path), probe="tiny-bert", label_filter="probe")
     key = lm_cache_key(cfg, toy_task)
     lm_fields = {f.name for f in dataclasses.fields(LMStageConfig)}
     assert {"lm_weight_decay", "lm_lr", "lm_steps", "lm_batch_size", "generator", "seed"} <= lm_fields
@@ -173,7 +174,8 @@ def test_bad_lm_checkpoints_fail_with_one_line(tmp_path, toy_task):
 def test_cli_lm_only_then_lm_checkpoint(tmp_path, capsys):
     from dilm.cli import main
 
-    base = ["distill", "--task", "sst2", "--preset", "smoke", "--set", "probe=", "--set", "n_sets=1"]
+    base = ["distill", "--task", "sst2", "--preset", "smoke", "--set", "probe=", "--set", "label_filter=none",
+            "--set", "n_sets=1"]
     assert main([*base, "--lm-only", "-o", str(tmp_path / "a")]) == 0
     assert "LM-stage checkpoint" in capsys.readouterr().out and (tmp_path / "a" / "lm" / LM_META).exists()
     assert main([*base, "--lm-checkpoint", str(tmp_path / "a" / "lm"), "-o", str(tmp_path / "b")]) == 0

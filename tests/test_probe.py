@@ -49,7 +49,8 @@ def test_corpus_renders_the_template_and_parse_keeps_one_line():
 def test_cli_prompt_template_reaches_provenance(tmp_path):
     from dilm.cli import main
 
-    assert main(["distill", "--task", "sst2", "--preset", "smoke", "--set", "probe=", "--set", "n_sets=1",
+    assert main(["distill", "--task", "sst2", "--preset", "smoke", "--set", "probe=", "--set", "label_filter=none",
+                 "--set", "n_sets=1",
                  "--set", "outer_loops=0", "--prompt-template", "A {label} film review:", "-o", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "provenance.json").read_text())["prompt_template"] == "A {label} film review:"
 

@@ -80,3 +80,25 @@ def test_probe_probabilities_rank_on_and_off_label_texts(toy_task, tmp_path, mon
     # the filter keeps exactly the texts the probe assigns to the class
     kept = label_filter(p[: len(neg)], 0, 0.0, 1)
     assert kept == [i for i in range(len(neg)) if p[i, 0] >= 0.5] and len(kept) > len(neg) / 2
+
+
+def test_select_filters_then_chooses_per_class():
+    """The stage's ``select``: off-label candidates (the probe's argmax is another class) never enter a set while
+    enough on-label ones remain; every method gives exactly DPC per class; herding-real follows the real mean."""
+    from dilm.distill.select import Candidates, Selection, select
+    from dilm.generator import Sample
+
+    x = blobs()  # rows 0-19 blob 0, 20-39 blob 1, 40-59 blob 2
+    samples = [Sample(f"text {i}", None, [], 0) for i in range(60)]
+    probs = np.tile([0.9, 0.1], (60, 1))
+    probs[40:] = [0.2, 0.8]  # blob 2 reads as the other class
+    cands = Candidates([samples, samples], [x, x], [probs, probs])  # the same texts listed under both classes
+    for method in SELECTIONS:
+        means = [torch.nn.functional.normalize(x[40:60].double(), dim=1).mean(0)] * 2
+        s = select(cands, 5, 0, ("a", "b"), Selection(method, "probe"), means)
+        assert s.counts() == [5, 5]
+        chosen = [int(e.text.split()[1]) for e in s.examples]
+        assert all(i < 40 for i in chosen[:5]) and all(i >= 40 for i in chosen[5:]), (method, chosen)
+    unfiltered = select(cands, 3, 0, ("a", "b"), Selection("herding-real", "none"), means)
+    assert all(int(e.text.split()[1]) >= 40 for e in unfiltered.examples)  # toward blob 2, no filter in the way
+    assert unfiltered.meta["selection"] == "herding-real" and unfiltered.meta["label_filter"] == "none"

@@ -17,6 +17,7 @@ from dilm import DilmError
 from dilm.features import POOLINGS
 from dilm.generator import GEN_LOSS_NORMS, resolve_template
 from dilm.options import option
+from dilm.selection import FILTERS, SELECTIONS
 from dilm.tasks import TASKS
 
 SAMPLER_MODES = ("dynamic", "static", "compiled")
@@ -81,6 +82,14 @@ class DistillConfig:
     val_steps: int = option(200, "learner steps per validation evaluation (the protocol's 200)")
     # stage 3: final sets
     over_sample: int = option(20, "candidates per class = over_sample x DPC")
+    label_filter: str = option("probe", "before selection: none, or probe (keep the candidates the probe assigns to "
+                                        "their class, with probability >= filter_threshold)", choices=FILTERS)
+    filter_threshold: float = option(0.0, "the probe filter's least probability of the candidate's class")
+    selection: str = option("herding", "DPC among the candidates: kmeans (nearest the k-means centroids, the "
+                                       "reference's 'k-centers'), herding (toward the candidates' mean) or "
+                                       "herding-real (toward the class's real mean)", choices=SELECTIONS)
+    select_pooling: str = option("mean", "learner features of the final selection and validation sets: mean or cls",
+                                 choices=POOLINGS)
     max_new_tokens: int = option(0, "sampling limit in new tokens; 0 = from the task's data: the length_quantile of "
                                     "the training texts' token lengths (pair marker and EOS included), at most "
                                     "length_cap")
@@ -122,8 +131,14 @@ class DistillConfig:
         if self.rep_pool_per_class and self.rep_pool_per_class < self.real_per_class:
             raise DilmError(f"rep_pool_per_class ({self.rep_pool_per_class}) is smaller than real_per_class "
                             f"({self.real_per_class})")
-        if self.pooling not in POOLINGS:
-            raise DilmError(f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
+        for name, known in (("pooling", POOLINGS), ("select_pooling", POOLINGS), ("selection", SELECTIONS),
+                            ("label_filter", FILTERS)):
+            if getattr(self, name) not in known:
+                raise DilmError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}")
+        if self.label_filter == "probe" and not self.probe:
+            raise DilmError("label_filter probe needs a probe: set probe (e.g. minilm-l6) or label_filter none")
+        if not 0 <= self.filter_threshold < 1:
+            raise DilmError(f"filter_threshold must be in [0, 1), got {self.filter_threshold}")
         if self.temperature <= 0 or self.generator_lr <= 0 or self.lm_lr <= 0:
             raise DilmError("temperature, generator_lr and lm_lr must be > 0")
         if not 0 < self.length_quantile <= 1:

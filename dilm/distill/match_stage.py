@@ -22,7 +22,7 @@ from transformers import get_cosine_schedule_with_warmup
 from dilm import DilmError
 from dilm.distill.checkpoint import State, save_checkpoint
 from dilm.distill.context import RunContext
-from dilm.distill.select import candidate_features, select
+from dilm.distill.select import select_sets
 from dilm.generator import Sample, TokenizedCorpus, generation_loss, lm_loss, pad_samples
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import autocast
@@ -151,10 +151,8 @@ def validate(ctx: RunContext, seed: int) -> float:
     t = time.perf_counter()
     n, c = max(2, cfg.over_sample) * cfg.val_dpc, ctx.task.num_classes
     cands = ctx.sample([n] * (c * cfg.val_sets), seed, list(names) * cfg.val_sets)
-    sets = []
-    for k in range(cfg.val_sets):
-        own = cands[k * c: (k + 1) * c]
-        sets.append(select(own, candidate_features(ctx, own, cfg.val_dpc), cfg.val_dpc, seed + k, names))
+    per_set = [cands[k * c: (k + 1) * c] for k in range(cfg.val_sets)]
+    sets = select_sets(ctx, per_set, [cfg.val_dpc], [seed + k for k in range(cfg.val_sets)])[cfg.val_dpc]
     acc = ctx.val_evaluator.evaluate(sets).mean_accuracy()
     ctx.timings["val_s"] = ctx.timings.get("val_s", 0.0) + time.perf_counter() - t
     return acc

@@ -28,6 +28,7 @@ class DistillResult:
     history: list[dict]  # every row the callback saw
     best_val_accuracy: float | None
     timings: dict[str, float]  # seconds per stage (lm_s, match_s, select_s, val_s)
+    copies: dict[int, dict]  # {dpc: memorisation report of its sets} (dilm.memorisation)
 
 
 class Distiller(RunContext):
@@ -52,10 +53,11 @@ class Distiller(RunContext):
         if best_state is not None:  # keep the generator that validated best
             self.generator.load_state_dict(best_state)
         t2 = time.perf_counter()
-        sets = final_sets(self, state)
+        sets, copies = final_sets(self, state)
         self.timings["select_s"] = time.perf_counter() - t2
-        prov = write_provenance(cfg, self, state)
-        return DistillResult(Path(cfg.output_dir), sets, prov, state.history, state.best_val, dict(self.timings))
+        prov = write_provenance(cfg, self, state, copies)
+        return DistillResult(Path(cfg.output_dir), sets, prov, state.history, state.best_val, dict(self.timings),
+                             copies)
 
 
 def distill(cfg: DistillConfig, callback: Callback | None = None, task: TaskData | None = None) -> DistillResult:
@@ -71,7 +73,9 @@ def label_agreement(history: list[dict]) -> dict:
                       for r in history for k, v in r.items() if k.startswith("final_label_agreement")}}
 
 
-def write_provenance(cfg: DistillConfig, run: RunContext, state: State) -> Path:
+def write_provenance(cfg: DistillConfig, run: RunContext, state: State, copies: dict[int, dict]) -> Path:
+    """``provenance.json``: config, versions, timings, token limits, label agreement and the copies of training and
+    test texts in each DPC's sets."""
     versions = {}
     for pkg in ("torch", "transformers", "scikit-learn", "dilm"):
         try:
@@ -87,5 +91,6 @@ def write_provenance(cfg: DistillConfig, run: RunContext, state: State) -> Path:
         "validation": {"split": "held-out part of train", "size": len(run.val)},
         "prompt_template": run.template, "lm_checkpoint": cfg.lm_checkpoint or None,
         "label_agreement": label_agreement(state.history) | {"probe": cfg.probe or None},
+        "copies": {str(d): report for d, report in copies.items()},
     })
     return path

@@ -1,24 +1,66 @@
 """Stage 3, selection: DPC texts per class among the generator's candidates, and the final sets of a run.
 
-*Candidates* are the usable texts sampled for one class (empty and duplicate ones dropped); :func:`select` keeps DPC
-of them per class, the candidates nearest the centroids of a k-means of their features (the reference's
-"k-centers"). Validation (:mod:`dilm.distill.match_stage`) selects its sets the same way.
+*Candidates* are the usable texts sampled for one class (empty and duplicate ones dropped). A :class:`Selection`
+says how DPC of them are kept (:mod:`dilm.selection` has the algorithms):
+
+1. the **label filter** (``label_filter``): ``none``, or ``probe`` — keep the candidates the task's probe assigns
+   to their class (probability ≥ ``filter_threshold``);
+2. the **choice** (``selection``) among the survivors, on the pre-trained learner's features (``select_pooling``):
+   ``kmeans`` (nearest the k-means centroids: the reference's "k-centers"), ``herding`` (toward the candidates'
+   mean) or ``herding-real`` (toward the mean of the class's real training examples).
+
+Validation (:mod:`dilm.distill.match_stage`) selects its sets the same way. The final sets come with the report of
+their copies of training and test texts (:mod:`dilm.memorisation`), emitted as ``copies/<split>_<kind>/dpc<d>`` (%).
 """
 
 from __future__ import annotations
 
+import functools
+import random
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dilm import DilmError
 from dilm.distill.checkpoint import State
+from dilm.distill.config import DistillConfig
 from dilm.distill.context import RunContext
+from dilm.features import embed
 from dilm.generator import Sample
+from dilm.memorisation import CopyIndex, memorisation_report
 from dilm.seeds import derive_seed
-from dilm.selection import kmeans_nearest
+from dilm.selection import label_filter, select_rows
 from dilm.synset import SynExample, SynSet, write_set
+from dilm.text import pair_args
+
+REAL_MEAN_EXAMPLES = 1000  # real examples per class whose feature mean herding-real aims at (a seeded sample)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How DPC per class are kept among candidates (the config's ``selection``, ``label_filter``,
+    ``filter_threshold`` and ``select_pooling``)."""
+
+    method: str = "herding"
+    label_filter: str = "probe"
+    threshold: float = 0.0
+    pooling: str = "mean"
+
+    @classmethod
+    def of(cls, cfg: DistillConfig) -> Selection:
+        return cls(cfg.selection, cfg.label_filter, cfg.filter_threshold, cfg.select_pooling)
+
+
+@dataclass
+class Candidates:
+    """One set's candidates and what selection reads of them, computed once and shared by every DPC."""
+
+    samples: list[list[Sample]]  # [class] → its candidates
+    features: list[torch.Tensor]  # [class] → (N_c, H) learner features (the selection's pooling)
+    probs: list[np.ndarray] | None  # [class] → (N_c, C) the probe's probabilities, when the filter reads them
 
 
 def check_candidates(candidates: list[list[Sample]], dpc: int, label_names) -> None:
@@ -29,45 +71,100 @@ def check_candidates(candidates: list[list[Sample]], dpc: int, label_names) -> N
                             "train the generator longer or raise max_new_tokens / length_cap")
 
 
-def candidate_features(ctx: RunContext, candidates: list[list[Sample]], dpc: int) -> list[torch.Tensor]:
-    """Per class, the (N_c, H) features of its candidates (the pre-trained learner's, ``pooling``), after checking
-    there are at least ``dpc`` of them."""
+def selection_features(ctx: RunContext, items, pooling: str) -> torch.Tensor:
+    """(N, H) features of examples or samples under the pre-trained learner's body, pooled by ``pooling``."""
+    texts, pairs = pair_args(items)
+    return embed(texts, ctx.cfg.learner, ctx.device, pooling, model=ctx.feature_model, pairs=pairs)
+
+
+def prepare(ctx: RunContext, candidates: list[list[Sample]], how: Selection, dpc: int) -> Candidates:
+    """Features (and probe probabilities) of one set's candidates, after checking there are ``dpc`` per class."""
     check_candidates(candidates, dpc, ctx.task.label_names)
-    return [ctx.features(cand) for cand in candidates]
+    probs = None
+    if how.label_filter == "probe":
+        if ctx.probe is None:
+            raise DilmError("label_filter probe needs a probe (set probe, e.g. minilm-l6)")
+        probs = [ctx.probe.probabilities(cand, ctx.task.num_classes) for cand in candidates]
+    return Candidates(candidates, [selection_features(ctx, cand, how.pooling) for cand in candidates], probs)
 
 
-def select(candidates: list[list[Sample]], features: list[torch.Tensor], dpc: int, seed: int,
-           label_names) -> SynSet:
-    """DPC per class: k-means nearest-centroid among each class's candidates (``features[c]``: (N_c, H))."""
-    check_candidates(candidates, dpc, label_names)
+@functools.cache
+def _real_means(ctx: RunContext, pooling: str) -> tuple[torch.Tensor, ...]:
+    out = []
+    for c in range(ctx.task.num_classes):
+        group = [e for e in ctx.train if e.label == c]
+        group = random.Random(derive_seed(ctx.cfg.seed, "real mean", c)).sample(
+            group, min(REAL_MEAN_EXAMPLES, len(group)))
+        out.append(torch.nn.functional.normalize(selection_features(ctx, group, pooling).double(), dim=1).mean(0))
+    return tuple(out)
+
+
+def real_means(ctx: RunContext, pooling: str) -> list[torch.Tensor]:
+    """Per class, the mean unit feature (H,) of a seeded sample of its real training examples (computed once)."""
+    return list(_real_means(ctx, pooling))
+
+
+def select(cands: Candidates, dpc: int, seed: int, label_names, how: Selection,
+           means: list[torch.Tensor] | None = None) -> SynSet:
+    """DPC per class: the label filter, then ``how.method`` among the survivors; ``means`` for herding-real."""
+    check_candidates(cands.samples, dpc, label_names)
     picked: list[SynExample] = []
-    for c, (cand, feats) in enumerate(zip(candidates, features)):
-        picked += [SynExample(cand[i].text, c, cand[i].text_pair) for i in kmeans_nearest(feats, dpc, seed)]
-    return SynSet(picked, label_names, {"dpc": dpc, "seed": seed})
+    for c, (cand, feats) in enumerate(zip(cands.samples, cands.features)):
+        keep = list(range(len(cand)))
+        if how.label_filter == "probe":
+            if cands.probs is None:
+                raise ValueError("the probe filter needs the candidates' probabilities (prepare them with it)")
+            keep = label_filter(cands.probs[c], c, how.threshold, dpc)
+        rows = select_rows(feats[keep], dpc, how.method, seed, None if means is None else means[c])
+        picked += [SynExample(cand[keep[i]].text, c, cand[keep[i]].text_pair) for i in rows]
+    return SynSet(picked, label_names, {"dpc": dpc, "seed": seed, "selection": how.method,
+                                        "label_filter": how.label_filter})
 
 
-def final_sets(ctx: RunContext, state: State) -> dict[int, list[Path]]:
-    """``n_sets`` sets per DPC; every DPC of set k selects from set k's over_sample × (largest DPC)
-    candidates; the candidates of all sets are sampled together (large batches). Label agreement of all
-    candidates (``final_label_agreement``) and of each DPC's selected texts (``final_label_agreement/dpc<d>``)
-    is emitted."""
+def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: list[int],
+                seeds: list[int]) -> dict[int, list[SynSet]]:
+    """{dpc: one set per element of ``candidates`` (a set's per-class candidates)}, selected as the config says."""
+    how = Selection.of(ctx.cfg)
+    means = real_means(ctx, how.pooling) if how.method == "herding-real" else None
+    out: dict[int, list[SynSet]] = {d: [] for d in dpcs}
+    for cands, seed in zip(candidates, seeds):
+        prepared = prepare(ctx, cands, how, max(dpcs))  # once per set, shared by every DPC
+        for d in dpcs:
+            out[d].append(select(prepared, d, seed, ctx.task.label_names, how, means))
+    return out
+
+
+def log_copies(ctx: RunContext, state: State, sets: dict[int, list[SynSet]]) -> dict:
+    """The memorisation report of each DPC's sets (all of them together), emitted in % and returned."""
+    train = CopyIndex(e.text if e.text_pair is None else f"{e.text} {e.text_pair}" for e in ctx.task.train)
+    test = CopyIndex(e.text if e.text_pair is None else f"{e.text} {e.text_pair}" for e in ctx.task.test)
+    reports = {}
+    for d, got in sets.items():
+        texts = [e.text if e.text_pair is None else f"{e.text} {e.text_pair}" for s in got for e in s.examples]
+        reports[d] = report = memorisation_report(texts, train, test)
+        ctx.emit(state, stage=state.stage, **{f"copies/{split}_{kind}/dpc{d}": 100 * report[split][f"{kind}_share"]
+                                              for split in ("train", "test") for kind in ("exact", "near")})
+    return reports
+
+
+def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], dict[int, dict]]:
+    """``n_sets`` sets per DPC → ({dpc: set paths}, {dpc: memorisation report}); every DPC of set k selects from set
+    k's over_sample × (largest DPC) candidates; the candidates of all sets are sampled together (large batches).
+    Label agreement of all candidates (``final_label_agreement``) and of each DPC's selected texts
+    (``final_label_agreement/dpc<d>``) is emitted, and each DPC's copies of training and test texts
+    (:func:`log_copies`)."""
     cfg, names = ctx.cfg, ctx.task.label_names
-    out: dict[int, list[Path]] = {d: [] for d in cfg.dpc}
     per_set = cfg.over_sample * cfg.dpc[-1]
     c = ctx.task.num_classes
     # one sampling call for every (set, class): duplicates are removed within a set, not across sets
     pooled = ctx.sample([per_set] * (c * cfg.n_sets), derive_seed(cfg.seed, "final candidates"),
                         list(names) * cfg.n_sets)
-    picked: dict[int, list[list[SynExample]]] = {d: [[] for _ in range(c)] for d in cfg.dpc}  # [dpc][class]
-    for k in tqdm(range(cfg.n_sets), desc="select"):
-        cands = pooled[k * c: (k + 1) * c]
-        feats = candidate_features(ctx, cands, cfg.dpc[-1])  # computed once, shared by every DPC of set k
-        for d in cfg.dpc:
-            synset = select(cands, feats, d, derive_seed(cfg.seed, "final set", k), names)
-            out[d].append(write_set(Path(cfg.output_dir) / "sets" / f"dpc{d}" / f"set{k:02d}.jsonl", synset))
-            for e in synset.examples:
-                picked[d][e.label].append(e)
+    per = [pooled[k * c: (k + 1) * c] for k in tqdm(range(cfg.n_sets), desc="select")]
+    sets = select_sets(ctx, per, list(cfg.dpc), [derive_seed(cfg.seed, "final set", k) for k in range(cfg.n_sets)])
+    out = {d: [write_set(Path(cfg.output_dir) / "sets" / f"dpc{d}" / f"set{k:02d}.jsonl", s)
+               for k, s in enumerate(got)] for d, got in sets.items()}
     ctx.log_agreement(state, "final_label_agreement", [sum(pooled[i::c], []) for i in range(c)])
-    for d in cfg.dpc:
-        ctx.log_agreement(state, f"final_label_agreement/dpc{d}", picked[d])
-    return out
+    for d, got in sets.items():
+        ctx.log_agreement(state, f"final_label_agreement/dpc{d}",
+                          [[e for s in got for e in s.examples if e.label == i] for i in range(c)])
+    return out, log_copies(ctx, state, sets)
