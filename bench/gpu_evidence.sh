@@ -15,7 +15,7 @@
 #   softlabel-smollm2  the same sets and labelings on the SmolLM2-135M classifier and TF-IDF
 #   softlabel-fewer    AG News with 2 and 3 examples in total (fewer than its 4 classes) + TDD at DPC 1
 # PRESET=smoke EVAL_ARCH=tfidf-logreg bash bench/gpu_evidence.sh dilm /tmp/ev   checks that plumbing on a CPU.
-# On the lent machine (../shared/gpu/README.md) prefix with: export PYTHONPATH=/root/site:$PWD;
+# On a lent GPU machine whose packages are staged under /root/site, prefix with: export PYTHONPATH=/root/site:$PWD;
 # At most 8 files come back from the lent machine, so each part leaves there only: $part.log (everything
 # printed), its JSON results, $part-gpu-util.csv (utilisation every 5 s) and, for distillations, a tarball of the
 # sets with their provenance and scores. Bulky state (checkpoints, sweep storage) stays in $WORK.

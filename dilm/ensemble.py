@@ -1,4 +1,4 @@
-"""Ensembles of fine-tuned learners: the evaluation protocol's training machinery (DESIGN.md).
+"""Ensembles of fine-tuned learners: the evaluation protocol's training machinery (docs/method.md).
 
 N copies of one classifier are trained at once: parameters stacked with ``torch.func.stack_module_state`` and the
 forward ``vmap``-ed over members (on GPUs; called in turn on the CPU), each member with its own head seed, data

@@ -1,4 +1,4 @@
-"""Evaluation: train fresh learners on synthetic sets and report their test accuracy (DESIGN.md).
+"""Evaluation: train fresh learners on synthetic sets and report their test accuracy (docs/method.md).
 
 Every architecture in ``EvalConfig.archs`` (:mod:`dilm.archs`: fine-tuned models, ``tfidf-logreg``,
 ``<model>-probe``, ``icl-<model>``) scores every set, fine-tuned learners by the protocol (:mod:`dilm.protocol`):

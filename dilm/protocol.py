@@ -1,4 +1,4 @@
-"""The evaluation protocol, in one place: how a fresh learner is trained on a synthetic set (DESIGN.md).
+"""The evaluation protocol, in one place: how a fresh learner is trained on a synthetic set (docs/method.md).
 
 :data:`PROTOCOL` holds its values: 200 steps of AdamW (lr 1e-4, weight decay 0.01), linear warm-up over the first
 half of the steps then linear decay (:func:`linear_warmup_decay`), gradient clip 1.0 per model, batches of 64

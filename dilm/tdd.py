@@ -1,4 +1,4 @@
-"""Embedding-level text distillation (TDD), a same-architecture baseline beside DiLM (DESIGN.md).
+"""Embedding-level text distillation (TDD), a same-architecture baseline beside DiLM (docs/method.md).
 
 A TDD set is ``n = DPC × C`` (or ``total``, also fewer than the classes) free sequences of input word embeddings
 ``inputs_embeds`` (n, T, H) — fed to the learner in place of its word-embedding lookup, so position and token-type

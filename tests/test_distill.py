@@ -148,7 +148,7 @@ def test_cli_smoke_preset(tmp_path, capsys):
 
 
 def test_token_limits_come_from_the_tasks_data(tmp_path):
-    """Item 1: by default max_length / max_new_tokens are the 0.99 quantile of the task's token lengths (a fixed
+    """by default max_length / max_new_tokens are the 0.99 quantile of the task's token lengths (a fixed
     64 cut 47.5 % of MRPC's rendered pairs), capped by length_cap; explicit values win."""
     task = load_task("mrpc")
     run = Distiller(DistillConfig.from_preset("smoke", task="mrpc", length_cap=512, output_dir=str(tmp_path)),
@@ -174,7 +174,7 @@ def test_cli_smoke_preset_on_pair_and_multiclass_tasks(task, tmp_path, capsys):
     assert all(bool(e.text_pair) == t.is_pair for e in s.examples)
 
 
-# --------------------------------------------------------------------------- what the matching is fed (issue 9)
+# --------------------------------------------------------------------------- what the matching is fed
 
 
 class Recording(list):
@@ -198,7 +198,7 @@ def toy_run(tmp_path_factory, toy_task):
 
 
 def test_representative_sets_cluster_the_whole_class(toy_run):
-    """Item 2: per class, n_rep_sets k-means runs (k = real_per_class) over the whole class on the pre-trained
+    """per class, n_rep_sets k-means runs (k = real_per_class) over the whole class on the pre-trained
     learner's features, the example nearest each centroid."""
     run, cfg = toy_run, toy_run.cfg
     sets = match_stage.representative_sets(run)
@@ -237,7 +237,7 @@ def test_pool_is_clustered_and_batches_take_one_member_of_every_cluster_in_turn(
 
 
 def test_inner_learner_uses_the_protocols_optimiser_in_eval_mode(toy_run):
-    """Item 4: AdamW with the protocol's weight decay, warm-up over half of inner_loop × model steps then decay,
+    """AdamW with the protocol's weight decay, warm-up over half of inner_loop × model steps then decay,
     clipping, and no dropout (eval mode: two forward passes agree)."""
     run, cfg = toy_run, toy_run.cfg
     learner = run.fresh_learner(0)
@@ -310,13 +310,13 @@ def test_step_zero_is_validated_and_kept_when_matching_only_hurts(tmp_path, toy_
 
 @pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"smoke", "demo"}))
 def test_real_presets_validate_on_enough_sets_and_seeds(preset):
-    """Item 6: at least 3 sets × 3 seeds, at the protocol's 200 steps (the CPU presets smoke and demo excepted)."""
+    """at least 3 sets × 3 seeds, at the protocol's 200 steps (the CPU presets smoke and demo excepted)."""
     cfg = DistillConfig.from_preset(preset)
     assert cfg.val_sets >= 3 and cfg.val_seeds >= 3 and cfg.val_steps == 200 and cfg.val_interval > 0
 
 
 def test_paper_preset_is_the_reference_item_by_item():
-    """Item 11: configs/train/lm.yaml and dc.yaml of the DiLM reference code, and its evaluation."""
+    """configs/train/lm.yaml and dc.yaml of the DiLM reference code, and its evaluation."""
     cfg = DistillConfig.from_preset("paper")
     reference = {
         "generator": "gpt2", "learner": "bert-base-uncased", "dpc": (5, 10, 20), "n_sets": 20,
@@ -340,7 +340,7 @@ def test_paper_preset_is_the_reference_item_by_item():
 
 
 def test_learner_encodes_pairs_with_the_pair_api(toy_run):
-    """Item 9: the learner sees a pair as the tokenizer's pair encoding, pre-tokenised rows included."""
+    """the learner sees a pair as the tokenizer's pair encoding, pre-tokenised rows included."""
     run, tok = toy_run, toy_run.learn_tok
     pairs = [Example("The repair: was costly", 1, "It cost a lot"), Example("A cat sat", 0, "Dogs bark")]
     enc = run.learner_inputs(pairs)

@@ -130,7 +130,7 @@ def test_pair_task_rendering_round_trips():
 
 
 def test_matching_backward_reaches_generator_only_and_real_gradient_keeps_no_graph():
-    """Item 8: the learner's non-head parameters are constants in the matching step (no ``.grad`` filled by the
+    """the learner's non-head parameters are constants in the matching step (no ``.grad`` filled by the
     generator's backward pass), and g_real computed under no_grad carries no graph."""
     gen = load_model("tiny-llama", "causal-lm")
     gtok = load_tokenizer("tiny-llama")

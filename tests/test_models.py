@@ -33,7 +33,7 @@ def test_packaged_models_resolve():
     assert tok("hello world")["input_ids"][0] == tok.cls_token_id
 
 
-# ---- one answer to "is this model causal?" and one list of head parameters (issue 9 item 10)
+# ---- one answer to "is this model causal?" and one list of head parameters
 
 
 def _tiny_encoder(kind: str):

@@ -1,10 +1,25 @@
-"""The batched sampling loop: nucleus semantics, equality with HF greedy decoding, seeds, class batching."""
+"""The batched sampling loop: nucleus semantics, equality with HF greedy decoding, seeds, class batching; its
+precision and the CPU thread count; the packed LM loss."""
+
+import random
 
 import pytest
 import torch
 
-from dilm.generator import PAIR_MARK, make_sampler, parse, prompt, sample_classes, to_sample
-from dilm.models import load_model, load_tokenizer
+import dilm.models
+from dilm.generator import (
+    PACKED_TYPES,
+    PAIR_MARK,
+    TokenizedCorpus,
+    lm_loss,
+    make_sampler,
+    packed,
+    parse,
+    prompt,
+    sample_classes,
+    to_sample,
+)
+from dilm.models import cpu_threads, load_model, load_tokenizer
 from dilm.sampling import Sampler, top_p_sample
 
 CPU = torch.device("cpu")
@@ -61,6 +76,22 @@ def test_top_p_keeps_only_the_nucleus_in_proportion():
     assert torch.equal(top_p_sample(x, 0.0, 1.0, torch.Generator().manual_seed(1)), x.argmax(-1))
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
+def test_shortlisted_top_p_draws_what_the_full_sort_draws(top_p):
+    """The topk shortlist: rows whose nucleus fits in it (peaked rows) and rows whose nucleus does not (flat
+    rows, top_p 1) draw the full sort's tokens from the same seed."""
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(40, 500, generator=g) * 6
+    flat = torch.randn(24, 500, generator=g) * 0.1
+    logits = torch.cat([peaked, flat])
+    for seed in range(5):
+        full = top_p_sample(logits, top_p, 1.0, torch.Generator().manual_seed(seed))
+        short = top_p_sample(logits, top_p, 1.0, torch.Generator().manual_seed(seed), shortlist=16)
+        assert torch.equal(full, short)
+    nucleus = (torch.softmax(peaked, -1).sort(-1, descending=True).values.cumsum(-1) < 0.3).sum(-1)
+    assert (nucleus < 16).any()  # not vacuous: some rows are drawn from the shortlist alone
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_greedy_batch_of_mixed_prompts_equals_hf_generate(lm, static):
     model, tok = lm
@@ -96,7 +127,7 @@ def test_seeded_sampling_is_reproducible_and_rows_stop_at_eos(lm):
 
 
 def test_unfinished_rows_are_kept_unless_dropped():
-    """Item 1: a row that hit the token limit is kept by default (the reference keeps it), EOS appended for the
+    """a row that hit the token limit is kept by default (the reference keeps it), EOS appended for the
     loss; dropped only when asked."""
     tok = load_tokenizer("tiny-llama")
     p = tok(prompt("positive"), add_special_tokens=False)["input_ids"]
@@ -109,7 +140,7 @@ def test_unfinished_rows_are_kept_unless_dropped():
 
 
 def test_pair_parser_splits_on_the_exact_marker_only():
-    """Item 9: "repair:" is not the marker; the first two parts of an exact split are kept."""
+    """"repair:" is not the marker; the first two parts of an exact split are kept."""
     assert parse(" The repair: was costly", is_pair=True) is None
     assert parse(" The repair: was costly\npair: It cost a lot", is_pair=True) == ("The repair: was costly",
                                                                                   "It cost a lot")
@@ -120,7 +151,7 @@ def test_pair_parser_splits_on_the_exact_marker_only():
 
 
 def test_sample_ids_are_trimmed_to_the_parsed_text():
-    """Item 9: the tokens the parser cut off (a second example) are not in the sample's ids, so the generation
+    """the tokens the parser cut off (a second example) are not in the sample's ids, so the generation
     loss scores only what the learner sees."""
     tok = load_tokenizer("tiny-llama")
     p = tok(prompt("yes"), add_special_tokens=False)["input_ids"]
@@ -175,6 +206,103 @@ def test_bf16_copy_keeps_buffers_and_ties_and_follows_sync(lm):
         assert sampler.sample(prompts_of(tok), top_p=0.0) != before
     finally:
         model.load_state_dict(saved)  # the fixture is shared
+
+
+def test_bf16_sampler_returns_valid_samples(lm):
+    """precision=bf16 on the CPU (emulated where the CPU has no native bf16): a bf16 copy that samples
+    parseable texts of each class, as many as asked."""
+    model, tok = lm
+    sampler = make_sampler(model, tok, CPU, max_new_tokens=6, batch_size=16, label_names=LABELS, precision="bf16")
+    assert sampler.model is not model and all(p.dtype == torch.bfloat16 for p in sampler.model.parameters())
+    out = sample_classes(sampler, tok, LABELS, [3, 2, 3], False, seed=0)
+    assert [len(o) for o in out] == [3, 2, 3]
+    for samples, name in zip(out, LABELS):
+        for s in samples:
+            assert s.text and tok.decode(s.ids[: s.prompt_len]) == prompt(name) and s.ids[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(lm, monkeypatch, native):
+    model, tok = lm
+    monkeypatch.setattr(dilm.models, "cpu_has_bf16", lambda: native)
+    sampler = make_sampler(model, tok, CPU, max_new_tokens=4, batch_size=4, label_names=LABELS)
+    assert (sampler.model is not model) == native
+    assert next(sampler.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    assert make_sampler(model, tok, CPU, max_new_tokens=4, batch_size=4, precision="fp32").model is model
+    assert len(sampler.sample(prompts_of(tok), seed=0)) == len(LABELS)
+
+
+@pytest.mark.parametrize("cpus, omp, limit, expected", [
+    ({0, 1, 2, 3}, None, None, 4),
+    ({0, 1, 2, 3}, "2", None, 2),  # Ray's OMP_NUM_THREADS = the task's num_cpus
+    ({0, 1}, "8", None, 2),  # never more than the CPUs the process may run on
+    ({0, 1, 2, 3}, None, 1.5, 1),  # floor of a fractional CPU share
+    ({0, 1, 2, 3}, "3", 0.5, 1),  # at least one
+    ({5}, "", None, 1),
+    ({0, 1, 2}, "x", 2, 2),  # an unreadable OMP_NUM_THREADS is ignored
+])
+def test_cpu_threads_never_exceed_affinity_omp_or_limit(monkeypatch, cpus, omp, limit, expected):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: cpus)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert cpu_threads(limit) == expected
+
+
+def tiny_causal_lm(kind: str, vocab: int):
+    """A random 2-layer causal LM of each packed model type (eval: no dropout), float64."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=vocab)
+    cfg, cls = {"gpt2": (GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                    bos_token_id=0, eos_token_id=0), GPT2LMHeadModel),
+                "llama": (LlamaConfig(**small), LlamaForCausalLM), "qwen2": (Qwen2Config(**small), Qwen2ForCausalLM),
+                "mistral": (MistralConfig(**small), MistralForCausalLM)}[kind]
+    return cls(cfg).double().eval()
+
+
+@pytest.mark.parametrize("kind", sorted(PACKED_TYPES))
+def test_packed_lm_loss_and_gradient_equal_the_padded_ones(kind):
+    """Packing changes the work, not the loss: each sequence attends to itself only (position_ids restart), the
+    same tokens are scored; checked for every model type that lm_loss packs."""
+    model = tiny_causal_lm(kind, 97)
+    rng = random.Random(0)
+    corpus = TokenizedCorpus([[rng.randrange(1, 97) for _ in range(rng.randrange(1, 15))] for _ in range(40)], 0)
+    for _ in range(3):
+        batch = corpus.batch(8, rng, CPU)
+        rows = packed(batch)
+        assert rows["input_ids"].shape[0] < 8 and rows["input_ids"].shape[1] == batch["input_ids"].shape[1]
+        assert (rows["labels"] != -100).sum() == (batch["labels"][:, 1:] != -100).sum()
+        ref = model(**batch, use_cache=False).loss
+        g_ref = torch.autograd.grad(ref, list(model.parameters()))
+        got = lm_loss(model, batch, CPU)
+        g_got = torch.autograd.grad(got, list(model.parameters()))
+        assert got.item() == pytest.approx(ref.item(), abs=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ref, g_got))
+
+
+def test_lm_loss_packs_the_registry_generator(lm):
+    """tiny-llama (and so smollm2-135m, a Llama) is of a packed type: lm_loss runs on the packed batch."""
+    model, tok = lm
+    assert model.config.model_type in PACKED_TYPES
+    rng = random.Random(1)
+    corpus = TokenizedCorpus(tok([prompt(n) + " a film" for n in LABELS] * 3, add_special_tokens=False)["input_ids"],
+                             tok.pad_token_id)
+    batch = corpus.batch(6, rng, CPU)
+    with torch.no_grad():
+        assert lm_loss(model, batch, CPU).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
