@@ -12,51 +12,56 @@ scores live in ``sets/<name>/baselines/<baseline>/``; a resumed sweep reuses sco
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import ray
 from mlflow.entities import RunTag
 
 from dilm.coreset import CoresetConfig, build_coresets
-from dilm.distill import DistillConfig, distill
-from dilm.files import write_json
+from dilm.distill import LM_META, DistillConfig, distill
 from dilm.synset import read_set
 from dilm.tasks import load_task
 from tune.pool import PoolClient, PoolSpec
 from tune.scores import OBJECTIVE, ScoreTable, objective, score_metrics
+from tune.storage import Staged, cached_folder, node_cache, open_storage, split
 from tune.tracking import PARENT_TAG, SWEEP_TAG, SweepTracker
 
 BASELINE_TAG = "baseline"
 BASELINES = ("random", "vanilla")
 
 
-def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out: Path) -> dict[int, list]:
-    """{dpc: [SynSet]} of one baseline at the trials' DPCs and ``n_sets``."""
+def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out: str) -> dict[int, list]:
+    """{dpc: [SynSet]} of one baseline at the trials' DPCs and ``n_sets``. ``lm_checkpoint`` and ``out`` are
+    locations (folders, or URIs: the checkpoint is fetched to this node, the vanilla run's folder published)."""
     task = load_task(cfg.task)
     if name == "random":
         return build_coresets(task, CoresetConfig(method="random", dpc=tuple(cfg.dpc), n_sets=cfg.n_sets,
                                                   seed=cfg.seed))
-    vanilla = dataclasses.replace(cfg, outer_loops=0, lm_checkpoint=lm_checkpoint or "", output_dir=str(out))
+    folder = Staged(out, name)
+    if lm_checkpoint:
+        parent, key = split(lm_checkpoint)
+        lm_checkpoint = str(cached_folder(open_storage(parent), key, LM_META, node_cache("lm")))
+    vanilla = dataclasses.replace(cfg, outer_loops=0, lm_checkpoint=lm_checkpoint or "", output_dir=str(folder.path))
     result = distill(vanilla, task=task)  # the task already loaded
-    return {d: [read_set(p, task.label_names, task.is_pair) for p in paths] for d, paths in result.sets.items()}
+    sets = {d: [read_set(p, task.label_names, task.is_pair) for p in paths] for d, paths in result.sets.items()}
+    folder.publish(skip=["checkpoint"])
+    return sets
 
 
 def run_baselines(cfg: DistillConfig, lm_checkpoint: str | None, pool: PoolSpec, tracker: SweepTracker,
-                  out_dir: Path, resources) -> dict[str, ScoreTable]:
+                  out_dir: str, resources) -> dict[str, ScoreTable]:
     """Score every baseline on the pool and log it as a tagged MLflow run; {baseline: {dpc: {arch: summary}}}.
     The sets are built by a Ray task with a trial's ``resources`` (the vanilla LM samples where a trial would)."""
-    make_sets = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu)(baseline_sets)
-    out = {}
+    make_sets = ray.remote(**resources.as_remote())(baseline_sets)
+    store, out = open_storage(out_dir), {}
     for name in BASELINES:
-        done = out_dir / name / "scores.json"
-        if done.exists():  # resumed sweep: already scored and logged
-            out[name] = {int(d): s for d, s in json.loads(done.read_text()).items()}
+        done = f"{name}/scores.json"
+        if store.exists(done):  # resumed sweep: already scored and logged
+            out[name] = {int(d): s for d, s in store.read_json(done).items()}
             continue
-        sets = ray.get(make_sets.remote(name, cfg, lm_checkpoint, out_dir / name))
+        sets = ray.get(make_sets.remote(name, cfg, lm_checkpoint, out_dir))
         scores = PoolClient(pool).score(sets)
         log_baseline(tracker, name, scores, lm_checkpoint)
-        write_json(done, {str(d): s for d, s in scores.items()})
+        store.write_json(done, {str(d): s for d, s in scores.items()})
         out[name] = scores
     return out
 

@@ -23,6 +23,7 @@ from tune.config import SweepConfig, SweepPaths
 from tune.plots import accuracy_vs_dpc_all
 from tune.plots import param_importances as plot_importances
 from tune.scores import OBJECTIVE, best_row, compare, comparison_metrics, format_compare
+from tune.storage import join
 from tune.tracking import NOTE_TAG
 
 log = logging.getLogger("tune.report")
@@ -62,7 +63,7 @@ def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dic
     return {"name": cfg.name, "rows": rows, "best": best, "complete": len(complete),
             "pruned": states.count("PRUNED"), "failed": states.count("FAIL"), "finished": finished,
             "importances": param_importances(study) if len(complete) >= 2 else None,
-            "storage": str(paths.storage), "optuna_url": paths.optuna_url}
+            "storage": paths.location, "driver_dir": str(paths.storage), "optuna_url": paths.optuna_url}
 
 
 WORD = re.compile(r"[a-z]+")
@@ -157,7 +158,7 @@ def format_summary(s: dict) -> str:
     if s["best"]:
         params = {k: v for k, v in s["best"].items() if k not in ("number", "ray_trial_id", "state", OBJECTIVE)}
         lines.append(f"  best objective {s['best'][OBJECTIVE]:.2f} (trial {s['best']['ray_trial_id']}): {params}")
-        lines.append(f"  its sets:  {Path(s['storage']) / 'sets' / s['name'] / s['best']['ray_trial_id'] / 'sets'}")
+        lines.append(f"  its sets:  {join(s['storage'], 'sets', s['name'], s['best']['ray_trial_id'], 'sets')}")
     if s.get("baselines"):
         lines.append("  best trial vs baselines (accuracy % ± std over sets x seeds; difference in points):")
         lines += format_compare(s["baselines"])
@@ -166,6 +167,6 @@ def format_summary(s: dict) -> str:
     if s["importances"]:
         lines.append("  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in s["importances"].items()))
     lines.append(f"  storage:   {s['storage']}")
-    lines.append(f"  MLflow:    dilm ui --storage {s['storage']}")
+    lines.append(f"  MLflow:    dilm ui --storage {s.get('driver_dir', s['storage'])}")
     lines.append(f"  Optuna:    optuna-dashboard {s['optuna_url']}")
     return "\n".join(lines)

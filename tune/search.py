@@ -19,10 +19,9 @@ importable in :mod:`tune.sweep`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import shutil
-from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -32,6 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tune.config import SweepConfig, SweepPaths
 from tune.scores import FINAL, MODE, OBJECTIVE, VAL_METRIC
+from tune.storage import open_storage
 from tune.tracking import SweepTracker, TrackingSpec
 
 log = logging.getLogger("tune.search")
@@ -124,7 +124,8 @@ class TrialEnd(Callback):
         else:
             # stopped by ASHA is an outcome, not a failure: FINISHED (not KILLED's red cross), tagged
             self._end(trial, "FINISHED", {"stopped_early": "asha"})
-            shutil.rmtree(Path(self.sets_dir) / trial.trial_id / "checkpoint", ignore_errors=True)
+            with contextlib.suppress(Exception):  # a URI storage holds none: it stays in the trial's node cache
+                open_storage(self.sets_dir).remove(f"{trial.trial_id}/checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "FAILED")

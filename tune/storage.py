@@ -61,6 +61,13 @@ def join(location: str | Path, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) + sep + query
 
 
+def split(location: str) -> tuple[str, str]:
+    """``(parent, name)`` of a location: ``join(parent, name) == location``."""
+    base, sep, query = str(location).partition("?")
+    parent, _, name = base.rstrip("/").rpartition("/")
+    return parent + sep + query, name
+
+
 def node_cache(*parts: str) -> Path:
     return cache_dir().joinpath("storage", *parts)
 

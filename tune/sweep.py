@@ -43,10 +43,12 @@ from dilm.options import Parser
 from dilm.tasks import TASKS, load_task
 from tune.baselines import run_baselines
 from tune.config import RETIRED_KEYS, SweepConfig, SweepPaths, in_ray_job, load_config
-from tune.pool import PoolError, create_pool, shutdown_pool
+from tune.mlflow_server import TrackingServer
+from tune.pool import PoolError, PoolSpec, create_pool, shutdown_pool
 from tune.report import add_baselines, fail_orphans, load_study, report_summary, summarize
 from tune.search import PruneAwareOptunaSearch, TrialEnd, make_scheduler, make_searcher, trial_dirname
-from tune.tracking import SweepTracker, flatten, tracking_uri
+from tune.storage import join, open_storage, sync_down, sync_up
+from tune.tracking import SweepTracker, TrackingSpec, flatten, tracking_uri
 from tune.trial import TrialPlan, lm_checkpoint_for, run_trial
 
 # These lived in this module before tune/sweep.py was split, and Tune pickled them by that qualified name
@@ -66,6 +68,10 @@ def check_resources(cfg: SweepConfig, cluster: dict) -> list[str]:
     if (t.gpu or pool_gpu) and not gpu:
         raise DilmError(f"the sweep asks for GPUs (trial {t.gpu:g}, pool {pool_gpu:g}) but {have}; "
                         "use --smoke or a CPU config such as sweeps/demo.yaml")
+    missing = sorted(k for k, v in {**a.custom, **t.custom}.items() if v > float(cluster.get(k, 0)) + 1e-9)
+    if missing:
+        raise DilmError(f"the sweep asks for custom resource(s) {missing} that no node of the Ray cluster has "
+                        "enough of (`ray start --resources '{\"NAME\": N}'` gives a node some)")
     if pool_cpu + t.cpu > cpu + 1e-9 or pool_gpu + t.gpu > gpu + 1e-9:
         raise DilmError(f"the pool ({actors} x {a.cpu:g} CPU, {a.gpu:g} GPU) plus one trial ({t.cpu:g} CPU, "
                         f"{t.gpu:g} GPU) do not fit: {have}")
@@ -118,16 +124,35 @@ def check_same_config(cfg: SweepConfig, paths: SweepPaths) -> None:
                         "changed): resume it with the same YAML, or start another with --name")
 
 
-def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool) -> SweepTracker:
+def needs_server(paths: SweepPaths, autoscaling: bool) -> bool:
+    """Trials on other nodes cannot reach the driver's sqlite file: serve it when the storage is a URI or the
+    cluster has (or, autoscaling, will have) more than one node, unless $MLFLOW_TRACKING_URI names a store."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return False
+    return paths.remote or autoscaling or sum(1 for n in ray.nodes() if n.get("Alive")) > 1
+
+
+def start_server(paths: SweepPaths) -> TrackingServer:
+    """The driver's store over HTTP on this node's Ray address (:mod:`tune.mlflow_server`), on a free port (a
+    resumed sweep hands the new URL to the callback Tune restores: :func:`build_tuner`)."""
+    return TrackingServer.start(tracking_uri(paths.storage), paths.storage / "mlartifacts",
+                                ray.util.get_node_ip_address(), log=paths.storage / "mlflow-server.log")
+
+
+def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool, server: str | None = None) -> SweepTracker:
+    """Open (or, resumed, continue) the parent run in the store (``server``: the URL serving it); the state file
+    names the store itself, so a resume served on another port still continues the same parent run."""
     state = _read_state(paths) if resume else {}
     uri = tracking_uri(paths.storage)
     same_store = state.get("tracking_uri") == uri
-    tracker = SweepTracker.start(uri, cfg.experiment, cfg.name,
+    tracker = SweepTracker.start(server or uri, cfg.experiment, cfg.name,
                                  parent_run_id=state.get("parent_run_id") if same_store else None,
-                                 tags={"dilm.storage": str(paths.storage), "dilm.git_revision": git_revision(),
+                                 tags={"dilm.storage": paths.location, "dilm.git_revision": git_revision(),
                                        "mlflow.note.content": cfg.description})
     write_json(paths.state_file, {"parent_run_id": tracker.spec.parent_run_id, "tracking_uri": uri,
-                                  "experiment_id": tracker.spec.experiment_id, "config": cfg.to_dict()})
+                                  "experiment_id": tracker.spec.experiment_id, "config": cfg.to_dict(),
+                                  **({"tracking_server": server} if server else {})})
+    sync_up(paths.store, paths.storage, [f"state/{cfg.name}.json"])
     tracker.log_params(flatten(cfg.to_dict()))
     return tracker
 
@@ -148,21 +173,34 @@ def base_distill_config(cfg: SweepConfig, **override) -> DistillConfig:
     return DistillConfig.from_preset(cfg.preset, **{**cfg.distill_fixed(), **override}, task=cfg.task)
 
 
-def train_shared_lm(cfg: SweepConfig, paths: SweepPaths) -> Path | None:
+def train_shared_lm(cfg: SweepConfig, paths: SweepPaths) -> str | None:
     """Train the sweep's LM stage once, before any trial starts, as a Ray task with a trial's resources (so it runs
-    where a trial would, GPU included); trials then find it by its key and only load it. ``None`` when LM keys are
-    searched: the trials train one checkpoint per distinct LM config (under the same lock)."""
+    where a trial would, GPU included); trials then find it by its key and only load it. Returns its location
+    (``<storage>/lm/<key>``: a path, or a URI the task published it to). ``None`` when LM keys are searched: the
+    trials train one checkpoint per distinct LM config (under the same lock)."""
     if lm_searched(cfg):
         return None
-    r = cfg.trial_resources
-    task = ray.remote(num_cpus=r.cpu, num_gpus=r.gpu)(lm_checkpoint_for)
-    return ray.get(task.remote(base_distill_config(cfg), str(paths.lm_dir)))
+    task = ray.remote(**cfg.trial_resources.as_remote())(lm_checkpoint_for)
+    local = ray.get(task.remote(base_distill_config(cfg), paths.lm_location))  # a path of the node that ran it
+    return join(paths.lm_location, local.name) if paths.remote else str(local)
+
+
+def make_plan(cfg: SweepConfig, paths: SweepPaths, label_names: tuple[str, ...], is_pair: bool, pool: PoolSpec,
+              tracking: TrackingSpec) -> TrialPlan:
+    """What every trial gets from the driver: locations (paths of the storage, or URIs), never a path of the
+    driver's own folder when the storage is a URI."""
+    return TrialPlan(cfg.task, label_names, is_pair, cfg.preset, cfg.distill_fixed(), paths.sets_location,
+                     paths.tune_dir, pool, tracking, cfg.trial_resources.cpu, paths.lm_location)
 
 
 def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, restore: bool) -> Tuner:
     trainable = with_resources(with_parameters(run_trial, plan=plan), cfg.trial_resources.as_tune())
     if restore:  # search algorithm, scheduler and callbacks come back from the experiment's saved state
-        return Tuner.restore(paths.tune_dir, trainable=trainable, resume_errored=True)
+        tuner = Tuner.restore(paths.tune_dir, trainable=trainable, resume_errored=True)
+        for callback in tuner._local_tuner._run_config.callbacks or []:  # Ray 2.60 internals
+            if isinstance(callback, TrialEnd):  # this run's tracking server: a served store's URL may have changed
+                callback.spec = plan.tracking
+        return tuner
     tune_config = TuneConfig(search_alg=make_searcher(cfg, paths), scheduler=make_scheduler(cfg),
                              num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
                              trial_dirname_creator=trial_dirname)
@@ -175,8 +213,9 @@ def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, restore: b
 def announce(cfg: SweepConfig, paths: SweepPaths) -> None:
     """Say where the results go (inside a Ray job the working directory is a temporary copy: the user needs the
     absolute path) and warn when the code's revision cannot be recorded."""
-    tune_dir = "" if paths.tune_storage == str(paths.storage / "tune") else f" (Ray Tune experiment: {paths.tune_dir})"
-    print(f"sweep {cfg.name}: storage {paths.storage}{tune_dir}", flush=True)
+    tune_dir = "" if paths.tune_storage == join(paths.location, "tune") else f" (Ray Tune experiment: {paths.tune_dir})"
+    mirror = f" (driver's files: {paths.storage})" if paths.remote else ""
+    print(f"sweep {cfg.name}: storage {paths.location}{mirror}{tune_dir}", flush=True)
     if in_ray_job() and git_revision() == "unknown":
         print(f"warning: git revision unknown (Ray's copy of the working dir has no .git): submit with "
               f"--runtime-env-json '{{\"env_vars\": {{\"{GIT_REVISION_ENV}\": \"'$(git rev-parse HEAD)'\"}}}}' "
@@ -188,9 +227,12 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
     """Run (or, with ``resume``, continue) a sweep; returns the summary (see :func:`tune.report.summarize`)."""
     paths = SweepPaths.of(cfg)
     announce(cfg, paths)
+    fetched = sync_down(paths.store, paths.storage, paths.driver_files())  # a URI storage resumed on a fresh head
+    if fetched:
+        print(f"sweep {cfg.name}: fetched {', '.join(fetched)} from {paths.location}", flush=True)
     restore = Tuner.can_restore(paths.tune_dir)
     if not resume and (restore or _study_exists(paths, cfg.name)):
-        raise DilmError(f"sweep {cfg.name!r} already exists in {paths.storage}: pass --resume to continue it, "
+        raise DilmError(f"sweep {cfg.name!r} already exists in {paths.location}: pass --resume to continue it, "
                         "or --name to start another")
     if resume:
         check_same_config(cfg, paths)
@@ -199,19 +241,19 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
     if resource_check:
         for warning in check_resources(cfg, ray.cluster_resources()):
             print(f"warning: {warning}", file=sys.stderr)
-    tracker = start_tracking(cfg, paths, resume)
-    status, handles = "FAILED", []
+    server = start_server(paths) if needs_server(paths, not resource_check) else None
+    status, handles, tracker = "FAILED", [], None
     try:
+        tracker = start_tracking(cfg, paths, resume, server.url if server else None)
         lm = train_shared_lm(cfg, paths)
         if lm is not None:
-            tracker.set_tags({"dilm.lm_checkpoint": str(lm)})
+            tracker.set_tags({"dilm.lm_checkpoint": lm})
         pool, handles = create_pool(cfg.task, cfg.eval.eval_config(), actors=cfg.eval.actors,
                                     cpu=cfg.eval.actor_resources.cpu, gpu=cfg.eval.actor_resources.gpu,
                                     max_restarts=cfg.eval.max_restarts, retries=cfg.eval.retries,
                                     prefix=f"{cfg.name}-{os.getpid()}-{int(time.time())}",
                                     start_timeout_s=300 if resource_check else 3600)  # autoscaling: nodes boot
-        plan = TrialPlan(cfg.task, label_names, is_pair, cfg.preset, cfg.distill_fixed(), str(paths.sets_dir),
-                         paths.tune_dir, pool, tracker.spec, cfg.trial_resources.cpu, str(paths.lm_dir))
+        plan = make_plan(cfg, paths, label_names, is_pair, pool, tracker.spec)
         results = build_tuner(cfg, paths, plan, restore).fit()
         finished = results.num_terminated + results.num_errors == len(results) >= cfg.num_samples
         study = load_study(cfg, paths)
@@ -219,8 +261,9 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
             fail_orphans(study)
         summary = summarize(study, cfg, paths, finished)
         if summary["finished"]:
-            baselines = run_baselines(base_distill_config(cfg), str(lm) if lm else None, pool, tracker,
-                                      paths.sets_dir / "baselines", cfg.trial_resources)
+            baselines = run_baselines(base_distill_config(cfg), lm, pool, tracker,
+                                      join(paths.sets_location, "baselines"), cfg.trial_resources)
+            mirror_for_report(paths, summary)
             add_baselines(summary, baselines, paths, cfg.task)
         report_summary(tracker, summary, paths)
         status = "FINISHED" if summary["finished"] else "KILLED"
@@ -230,7 +273,20 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
         raise
     finally:
         shutdown_pool(handles)
-        tracker.end(status)
+        if tracker is not None:
+            tracker.end(status)
+        if server is not None:
+            server.stop()
+        sync_up(paths.store, paths.storage, paths.driver_files())
+
+
+def mirror_for_report(paths: SweepPaths, summary: dict) -> None:
+    """A URI storage: fetch the best trial's folder and the vanilla baseline's sets into the driver's folder, where
+    the report reads them (a local storage is read in place)."""
+    if not paths.remote:
+        return
+    keys = ["baselines/vanilla", *([summary["best"]["ray_trial_id"]] if summary["best"] else [])]
+    sync_down(open_storage(paths.sets_location), paths.sets_dir, keys)
 
 
 def build_parser() -> Parser:
@@ -243,8 +299,9 @@ def build_parser() -> Parser:
     p.add_argument("--resume", action="store_true", help="continue the sweep of this name (start it if new) "
                    "(default: off: an existing sweep is an error)")
     p.add_argument("--name", help="sweep name (default: the YAML's name, else its file name)")
-    p.add_argument("--storage", help="local state folder; must be absolute inside a Ray job (default: the YAML's "
-                   "storage, else $DILM_SWEEP_DIR, else ./runs/sweeps)")
+    p.add_argument("--storage", help="state folder (absolute inside a Ray job), or a URI such as s3://BUCKET/dilm "
+                   "for nodes without a shared filesystem (default: the YAML's storage, else $DILM_SWEEP_DIR, else "
+                   "./runs/sweeps)")
     p.add_argument("--tune-storage", help="Ray Tune experiment location: s3://, gs:// or a shared mount, for "
                    "multi-node sweeps (default: the YAML's tune_storage, else <storage>/tune)")
     p.add_argument("--address", help="Ray cluster address; 'local' starts a private one (default: $RAY_ADDRESS, a "

@@ -20,7 +20,6 @@ again; one that had not resumes distill from its checkpoint in the trial's outpu
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -29,13 +28,14 @@ from pathlib import Path
 import torch
 from ray.tune import get_context, report
 
-from dilm.distill import DistillConfig, distill, lm_cache_key, train_lm
+from dilm.distill import LM_META, DistillConfig, distill, lm_cache_key, train_lm
 from dilm.files import write_json
 from dilm.synset import read_set
 from dilm.tasks import TaskData, load_task
 from tune.plots import accuracy_vs_dpc_all
 from tune.pool import PoolClient, PoolSpec
 from tune.scores import FINAL, OBJECTIVE, VAL_METRIC, ScoreTable, final_metrics, score_metrics
+from tune.storage import Staged, cached_folder, join, node_cache, open_storage
 from tune.tracking import TrackingSpec, TrialRun, run_label
 
 
@@ -55,15 +55,18 @@ class TrialPlan:
     tracking: TrackingSpec
     cpu: float
     lm_dir: str = ""  # <storage>/lm: one LM-stage checkpoint per lm_cache_key ("" = each trial runs its own)
+    # sets_dir, tune_dir and lm_dir are locations: folders of the storage, or URIs (tune.storage) when it is one
 
 
 def lm_checkpoint_for(cfg: DistillConfig, lm_dir: str | Path, task: TaskData | None = None) -> Path:
     """The shared LM-stage checkpoint of ``cfg``: ``<lm_dir>/<lm_cache_key>``, trained (atomically, once under a
     file lock however many callers arrive together) if it is not there yet, reused as it is otherwise. The task
-    (``task``, loaded here if not given) is hashed once, for the key."""
+    (``task``, loaded here if not given) is hashed once, for the key. With a URI ``lm_dir`` it is fetched once per
+    node into the node cache, trained and published by the first caller when the storage has none."""
     task = task or load_task(cfg.task)
     key = lm_cache_key(cfg, task)
-    return train_lm(cfg, Path(lm_dir) / key, task=task, key=key)
+    return cached_folder(open_storage(lm_dir), key, LM_META, node_cache("lm"),
+                         lambda out: train_lm(cfg, out, task=task, key=key))
 
 
 class StepReporter:
@@ -110,15 +113,16 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     (Tune checks a restored sweep's trainable by this function's name: keep it ``run_trial``.)"""
     ctx = get_context()
     trial_id = ctx.get_trial_id()
-    out = Path(plan.sets_dir) / trial_id
-    done = out / "final.json"
-    if done.exists():  # finished before a driver crash: report again, do not run again
+    folder = Staged(plan.sets_dir, trial_id)  # a URI storage: written in the node cache, published at the end
+    out = folder.path
+    done = folder.committed("final.json")
+    if done is not None:  # finished before a driver crash: report again, do not run again
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the crash may have come before the removal below
-        report(json.loads(done.read_text()))
+        report(done)
         return
     torch.set_num_threads(max(1, int(plan.cpu)))  # as Ray's OMP_NUM_THREADS: floor(cpu), at least 1
     with TrialRun(plan.tracking, trial_id, run_label(trial_id, config)) as run:
-        run.set_tags({"dilm.output_dir": str(out), "dilm.tune_trial_dir": f"{plan.tune_dir}/{trial_id}"})
+        run.set_tags({"dilm.output_dir": folder.uri, "dilm.tune_trial_dir": join(plan.tune_dir, trial_id)})
         run.log_params(config)  # the sampled values, logged even if the config turns out invalid
         cfg = DistillConfig.from_preset(plan.preset, **{**plan.fixed, **config}, task=plan.task, output_dir=str(out))
         task = load_task(cfg.task)  # once: the LM key, the LM stage and distill share it
@@ -130,7 +134,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         last_step = result.history[-1]["step"] if result.history else 0
         final = final_result(scores, result.best_val_accuracy, last_step)
         log_trial_outputs(run, result, scores, final, out)
-        write_json(done, final)
+        write_json(out / "final.json", final)
+        folder.publish(last=["final.json"], skip=["checkpoint"])  # final.json: the commit marker, uploaded last
         run.rename(run_label(trial_id, config, final[OBJECTIVE]))
     shutil.rmtree(out / "checkpoint", ignore_errors=True)  # generator weights: only needed to resume this trial
     report(final)
