@@ -62,3 +62,15 @@ def test_differences_come_with_a_welch_interval_in_rows_table_and_metrics():
     line = format_compare(rows)[1]
     assert f"[{lo:+5.1f},{hi:+5.1f}]*" in line  # excludes 0: starred
     assert "+1.0 [" in line and "]*" not in line.split("+1.0 [")[1]  # vs vanilla: includes 0, no star
+
+
+def test_the_summary_reads_the_sets_copies_from_provenance(tmp_path):
+    from tune.report import format_copies, read_copies
+
+    share = {"n": 20, "exact": 1, "near": 2, "exact_share": 0.05, "near_share": 0.1}
+    none = {"n": 20, "exact": 0, "near": 0, "exact_share": 0.0, "near_share": 0.0}
+    (tmp_path / "provenance.json").write_text(json.dumps({"copies": {"10": {"train": share, "test": none},
+                                                                     "5": {"train": none, "test": none}}}))
+    copies = {"best trial": read_copies(tmp_path / "provenance.json"), "vanilla": read_copies(tmp_path / "no.json")}
+    assert copies["vanilla"] == {}
+    assert format_copies(copies) == "best trial dpc5 0.0/0.0 test 0.0/0.0, best trial dpc10 5.0/10.0 test 0.0/0.0"

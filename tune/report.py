@@ -95,6 +95,24 @@ def vocab_rate(set_files: list[Path], vocabulary: set[str]) -> float:
     return word_rate([" ".join(str(row.get(k) or "") for k in ("text", "text_pair")) for row in rows], vocabulary)
 
 
+def read_copies(provenance: Path) -> dict:
+    """{dpc: {"train": {...}, "test": {...}}}: the sets' copies of training and test texts (a run's provenance,
+    :mod:`dilm.memorisation`); empty when the run wrote none."""
+    if not provenance.exists():
+        return {}
+    return json.loads(provenance.read_text()).get("copies", {})
+
+
+def format_copies(copies: dict[str, dict]) -> str:
+    """``best trial dpc5 0.0/4.0 test 0.0/0.0, ...``: % exact / near copies of training texts, then of test texts."""
+    parts = []
+    for name, by_dpc in copies.items():
+        for d, r in sorted(by_dpc.items(), key=lambda kv: int(kv[0])):
+            parts.append(f"{name} dpc{d} {100 * r['train']['exact_share']:.1f}/{100 * r['train']['near_share']:.1f}"
+                         f" test {100 * r['test']['exact_share']:.1f}/{100 * r['test']['near_share']:.1f}")
+    return ", ".join(parts)
+
+
 def add_baselines(summary: dict, baselines: dict, paths: SweepPaths, task: str) -> None:
     """The best trial beside the baselines: ``summary["baselines"]`` rows (:func:`tune.scores.compare`) and the
     accuracy-vs-DPC plots with all curves, in ``reports/<name>/``."""
@@ -108,6 +126,8 @@ def add_baselines(summary: dict, baselines: dict, paths: SweepPaths, task: str) 
     summary["vocab_rate"] = {"best trial": vocab_rate(sorted(best_dir.glob("sets/dpc*/*.jsonl")), vocabulary),
                              "vanilla": vocab_rate(sorted((paths.sets_dir / "baselines" / "vanilla").glob(
                                  "sets/dpc*/*.jsonl")), vocabulary)}
+    summary["copies"] = {name: read_copies(folder / "provenance.json") for name, folder in (
+        ("best trial", best_dir), ("vanilla", paths.sets_dir / "baselines" / "vanilla"))}
     summary["plots"] = [str(p) for p in accuracy_vs_dpc_all(best, paths.reports_dir, f"{summary['name']}",
                                                             beside=baselines, label="best trial")]
 
@@ -164,6 +184,9 @@ def format_summary(s: dict) -> str:
         lines += format_compare(s["baselines"])
         lines.append("  words found in the training vocabulary: " + ", ".join(
             f"{k} {v:.1f} %" for k, v in s["vocab_rate"].items()) + " (target >= 95 %)")
+        if any(s.get("copies", {}).values()):
+            lines.append("  copies of training texts, exact/near % (a near copy shares >= 80 % of its word 4-grams "
+                         "with one text), then of test texts: " + format_copies(s["copies"]))
     if s["importances"]:
         lines.append("  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in s["importances"].items()))
     lines.append(f"  storage:   {s['storage']}")
