@@ -5,13 +5,14 @@ stopping criteria with a host sync, autocast casts of fp32 weights and small bat
 
 * prompts of several classes go into one left-padded batch (explicit ``position_ids``), as large as memory
   allows (``batch_size``);
-* on CUDA the loop runs a bf16 copy of the generator (no per-step weight casts; the fp32 master weights
-  stay with the optimiser);
-* top-p sampling is a few tensor ops (sort, cumulative sum, inverse-CDF draw) with no host sync; the host
-  checks "all finished" only every ``SYNC_EVERY`` steps;
+* where bf16 pays (GPUs, CPUs with native bf16: :func:`dilm.models.bf16_supported`) the loop runs a bf16 copy
+  of the generator (no per-step weight casts; the fp32 master weights stay with the optimiser);
+* top-p sampling is a few tensor ops (sort, cumulative sum, inverse-CDF draw) with no host sync on CUDA; on a
+  CPU the sort of the whole vocabulary is replaced by a ``topk`` shortlist (``SHORTLIST``); the host checks
+  "all finished" only every ``SYNC_EVERY`` steps;
 * ``static=True`` uses a pre-allocated ``StaticCache`` and a full-length attention mask so the decode step
-  has fixed shapes; with ``compile=True`` (CUDA) that step is ``torch.compile``-d in ``reduce-overhead``
-  mode, i.e. replayed as a CUDA graph.
+  has fixed shapes; with ``compile=True`` that step is ``torch.compile``-d (on CUDA in ``reduce-overhead``
+  mode, i.e. replayed as a CUDA graph).
 
 Shapes: B rows, P prompt width (left-padded), N = ``max_new_tokens``, V vocabulary.
 """
@@ -22,24 +23,42 @@ import copy
 
 import torch
 
+from dilm.models import bf16_supported
 from dilm.seeds import derive_seed
 from dilm.text import left_pad
 
 SYNC_EVERY = 8
+SHORTLIST = 128  # CPU: top-p from the 128 most probable tokens (full sort only for rows whose nucleus is larger)
 
 
-def top_p_sample(logits: torch.Tensor, top_p: float, temperature: float, rng: torch.Generator) -> torch.Tensor:
+def top_p_sample(logits: torch.Tensor, top_p: float, temperature: float, rng: torch.Generator,
+                 shortlist: int = 0) -> torch.Tensor:
     """(B, V) logits → (B,) token ids from the smallest set of top tokens whose probability reaches ``top_p``.
 
-    One sort and one cumulative sum; the draw is an inverse-CDF lookup (B uniforms, not B × V).
+    One sort and one cumulative sum; the draw is an inverse-CDF lookup (B uniforms, not B × V). With
+    ``shortlist`` = K > 0 the sort is a ``topk`` of K: rows whose K most probable tokens already reach ``top_p``
+    hold their whole nucleus there and draw from it exactly as from the full sort (same uniforms); only the
+    other rows are sorted in full. Checking which rows those are is a host sync, free on a CPU (where the full
+    sort of a 49k vocabulary costs as much as the model's decode step) but not on CUDA.
     """
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    cum = sorted_p.cumsum(-1)  # (B, V)
+    u = torch.rand((probs.shape[0], 1), device=probs.device, generator=rng)  # (B, 1)
+    if not shortlist or shortlist >= probs.shape[-1]:
+        return nucleus_draw(*probs.sort(dim=-1, descending=True), u, top_p)
+    top, order = probs.topk(shortlist, dim=-1)  # (B, K), descending
+    out = nucleus_draw(top, order, u, top_p)
+    short = top.cumsum(-1)[:, -1] < top_p  # (B,): nucleus not inside the shortlist (top_p → 1, flat rows)
+    if bool(short.any()):
+        out[short] = nucleus_draw(*probs[short].sort(dim=-1, descending=True), u[short], top_p)
+    return out
+
+
+def nucleus_draw(sorted_p: torch.Tensor, order: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, K) probabilities in descending order, their token ids, (B, 1) uniforms → (B,) picks of the nucleus."""
+    cum = sorted_p.cumsum(-1)  # (B, K)
     kept = ((cum - sorted_p) < top_p).sum(-1, keepdim=True).clamp(min=1)  # nucleus size; top_p → 0 = greedy
     mass = cum.gather(-1, kept - 1)  # (B, 1): probability of the nucleus
-    u = torch.rand(mass.shape, device=mass.device, generator=rng) * mass
-    pick = torch.searchsorted(cum, u).clamp(max=kept - 1)  # first rank whose cumulative mass reaches u
+    pick = torch.searchsorted(cum, u * mass).clamp(max=kept - 1)  # first rank whose cumulative mass reaches u
     return order.gather(-1, pick).squeeze(-1)
 
 
@@ -60,7 +79,7 @@ def bucket(rows: int, cap: int) -> int:
 class Sampler:
     """Samples completions of token prompts from a causal LM, a batch of rows at a time.
 
-    Holds its own inference weights (a bf16 copy on CUDA, refreshed in place by :meth:`sync` so a compiled
+    Holds its own inference weights (a bf16 copy where bf16 pays, refreshed in place by :meth:`sync` so a compiled
     step stays valid) and, with ``static``, one pre-allocated cache per batch shape, reused. With ``static``
     batches come in a few fixed shapes (rows padded to a power of two up to ``batch_size``, prompts to
     ``prompt_width``), which is what lets ``compile`` capture the decode step once per shape.
@@ -68,16 +87,19 @@ class Sampler:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, *, eos_id: int, pad_id: int,
                  max_new_tokens: int, batch_size: int = 256, prompt_width: int = 16, static: bool = False,
-                 compile: bool = False, bf16: bool | None = None):
+                 compile: bool = False, bf16: bool | None = None, shortlist: int | None = None):
         self.source, self.device = model, device
         self.eos_id, self.pad_id = eos_id, pad_id
         self.max_new_tokens, self.batch_size, self.prompt_width = max_new_tokens, batch_size, prompt_width
         self.static = static or compile
-        if bf16 is None:  # default: bf16 where the GPU supports it, fp32 (the model itself) elsewhere
-            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if bf16 is None:  # default: bf16 where it pays, fp32 (the model itself) elsewhere
+            bf16 = bf16_supported(device)
         self.model = bf16_params_copy(model) if bf16 else model
+        # a shortlist saves the full sort where a host sync is free (CPU), not on CUDA
+        self.shortlist = (SHORTLIST if device.type == "cpu" else 0) if shortlist is None else shortlist
         self.cache, self.static_caches = None, {}  # (rows, length) → StaticCache
-        self.step = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True) if compile else self._forward
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs; on a CPU fused C++ kernels
+        self.step = torch.compile(self._forward, mode=mode, fullgraph=True) if compile else self._forward
 
     def sync(self) -> None:
         """Copy the source model's current weights into the inference copy (in place)."""
@@ -136,7 +158,7 @@ class Sampler:
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         last = positions[:, -1:]
         for t in range(self.max_new_tokens):
-            token = top_p_sample(logits, top_p, temperature, rng).masked_fill(done, self.eos_id)  # (B,)
+            token = top_p_sample(logits, top_p, temperature, rng, self.shortlist).masked_fill(done, self.eos_id)
             out[:, t] = token
             done |= token == self.eos_id
             if t == self.max_new_tokens - 1 or ((t + 1) % SYNC_EVERY == 0 and bool(done.all())):

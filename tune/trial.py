@@ -25,11 +25,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from ray.tune import get_context, report
 
 from dilm.distill import LM_META, DistillConfig, distill, lm_cache_key, train_lm
 from dilm.files import write_json
+from dilm.models import use_cpu_threads
 from dilm.synset import read_set
 from dilm.tasks import TaskData, load_task
 from tune.plots import accuracy_vs_dpc_all
@@ -120,7 +120,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the crash may have come before the removal below
         report(done)
         return
-    torch.set_num_threads(max(1, int(plan.cpu)))  # as Ray's OMP_NUM_THREADS: floor(cpu), at least 1
+    use_cpu_threads(plan.cpu)  # floor(cpu), at least 1, at most the CPUs this process may use and OMP_NUM_THREADS
     with TrialRun(plan.tracking, trial_id, run_label(trial_id, config)) as run:
         run.set_tags({"dilm.output_dir": folder.uri, "dilm.tune_trial_dir": join(plan.tune_dir, trial_id)})
         run.log_params(config)  # the sampled values, logged even if the config turns out invalid

@@ -1,0 +1,241 @@
+"""CPU speed of the generator's sampling and LM step (and of a probe evaluation), against plain Hugging Face, in
+one run on the packaged smollm2-135m and minilm-l6.
+
+    python bench/cpu_speed.py --quick --json out.json     # a few minutes on 2 cores
+    python bench/cpu_speed.py --compile                   # more rows and repetitions, plus the compiled sampler
+
+Each block times its baseline and candidates in interleaved repetitions (baseline, candidate 1, candidate 2, …,
+baseline, …) and takes medians, so the load of other processes on a shared machine falls on all of them alike;
+every figure is printed with its ratio to the block's baseline, and the block's peak RSS.
+
+* sampling (samples/s; SST-2 prompts of both classes, ``--new-tokens``, ``--top-p``, rows ``--batch`` at a time):
+  ``model.generate`` (fp32, do_sample, top_p, no top-k) → dilm's sampler in each mode (dynamic, static, and with
+  ``--compile`` compiled) at fp32, and at bf16 on CPUs with native bf16 (elsewhere, with ``--bf16``, the dynamic
+  sampler at emulated bf16); ``auto`` names the precision that ``make_sampler`` picks here;
+* LM step (steps/s; the demo's batch of 8 SST-2 examples, AdamW, clipping as the LM stage): a padded batch through
+  the model's own loss, fp32, one thread → ``lm_loss`` (packed) and/or :func:`dilm.models.cpu_threads` threads;
+* probe evaluation (evaluations/s of ``minilm-probe`` on a 20-text set, test embeddings cached): one thread →
+  :func:`dilm.models.cpu_threads` threads.
+
+Checks printed beside the speeds: the shortlisted top-p draws the same tokens as the full sort; the mean NLL of
+fixed SST-2 texts under the bf16 copy against fp32 (and that difference against the spread over texts); a few
+bf16 and fp32 samples of one prompt, to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import random
+import re
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dilm.generator import TokenizedCorpus, lm_loss, make_sampler, prompt, resolve_template
+from dilm.models import cpu_has_bf16, cpu_threads, inference_dtype, load_model, load_tokenizer
+from dilm.probe import fit_logreg, predict, sentence_embeddings
+from dilm.sampling import Sampler, bf16_params_copy
+from dilm.tasks import length_limit, load_task
+
+CPU = torch.device("cpu")
+
+
+def reset_peak_rss() -> None:
+    """Start a block's peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
+    with contextlib.suppress(OSError):  # elsewhere the peak is the process's since it started
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def interleaved(candidates: dict[str, tuple[int, Callable[[int], object]]], reps: int) -> dict[str, float]:
+    """{name: (torch threads, fn(rep))} → {name: median seconds}; repetition r calls every candidate in turn."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for r in range(reps):
+        for name, (threads, fn) in candidates.items():
+            torch.set_num_threads(threads)
+            t = time.perf_counter()
+            fn(r)
+            times[name].append(time.perf_counter() - t)
+        print(f"  rep {r}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def block(name: str, unit: str, work: float, candidates: dict, reps: int, extra: dict | None = None) -> dict:
+    """Times ``candidates`` (the first is the baseline) → {unit per second, ratio to the baseline, peak RSS}."""
+    print(f"{name}:", flush=True)
+    reset_peak_rss()
+    med = interleaved(candidates, reps)
+    base = next(iter(candidates))
+    rows = {k: {unit: work / s, "ratio": med[base] / s, "threads": candidates[k][0]} for k, s in med.items()}
+    return {"baseline": base, "candidates": rows, "peak_rss_mib": peak_rss_mib(), **(extra or {})}
+
+
+def sampling_block(a, gen, tok, names, template, threads: int) -> dict:
+    prompts = [tok(prompt(n, template), add_special_tokens=False)["input_ids"] for n in names]
+    rows = [prompts[i % len(prompts)] for i in range(a.rows)]
+
+    @torch.no_grad()
+    def hf_generate(rep: int) -> None:
+        torch.manual_seed(rep)
+        for start in range(0, len(rows), a.batch):
+            chunk = [prompt(names[i % len(names)], template) for i in range(start, min(start + a.batch, len(rows)))]
+            enc = tok(chunk, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+            gen.generate(**enc, do_sample=True, top_p=a.top_p, top_k=0, max_new_tokens=a.new_tokens,
+                         pad_token_id=tok.pad_token_id)
+
+    candidates, warmup = {"generate fp32": (threads, hf_generate)}, {}
+    modes = ("dynamic", "static", "compiled") if a.compile else ("dynamic", "static")
+    precisions = ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
+    runs = [(m, p) for p in precisions for m in modes] + ([("dynamic", "bf16")] if a.bf16 and not cpu_has_bf16()
+                                                         else [])
+    for mode, precision in runs:
+        sampler = make_sampler(gen, tok, CPU, max_new_tokens=a.new_tokens, batch_size=a.batch, label_names=names,
+                               mode=mode, template=template, precision=precision)
+        t = time.perf_counter()
+        for n in sorted({min(a.batch, a.rows), a.rows % a.batch} - {0}):  # every batch shape (compiled: each)
+            sampler.sample(rows[:n], top_p=a.top_p, seed=0)
+        warmup[f"{mode} {precision}"] = time.perf_counter() - t
+        candidates[f"{mode} {precision}"] = (threads, lambda rep, s=sampler: s.sample(rows, top_p=a.top_p, seed=rep))
+    auto = "bf16" if inference_dtype(CPU) == torch.bfloat16 else "fp32"
+    return block("sampling", "samples_per_s", len(rows), candidates, a.reps,
+                 {"warmup_s": warmup, "auto_precision": auto, "cpu_has_bf16": cpu_has_bf16()})
+
+
+def lm_block(a, tok, names, template, task, threads: int) -> dict:
+    corpus = TokenizedCorpus.build(tok, task.train, names, template=template)
+    corpus = corpus.truncated(length_limit([len(s) for s in corpus.sequences], 0.99, 128))  # the demo's limit
+    model = load_model("smollm2-135m", "causal-lm").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)  # the LM stage's optimiser on a CPU (not fused)
+
+    def steps(loss_fn, rep: int) -> None:
+        rng = random.Random(rep)  # every candidate trains on the same batches in a repetition
+        for _ in range(a.lm_steps):
+            loss = loss_fn(corpus.batch(a.lm_batch, rng, CPU))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+    padded = functools.partial(steps, lambda b: model(**b).loss)
+    packed = functools.partial(steps, lambda b: lm_loss(model, b, CPU))
+    candidates = {"padded fp32, 1 thread": (1, padded), "packed fp32, 1 thread": (1, packed)}
+    if threads > 1:
+        candidates |= {f"padded fp32, {threads} threads": (threads, padded),
+                       f"packed fp32, {threads} threads": (threads, packed)}
+    return block("LM step", "steps_per_s", a.lm_steps, candidates, a.reps,
+                 {"dilm": f"packed fp32, {threads} thread" + ("s" if threads > 1 else "")})
+
+
+def probe_block(a, task, threads: int) -> dict:
+    encoder = load_model("minilm-l6", "base").eval()
+    test = sentence_embeddings([e.text for e in task.test[:500]], "minilm-l6", CPU, encoder)
+    by_class = [[e for e in task.train if e.label == c][:10] for c in range(len(task.label_names))]
+    texts = [e.text for group in by_class for e in group]
+    targets = np.eye(len(by_class))[[e.label for group in by_class for e in group]]
+
+    def evaluations(rep: int) -> None:
+        for _ in range(a.probe_evals):
+            predict(fit_logreg(sentence_embeddings(texts, "minilm-l6", CPU, encoder), targets), test)
+
+    candidates = {"1 thread": (1, evaluations)} | ({f"{threads} threads": (threads, evaluations)} if threads > 1
+                                                    else {})
+    return block("probe evaluation", "evaluations_per_s", a.probe_evals, candidates, a.reps)
+
+
+@torch.no_grad()
+def quality_checks(a, gen, tok, names, template, task) -> dict:
+    """Shortlist = full sort; NLL of fixed texts, fp32 vs the bf16 copy; a few samples of each to read."""
+    prompts = [tok(prompt(n, template), add_special_tokens=False)["input_ids"] for n in names]
+    rows = [prompts[i % len(prompts)] for i in range(a.batch)]
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=a.new_tokens, batch_size=a.batch,
+              bf16=False)
+    same = Sampler(gen, CPU, **kw, shortlist=0).sample(rows, top_p=a.top_p, seed=5) == \
+        Sampler(gen, CPU, **kw).sample(rows, top_p=a.top_p, seed=5)
+    fixed = task.test[:64]
+    texts, label = [e.text for e in fixed], [names[e.label] for e in fixed]
+    enc = tok([prompt(n, template) + " " + t + tok.eos_token for n, t in zip(label, texts)], add_special_tokens=False,
+              padding=True, padding_side="right", return_tensors="pt")
+    targets = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    nll = {}
+    for precision, model in (("fp32", gen), ("bf16", bf16_params_copy(gen))):
+        logits = model(**enc).logits[:, :-1].float()
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets[:, 1:], reduction="none")
+        mask = (targets[:, 1:] != -100).float()
+        nll[precision] = ((per_token * mask).sum(1) / mask.sum(1)).tolist()  # per text
+    diff = [b - f for f, b in zip(nll["fp32"], nll["bf16"])]
+    shown = {}
+    for precision in ("fp32", "bf16"):
+        sampler = make_sampler(gen, tok, CPU, max_new_tokens=a.new_tokens, batch_size=8, label_names=names,
+                               template=template, precision=precision)
+        shown[precision] = [tok.decode(r, skip_special_tokens=True).strip()
+                            for r in sampler.sample([prompts[1]] * 4, top_p=a.top_p, seed=11)]
+    return {"shortlist_equals_full_sort": same, "nll_fp32": statistics.fmean(nll["fp32"]),
+            "nll_bf16": statistics.fmean(nll["bf16"]), "nll_diff_mean": statistics.fmean(diff),
+            "nll_diff_sd": statistics.stdev(diff), "nll_sd_over_texts": statistics.stdev(nll["fp32"]),
+            "prompt": prompt(names[1], template), "samples": shown}
+
+
+def report(out: dict) -> None:
+    for key in ("sampling", "lm_step", "probe"):
+        b = out[key]
+        print(f"\n{key} (baseline: {b['baseline']}; peak RSS {b['peak_rss_mib']:.0f} MiB)")
+        for name, row in b["candidates"].items():
+            unit = next(k for k in row if k.endswith("_per_s"))
+            print(f"  {name:28s} {row[unit]:8.3f} {unit}   {row['ratio']:5.2f}x")
+    q = out["quality"]
+    print(f"\nauto precision here: {out['sampling']['auto_precision']} (native bf16: {out['sampling']['cpu_has_bf16']})"
+          f"\nshortlisted top-p draws the full sort's tokens: {q['shortlist_equals_full_sort']}"
+          f"\nNLL/token of 64 SST-2 texts: fp32 {q['nll_fp32']:.4f}, bf16 {q['nll_bf16']:.4f} (bf16 - fp32 "
+          f"{q['nll_diff_mean']:+.4f} ± {q['nll_diff_sd']:.4f} per text; texts spread {q['nll_sd_over_texts']:.3f})"
+          f"\nsamples of {q['prompt']!r}:")
+    for precision, texts in q["samples"].items():
+        for t in texts:
+            print(f"  {precision}: {t}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="64 rows, 3 repetitions, 2 LM steps each: a few minutes")
+    p.add_argument("--compile", action="store_true", help="also the compiled sampler (minutes of compilation a shape)")
+    p.add_argument("--bf16", action="store_true", help="also the dynamic bf16 sampler where bf16 is emulated "
+                                                        "(no native bf16; slow)")
+    p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--batch", type=int, default=64, help="sampler rows per batch (generate's too)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--top-p", type=float, default=0.6, help="the demo preset's")
+    p.add_argument("--lm-batch", type=int, default=8, help="the demo preset's")
+    a = p.parse_args()
+    a.rows, a.reps, a.lm_steps, a.probe_evals = (64, 3, 2, 5) if a.quick else (256, 5, 4, 10)
+    threads = cpu_threads()
+    torch.manual_seed(0)
+    task = load_task("sst2")
+    template, names = resolve_template("task", "sst2"), task.label_names
+    tok = load_tokenizer("smollm2-135m")
+    gen = load_model("smollm2-135m", "causal-lm").eval()
+    out = {"threads": threads, "quick": a.quick, "args": {k: v for k, v in vars(a).items() if k != "json"}}
+    out["quality"] = quality_checks(a, gen, tok, names, template, task)
+    out["sampling"] = sampling_block(a, gen, tok, names, template, threads)
+    del gen
+    out["lm_step"] = lm_block(a, tok, names, template, task, threads)
+    out["probe"] = probe_block(a, task, threads)
+    report(out)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
