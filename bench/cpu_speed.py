@@ -61,27 +61,32 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def interleaved(candidates: dict[str, tuple[int, Callable[[int], object]]], reps: int) -> dict[str, float]:
-    """{name: (torch threads, fn(rep))} → {name: median seconds}; repetition r calls every candidate in turn."""
-    times: dict[str, list[float]] = {name: [] for name in candidates}
+def interleaved(candidates: dict[str, tuple[int, Callable[[int], object]]], reps: int
+                ) -> dict[str, tuple[float, float]]:
+    """{name: (torch threads, fn(rep))} → {name: (median wall seconds, median process CPU seconds)}; repetition r
+    calls every candidate in turn."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in candidates}
     for r in range(reps):
         for name, (threads, fn) in candidates.items():
             torch.set_num_threads(threads)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn(r)
-            times[name].append(time.perf_counter() - t)
-        print(f"  rep {r}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
-    return {name: statistics.median(v) for name, v in times.items()}
+            times[name].append((time.perf_counter() - t, time.process_time() - c))
+        print(f"  rep {r}: " + ", ".join(f"{k} {v[-1][0]:.1f}s" for k, v in times.items()), flush=True)
+    return {name: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for name, v in times.items()}
 
 
 def block(name: str, unit: str, work: float, candidates: dict, reps: int, extra: dict | None = None) -> dict:
-    """Times ``candidates`` (the first is the baseline) → {unit per second, ratio to the baseline, peak RSS}."""
+    """Times ``candidates`` (the first is the baseline) → per candidate: ``unit`` per second and its ratio to the
+    baseline's (wall clock), CPU seconds per unit and that ratio (the work done, whatever the load: comparable
+    between candidates of one thread count); the block's peak RSS."""
     print(f"{name}:", flush=True)
     reset_peak_rss()
     med = interleaved(candidates, reps)
-    base = next(iter(candidates))
-    rows = {k: {unit: work / s, "ratio": med[base] / s, "threads": candidates[k][0]} for k, s in med.items()}
-    return {"baseline": base, "candidates": rows, "peak_rss_mib": peak_rss_mib(), **(extra or {})}
+    wall0, cpu0 = med[next(iter(candidates))]
+    rows = {k: {unit: work / wall, "ratio": wall0 / wall, "cpu_s_per_unit": cpu / work, "cpu_ratio": cpu0 / cpu,
+                "threads": candidates[k][0]} for k, (wall, cpu) in med.items()}
+    return {"baseline": next(iter(candidates)), "candidates": rows, "peak_rss_mib": peak_rss_mib(), **(extra or {})}
 
 
 def sampling_block(a, gen, tok, names, template, threads: int) -> dict:
@@ -191,11 +196,16 @@ def quality_checks(a, gen, tok, names, template, task) -> dict:
 
 def report(out: dict) -> None:
     for key in ("sampling", "lm_step", "probe"):
+        if key not in out:
+            continue
         b = out[key]
         print(f"\n{key} (baseline: {b['baseline']}; peak RSS {b['peak_rss_mib']:.0f} MiB)")
         for name, row in b["candidates"].items():
             unit = next(k for k in row if k.endswith("_per_s"))
-            print(f"  {name:28s} {row[unit]:8.3f} {unit}   {row['ratio']:5.2f}x")
+            print(f"  {name:28s} {row[unit]:8.3f} {unit}  {row['ratio']:5.2f}x   CPU s/unit "
+                  f"{row['cpu_s_per_unit']:7.3f} {row['cpu_ratio']:5.2f}x  ({row['threads']} threads)")
+    if "quality" not in out:
+        return
     q = out["quality"]
     print(f"\nauto precision here: {out['sampling']['auto_precision']} (native bf16: {out['sampling']['cpu_has_bf16']})"
           f"\nshortlisted top-p draws the full sort's tokens: {q['shortlist_equals_full_sort']}"
@@ -214,24 +224,31 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="also the dynamic bf16 sampler where bf16 is emulated "
                                                         "(no native bf16; slow)")
     p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the sampling block and of dilm's "
+                                                           "candidates (0 = dilm.models.cpu_threads())")
+    p.add_argument("--blocks", default="sampling,lm,probe", help="which blocks to run (comma-separated)")
     p.add_argument("--batch", type=int, default=64, help="sampler rows per batch (generate's too)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--top-p", type=float, default=0.6, help="the demo preset's")
     p.add_argument("--lm-batch", type=int, default=8, help="the demo preset's")
     a = p.parse_args()
     a.rows, a.reps, a.lm_steps, a.probe_evals = (64, 3, 2, 5) if a.quick else (256, 5, 4, 10)
-    threads = cpu_threads()
+    threads = a.threads or cpu_threads()
+    blocks = a.blocks.split(",")
     torch.manual_seed(0)
     task = load_task("sst2")
     template, names = resolve_template("task", "sst2"), task.label_names
     tok = load_tokenizer("smollm2-135m")
-    gen = load_model("smollm2-135m", "causal-lm").eval()
-    out = {"threads": threads, "quick": a.quick, "args": {k: v for k, v in vars(a).items() if k != "json"}}
-    out["quality"] = quality_checks(a, gen, tok, names, template, task)
-    out["sampling"] = sampling_block(a, gen, tok, names, template, threads)
-    del gen
-    out["lm_step"] = lm_block(a, tok, names, template, task, threads)
-    out["probe"] = probe_block(a, task, threads)
+    out = {"threads": threads, "cpu_threads": cpu_threads(), "args": {k: v for k, v in vars(a).items() if k != "json"}}
+    if "sampling" in blocks:
+        gen = load_model("smollm2-135m", "causal-lm").eval()
+        out["quality"] = quality_checks(a, gen, tok, names, template, task)
+        out["sampling"] = sampling_block(a, gen, tok, names, template, threads)
+        del gen
+    if "lm" in blocks:
+        out["lm_step"] = lm_block(a, tok, names, template, task, threads)
+    if "probe" in blocks:
+        out["probe"] = probe_block(a, task, threads)
     report(out)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
