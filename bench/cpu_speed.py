@@ -1,19 +1,22 @@
 """CPU speed of the generator's sampling and LM step (and of a probe evaluation), against plain Hugging Face, in
-one run on the packaged smollm2-135m and minilm-l6.
+one run on the packaged smollm2-135m (or an LM-stage checkpoint of it: ``--generator``) and minilm-l6.
 
     python bench/cpu_speed.py --quick --json out.json     # a few minutes on 2 cores
     python bench/cpu_speed.py --compile                   # more rows and repetitions, plus the compiled sampler
+    python bench/cpu_speed.py --quick --generator runs/x/lm   # sampling from a fine-tuned generator
 
 Each block times its baseline and candidates in interleaved repetitions (baseline, candidate 1, candidate 2, …,
 baseline, …) and takes medians, so the load of other processes on a shared machine falls on all of them alike;
 every figure is printed with its ratio to the block's baseline, and the block's peak RSS.
 
-* sampling (samples/s; SST-2 prompts of both classes, ``--new-tokens``, ``--top-p``, rows ``--batch`` at a time):
-  ``model.generate`` (fp32, do_sample, top_p, no top-k) → dilm's sampler in each mode (dynamic, static, and with
-  ``--compile`` compiled) at fp32, and at bf16 on CPUs with native bf16 (elsewhere, with ``--bf16``, the dynamic
-  sampler at emulated bf16); ``auto`` names the precision that ``make_sampler`` picks here;
+* sampling (samples/s; SST-2 prompts of both classes, ``--new-tokens``, ``--top-p``): ``model.generate`` (fp32,
+  do_sample, top_p, no top-k, ``--batch`` rows a call) → dilm's sampler (``--sampler-batch`` rows a batch) in each
+  mode (dynamic; static unless ``--quick``; compiled with ``--compile``) at fp32, and at bf16 on CPUs with native
+  bf16 (elsewhere, with ``--bf16``, the dynamic sampler at emulated bf16); ``auto`` names the precision that
+  ``make_sampler`` picks here;
 * LM step (steps/s; the demo's batch of 8 SST-2 examples, AdamW, clipping as the LM stage): a padded batch through
   the model's own loss, fp32, one thread → ``lm_loss`` (packed) and/or :func:`dilm.models.cpu_threads` threads;
+  and, as a proposal for the LM stage, the same with a fused AdamW (one pass over the weights, not several);
 * probe evaluation (evaluations/s of ``minilm-probe`` on a 20-text set, test embeddings cached): one thread →
   :func:`dilm.models.cpu_threads` threads.
 
@@ -103,15 +106,16 @@ def sampling_block(a, gen, tok, names, template, threads: int) -> dict:
                          pad_token_id=tok.pad_token_id)
 
     candidates, warmup = {"generate fp32": (threads, hf_generate)}, {}
-    modes = ("dynamic", "static", "compiled") if a.compile else ("dynamic", "static")
+    modes = ("dynamic",) + (() if a.quick else ("static",)) + (("compiled",) if a.compile else ())
     precisions = ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
     runs = [(m, p) for p in precisions for m in modes] + ([("dynamic", "bf16")] if a.bf16 and not cpu_has_bf16()
                                                          else [])
     for mode, precision in runs:
-        sampler = make_sampler(gen, tok, CPU, max_new_tokens=a.new_tokens, batch_size=a.batch, label_names=names,
-                               mode=mode, template=template, precision=precision)
+        sampler = make_sampler(gen, tok, CPU, max_new_tokens=a.new_tokens, batch_size=a.sampler_batch,
+                               label_names=names, mode=mode, template=template, precision=precision)
         t = time.perf_counter()
-        for n in sorted({min(a.batch, a.rows), a.rows % a.batch} - {0}):  # every batch shape (compiled: each)
+        shapes = {min(a.sampler_batch, a.rows), a.rows % a.sampler_batch} - {0} if mode == "compiled" else {8}
+        for n in sorted(shapes):  # compiled: every batch shape it will see is compiled here
             sampler.sample(rows[:n], top_p=a.top_p, seed=0)
         warmup[f"{mode} {precision}"] = time.perf_counter() - t
         candidates[f"{mode} {precision}"] = (threads, lambda rep, s=sampler: s.sample(rows, top_p=a.top_p, seed=rep))
@@ -124,9 +128,10 @@ def lm_block(a, tok, names, template, task, threads: int) -> dict:
     corpus = TokenizedCorpus.build(tok, task.train, names, template=template)
     corpus = corpus.truncated(length_limit([len(s) for s in corpus.sequences], 0.99, 128))  # the demo's limit
     model = load_model("smollm2-135m", "causal-lm").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)  # the LM stage's optimiser on a CPU (not fused)
+    unfused = torch.optim.AdamW(model.parameters(), lr=1e-5)  # the LM stage's optimiser on a CPU
+    fused = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # a proposal: fused on CPUs too
 
-    def steps(loss_fn, rep: int) -> None:
+    def steps(loss_fn, opt, rep: int) -> None:
         rng = random.Random(rep)  # every candidate trains on the same batches in a repetition
         for _ in range(a.lm_steps):
             loss = loss_fn(corpus.batch(a.lm_batch, rng, CPU))
@@ -135,14 +140,15 @@ def lm_block(a, tok, names, template, task, threads: int) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
 
-    padded = functools.partial(steps, lambda b: model(**b).loss)
-    packed = functools.partial(steps, lambda b: lm_loss(model, b, CPU))
+    padded = functools.partial(steps, lambda b: model(**b).loss, unfused)
+    packed = functools.partial(steps, lambda b: lm_loss(model, b, CPU), unfused)
+    n = f"{threads} thread" + ("s" if threads > 1 else "")
     candidates = {"padded fp32, 1 thread": (1, padded), "packed fp32, 1 thread": (1, packed)}
     if threads > 1:
-        candidates |= {f"padded fp32, {threads} threads": (threads, padded),
-                       f"packed fp32, {threads} threads": (threads, packed)}
-    return block("LM step", "steps_per_s", a.lm_steps, candidates, a.reps,
-                 {"dilm": f"packed fp32, {threads} thread" + ("s" if threads > 1 else "")})
+        candidates |= {f"padded fp32, {n}": (threads, padded), f"packed fp32, {n}": (threads, packed)}
+    candidates[f"packed, {n}, fused AdamW"] = (threads, functools.partial(steps, lambda b: lm_loss(model, b, CPU),
+                                                                         fused))
+    return block("LM step", "steps_per_s", a.lm_steps, candidates, a.reps, {"dilm": f"packed fp32, {n}"})
 
 
 def probe_block(a, task, threads: int) -> dict:
@@ -219,7 +225,8 @@ def report(out: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="64 rows, 3 repetitions, 2 LM steps each: a few minutes")
+    p.add_argument("--quick", action="store_true", help="128 rows, 3 repetitions, the dynamic sampler only, 2 LM "
+                                                         "steps each: a few minutes")
     p.add_argument("--compile", action="store_true", help="also the compiled sampler (minutes of compilation a shape)")
     p.add_argument("--bf16", action="store_true", help="also the dynamic bf16 sampler where bf16 is emulated "
                                                         "(no native bf16; slow)")
@@ -227,12 +234,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads of the sampling block and of dilm's "
                                                            "candidates (0 = dilm.models.cpu_threads())")
     p.add_argument("--blocks", default="sampling,lm,probe", help="which blocks to run (comma-separated)")
-    p.add_argument("--batch", type=int, default=64, help="sampler rows per batch (generate's too)")
+    p.add_argument("--generator", default="smollm2-135m", help="the sampling block's generator: smollm2-135m or an "
+                                                             "LM-stage checkpoint of it (texts that end at EOS)")
+    p.add_argument("--batch", type=int, default=64, help="generate's rows per call")
+    p.add_argument("--sampler-batch", type=int, default=256, help="dilm's sampler rows per batch (the largest that "
+                                                                  "helps on 2 cores)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--top-p", type=float, default=0.6, help="the demo preset's")
     p.add_argument("--lm-batch", type=int, default=8, help="the demo preset's")
     a = p.parse_args()
-    a.rows, a.reps, a.lm_steps, a.probe_evals = (64, 3, 2, 5) if a.quick else (256, 5, 4, 10)
+    a.rows, a.reps, a.lm_steps, a.probe_evals = (128, 3, 2, 5) if a.quick else (512, 5, 4, 10)
     threads = a.threads or cpu_threads()
     blocks = a.blocks.split(",")
     torch.manual_seed(0)
@@ -241,7 +252,7 @@ def main() -> None:
     tok = load_tokenizer("smollm2-135m")
     out = {"threads": threads, "cpu_threads": cpu_threads(), "args": {k: v for k, v in vars(a).items() if k != "json"}}
     if "sampling" in blocks:
-        gen = load_model("smollm2-135m", "causal-lm").eval()
+        gen = load_model(a.generator, "causal-lm").eval()
         out["quality"] = quality_checks(a, gen, tok, names, template, task)
         out["sampling"] = sampling_block(a, gen, tok, names, template, threads)
         del gen

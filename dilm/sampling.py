@@ -9,7 +9,10 @@ stopping criteria with a host sync, autocast casts of fp32 weights and small bat
   of the generator (no per-step weight casts; the fp32 master weights stay with the optimiser);
 * top-p sampling is a few tensor ops (sort, cumulative sum, inverse-CDF draw) with no host sync on CUDA; on a
   CPU the sort of the whole vocabulary is replaced by a ``topk`` shortlist (``SHORTLIST``); the host checks
-  "all finished" only every ``SYNC_EVERY`` steps;
+  "all finished" only every ``SYNC_EVERY`` steps (on a CPU every step);
+* with the dynamic cache, each distinct prompt is prefilled once (all rows of a class share one) and rows that
+  have sampled EOS leave the batch (their cache rows dropped) at those checks: a fine-tuned generator's texts
+  end at different lengths, and the rest of a batch no longer pays for them;
 * ``static=True`` uses a pre-allocated ``StaticCache`` and a full-length attention mask so the decode step
   has fixed shapes; with ``compile=True`` that step is ``torch.compile``-d (on CUDA in ``reduce-overhead``
   mode, i.e. replayed as a CUDA graph).
@@ -139,6 +142,23 @@ class Sampler:
                 out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
         return out
 
+    def _prefill(self, prompts, ids, positions, attn, cache_position) -> torch.Tensor:
+        """(B, V) logits after the prompts, their keys and values in the cache. With the dynamic cache one row per
+        distinct prompt goes through the model (a class's prompt is shared by all its rows), and its cache rows
+        and logits are then repeated for the rows that share it."""
+        slot: dict[tuple[int, ...], int] = {}
+        firsts: list[int] = []  # the first row of each distinct prompt
+        for i, p in enumerate(prompts):
+            if slot.setdefault(tuple(p), len(firsts)) == len(firsts):
+                firsts.append(i)
+        if self.static or len(firsts) == len(prompts):
+            return self._forward(ids, positions, attn, cache_position)
+        first = torch.tensor(firsts, device=self.device)
+        which = torch.tensor([slot[tuple(p)] for p in prompts], device=self.device)  # (B,) → its distinct prompt
+        logits = self._forward(ids[first], positions[first], attn[first], cache_position)  # (U, V)
+        self.cache.batch_select_indices(which)  # (U, …) → (B, …)
+        return logits[which]
+
     def _batch(self, prompts, top_p, temperature, seed) -> torch.Tensor:
         """(B, N) new tokens; after a row's EOS the rest is EOS."""
         if self.static:  # a few fixed shapes: rows padded to a power of two, prompts to prompt_width
@@ -151,18 +171,26 @@ class Sampler:
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P): left padding does not shift positions
         rng = torch.Generator(device=self.device).manual_seed(seed)
         self.cache = self._fresh_cache(b, total)
-        attn = full_mask if self.static else mask
         cache_positions = torch.arange(total, device=self.device)
-        logits = self._forward(ids, positions, attn, cache_positions[:width])  # prefill
+        logits = self._prefill(prompts, ids, positions, full_mask if self.static else mask, cache_positions[:width])
         out = torch.full((b, self.max_new_tokens), self.eos_id, dtype=torch.long, device=self.device)
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        rows = torch.arange(b, device=self.device)  # (R,): the rows still decoding, R ≤ B
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)  # (R,)
         last = positions[:, -1:]
+        every = 1 if self.device.type == "cpu" else SYNC_EVERY  # host checks: free on a CPU
         for t in range(self.max_new_tokens):
             token = top_p_sample(logits, top_p, temperature, rng, self.shortlist).masked_fill(done, self.eos_id)
-            out[:, t] = token
+            out[rows, t] = token
             done |= token == self.eos_id
-            if t == self.max_new_tokens - 1 or ((t + 1) % SYNC_EVERY == 0 and bool(done.all())):
+            if t == self.max_new_tokens - 1:
                 break
+            if (t + 1) % every == 0 and (finished := int(done.sum())):
+                if finished == len(rows):
+                    break
+                if not self.static:  # drop the finished rows: the others go on as a smaller batch
+                    keep = (~done).nonzero().squeeze(1)
+                    self.cache.batch_select_indices(keep)
+                    rows, token, last, full_mask, done = (x[keep] for x in (rows, token, last, full_mask, done))
             full_mask[:, width + t] = 1
             last = last + 1
             attn = full_mask if self.static else full_mask[:, : width + t + 1]

@@ -103,6 +103,24 @@ def test_greedy_batch_of_mixed_prompts_equals_hf_generate(lm, static):
     # a second batch reuses the (static) cache and still agrees; two chunks of batch_size 2
     sampler.batch_size = 2
     assert sampler.sample(prompts[::-1], top_p=0.0) == hf_greedy(model, tok, prompts[::-1], 10)
+    # rows sharing a prompt (one prefill for them with the dynamic cache)
+    sampler.batch_size = 8
+    shared = [prompts[0], prompts[1], prompts[0], prompts[2], prompts[0]]
+    assert sampler.sample(shared, top_p=0.0) == hf_greedy(model, tok, shared, 10)
+
+
+def test_finished_rows_leave_the_batch_without_changing_the_others(lm):
+    """Dynamic cache: rows that sampled EOS are dropped from the batch (cache rows too); greedy decoding of the
+    others is what the static loop (which keeps every row) gives. The EOS is a token some rows reach early."""
+    model, tok = lm
+    prompts = prompts_of(tok) * 2
+    kw = dict(pad_id=tok.pad_token_id, max_new_tokens=10, batch_size=8)
+    free = Sampler(model, CPU, eos_id=tok.eos_token_id, **kw).sample(prompts, top_p=0.0)
+    eos = free[0][2]  # row 0 ends at its third token
+    dynamic = Sampler(model, CPU, eos_id=eos, **kw).sample(prompts, top_p=0.0)
+    assert dynamic == Sampler(model, CPU, eos_id=eos, static=True, **kw).sample(prompts, top_p=0.0)
+    lengths = {len(r) for r in dynamic}
+    assert len(lengths) > 1 and min(lengths) < 10  # not vacuous: rows did finish at different steps
 
 
 @pytest.mark.slow
