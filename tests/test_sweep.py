@@ -458,6 +458,39 @@ def test_concurrent_trials_share_one_lm_checkpoint_per_lm_config(ray_cluster, tm
     assert (paths[0] / LM_META).stat().st_mtime_ns == stamp
 
 
+def test_the_shared_lm_stage_gets_every_cpu_of_its_node(ray_cluster):
+    """The LM stage runs alone before the trials: a trial's resources with all the CPUs of the largest live node
+    that has its GPU and custom resources; and a Ray task given them runs as many torch threads (not the 1 a
+    trial's fractional CPU share gives, nor a reused worker's last count)."""
+    import ray
+    import torch
+
+    from tune.config import Resources
+    from tune.sweep import lm_stage_resources
+
+    def node(cpu, gpu=0, alive=True, **custom):
+        return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {}), **custom}}
+
+    nodes = [node(8), node(32, alive=False), node(4, gpu=1), node(16, worker=1)]
+    assert lm_stage_resources(Resources(cpu=0.75), nodes).cpu == 16
+    assert lm_stage_resources(Resources(cpu=1, gpu=1), nodes) == Resources(cpu=4, gpu=1)
+    assert lm_stage_resources(Resources(cpu=2, custom={"worker": 1}), nodes).cpu == 16
+    assert lm_stage_resources(Resources(cpu=2, custom={"tpu": 1}), nodes).cpu == 2  # no node fits: a trial's own
+    shared = lm_stage_resources(Resources(cpu=0.75), ray.nodes())
+    assert shared.cpu == 2  # the test cluster's one node
+
+    @ray.remote
+    def threads_after():
+        from dilm.models import use_cpu_threads
+
+        torch.set_num_threads(1)  # what a reused worker may hold
+        return use_cpu_threads()
+
+    expected = min(2, len(os.sched_getaffinity(0)))
+    assert ray.get(threads_after.options(**shared.as_remote()).remote()) == expected
+    assert ray.get(threads_after.options(num_cpus=0.75).remote()) == 1
+
+
 def test_baselines_are_scored_beside_the_sweep(crashed_sweep):
     """Random real sets and the vanilla LM (the shared checkpoint, no matching) are runs of the sweep's experiment,
     tagged, with a trial's metric names; the summary puts the best trial beside them, the plot has all curves."""

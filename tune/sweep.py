@@ -25,6 +25,7 @@ and the same Optuna study); a trial that had written its ``final.json`` reports 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -42,14 +43,14 @@ from dilm.files import write_json
 from dilm.options import Parser
 from dilm.tasks import TASKS, load_task
 from tune.baselines import run_baselines
-from tune.config import RETIRED_KEYS, SweepConfig, SweepPaths, in_ray_job, load_config
+from tune.config import RETIRED_KEYS, Resources, SweepConfig, SweepPaths, in_ray_job, load_config
 from tune.mlflow_server import TrackingServer
 from tune.pool import PoolError, PoolSpec, create_pool, shutdown_pool
 from tune.report import add_baselines, fail_orphans, load_study, report_summary, summarize
 from tune.search import PruneAwareOptunaSearch, TrialEnd, make_scheduler, make_searcher, trial_dirname
 from tune.storage import join, open_storage, sync_down, sync_up
 from tune.tracking import SweepTracker, TrackingSpec, flatten, tracking_uri
-from tune.trial import TrialPlan, lm_checkpoint_for, run_trial
+from tune.trial import TrialPlan, run_trial, train_lm_alone
 
 # These lived in this module before tune/sweep.py was split, and Tune pickled them by that qualified name
 # (tune.sweep.X) into each experiment's tuner.pkl (searcher, callback, trial_dirname_creator): `--resume` of such a
@@ -180,9 +181,21 @@ def train_shared_lm(cfg: SweepConfig, paths: SweepPaths) -> str | None:
     trials train one checkpoint per distinct LM config (under the same lock)."""
     if lm_searched(cfg):
         return None
-    task = ray.remote(**cfg.trial_resources.as_remote())(lm_checkpoint_for)
+    resources = lm_stage_resources(cfg.trial_resources, ray.nodes())
+    task = ray.remote(**resources.as_remote())(train_lm_alone)
     local = ray.get(task.remote(base_distill_config(cfg), paths.lm_location))  # a path of the node that ran it
     return join(paths.lm_location, local.name) if paths.remote else str(local)
+
+
+def lm_stage_resources(trial: Resources, nodes: list[dict]) -> Resources:
+    """A trial's resources with the whole CPUs of the largest live node that has the rest of them: the shared LM
+    stage runs alone (before any trial or evaluation actor), so every core of its node is its own."""
+    def fits(n: dict) -> bool:
+        have = n.get("Resources", {})
+        return n.get("Alive", False) and all(have.get(k, 0) >= v for k, v in {"GPU": trial.gpu, **trial.custom}.items())
+
+    cpus = max((int(n["Resources"].get("CPU", 0)) for n in nodes if fits(n)), default=0)
+    return dataclasses.replace(trial, cpu=max(trial.cpu, cpus))
 
 
 def make_plan(cfg: SweepConfig, paths: SweepPaths, label_names: tuple[str, ...], is_pair: bool, pool: PoolSpec,

@@ -69,6 +69,13 @@ def lm_checkpoint_for(cfg: DistillConfig, lm_dir: str | Path, task: TaskData | N
                          lambda out: train_lm(cfg, out, task=task, key=key))
 
 
+def train_lm_alone(cfg: DistillConfig, lm_dir: str) -> Path:
+    """:func:`lm_checkpoint_for` with as many torch threads as the Ray task's CPUs (Ray's
+    ``OMP_NUM_THREADS``): a reused worker process keeps the thread count of its last task otherwise."""
+    use_cpu_threads()
+    return lm_checkpoint_for(cfg, lm_dir)
+
+
 class StepReporter:
     """distill's callback: every step's metrics to MLflow; every validation also to Tune (ASHA's signal)."""
 
