@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from dilm import DilmError
 from dilm.features import POOLINGS, embed
+from dilm.models import pick_device
 from dilm.options import option
 from dilm.seeds import derive_seed
 from dilm.selection import herding, kmeans_nearest
@@ -54,7 +55,9 @@ def class_candidates(task: TaskData, cfg: CoresetConfig) -> list[list[Example]]:
 
 
 def build_coresets(task: TaskData, cfg: CoresetConfig, device=None) -> dict[int, list[SynSet]]:
-    """DPC → sets. Random and k-centers give ``n_sets`` seeded sets; herding gives one."""
+    """DPC → sets. Random and k-centers give ``n_sets`` seeded sets; herding gives one. ``device``: where features
+    are computed (default: ``cfg.device`` resolved)."""
+    device = device or pick_device(cfg.device)
     for dpc in cfg.dpc:
         check_dpc(task, dpc)
     groups = class_candidates(task, cfg)

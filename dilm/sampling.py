@@ -23,6 +23,7 @@ Shapes: B rows, P prompt width (left-padded), N = ``max_new_tokens``, V vocabula
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
@@ -101,6 +102,8 @@ class Sampler:
         # a shortlist saves the full sort where a host sync is free (CPU), not on CUDA
         self.shortlist = (SHORTLIST if device.type == "cpu" else 0) if shortlist is None else shortlist
         self.cache, self.static_caches = None, {}  # (rows, length) → StaticCache
+        # newer transformers (5.24) name the cache argument ``cache`` (``past_key_values`` deprecated); older, the latter
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs; on a CPU fused C++ kernels
         self.step = torch.compile(self._forward, mode=mode, fullgraph=True) if compile else self._forward
 
@@ -113,7 +116,7 @@ class Sampler:
 
     def _forward(self, tokens, positions, attention_mask, cache_position):
         return self.model(input_ids=tokens, position_ids=positions, attention_mask=attention_mask,
-                          past_key_values=self.cache, cache_position=cache_position, use_cache=True,
+                          **{self.cache_kwarg: self.cache}, cache_position=cache_position, use_cache=True,
                           logits_to_keep=1).logits[:, -1]
 
     def _fresh_cache(self, rows: int, total: int):

@@ -81,6 +81,8 @@ def test_shipped_sweeps_load(name):
     ({"metric": "objective"}, "metric can no longer be set: a sweep always maximises 'objective'"),
     ({"metric": "val_accuracy", "mode": "max"}, "metric/mode can no longer be set"),
     ({"eval": {"archs": ["tfidf-logreg"], "seeds": 0}}, "seeds, batch_size and ensemble must be >= 1"),
+    ({"eval": {"archs": ["tfidf-logreg"], "objective_archs": ["minilm-probe"]}},
+     r"eval.objective_archs names minilm-probe, not among eval.archs \(tfidf-logreg\)"),
     ({"name": "a b"}, "sweep name must be"),
     ({"points_to_evaluate": [{"lm_lr": 1e-4}]}, "must give every search key"),
     ({"trial_resources": {"cpu": 1, "gpu": -1}}, "resources must be >= 0"),
@@ -186,6 +188,8 @@ def test_final_result_is_the_mean_over_archs_and_dpcs():
               10: {"a": {"accuracy": 80.0}, "b": {"accuracy": 90.0}}}
     out = final_result(scores, None, 42)
     assert out[OBJECTIVE] == 75.0 and out["acc_a"] == 70.0 and out["acc_b"] == 80.0
+    only_b = final_result(scores, None, 42, ("b",))  # eval.objective_archs: the others stay columns
+    assert only_b[OBJECTIVE] == 80.0 and only_b["acc_a"] == 70.0
     assert out[FINAL] is True and out["step"] == 42 and math.isnan(out[VAL_METRIC])
 
 
@@ -492,13 +496,14 @@ def test_the_shared_lm_stage_gets_every_cpu_of_its_node(ray_cluster):
 
 
 def test_baselines_are_scored_beside_the_sweep(crashed_sweep):
-    """Random real sets and the vanilla LM (the shared checkpoint, no matching) are runs of the sweep's experiment,
-    tagged, with a trial's metric names; the summary puts the best trial beside them, the plot has all curves."""
+    """Random real sets, the vanilla LM (the shared checkpoint, no matching) and the herding coreset are runs of the
+    sweep's experiment, tagged, with a trial's metric names; the summary puts the best trial beside them, the plot
+    has all curves."""
     s = crashed_sweep
     client = mlflow_runs(s["storage"])[0]
     exp = client.get_experiment_by_name("dilm-test-crash")
     runs = {r.data.tags["baseline"]: r for r in client.search_runs([exp.experiment_id], "tags.baseline != ''")}
-    assert set(runs) == {"random", "vanilla"}
+    assert set(runs) == {"random", "vanilla", "herding"}
     _, [parent], _ = mlflow_runs(s["storage"])
     for r in runs.values():
         assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -516,6 +521,9 @@ def test_baselines_are_scored_beside_the_sweep(crashed_sweep):
     assert {(r["arch"], r["dpc"]) for r in rows} == {("tiny-bert", 2), ("tfidf-logreg", 2)}
     for r in rows:
         assert r["vs_random"] == pytest.approx(r["best"] - r["random"])
+        assert r["vs_herding"] == pytest.approx(r["best"] - r["herding"]) and "vs_herding_lo" not in r  # one set
+    herding = json.loads((s["storage"] / "sets" / "crash" / "baselines" / "herding" / "scores.json").read_text())
+    assert herding["2"]["tiny-bert"]["n"] == 1
     assert "best_vs_random/tiny-bert/dpc2" in parent.data.metrics
     assert {"plots/accuracy_vs_dpc_tiny-bert.png", "plots/accuracy_vs_dpc_tfidf-logreg.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "plots")}

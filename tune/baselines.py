@@ -2,7 +2,10 @@
 
 * ``random`` — ``n_sets`` random real sets per DPC (:func:`dilm.coreset.build_coresets`, method ``random``);
 * ``vanilla`` — the shared LM-stage checkpoint sampled and selected exactly as a trial's final sets are, without
-  matching (``outer_loops = 0`` from the same checkpoint, same ``n_sets``, DPCs and selection).
+  matching (``outer_loops = 0`` from the same checkpoint, same ``n_sets``, DPCs and selection);
+* ``herding`` — the herding coreset of real examples on the learner's mean-pooled features (the strongest real
+  selection measured: ``bench/results/2026-12-01-cpu-quality-selection.md``); deterministic, so one set per DPC
+  (no interval).
 
 Each is one MLflow run in the sweep's experiment, nested under the parent run, tagged ``baseline=<name>``, with the
 same metric names as a trial (``accuracy/<arch>/dpc<d>``, ``accuracy_std/...``, ``objective``). Their sets and
@@ -26,7 +29,7 @@ from tune.storage import Staged, cached_folder, node_cache, open_storage, split
 from tune.tracking import PARENT_TAG, SWEEP_TAG, SweepTracker
 
 BASELINE_TAG = "baseline"
-BASELINES = ("random", "vanilla")
+BASELINES = ("random", "vanilla", "herding")
 
 
 def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out: str) -> dict[int, list]:
@@ -36,6 +39,9 @@ def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out:
     if name == "random":
         return build_coresets(task, CoresetConfig(method="random", dpc=tuple(cfg.dpc), n_sets=cfg.n_sets,
                                                   seed=cfg.seed))
+    if name == "herding":
+        return build_coresets(task, CoresetConfig(method="herding", dpc=tuple(cfg.dpc), n_sets=1, seed=cfg.seed,
+                                                  learner=cfg.learner, pooling="mean", device=cfg.device))
     folder = Staged(out, name)
     if lm_checkpoint:
         parent, key = split(lm_checkpoint)
@@ -48,30 +54,33 @@ def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out:
 
 
 def run_baselines(cfg: DistillConfig, lm_checkpoint: str | None, pool: PoolSpec, tracker: SweepTracker,
-                  out_dir: str, resources) -> dict[str, ScoreTable]:
+                  out_dir: str, resources, objective_archs: tuple[str, ...] = ()) -> dict[str, ScoreTable]:
     """Score every baseline on the pool and log it as a tagged MLflow run; {baseline: {dpc: {arch: summary}}}.
     The sets are built by a Ray task with a trial's ``resources`` (the vanilla LM samples where a trial would)."""
     make_sets = ray.remote(**resources.as_remote())(baseline_sets)
     store, out = open_storage(out_dir), {}
+    done = {name: f"{name}/scores.json" for name in BASELINES}
     for name in BASELINES:
-        done = f"{name}/scores.json"
-        if store.exists(done):  # resumed sweep: already scored and logged
-            out[name] = {int(d): s for d, s in store.read_json(done).items()}
-            continue
-        sets = ray.get(make_sets.remote(name, cfg, lm_checkpoint, out_dir))
+        if store.exists(done[name]):  # resumed sweep: already scored and logged
+            out[name] = {int(d): s for d, s in store.read_json(done[name]).items()}
+    # every missing baseline's sets are built at once (as many tasks as fit), each scored as soon as it is there
+    building = {name: make_sets.remote(name, cfg, lm_checkpoint, out_dir) for name in BASELINES if name not in out}
+    for name, ref in building.items():
+        sets = ray.get(ref)
         scores = PoolClient(pool).score(sets)
-        log_baseline(tracker, name, scores, lm_checkpoint)
-        store.write_json(done, {str(d): s for d, s in scores.items()})
+        log_baseline(tracker, name, scores, lm_checkpoint, objective_archs)
+        store.write_json(done[name], {str(d): s for d, s in scores.items()})
         out[name] = scores
-    return out
+    return {name: out[name] for name in BASELINES}
 
 
-def log_baseline(tracker: SweepTracker, name: str, scores: ScoreTable, lm_checkpoint: str | None) -> None:
+def log_baseline(tracker: SweepTracker, name: str, scores: ScoreTable, lm_checkpoint: str | None,
+                 objective_archs: tuple[str, ...] = ()) -> None:
     spec, client = tracker.spec, tracker.client
     run = client.create_run(spec.experiment_id, run_name=f"baseline {name}", tags={
         PARENT_TAG: spec.parent_run_id, SWEEP_TAG: spec.sweep, BASELINE_TAG: name})
     if name == "vanilla" and lm_checkpoint:
         client.log_batch(run.info.run_id, tags=[RunTag("dilm.lm_checkpoint", lm_checkpoint)])
-    for k, v in {**score_metrics(scores), OBJECTIVE: objective(scores)}.items():
+    for k, v in {**score_metrics(scores), OBJECTIVE: objective(scores, objective_archs)}.items():
         client.log_metric(run.info.run_id, k, v)
     client.set_terminated(run.info.run_id, "FINISHED")

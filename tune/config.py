@@ -168,12 +168,18 @@ class EvalSpec(EvalConfig):
 
     actors: int = 1
     actor_resources: Resources = field(default_factory=Resources)
+    objective_archs: tuple[str, ...] = ()  # the archs the sweep's objective averages (default: all of archs)
     max_restarts: int = 3
     retries: int = 3
     progress: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "archs", tuple(self.archs) if isinstance(self.archs, list | tuple) else (self.archs,))
+        only = self.objective_archs
+        object.__setattr__(self, "objective_archs", tuple(only) if isinstance(only, list | tuple) else (only,))
+        if unknown := [a for a in self.objective_archs if a not in self.archs]:
+            raise DilmError(f"eval.objective_archs names {', '.join(map(str, unknown))}, not among eval.archs "
+                            f"({', '.join(self.archs)})")
         if isinstance(self.actor_resources, dict | None):
             object.__setattr__(self, "actor_resources", _build(Resources, self.actor_resources,
                                                                "eval.actor_resources"))

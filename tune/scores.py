@@ -4,8 +4,9 @@ A **score table** is what the evaluation pool answers for a trial's (or a baseli
 each summary an architecture's :meth:`dilm.evaluate.ArchScores.summary` (``accuracy`` and ``accuracy_std`` in %,
 over sets × seeds; ``n``; ...). From it:
 
-* the **objective** — what the searcher maximises: the mean over architectures of each one's mean accuracy over the
-  DPCs (:func:`objective`; ``acc_<arch>`` those per-architecture means);
+* the **objective** — what the searcher maximises: the mean over architectures (the sweep's ``eval.objective_archs``,
+  by default all) of each one's mean accuracy over the DPCs (:func:`objective`; ``acc_<arch>`` the
+  per-architecture means of every architecture);
 * the metric names — a trial's reports to Tune (:data:`OBJECTIVE`, :data:`VAL_METRIC`, :data:`FINAL`) and the names
   its scores are logged under in MLflow (:func:`score_metrics`), the same for a baseline run;
 * the comparisons of the summary — the best trial (:func:`best_row`) beside each baseline, arch by DPC
@@ -20,7 +21,7 @@ ScoreTable = dict[int, dict[str, dict]]  # {dpc: {arch: {"accuracy", "accuracy_s
 
 # The keys of a trial's results (``tune.report``), read by the searcher, the scheduler and the summary.
 FINAL = "final"  # True on a trial's last report (scores from the pool), False on validation reports
-OBJECTIVE = "objective"  # the searcher's metric: mean accuracy (%) over the pool's archs and the DPCs
+OBJECTIVE = "objective"  # the searcher's metric: mean accuracy (%) over the objective's archs and the DPCs
 VAL_METRIC = "val_accuracy"  # ASHA's metric: distill's validation accuracy every val_interval outer loops
 MODE = "max"  # both are maximised
 
@@ -41,14 +42,17 @@ def per_arch(scores: ScoreTable) -> dict[str, float]:
     return {a: statistics.fmean(scores[d][a]["accuracy"] for d in scores if a in scores[d]) for a in archs(scores)}
 
 
-def objective(scores: ScoreTable) -> float:
-    """The sweep's objective: the mean over architectures of :func:`per_arch`."""
-    return statistics.fmean(per_arch(scores).values())
+def objective(scores: ScoreTable, only: tuple[str, ...] = ()) -> float:
+    """The sweep's objective: the mean over architectures of :func:`per_arch`, over ``only`` those when given
+    (the others stay columns of the comparison, out of what the searcher maximises)."""
+    means = per_arch(scores)
+    return statistics.fmean(v for a, v in means.items() if not only or a in only)
 
 
-def final_metrics(scores: ScoreTable) -> dict[str, float]:
-    """The objective and each architecture's mean over DPCs (``acc_<arch>``): a trial's final report."""
-    return {OBJECTIVE: objective(scores), **{f"acc_{a}": v for a, v in per_arch(scores).items()}}
+def final_metrics(scores: ScoreTable, only: tuple[str, ...] = ()) -> dict[str, float]:
+    """The objective (over ``only``, see :func:`objective`) and each architecture's mean over DPCs (``acc_<arch>``):
+    a trial's final report."""
+    return {OBJECTIVE: objective(scores, only), **{f"acc_{a}": v for a, v in per_arch(scores).items()}}
 
 
 def score_metrics(scores: ScoreTable) -> dict[str, float]:

@@ -203,7 +203,8 @@ def make_plan(cfg: SweepConfig, paths: SweepPaths, label_names: tuple[str, ...],
     """What every trial gets from the driver: locations (paths of the storage, or URIs), never a path of the
     driver's own folder when the storage is a URI."""
     return TrialPlan(cfg.task, label_names, is_pair, cfg.preset, cfg.distill_fixed(), paths.sets_location,
-                     paths.tune_dir, pool, tracking, cfg.trial_resources.cpu, paths.lm_location)
+                     paths.tune_dir, pool, tracking, cfg.trial_resources.cpu, paths.lm_location,
+                     cfg.eval.objective_archs)
 
 
 def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, restore: bool) -> Tuner:
@@ -275,7 +276,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
         summary = summarize(study, cfg, paths, finished)
         if summary["finished"]:
             baselines = run_baselines(base_distill_config(cfg), lm, pool, tracker,
-                                      join(paths.sets_location, "baselines"), cfg.trial_resources)
+                                      join(paths.sets_location, "baselines"), cfg.trial_resources,
+                                      cfg.eval.objective_archs)
             mirror_for_report(paths, summary)
             add_baselines(summary, baselines, paths, cfg.task)
         report_summary(tracker, summary, paths)

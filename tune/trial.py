@@ -55,6 +55,7 @@ class TrialPlan:
     tracking: TrackingSpec
     cpu: float
     lm_dir: str = ""  # <storage>/lm: one LM-stage checkpoint per lm_cache_key ("" = each trial runs its own)
+    objective_archs: tuple[str, ...] = ()  # the archs the objective averages (eval.objective_archs; () = all)
     # sets_dir, tune_dir and lm_dir are locations: folders of the storage, or URIs (tune.storage) when it is one
 
 
@@ -96,17 +97,18 @@ def score_on_pool(sets: dict[int, list[Path]], plan: TrialPlan) -> ScoreTable:
     return PoolClient(plan.pool).score(jobs)
 
 
-def final_result(scores: ScoreTable, best_val: float | None, step: int) -> dict:
-    """The trial's last report: the objective and each architecture's mean over DPCs (``acc_<arch>``;
-    :func:`tune.scores.final_metrics`), the best validation accuracy and the step."""
-    return {**final_metrics(scores), VAL_METRIC: math.nan if best_val is None else float(best_val), "step": step,
+def final_result(scores: ScoreTable, best_val: float | None, step: int, only: tuple[str, ...] = ()) -> dict:
+    """The trial's last report: the objective (over ``only``, default all archs) and each architecture's mean over
+    DPCs (``acc_<arch>``; :func:`tune.scores.final_metrics`), the best validation accuracy and the step."""
+    return {**final_metrics(scores, only), VAL_METRIC: math.nan if best_val is None else float(best_val), "step": step,
             FINAL: True}
 
 
 def log_trial_outputs(run: TrialRun, result, scores: ScoreTable, final: dict, out: Path) -> None:
     write_json(out / "scores.json", {str(d): s for d, s in scores.items()})
     plots = accuracy_vs_dpc_all(scores, out / "plots", title=out.name)
-    run.log_metrics({**score_metrics(scores), **final_metrics(scores)}, final["step"])
+    run.log_metrics({**score_metrics(scores), **{k: v for k, v in final.items() if k.startswith(("acc_", OBJECTIVE))}},
+                    final["step"])
     run.flush()
     run.log_artifacts(out / "sets", "sets")
     run.log_artifact(result.provenance)
@@ -139,7 +141,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         result = distill(cfg, callback=StepReporter(run), task=task)
         scores = score_on_pool(result.sets, plan)
         last_step = result.history[-1]["step"] if result.history else 0
-        final = final_result(scores, result.best_val_accuracy, last_step)
+        final = final_result(scores, result.best_val_accuracy, last_step, plan.objective_archs)
         log_trial_outputs(run, result, scores, final, out)
         write_json(out / "final.json", final)
         folder.publish(last=["final.json"], skip=["checkpoint"])  # final.json: the commit marker, uploaded last

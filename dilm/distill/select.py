@@ -127,7 +127,7 @@ def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: lis
     how = Selection.of(ctx.cfg)
     means = real_means(ctx, how.pooling) if how.method == "herding-real" else None
     out: dict[int, list[SynSet]] = {d: [] for d in dpcs}
-    for cands, seed in zip(candidates, seeds):
+    for cands, seed in tqdm(list(zip(candidates, seeds)), desc="select", disable=len(candidates) < 2):
         prepared = prepare(ctx, cands, how, max(dpcs))  # once per set, shared by every DPC
         for d in dpcs:
             out[d].append(select(prepared, d, seed, ctx.task.label_names, how, means))
@@ -159,7 +159,7 @@ def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], di
     # one sampling call for every (set, class): duplicates are removed within a set, not across sets
     pooled = ctx.sample([per_set] * (c * cfg.n_sets), derive_seed(cfg.seed, "final candidates"),
                         list(names) * cfg.n_sets)
-    per = [pooled[k * c: (k + 1) * c] for k in tqdm(range(cfg.n_sets), desc="select")]
+    per = [pooled[k * c: (k + 1) * c] for k in range(cfg.n_sets)]
     sets = select_sets(ctx, per, list(cfg.dpc), [derive_seed(cfg.seed, "final set", k) for k in range(cfg.n_sets)])
     out = {d: [write_set(Path(cfg.output_dir) / "sets" / f"dpc{d}" / f"set{k:02d}.jsonl", s)
                for k, s in enumerate(got)] for d, got in sets.items()}
