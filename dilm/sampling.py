@@ -102,7 +102,7 @@ class Sampler:
         # a shortlist saves the full sort where a host sync is free (CPU), not on CUDA
         self.shortlist = (SHORTLIST if device.type == "cpu" else 0) if shortlist is None else shortlist
         self.cache, self.static_caches = None, {}  # (rows, length) → StaticCache
-        # newer transformers (5.24) name the cache argument ``cache`` (``past_key_values`` deprecated); older, the latter
+        # newer transformers (5.24) call the cache argument ``cache`` (``past_key_values`` deprecated)
         self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs; on a CPU fused C++ kernels
         self.step = torch.compile(self._forward, mode=mode, fullgraph=True) if compile else self._forward
