@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
+import numpy as np
+
 NGRAM = 4
 NEAR = 0.8
 
@@ -56,6 +58,20 @@ class CopyIndex:
         return normalise(text) in self.exact
 
 
+def joined(item) -> str:
+    """An example's or a sample's text as the index reads it (a pair's two texts joined by a space)."""
+    return item.text if item.text_pair is None else f"{item.text} {item.text_pair}"
+
+
+def copied(texts: list[str], index: CopyIndex, kind: str, near: float = NEAR) -> np.ndarray:
+    """(N,) bool: which ``texts`` are ``exact`` copies of a reference text, or ``near`` copies (exact ones included)."""
+    if kind == "exact":
+        return np.array([index.is_exact(t) for t in texts], dtype=bool)
+    if kind == "near":
+        return np.array([index.is_exact(t) or index.overlap(t) >= near for t in texts], dtype=bool)
+    raise ValueError(f"unknown copy kind {kind!r}; known: exact, near")
+
+
 def copy_counts(texts: list[str], index: CopyIndex, near: float = NEAR) -> dict:
     """{"n", "exact", "near", "exact_share", "near_share"} of ``texts`` against ``index``."""
     exact = sum(index.is_exact(t) for t in texts)
@@ -73,4 +89,5 @@ def memorisation_report(texts: list[str], train: CopyIndex, test: CopyIndex | No
     return out
 
 
-__all__ = ["CopyIndex", "copy_counts", "memorisation_report", "ngrams", "normalise", "NGRAM", "NEAR"]
+__all__ = ["CopyIndex", "copied", "joined", "copy_counts", "memorisation_report", "ngrams", "normalise", "NGRAM",
+           "NEAR"]

@@ -10,6 +10,8 @@ Vocabulary: *candidates* are the generated texts of one class; *selection* keeps
 * the **label filter** (``probe``) keeps the candidates that a probe fitted on the real training split assigns to
   the class they were generated for (its most probable class, with probability ≥ a threshold); without it, the
   off-label texts a generator writes go into the sets. Too few survivors → the most confident fill up to k.
+* the **copy filter** (``exact`` / ``near``, before the label filter) drops candidates that copy a training text
+  (:mod:`dilm.memorisation`): a "synthetic" text that is a training text makes the set a coreset in disguise.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sklearn.metrics.pairwise import euclidean_distances
 
 SELECTIONS = ("kmeans", "herding", "herding-real")
 FILTERS = ("none", "probe")
+COPY_FILTERS = ("none", "exact", "near")  # which copies of training texts are dropped before selection
 KMEANS_FULL_LIMIT = 2_000_000  # rows × clusters up to which full k-means is used; MiniBatchKMeans above
 
 
@@ -75,6 +78,15 @@ def label_filter(probs: np.ndarray, label: int, threshold: float, k: int) -> lis
     if len(keep) >= k:
         return keep.tolist()
     return sorted(np.argsort(-p, kind="stable")[:k].tolist())
+
+
+def originals_first(copied: np.ndarray, k: int) -> list[int]:
+    """Indices (in order) of the candidates that are not copies (``copied``: (N,) bool); when fewer than ``k`` are
+    left, the first copies fill up to ``k`` (so selection can run; the copies report shows them)."""
+    keep = np.flatnonzero(~copied)
+    if len(keep) >= k:
+        return keep.tolist()
+    return sorted(keep.tolist() + np.flatnonzero(copied)[: k - len(keep)].tolist())
 
 
 def select_rows(features: torch.Tensor, k: int, method: str, seed: int,

@@ -49,6 +49,37 @@ def test_label_filter_keeps_the_confident_and_falls_back_to_the_most_confident()
     assert label_filter(three, 0, 0.0, 1) == [0] and label_filter(three, 1, 0.0, 1) == [1]
 
 
+def test_the_copy_filter_drops_copies_of_training_texts_before_the_label_filter():
+    """``copy_filter``: candidates flagged as copies never enter a set while DPC originals remain (the label filter
+    and the choice then run on the originals); with fewer originals than DPC, the first copies fill up."""
+    from dilm.distill.select import Candidates, Selection, select
+    from dilm.generator import Sample
+    from dilm.memorisation import copied
+
+    train = ["the plot is thin", "a gripping , beautifully acted drama about two brothers and their father"]
+    texts = ["The plot is  thin", "a gripping , beautifully acted drama about two brothers and their mother",
+             "a fresh comedy with a big heart", "warm and very funny", "a sharp little thriller", "so dull"]
+    index = CopyIndex(train)
+    assert copied(texts, index, "exact").tolist() == [True, False, False, False, False, False]
+    near = copied(texts, index, "near")
+    assert near.tolist() == [True, True, False, False, False, False]
+    samples = [Sample(t, None, [], 0) for t in texts]
+    x = torch.eye(6)  # herding among equidistant rows: any originals may be chosen, none of the copies
+    probs = np.tile([0.9, 0.1], (6, 1))
+    probs[5] = [0.3, 0.7]  # "so dull" reads as the other class
+    cands = Candidates([samples], [x], [probs], [near])
+    for method in SELECTIONS:
+        s = select(cands, 3, 0, ("a",), Selection(method, "probe", copy_filter="near"), [x.mean(0).double()])
+        assert {e.text for e in s.examples} == set(texts[2:5]), method  # no copy, and not the off-label text
+        assert s.meta["copy_filter"] == "near"
+    kept = select(cands, 3, 0, ("a",), Selection("herding", "none"), None)  # no copy filter: copies may be chosen
+    assert kept.meta["copy_filter"] == "none"
+    few = select(cands, 5, 0, ("a",), Selection("herding", "none", copy_filter="near"), None)
+    assert {e.text for e in few.examples} == set(texts[:1] + texts[2:])  # 4 originals + the first copy
+    with pytest.raises(ValueError, match="copy flags"):
+        select(Candidates([samples], [x], [probs]), 3, 0, ("a",), Selection("herding", "none", copy_filter="exact"))
+
+
 def test_memorisation_counts_exact_and_near_copies_of_train_and_test():
     train = ["a gripping , beautifully acted drama about two brothers and their father",
              "the plot is thin", "utterly charming from start to finish"]

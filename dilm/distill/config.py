@@ -17,7 +17,7 @@ from dilm import DilmError
 from dilm.features import POOLINGS
 from dilm.generator import GEN_LOSS_NORMS, resolve_template
 from dilm.options import option
-from dilm.selection import FILTERS, SELECTIONS
+from dilm.selection import COPY_FILTERS, FILTERS, SELECTIONS
 from dilm.tasks import TASKS
 
 SAMPLER_MODES = ("dynamic", "static", "compiled")
@@ -82,6 +82,9 @@ class DistillConfig:
     val_steps: int = option(200, "learner steps per validation evaluation (the protocol's 200)")
     # stage 3: final sets
     over_sample: int = option(20, "candidates per class = over_sample x DPC")
+    copy_filter: str = option("near", "before the label filter: drop candidates that copy a training text: none, "
+                                      "exact, or near (>= 80 % of their word 4-grams in one training text)",
+                              choices=COPY_FILTERS)
     label_filter: str = option("probe", "before selection: none, or probe (keep the candidates the probe assigns to "
                                         "their class, with probability >= filter_threshold)", choices=FILTERS)
     filter_threshold: float = option(0.0, "the probe filter's least probability of the candidate's class")
@@ -132,7 +135,7 @@ class DistillConfig:
             raise DilmError(f"rep_pool_per_class ({self.rep_pool_per_class}) is smaller than real_per_class "
                             f"({self.real_per_class})")
         for name, known in (("pooling", POOLINGS), ("select_pooling", POOLINGS), ("selection", SELECTIONS),
-                            ("label_filter", FILTERS)):
+                            ("label_filter", FILTERS), ("copy_filter", COPY_FILTERS)):
             if getattr(self, name) not in known:
                 raise DilmError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}")
         if self.label_filter == "probe" and not self.probe:

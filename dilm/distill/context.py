@@ -21,6 +21,7 @@ from dilm.distill.config import DistillConfig
 from dilm.evaluate import Evaluator
 from dilm.features import embed, pool
 from dilm.generator import Sample, TokenizedCorpus, make_sampler, prompt, resolve_template, sample_classes
+from dilm.memorisation import CopyIndex, joined
 from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
 from dilm.probe import LabelProbe
 from dilm.protocol import PROTOCOL, EvalConfig
@@ -124,6 +125,11 @@ class RunContext:
         task = TaskData(self.task.name, self.task.label_names, self.train, self.val, self.task.is_pair)
         return Evaluator(task, EvalConfig(archs=(cfg.learner,), seeds=cfg.val_seeds, steps=cfg.val_steps,
                                           device=cfg.device, progress=False))
+
+    @functools.cached_property
+    def copy_index(self) -> CopyIndex:
+        """The training texts indexed for the copy filter and the copies report (built once per run)."""
+        return CopyIndex(joined(e) for e in self.task.train)
 
     @functools.cached_property
     def probe(self) -> LabelProbe | None:

@@ -3,9 +3,11 @@
 *Candidates* are the usable texts sampled for one class (empty and duplicate ones dropped). A :class:`Selection`
 says how DPC of them are kept (:mod:`dilm.selection` has the algorithms):
 
-1. the **label filter** (``label_filter``): ``none``, or ``probe`` — keep the candidates the task's probe assigns
+1. the **copy filter** (``copy_filter``): ``none``, ``exact`` or ``near`` — drop the candidates that copy a training
+   text (:mod:`dilm.memorisation`; too few originals → copies fill up to DPC);
+2. the **label filter** (``label_filter``): ``none``, or ``probe`` — keep the candidates the task's probe assigns
    to their class (probability ≥ ``filter_threshold``);
-2. the **choice** (``selection``) among the survivors, on the pre-trained learner's features (``select_pooling``):
+3. the **choice** (``selection``) among the survivors, on the pre-trained learner's features (``select_pooling``):
    ``kmeans`` (nearest the k-means centroids: the reference's "k-centers"), ``herding`` (toward the candidates'
    mean) or ``herding-real`` (toward the mean of the class's real training examples).
 
@@ -30,9 +32,9 @@ from dilm.distill.config import DistillConfig
 from dilm.distill.context import RunContext
 from dilm.features import embed
 from dilm.generator import Sample
-from dilm.memorisation import CopyIndex, memorisation_report
+from dilm.memorisation import CopyIndex, copied, joined, memorisation_report
 from dilm.seeds import derive_seed
-from dilm.selection import label_filter, select_rows
+from dilm.selection import label_filter, originals_first, select_rows
 from dilm.synset import SynExample, SynSet, write_set
 from dilm.text import pair_args
 
@@ -42,16 +44,17 @@ REAL_MEAN_EXAMPLES = 1000  # real examples per class whose feature mean herding-
 @dataclass(frozen=True)
 class Selection:
     """How DPC per class are kept among candidates (the config's ``selection``, ``label_filter``,
-    ``filter_threshold`` and ``select_pooling``)."""
+    ``filter_threshold``, ``select_pooling`` and ``copy_filter``)."""
 
     method: str = "herding"
     label_filter: str = "probe"
     threshold: float = 0.0
     pooling: str = "mean"
+    copy_filter: str = "none"
 
     @classmethod
     def of(cls, cfg: DistillConfig) -> Selection:
-        return cls(cfg.selection, cfg.label_filter, cfg.filter_threshold, cfg.select_pooling)
+        return cls(cfg.selection, cfg.label_filter, cfg.filter_threshold, cfg.select_pooling, cfg.copy_filter)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Candidates:
     samples: list[list[Sample]]  # [class] → its candidates
     features: list[torch.Tensor]  # [class] → (N_c, H) learner features (the selection's pooling)
     probs: list[np.ndarray] | None  # [class] → (N_c, C) the probe's probabilities, when the filter reads them
+    copies: list[np.ndarray] | None = None  # [class] → (N_c,) bool: copies of a training text, when filtered
 
 
 def check_candidates(candidates: list[list[Sample]], dpc: int, label_names) -> None:
@@ -78,14 +82,18 @@ def selection_features(ctx: RunContext, items, pooling: str) -> torch.Tensor:
 
 
 def prepare(ctx: RunContext, candidates: list[list[Sample]], how: Selection, dpc: int) -> Candidates:
-    """Features (and probe probabilities) of one set's candidates, after checking there are ``dpc`` per class."""
+    """Features (and probe probabilities, and copy flags) of one set's candidates, after checking there are ``dpc``
+    per class."""
     check_candidates(candidates, dpc, ctx.task.label_names)
     probs = None
     if how.label_filter == "probe":
         if ctx.probe is None:
             raise DilmError("label_filter probe needs a probe (set probe, e.g. minilm-l6)")
         probs = [ctx.probe.probabilities(cand, ctx.task.num_classes) for cand in candidates]
-    return Candidates(candidates, [selection_features(ctx, cand, how.pooling) for cand in candidates], probs)
+    copies = None
+    if how.copy_filter != "none":
+        copies = [copied([joined(s) for s in cand], ctx.copy_index, how.copy_filter) for cand in candidates]
+    return Candidates(candidates, [selection_features(ctx, cand, how.pooling) for cand in candidates], probs, copies)
 
 
 @functools.cache
@@ -106,19 +114,24 @@ def real_means(ctx: RunContext, pooling: str) -> list[torch.Tensor]:
 
 def select(cands: Candidates, dpc: int, seed: int, label_names, how: Selection,
            means: list[torch.Tensor] | None = None) -> SynSet:
-    """DPC per class: the label filter, then ``how.method`` among the survivors; ``means`` for herding-real."""
+    """DPC per class: the copy filter, the label filter, then ``how.method`` among the survivors; ``means`` for
+    herding-real."""
     check_candidates(cands.samples, dpc, label_names)
     picked: list[SynExample] = []
     for c, (cand, feats) in enumerate(zip(cands.samples, cands.features)):
         keep = list(range(len(cand)))
+        if how.copy_filter != "none":
+            if cands.copies is None:
+                raise ValueError("the copy filter needs the candidates' copy flags (prepare them with it)")
+            keep = originals_first(cands.copies[c], dpc)
         if how.label_filter == "probe":
             if cands.probs is None:
                 raise ValueError("the probe filter needs the candidates' probabilities (prepare them with it)")
-            keep = label_filter(cands.probs[c], c, how.threshold, dpc)
+            keep = [keep[i] for i in label_filter(cands.probs[c][keep], c, how.threshold, dpc)]
         rows = select_rows(feats[keep], dpc, how.method, seed, None if means is None else means[c])
         picked += [SynExample(cand[keep[i]].text, c, cand[keep[i]].text_pair) for i in rows]
     return SynSet(picked, label_names, {"dpc": dpc, "seed": seed, "selection": how.method,
-                                        "label_filter": how.label_filter})
+                                        "label_filter": how.label_filter, "copy_filter": how.copy_filter})
 
 
 def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: list[int],
@@ -136,11 +149,10 @@ def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: lis
 
 def log_copies(ctx: RunContext, state: State, sets: dict[int, list[SynSet]]) -> dict:
     """The memorisation report of each DPC's sets (all of them together), emitted in % and returned."""
-    train = CopyIndex(e.text if e.text_pair is None else f"{e.text} {e.text_pair}" for e in ctx.task.train)
-    test = CopyIndex(e.text if e.text_pair is None else f"{e.text} {e.text_pair}" for e in ctx.task.test)
+    train, test = ctx.copy_index, CopyIndex(joined(e) for e in ctx.task.test)
     reports = {}
     for d, got in sets.items():
-        texts = [e.text if e.text_pair is None else f"{e.text} {e.text_pair}" for s in got for e in s.examples]
+        texts = [joined(e) for s in got for e in s.examples]
         reports[d] = report = memorisation_report(texts, train, test)
         ctx.emit(state, stage=state.stage, **{f"copies/{split}_{kind}/dpc{d}": 100 * report[split][f"{kind}_share"]
                                               for split in ("train", "test") for kind in ("exact", "near")})
