@@ -131,6 +131,8 @@ def paired(cells: dict, judge: str, dpc: int, method: str, against: str) -> dict
     if not a or not b or method == against:
         return None
     n = min(len(a["accuracies"]), len(b["accuracies"]))
+    if n < 2:  # one set (real herding): a difference, no interval
+        return None
     return paired_interval([x - y for x, y in zip(a["accuracies"][:n], b["accuracies"][:n])])
 
 
