@@ -74,8 +74,7 @@ def copied(texts: list[str], index: CopyIndex, kind: str, near: float = NEAR) ->
 
 def copy_counts(texts: list[str], index: CopyIndex, near: float = NEAR) -> dict:
     """{"n", "exact", "near", "exact_share", "near_share"} of ``texts`` against ``index``."""
-    exact = sum(index.is_exact(t) for t in texts)
-    near_n = sum(index.is_exact(t) or index.overlap(t) >= near for t in texts)
+    exact, near_n = (int(copied(texts, index, kind, near).sum()) for kind in ("exact", "near"))
     n = len(texts)
     return {"n": n, "exact": exact, "near": near_n, "exact_share": exact / n if n else 0.0,
             "near_share": near_n / n if n else 0.0}

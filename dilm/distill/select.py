@@ -17,8 +17,8 @@ their copies of training and test texts (:mod:`dilm.memorisation`), emitted as `
 
 from __future__ import annotations
 
-import functools
 import random
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,20 +96,22 @@ def prepare(ctx: RunContext, candidates: list[list[Sample]], how: Selection, dpc
     return Candidates(candidates, [selection_features(ctx, cand, how.pooling) for cand in candidates], probs, copies)
 
 
-@functools.cache
-def _real_means(ctx: RunContext, pooling: str) -> tuple[torch.Tensor, ...]:
-    out = []
-    for c in range(ctx.task.num_classes):
-        group = [e for e in ctx.train if e.label == c]
-        group = random.Random(derive_seed(ctx.cfg.seed, "real mean", c)).sample(
-            group, min(REAL_MEAN_EXAMPLES, len(group)))
-        out.append(torch.nn.functional.normalize(selection_features(ctx, group, pooling).double(), dim=1).mean(0))
-    return tuple(out)
+_REAL_MEANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # run → {pooling: its class means}
 
 
 def real_means(ctx: RunContext, pooling: str) -> list[torch.Tensor]:
-    """Per class, the mean unit feature (H,) of a seeded sample of its real training examples (computed once)."""
-    return list(_real_means(ctx, pooling))
+    """Per class, the mean unit feature (H,) of a seeded sample of its real training examples (computed once per
+    run and pooling, and let go with the run)."""
+    known = _REAL_MEANS.setdefault(ctx, {})
+    if pooling not in known:
+        means = []
+        for c in range(ctx.task.num_classes):
+            group = [e for e in ctx.train if e.label == c]
+            group = random.Random(derive_seed(ctx.cfg.seed, "real mean", c)).sample(
+                group, min(REAL_MEAN_EXAMPLES, len(group)))
+            means.append(torch.nn.functional.normalize(selection_features(ctx, group, pooling).double(), dim=1).mean(0))
+        known[pooling] = means
+    return list(known[pooling])
 
 
 def select(cands: Candidates, dpc: int, seed: int, label_names, how: Selection,
