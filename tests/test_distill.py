@@ -349,3 +349,21 @@ def test_learner_encodes_pairs_with_the_pair_api(toy_run):
     assert enc["token_type_ids"][0].max() == 1  # segment ids: what a joined "a [SEP] b" string never gets
     rows = pad_ids(run.learner_ids(pairs), tok.pad_token_id, "cpu")
     assert all(torch.equal(rows[k], enc[k]) for k in enc)
+
+
+def test_a_shared_final_pool_is_sampled_once_for_every_set(tmp_path, toy_task):
+    """``final_pool: shared`` samples one pool of over_sample × largest DPC per class (not one per set), and still
+    writes n_sets distinct sets of exactly DPC per class."""
+    cfg = DistillConfig.from_preset("smoke", dpc=(2, 3), n_sets=3, over_sample=4, final_pool="shared",
+                                    outer_loops=0, output_dir=str(tmp_path))
+    run = Distiller(cfg, task=toy_task)
+    asked = []
+    sample = run.sample
+    run.sample = lambda counts, *a, **k: asked.append(list(counts)) or sample(counts, *a, **k)
+    result = run.fit()
+    assert asked[-1] == [4 * 3] * 2  # the final candidates: one draw per class
+    for dpc, paths in result.sets.items():
+        sets = [read_set(p, ("negative", "positive")) for p in paths]
+        assert len(sets) == 3 and all(s.counts() == [dpc, dpc] for s in sets)
+    texts = [tuple(sorted(e.text for e in read_set(p, ("negative", "positive")).examples)) for p in result.sets[3]]
+    assert len(set(texts)) > 1  # the sets choose from different halves

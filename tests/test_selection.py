@@ -133,3 +133,27 @@ def test_select_filters_then_chooses_per_class():
     unfiltered = select(cands, 3, 0, ("a", "b"), Selection("herding-real", "none"), means)
     assert all(int(e.text.split()[1]) >= 40 for e in unfiltered.examples)  # toward blob 2, no filter in the way
     assert unfiltered.meta["selection"] == "herding-real" and unfiltered.meta["label_filter"] == "none"
+
+
+def test_a_shared_pool_gives_every_set_its_own_half():
+    """``final_pool: shared``: set k selects from a seeded random half of each class's pool (at least the largest DPC),
+    the halves of different sets differ, and a subset keeps every candidate's features, probabilities and copy flags
+    beside it."""
+    from dilm.distill.select import Candidates, half_rows, subset
+    from dilm.generator import Sample
+
+    halves = [half_rows([40, 9], 6, seed) for seed in range(5)]
+    for rows in halves:
+        assert [len(r) for r in rows] == [20, 6]  # half of 40; half of 9 is under the least (6)
+        assert all(r == sorted(set(r)) and r[0] >= 0 and r[-1] < n for r, n in zip(rows, (40, 9)))
+    assert len({tuple(rows[0]) for rows in halves}) == 5 and half_rows([40, 9], 6, 3) == halves[3]  # seeded
+    samples = [[Sample(f"c{c} {i}", None, [], 0) for i in range(n)] for c, n in enumerate((40, 9))]
+    feats = [torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 4) for n in (40, 9)]
+    probs = [np.arange(n)[:, None].repeat(2, 1) for n in (40, 9)]
+    copies = [np.arange(n) % 2 == 0 for n in (40, 9)]
+    half = subset(Candidates(samples, feats, probs, copies), halves[0])
+    for c, rows in enumerate(halves[0]):
+        assert [int(s.text.split()[1]) for s in half.samples[c]] == rows
+        assert half.features[c][:, 0].tolist() == rows and half.probs[c][:, 0].tolist() == rows
+        assert half.copies[c].tolist() == [i % 2 == 0 for i in rows]
+    assert subset(Candidates(samples, feats, None), halves[0]).probs is None

@@ -21,6 +21,7 @@ from dilm.selection import COPY_FILTERS, FILTERS, SELECTIONS
 from dilm.tasks import TASKS
 
 SAMPLER_MODES = ("dynamic", "static", "compiled")
+FINAL_POOLS = ("per_set", "shared")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # dilm/presets, shipped as package data
 
 
@@ -82,6 +83,10 @@ class DistillConfig:
     val_steps: int = option(200, "learner steps per validation evaluation (the protocol's 200)")
     # stage 3: final sets
     over_sample: int = option(20, "candidates per class = over_sample x DPC")
+    final_pool: str = option("per_set", "the final sets' candidates: per_set (every set samples its own over_sample x "
+                                        "largest DPC per class, the reference's) or shared (one pool of that size "
+                                        "per class; every set selects from its own seeded random half of it)",
+                             choices=FINAL_POOLS)
     copy_filter: str = option("near", "before the label filter: drop candidates that copy a training text: none, "
                                       "exact, or near (>= 80 % of their word 4-grams in one training text)",
                               choices=COPY_FILTERS)
@@ -135,7 +140,7 @@ class DistillConfig:
             raise DilmError(f"rep_pool_per_class ({self.rep_pool_per_class}) is smaller than real_per_class "
                             f"({self.real_per_class})")
         for name, known in (("pooling", POOLINGS), ("select_pooling", POOLINGS), ("selection", SELECTIONS),
-                            ("label_filter", FILTERS), ("copy_filter", COPY_FILTERS)):
+                            ("label_filter", FILTERS), ("copy_filter", COPY_FILTERS), ("final_pool", FINAL_POOLS)):
             if getattr(self, name) not in known:
                 raise DilmError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}")
         if self.label_filter == "probe" and not self.probe:

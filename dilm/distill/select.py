@@ -136,6 +136,20 @@ def select(cands: Candidates, dpc: int, seed: int, label_names, how: Selection,
                                         "label_filter": how.label_filter, "copy_filter": how.copy_filter})
 
 
+def subset(cands: Candidates, rows: list[list[int]]) -> Candidates:
+    """The candidates ``rows[c]`` of each class c, with their features, probabilities and copy flags."""
+    def take(per_class):
+        return None if per_class is None else [x[r] for x, r in zip(per_class, rows)]
+    return Candidates([[cand[i] for i in r] for cand, r in zip(cands.samples, rows)],
+                      [f[r] for f, r in zip(cands.features, rows)], take(cands.probs), take(cands.copies))
+
+
+def half_rows(sizes: list[int], least: int, seed: int) -> list[list[int]]:
+    """Per class, a seeded random half (at least ``least``, at most all) of its ``sizes[c]`` candidates, in order."""
+    return [sorted(random.Random(derive_seed(seed, "half", c)).sample(range(n), min(n, max(least, n // 2))))
+            for c, n in enumerate(sizes)]
+
+
 def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: list[int],
                 seeds: list[int]) -> dict[int, list[SynSet]]:
     """{dpc: one set per element of ``candidates`` (a set's per-class candidates)}, selected as the config says."""
@@ -146,6 +160,21 @@ def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: lis
         prepared = prepare(ctx, cands, how, max(dpcs))  # once per set, shared by every DPC
         for d in dpcs:
             out[d].append(select(prepared, d, seed, ctx.task.label_names, how, means))
+    return out
+
+
+def select_from_pool(ctx: RunContext, pool: list[list[Sample]], dpcs: list[int],
+                     seeds: list[int]) -> dict[int, list[SynSet]]:
+    """{dpc: one set per seed}, each selected from the seed's random half of the one shared ``pool`` (per class
+    candidates, prepared once: features, probe and copy flags are computed for the pool, not per set)."""
+    how = Selection.of(ctx.cfg)
+    means = real_means(ctx, how.pooling) if how.method == "herding-real" else None
+    prepared = prepare(ctx, pool, how, max(dpcs))
+    out: dict[int, list[SynSet]] = {d: [] for d in dpcs}
+    for seed in tqdm(seeds, desc="select", disable=len(seeds) < 2):
+        half = subset(prepared, half_rows([len(c) for c in pool], max(dpcs), seed))
+        for d in dpcs:
+            out[d].append(select(half, d, seed, ctx.task.label_names, how, means))
     return out
 
 
@@ -162,19 +191,22 @@ def log_copies(ctx: RunContext, state: State, sets: dict[int, list[SynSet]]) -> 
 
 
 def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], dict[int, dict]]:
-    """``n_sets`` sets per DPC → ({dpc: set paths}, {dpc: memorisation report}); every DPC of set k selects from set
-    k's over_sample × (largest DPC) candidates; the candidates of all sets are sampled together (large batches).
-    Label agreement of all candidates (``final_label_agreement``) and of each DPC's selected texts
-    (``final_label_agreement/dpc<d>``) is emitted, and each DPC's copies of training and test texts
+    """``n_sets`` sets per DPC → ({dpc: set paths}, {dpc: memorisation report}). ``final_pool`` per_set: every DPC of
+    set k selects from set k's over_sample × (largest DPC) candidates per class, the candidates of all sets sampled
+    together (large batches); shared: one pool of that size per class, and set k selects from its seeded random
+    half (:func:`select_from_pool`). Label agreement of all candidates (``final_label_agreement``) and of each DPC's
+    selected texts (``final_label_agreement/dpc<d>``) is emitted, and each DPC's copies of training and test texts
     (:func:`log_copies`)."""
     cfg, names = ctx.cfg, ctx.task.label_names
     per_set = cfg.over_sample * cfg.dpc[-1]
-    c = ctx.task.num_classes
+    c, seeds = ctx.task.num_classes, [derive_seed(cfg.seed, "final set", k) for k in range(cfg.n_sets)]
+    draws = 1 if cfg.final_pool == "shared" else cfg.n_sets
     # one sampling call for every (set, class): duplicates are removed within a set, not across sets
-    pooled = ctx.sample([per_set] * (c * cfg.n_sets), derive_seed(cfg.seed, "final candidates"),
-                        list(names) * cfg.n_sets)
-    per = [pooled[k * c: (k + 1) * c] for k in range(cfg.n_sets)]
-    sets = select_sets(ctx, per, list(cfg.dpc), [derive_seed(cfg.seed, "final set", k) for k in range(cfg.n_sets)])
+    pooled = ctx.sample([per_set] * (c * draws), derive_seed(cfg.seed, "final candidates"), list(names) * draws)
+    if cfg.final_pool == "shared":
+        sets = select_from_pool(ctx, pooled, list(cfg.dpc), seeds)
+    else:
+        sets = select_sets(ctx, [pooled[k * c: (k + 1) * c] for k in range(cfg.n_sets)], list(cfg.dpc), seeds)
     out = {d: [write_set(Path(cfg.output_dir) / "sets" / f"dpc{d}" / f"set{k:02d}.jsonl", s)
                for k, s in enumerate(got)] for d, got in sets.items()}
     ctx.log_agreement(state, "final_label_agreement", [sum(pooled[i::c], []) for i in range(c)])
