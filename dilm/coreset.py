@@ -63,7 +63,8 @@ def build_coresets(task: TaskData, cfg: CoresetConfig, device=None) -> dict[int,
     groups = class_candidates(task, cfg)
     feats = None
     if cfg.method != "random":
-        feats = [embed(pair_args(g)[0], cfg.learner, device, cfg.pooling, pairs=pair_args(g)[1]) for g in groups]
+        feats = [embed(pair_args(g)[0], cfg.learner, device, cfg.pooling, pairs=pair_args(g)[1], cache=True)
+                 for g in groups]
     out: dict[int, list[SynSet]] = {}
     for dpc in cfg.dpc:
         sets = []

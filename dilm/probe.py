@@ -38,9 +38,11 @@ def join(e) -> str:
     return join_pair(e.text, e.text_pair)
 
 
-def sentence_embeddings(texts: list[str], encoder: str, device, model: torch.nn.Module | None = None) -> np.ndarray:
-    """(len(texts), H) float64, unit rows: the frozen encoder's mean-pooled last layer."""
-    x = embed(texts, encoder, device, model=model).double()
+def sentence_embeddings(texts: list[str], encoder: str, device, model: torch.nn.Module | None = None,
+                        cache: bool = False) -> np.ndarray:
+    """(len(texts), H) float64, unit rows: the frozen encoder's mean-pooled last layer (``cache``: fixed texts, kept
+    on disk by :func:`dilm.features.embed`)."""
+    x = embed(texts, encoder, device, model=model, cache=cache).double()
     return torch.nn.functional.normalize(x, dim=1).numpy()
 
 

@@ -87,3 +87,29 @@ def test_causal_answers_for_the_registry_models():
     assert is_causal(llama) and head_param_names(llama) == ["score.weight"]
     assert head_param_names(load_model("tiny-bert", "classifier")) == ["classifier.weight", "classifier.bias"]
     assert head_param_names(load_model("tiny-bert", "base")) == []  # a bare backbone has no head
+
+
+def test_embed_keeps_fixed_texts_features_on_disk_and_batches_by_length(tmp_path, monkeypatch):
+    """``embed`` returns features in the texts' order whatever order it computes them in (by length), and with
+    ``cache=True`` writes a packaged model's features once under the cache dir and reads them after (another
+    pooling, other texts or an unpackaged model get their own entry, or none)."""
+    from dilm.features import embed, feature_cache_path
+
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path))
+    texts = ["a long , winding and rather beautiful film about nothing much", "dull", "a fine cast", "ok", "why ?"]
+    one_by_one = torch.cat([embed([t], "minilm-l6", "cpu") for t in texts])
+    together = embed(texts, "minilm-l6", "cpu", batch_size=2)  # batches of similar length, then put back in order
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+    path = feature_cache_path(texts, "minilm-l6", "cpu", "mean", 128)
+    assert not path.exists()
+    first = embed(texts, "minilm-l6", "cpu", cache=True)
+    assert path.exists() and torch.equal(first, torch.load(path))
+
+    class Refuses(torch.nn.Module):  # the cached call must not run a model at all
+        def forward(self, **_):
+            raise AssertionError("features were recomputed")
+
+    assert torch.equal(embed(texts, "minilm-l6", "cpu", model=Refuses(), cache=True), first)
+    assert feature_cache_path(texts, "minilm-l6", "cpu", "cls", 128) != path
+    assert feature_cache_path(texts[:-1], "minilm-l6", "cpu", "mean", 128) != path
+    assert feature_cache_path(texts, "tiny-bert", "cpu", "mean", 128) is None  # random weights: never cached

@@ -86,6 +86,8 @@ def test_shipped_sweeps_load(name):
     ({"name": "a b"}, "sweep name must be"),
     ({"points_to_evaluate": [{"lm_lr": 1e-4}]}, "must give every search key"),
     ({"trial_resources": {"cpu": 1, "gpu": -1}}, "resources must be >= 0"),
+    ({"baseline_resources": {"cpu": -0.5}}, "resources must be >= 0"),
+    ({"baseline_resources": {"cpus": 1}}, "baseline_resources"),
     ({"storage": "ftp://host/dilm"}, "storage .ftp://host/dilm.: unknown URI scheme .ftp."),
 ])
 def test_bad_config_is_a_one_line_error(tmp_path, change, message):
@@ -652,3 +654,27 @@ def test_job_submit_recipe_puts_results_under_storage(tmp_path):
         finally:
             kill_tree(head)
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_in_background_returns_the_value_or_raises_the_error_in_the_caller():
+    """The baselines run in a driver thread beside the Tuner: their result, or their error, reaches the driver when it
+    asks (``result()``), not before, and the caller goes on meanwhile."""
+    import threading
+
+    from tune.baselines import in_background
+
+    go = threading.Event()
+
+    def slow(x):
+        assert go.wait(30)
+        return x * 2
+
+    result = in_background(slow, 21)
+    go.set()  # the caller ran on while slow() waited
+    assert result() == 42
+
+    def fails():
+        raise DilmError("baseline vanilla: no candidates")
+
+    with pytest.raises(DilmError, match="no candidates"):
+        in_background(fails)()

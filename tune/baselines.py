@@ -15,12 +15,15 @@ scores live in ``sets/<name>/baselines/<baseline>/``; a resumed sweep reuses sco
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections.abc import Callable
 
 import ray
 from mlflow.entities import RunTag
 
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.distill import LM_META, DistillConfig, distill
+from dilm.models import use_cpu_threads
 from dilm.synset import read_set
 from dilm.tasks import load_task
 from tune.pool import PoolClient, PoolSpec
@@ -32,9 +35,12 @@ BASELINE_TAG = "baseline"
 BASELINES = ("random", "vanilla", "herding")
 
 
-def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out: str) -> dict[int, list]:
-    """{dpc: [SynSet]} of one baseline at the trials' DPCs and ``n_sets``. ``lm_checkpoint`` and ``out`` are
-    locations (folders, or URIs: the checkpoint is fetched to this node, the vanilla run's folder published)."""
+def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out: str,
+                  cpu: float | None = None) -> dict[int, list]:
+    """{dpc: [SynSet]} of one baseline at the trials' DPCs and ``n_sets``, with torch threads for ``cpu`` CPUs (at
+    least one). ``lm_checkpoint`` and ``out`` are locations (folders, or URIs: the checkpoint is fetched to this node,
+    the vanilla run's folder published)."""
+    use_cpu_threads(cpu)  # a reused worker keeps its last task's thread count otherwise
     task = load_task(cfg.task)
     if name == "random":
         return build_coresets(task, CoresetConfig(method="random", dpc=tuple(cfg.dpc), n_sets=cfg.n_sets,
@@ -56,7 +62,8 @@ def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out:
 def run_baselines(cfg: DistillConfig, lm_checkpoint: str | None, pool: PoolSpec, tracker: SweepTracker,
                   out_dir: str, resources, objective_archs: tuple[str, ...] = ()) -> dict[str, ScoreTable]:
     """Score every baseline on the pool and log it as a tagged MLflow run; {baseline: {dpc: {arch: summary}}}.
-    The sets are built by a Ray task with a trial's ``resources`` (the vanilla LM samples where a trial would)."""
+    The sets are built by Ray tasks with ``resources`` (the sweep's ``baseline_resources``, by default a trial's: the
+    vanilla LM samples where a trial would)."""
     make_sets = ray.remote(**resources.as_remote())(baseline_sets)
     store, out = open_storage(out_dir), {}
     done = {name: f"{name}/scores.json" for name in BASELINES}
@@ -64,7 +71,8 @@ def run_baselines(cfg: DistillConfig, lm_checkpoint: str | None, pool: PoolSpec,
         if store.exists(done[name]):  # resumed sweep: already scored and logged
             out[name] = {int(d): s for d, s in store.read_json(done[name]).items()}
     # every missing baseline's sets are built at once (as many tasks as fit), each scored as soon as it is there
-    building = {name: make_sets.remote(name, cfg, lm_checkpoint, out_dir) for name in BASELINES if name not in out}
+    building = {name: make_sets.remote(name, cfg, lm_checkpoint, out_dir, resources.cpu)
+                for name in BASELINES if name not in out}
     for name, ref in building.items():
         sets = ray.get(ref)
         scores = PoolClient(pool).score(sets)
@@ -72,6 +80,35 @@ def run_baselines(cfg: DistillConfig, lm_checkpoint: str | None, pool: PoolSpec,
         store.write_json(done[name], {str(d): s for d, s in scores.items()})
         out[name] = scores
     return {name: out[name] for name in BASELINES}
+
+
+def start_baselines(*args, **kwargs) -> Callable[[], dict[str, ScoreTable]]:
+    """:func:`run_baselines` in a background thread of the driver (:func:`in_background`), so that the baselines are
+    built and scored while the trials run: they need only the LM checkpoint and the pool, and the CPU time the trials
+    leave idle (a stopped trial's slot, the last trial's wait for its scores) builds them."""
+    return in_background(run_baselines, *args, **kwargs)
+
+
+def in_background(fn: Callable, *args, **kwargs) -> Callable:
+    """Start ``fn(*args, **kwargs)`` in a daemon thread; returns ``result()``, which waits for it and returns its
+    value or raises its error. A daemon: a driver stopped before ``result()`` does not wait for it."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # re-raised by result(), in the caller's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=run, name=f"dilm-{fn.__name__}", daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+    return result
 
 
 def log_baseline(tracker: SweepTracker, name: str, scores: ScoreTable, lm_checkpoint: str | None,

@@ -2,7 +2,8 @@
 
 A sweep YAML (``sweeps/*.yaml``) is data: ``fixed`` DistillConfig values (``fixed.preset`` picks the preset they
 override), a ``search`` space (``{type: loguniform|uniform|int|categorical, ...}`` per DistillConfig key), budgets
-(``num_samples``, ``max_concurrent_trials``, ``asha``), resources (``trial_resources``, the ``eval`` pool's actors)
+(``num_samples``, ``max_concurrent_trials``, ``asha``), resources (``trial_resources``, ``baseline_resources``, the
+``eval`` pool's actors)
 and tracking (``mlflow.experiment``). Every part is a frozen dataclass validated when built: a bad key or value is a
 one-line :class:`~dilm.DilmError` naming it, raised before Ray starts.
 
@@ -210,6 +211,7 @@ class SweepConfig:
     startup_trials: int | None = None  # random trials before TPE models the space (default: num_samples // 2)
     points_to_evaluate: tuple = ()
     trial_resources: Resources = field(default_factory=Resources)
+    baseline_resources: Resources | None = None  # the Ray task building a baseline's sets (None: a trial's share)
     asha: AshaConfig | None = field(default_factory=AshaConfig)
     eval: EvalSpec = field(default_factory=EvalSpec)
     mlflow: dict = field(default_factory=dict)
@@ -220,9 +222,10 @@ class SweepConfig:
     def __post_init__(self):
         if not isinstance(self.name, str) or not NAME_RE.match(self.name):
             raise DilmError(f"sweep name must be letters, digits, '.', '_' or '-', got {self.name!r}")
-        for key, cls in (("trial_resources", Resources), ("asha", AshaConfig), ("eval", EvalSpec)):
+        for key, cls in (("trial_resources", Resources), ("baseline_resources", Resources), ("asha", AshaConfig),
+                         ("eval", EvalSpec)):
             value = getattr(self, key)
-            if isinstance(value, dict) or (value is None and key != "asha"):
+            if isinstance(value, dict) or (value is None and key not in ("asha", "baseline_resources")):
                 object.__setattr__(self, key, _build(cls, value, key))
         if not isinstance(self.search, dict) or not isinstance(self.fixed, dict):
             raise DilmError("'fixed' and 'search' must be mappings of DistillConfig options")

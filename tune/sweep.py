@@ -13,8 +13,9 @@ Vocabulary
     intermediate signal on which ASHA stops trials early (how Optuna is told: :mod:`tune.search`).
 
 :func:`run_sweep` in order: refuse to overwrite or to resume with another YAML, connect to Ray, check that the pool
-and a trial fit the cluster, open the MLflow parent run, start the evaluation pool (:mod:`tune.pool`), run or
-restore the Tuner, then summarise from the Optuna study (:mod:`tune.report`).
+and a trial fit the cluster, open the MLflow parent run, start the evaluation pool (:mod:`tune.pool`), start the
+baselines beside the trials (:func:`tune.baselines.start_baselines`), run or restore the Tuner, then summarise from
+the Optuna study (:mod:`tune.report`) with the baselines.
 
 Fault tolerance: ``FailureConfig(max_failures)`` retries a failing trial (distill resumes from its checkpoint in the
 trial's output folder); a trial that still fails is recorded (Tune error, MLflow child FAILED, Optuna FAIL) and the
@@ -42,7 +43,7 @@ from dilm.distill import LM_KEYS, DistillConfig
 from dilm.files import write_json
 from dilm.options import Parser
 from dilm.tasks import TASKS, load_task
-from tune.baselines import run_baselines
+from tune.baselines import start_baselines
 from tune.config import RETIRED_KEYS, Resources, SweepConfig, SweepPaths, in_ray_job, load_config
 from tune.mlflow_server import TrackingServer
 from tune.pool import PoolError, PoolSpec, create_pool, shutdown_pool
@@ -268,6 +269,9 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
                                     prefix=f"{cfg.name}-{os.getpid()}-{int(time.time())}",
                                     start_timeout_s=300 if resource_check else 3600)  # autoscaling: nodes boot
         plan = make_plan(cfg, paths, label_names, is_pair, pool, tracker.spec)
+        baselines = start_baselines(base_distill_config(cfg), lm, pool, tracker, join(paths.sets_location, "baselines"),
+                                    cfg.baseline_resources or cfg.trial_resources,
+                                    cfg.eval.objective_archs)  # beside the trials
         results = build_tuner(cfg, paths, plan, restore).fit()
         finished = results.num_terminated + results.num_errors == len(results) >= cfg.num_samples
         study = load_study(cfg, paths)
@@ -275,11 +279,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
             fail_orphans(study)
         summary = summarize(study, cfg, paths, finished)
         if summary["finished"]:
-            baselines = run_baselines(base_distill_config(cfg), lm, pool, tracker,
-                                      join(paths.sets_location, "baselines"), cfg.trial_resources,
-                                      cfg.eval.objective_archs)
             mirror_for_report(paths, summary)
-            add_baselines(summary, baselines, paths, cfg.task)
+            add_baselines(summary, baselines(), paths, cfg.task)
         report_summary(tracker, summary, paths)
         status = "FINISHED" if summary["finished"] else "KILLED"
         return summary

@@ -24,7 +24,7 @@ def probe_predictions(ctx: EvalContext, encoder: str, synset: SynSet) -> np.ndar
     """Test predictions of a logistic regression on the frozen encoder's embeddings of ``synset``."""
     model = ctx.model(encoder, "base")
     test = ctx.kept(("probe test embeddings", encoder), lambda: sentence_embeddings(  # once per encoder
-        [join_pair(e.text, e.text_pair) for e in ctx.test], encoder, ctx.device, model))
+        [join_pair(e.text, e.text_pair) for e in ctx.test], encoder, ctx.device, model, cache=True))
     x = sentence_embeddings([join_pair(e.text, e.text_pair) for e in synset.examples], encoder, ctx.device, model)
     targets = np.array([e.target(synset.num_classes) for e in synset.examples], dtype=np.float64)
     return predict(fit_logreg(x, targets), test)

@@ -149,7 +149,8 @@ class RunContext:
         """Features of examples or samples under the pre-trained learner's body (``pooling``: [CLS] by default; a
         pair through the tokenizer's pair API) → (N, H) on CPU."""
         texts, pairs = pair_args(items)
-        return embed(texts, self.cfg.learner, self.device, self.cfg.pooling, model=self.feature_model, pairs=pairs)
+        return embed(texts, self.cfg.learner, self.device, self.cfg.pooling, model=self.feature_model, pairs=pairs,
+                     cache=True)  # real examples: the same for every trial, kept on disk
 
     @torch.no_grad()
     def learner_features(self, learner, rows: list[list[int]], batch: int = 256) -> torch.Tensor:

@@ -75,10 +75,11 @@ def check_candidates(candidates: list[list[Sample]], dpc: int, label_names) -> N
                             "train the generator longer or raise max_new_tokens / length_cap")
 
 
-def selection_features(ctx: RunContext, items, pooling: str) -> torch.Tensor:
-    """(N, H) features of examples or samples under the pre-trained learner's body, pooled by ``pooling``."""
+def selection_features(ctx: RunContext, items, pooling: str, cache: bool = False) -> torch.Tensor:
+    """(N, H) features of examples or samples under the pre-trained learner's body, pooled by ``pooling``
+    (``cache``: real examples, kept on disk by :func:`dilm.features.embed`)."""
     texts, pairs = pair_args(items)
-    return embed(texts, ctx.cfg.learner, ctx.device, pooling, model=ctx.feature_model, pairs=pairs)
+    return embed(texts, ctx.cfg.learner, ctx.device, pooling, model=ctx.feature_model, pairs=pairs, cache=cache)
 
 
 def prepare(ctx: RunContext, candidates: list[list[Sample]], how: Selection, dpc: int) -> Candidates:
@@ -109,7 +110,8 @@ def real_means(ctx: RunContext, pooling: str) -> list[torch.Tensor]:
             group = [e for e in ctx.train if e.label == c]
             group = random.Random(derive_seed(ctx.cfg.seed, "real mean", c)).sample(
                 group, min(REAL_MEAN_EXAMPLES, len(group)))
-            means.append(torch.nn.functional.normalize(selection_features(ctx, group, pooling).double(), dim=1).mean(0))
+            feats = selection_features(ctx, group, pooling, cache=True).double()
+            means.append(torch.nn.functional.normalize(feats, dim=1).mean(0))
         known[pooling] = means
     return list(known[pooling])
 
