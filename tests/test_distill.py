@@ -33,6 +33,8 @@ from dilm.text import pad_ids
     ({"length_cap": 0}, "length_cap must be >= 1, got 0"),
     ({"max_new_tokens": -1}, "max_new_tokens must be >= 0, got -1"),
     ({"selection": "greedy"}, "unknown selection 'greedy'; known: kmeans, herding, herding-real"),
+    ({"copy_filter": "fuzzy"}, "unknown copy_filter 'fuzzy'; known: none, exact, near"),
+    ({"final_pool": "pooled"}, "unknown final_pool 'pooled'; known: per_set, shared"),
     ({"label_filter": "probe", "probe": ""}, "label_filter probe needs a probe"),
     ({"filter_threshold": 1.0}, r"filter_threshold must be in \[0, 1\)"),
 ])
