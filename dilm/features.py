@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dilm import DilmError
-from dilm.files import atomic_path
-from dilm.models import _file_lock, autocast, cache_dir, load_model, load_tokenizer, model_location, resolve_model
+from dilm.files import made_once
+from dilm.models import autocast, cache_dir, load_model, load_tokenizer, model_location, resolve_model
 
 CACHED_SOURCES = ("gguf-package", "dir-package")  # packaged models: a name stands for fixed weights
 
@@ -38,15 +38,13 @@ def embed(texts: list[str], model_name: str, device, pooling: str = "mean", batc
         raise DilmError(f"unknown pooling {pooling!r}; known: {', '.join(EMBED_POOLINGS)}")
     device = torch.device(device)
     path = feature_cache_path(texts, model_name, device, pooling, max_length, pairs) if cache else None
-    if path is None:
+
+    def compute() -> torch.Tensor:
         return _embed(texts, model_name, device, pooling, batch_size, max_length, model, progress, pairs)
-    if not path.exists():
-        with _file_lock(path.with_suffix(".lock")):  # processes that ask together compute it once
-            if not path.exists():
-                x = _embed(texts, model_name, device, pooling, batch_size, max_length, model, progress, pairs)
-                with atomic_path(path) as tmp:
-                    torch.save(x, tmp)
-    return torch.load(path)
+
+    if path is None:
+        return compute()
+    return torch.load(made_once(path, lambda tmp: torch.save(compute(), tmp)))  # processes that ask together: once
 
 
 def feature_cache_path(texts: list[str], model_name: str, device, pooling: str, max_length: int,

@@ -3,6 +3,7 @@ run never leaves half a file (or half a checkpoint folder) where a reader expect
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -26,6 +27,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (made if missing) for the block: processes that ask wait in turn."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def made_once(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``path``, written by ``write(tmp)`` (a temporary file beside it, renamed into place) unless it is there
+    already; processes that ask together wait on a lock file beside it, and the first one writes it."""
+    path = Path(path)
+    if not path.exists():
+        with file_lock(path.with_suffix(".lock")):
+            if not path.exists():
+                with atomic_path(path) as tmp:
+                    write(tmp)
+    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -6,7 +6,6 @@ Device and dtype are decided once by :func:`pick_device` and passed in; nothing 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import os
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dilm import DilmError
-from dilm.files import atomic_write_dir
+from dilm.files import atomic_write_dir, file_lock
 
 
 @dataclass(frozen=True)
@@ -193,20 +192,12 @@ def _package_path(rel: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / rest
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def smollm2_dir() -> Path:
     """De-quantize the packaged GGUF once into an ordinary safetensors checkpoint under the cache dir."""
     target = cache_dir() / "smollm2-135m"
     if (target / "config.json").exists():
         return target
-    with _file_lock(cache_dir() / "smollm2-135m.lock"):
+    with file_lock(cache_dir() / "smollm2-135m.lock"):
         if (target / "config.json").exists():
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer

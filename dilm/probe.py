@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dilm.features import embed
-from dilm.models import _file_lock as file_lock
+from dilm.files import made_once
 from dilm.models import cache_dir
 from dilm.tasks import Example, TaskData
 from dilm.text import join_pair
@@ -90,15 +89,12 @@ class LabelProbe:
             train = random.Random(0).sample(train, max_examples)
         key = hashlib.sha256(f"{encoder}|{task_fingerprint(train, task.label_names)}|C={PROBE_C}".encode())
         path = cache_dir() / "probes" / f"{key.hexdigest()[:20]}.joblib"
-        if not path.exists():
-            with file_lock(path.with_suffix(".lock")):  # concurrent trials fit it once
-                if not path.exists():
-                    x = sentence_embeddings([join(e) for e in train], encoder, device, model)
-                    clf = fit_logreg(x, np.eye(task.num_classes)[[e.label for e in train]])
-                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".probe-")
-                    os.close(fd)
-                    joblib.dump(clf, tmp)
-                    os.replace(tmp, path)
+
+        def fit(tmp: Path) -> None:  # concurrent trials fit it once
+            x = sentence_embeddings([join(e) for e in train], encoder, device, model)
+            joblib.dump(fit_logreg(x, np.eye(task.num_classes)[[e.label for e in train]]), tmp)
+
+        made_once(path, fit)
         return cls(encoder, joblib.load(path), device, model)
 
     def predict(self, texts: list[str]) -> np.ndarray:

@@ -52,3 +52,29 @@ def test_derived_seeds_are_stable_distinct_and_valid():
     assert derive_seed(0, 1, 0) != derive_seed(0, 0, 1)
     with pytest.raises(DilmError, match="seed must be >= 0"):
         derive_seed(-1, "pool")
+
+
+def test_made_once_writes_a_missing_file_once_and_leaves_nothing_when_writing_fails(tmp_path):
+    """``made_once``: the writer runs only while the file is missing; a writer that fails leaves no file behind (the
+    next call writes it)."""
+    import pytest
+
+    from dilm.files import made_once
+
+    calls = []
+
+    def write(tmp):
+        calls.append(tmp)
+        tmp.write_text("features")
+
+    path = tmp_path / "cache" / "x.pt"
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        made_once(path, fails)
+    assert not path.exists() and [p.name for p in path.parent.iterdir()] == ["x.lock"]
+    assert made_once(path, write) == path and path.read_text() == "features"
+    assert made_once(path, write) == path and len(calls) == 1

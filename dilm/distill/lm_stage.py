@@ -26,8 +26,8 @@ import dilm
 from dilm.distill.checkpoint import State, lm_checkpoint_key, write_lm_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.distill.context import Callback, RunContext, split_train
+from dilm.files import file_lock
 from dilm.generator import TokenizedCorpus, lm_loss, resolve_template
-from dilm.models import _file_lock as file_lock
 from dilm.probe import task_fingerprint
 from dilm.tasks import TaskData, load_task
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,13 +157,7 @@ def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: lis
                 seeds: list[int]) -> dict[int, list[SynSet]]:
     """{dpc: one set per element of ``candidates`` (a set's per-class candidates)}, selected as the config says."""
     how = Selection.of(ctx.cfg)
-    means = real_means(ctx, how.pooling) if how.method == "herding-real" else None
-    out: dict[int, list[SynSet]] = {d: [] for d in dpcs}
-    for cands, seed in tqdm(list(zip(candidates, seeds)), desc="select", disable=len(candidates) < 2):
-        prepared = prepare(ctx, cands, how, max(dpcs))  # once per set, shared by every DPC
-        for d in dpcs:
-            out[d].append(select(prepared, d, seed, ctx.task.label_names, how, means))
-    return out
+    return choose(ctx, how, (prepare(ctx, cands, how, max(dpcs)) for cands in candidates), dpcs, seeds)
 
 
 def select_from_pool(ctx: RunContext, pool: list[list[Sample]], dpcs: list[int],
@@ -170,13 +165,18 @@ def select_from_pool(ctx: RunContext, pool: list[list[Sample]], dpcs: list[int],
     """{dpc: one set per seed}, each selected from the seed's random half of the one shared ``pool`` (per class
     candidates, prepared once: features, probe and copy flags are computed for the pool, not per set)."""
     how = Selection.of(ctx.cfg)
+    prepared, sizes = prepare(ctx, pool, how, max(dpcs)), [len(cand) for cand in pool]
+    return choose(ctx, how, (subset(prepared, half_rows(sizes, max(dpcs), seed)) for seed in seeds), dpcs, seeds)
+
+
+def choose(ctx: RunContext, how: Selection, prepared: Iterable[Candidates], dpcs: list[int],
+           seeds: list[int]) -> dict[int, list[SynSet]]:
+    """{dpc: one set per (prepared candidates, seed) pair}: every DPC selects from the same candidates."""
     means = real_means(ctx, how.pooling) if how.method == "herding-real" else None
-    prepared = prepare(ctx, pool, how, max(dpcs))
     out: dict[int, list[SynSet]] = {d: [] for d in dpcs}
-    for seed in tqdm(seeds, desc="select", disable=len(seeds) < 2):
-        half = subset(prepared, half_rows([len(c) for c in pool], max(dpcs), seed))
+    for cands, seed in tqdm(zip(prepared, seeds), total=len(seeds), desc="select", disable=len(seeds) < 2):
         for d in dpcs:
-            out[d].append(select(half, d, seed, ctx.task.label_names, how, means))
+            out[d].append(select(cands, d, seed, ctx.task.label_names, how, means))
     return out
 
 
