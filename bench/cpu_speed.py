@@ -1,5 +1,5 @@
-"""CPU speed of the generator's sampling and LM step (and of a probe evaluation), against plain Hugging Face, in
-one run on the packaged smollm2-135m (or an LM-stage checkpoint of it: ``--generator``) and minilm-l6.
+"""CPU speed of the generator's sampling, LM step and matching step (and of a probe evaluation), against plain
+Hugging Face, in one run on the packaged smollm2-135m (or an LM-stage checkpoint of it: ``--generator``) and minilm-l6.
 
     python bench/cpu_speed.py --quick --json out.json     # a few minutes on 2 cores
     python bench/cpu_speed.py --compile                   # more rows and repetitions, plus the compiled sampler
@@ -17,6 +17,9 @@ every figure is printed with its ratio to the block's baseline, and the block's 
 * LM step (steps/s; the demo's batch of 8 SST-2 examples, AdamW, clipping as the LM stage): a padded batch through
   the model's own loss, fp32, one thread → ``lm_loss`` (packed) and/or :func:`dilm.models.cpu_threads` threads;
   and, as a proposal for the LM stage, the same with a fused AdamW (one pass over the weights, not several);
+* matching step (steps/s; the demo's 8 real and 4 synthetic texts a class, the generator's backward and AdamW step
+  included): the head's gradients by ``torch.autograd.grad(create_graph=True)`` through the whole learner, fp32,
+  one thread → :func:`dilm.matching.class_gradient` at one thread and at :func:`dilm.models.cpu_threads` threads;
 * probe evaluation (evaluations/s of ``minilm-probe`` on a 20-text set, test embeddings cached): one thread →
   :func:`dilm.models.cpu_threads` threads.
 
@@ -42,11 +45,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dilm.generator import TokenizedCorpus, lm_loss, make_sampler, prompt, resolve_template
-from dilm.models import cpu_has_bf16, cpu_threads, inference_dtype, load_model, load_tokenizer
+from dilm.generator import (
+    Sample,
+    TokenizedCorpus,
+    generation_loss,
+    lm_loss,
+    make_sampler,
+    pad_samples,
+    prompt,
+    resolve_template,
+)
+from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
+from dilm.models import cpu_has_bf16, cpu_threads, head_param_names, inference_dtype, load_model, load_tokenizer
 from dilm.probe import fit_logreg, predict, sentence_embeddings
 from dilm.sampling import Sampler, bf16_params_copy
 from dilm.tasks import length_limit, load_task
+from dilm.text import encode
 
 CPU = torch.device("cpu")
 
@@ -151,6 +165,66 @@ def lm_block(a, tok, names, template, task, threads: int) -> dict:
     return block("LM step", "steps_per_s", a.lm_steps, candidates, a.reps, {"dilm": f"packed fp32, {n}"})
 
 
+def matching_block(a, tok, names, template, task, threads: int) -> dict:
+    """One generator step of the matching stage at the demo's shape (``--real-per-class`` real and
+    ``--syn-per-class`` synthetic texts a class, SST-2 training texts rendered as generator samples), backward,
+    clipping and the generator's AdamW step included. Baseline: the head's gradients by ``torch.autograd.grad``
+    with ``create_graph`` through the whole learner (its body's parameters requiring grad), fp32, 1 thread → dilm's
+    :func:`dilm.matching.class_gradient` (``torch.func`` over the head; the body a constant; g_real without a
+    graph) at 1 thread and at ``threads``."""
+    gen = load_model("smollm2-135m", "causal-lm").train()
+    learner = load_model("minilm-l6", "classifier", len(names)).eval()
+    ltok = load_tokenizer("minilm-l6")
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-5)
+    rng = random.Random(0)
+    classes = []
+    for c, name in enumerate(names):
+        group = [e for e in task.train if e.label == c]
+        texts = [e.text for e in rng.sample(group, a.real_per_class + a.syn_per_class)]
+        head = tok(prompt(name, template), add_special_tokens=False)["input_ids"]
+        syn = [Sample(t, None, head + tok(" " + t, add_special_tokens=False)["input_ids"][:64] + [tok.eos_token_id],
+                      len(head)) for t in texts[a.real_per_class:]]
+        classes.append((c, pad_samples(syn, tok.pad_token_id, CPU), encode(ltok, texts[:a.real_per_class], 128, CPU),
+                        encode(ltok, [s.text for s in syn], 128, CPU)))
+    head_names = set(head_param_names(learner))
+    full = [p for k, p in learner.named_parameters() if k in head_names]
+    params = matched_params(learner)
+
+    def naive_loss(c, gen_batch, real, syn) -> torch.Tensor:
+        y_real = torch.full((len(real["input_ids"]),), c)
+        g_real = torch.autograd.grad(torch.nn.functional.cross_entropy(learner(**real).logits, y_real), full)
+        w = sample_weights(generation_loss(gen, *gen_batch, CPU), 1.0)
+        ce = torch.nn.functional.cross_entropy(learner(**syn).logits, torch.full((len(syn["input_ids"]),), c),
+                                               reduction="none")
+        g_syn = torch.autograd.grad((w * ce).sum(), full, create_graph=True)
+        return 1 - torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in g_real]),
+                                                         torch.cat([g.flatten() for g in g_syn]), dim=0)
+
+    def dilm_loss(c, gen_batch, real, syn) -> torch.Tensor:
+        with torch.no_grad():
+            g_real = class_gradient(learner, params, real, c)
+        w = sample_weights(generation_loss(gen, *gen_batch, CPU), 1.0)
+        return match_loss(g_real, class_gradient(learner, params, syn, c, weights=w))
+
+    def steps(loss_fn, rep: int) -> None:
+        for _ in range(a.match_steps):
+            opt.zero_grad(set_to_none=True)
+            for c, gen_batch, real, syn in classes:
+                (loss_fn(c, gen_batch, real, syn) / len(classes)).backward()
+            learner.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+            opt.step()
+
+    n = f"{threads} thread" + ("s" if threads > 1 else "")
+    candidates = {"autograd.grad, 1 thread": (1, functools.partial(steps, naive_loss)),
+                  "class_gradient, 1 thread": (1, functools.partial(steps, dilm_loss))}
+    if threads > 1:
+        candidates[f"class_gradient, {n}"] = (threads, functools.partial(steps, dilm_loss))
+    return block("matching step", "steps_per_s", a.match_steps, candidates, a.reps,
+                 {"dilm": f"class_gradient, {n}", "real_per_class": a.real_per_class,
+                  "syn_per_class": a.syn_per_class})
+
+
 def probe_block(a, task, threads: int) -> dict:
     encoder = load_model("minilm-l6", "base").eval()
     test = sentence_embeddings([e.text for e in task.test[:500]], "minilm-l6", CPU, encoder)
@@ -201,7 +275,7 @@ def quality_checks(a, gen, tok, names, template, task) -> dict:
 
 
 def report(out: dict) -> None:
-    for key in ("sampling", "lm_step", "probe"):
+    for key in ("sampling", "lm_step", "matching", "probe"):
         if key not in out:
             continue
         b = out[key]
@@ -233,7 +307,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the sampling block and of dilm's "
                                                            "candidates (0 = dilm.models.cpu_threads())")
-    p.add_argument("--blocks", default="sampling,lm,probe", help="which blocks to run (comma-separated)")
+    p.add_argument("--blocks", default="sampling,lm,matching,probe", help="which blocks to run (comma-separated)")
     p.add_argument("--generator", default="smollm2-135m", help="the sampling block's generator: smollm2-135m or an "
                                                              "LM-stage checkpoint of it (texts that end at EOS)")
     p.add_argument("--batch", type=int, default=64, help="generate's rows per call")
@@ -242,8 +316,11 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--top-p", type=float, default=0.6, help="the demo preset's")
     p.add_argument("--lm-batch", type=int, default=8, help="the demo preset's")
+    p.add_argument("--real-per-class", type=int, default=8, help="the matching block's real texts a class (the demo "
+                                                                  "preset's)")
+    p.add_argument("--syn-per-class", type=int, default=4, help="its synthetic texts a class (the demo preset's)")
     a = p.parse_args()
-    a.rows, a.reps, a.lm_steps, a.probe_evals = (128, 3, 2, 5) if a.quick else (512, 5, 4, 10)
+    a.rows, a.reps, a.lm_steps, a.match_steps, a.probe_evals = (128, 3, 2, 2, 5) if a.quick else (512, 5, 4, 4, 10)
     threads = a.threads or cpu_threads()
     blocks = a.blocks.split(",")
     torch.manual_seed(0)
@@ -258,6 +335,8 @@ def main() -> None:
         del gen
     if "lm" in blocks:
         out["lm_step"] = lm_block(a, tok, names, template, task, threads)
+    if "matching" in blocks:
+        out["matching"] = matching_block(a, tok, names, template, task, threads)
     if "probe" in blocks:
         out["probe"] = probe_block(a, task, threads)
     report(out)

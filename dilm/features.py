@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import torch
 from tqdm.auto import tqdm
 
 from dilm import DilmError
 from dilm.files import made_once
-from dilm.models import autocast, cache_dir, load_model, load_tokenizer, model_location, resolve_model
-
-CACHED_SOURCES = ("gguf-package", "dir-package")  # packaged models: a name stands for fixed weights
+from dilm.models import autocast, cache_dir, load_model, load_tokenizer, packaged_identity
 
 POOLINGS = ("mean", "cls")  # of last-layer states (:func:`pool`)
 EMBED_POOLINGS = (*POOLINGS, "pooler")  # embed() also reads the model's own [CLS] pooler
@@ -52,13 +49,10 @@ def feature_cache_path(texts: list[str], model_name: str, device, pooling: str, 
     """Where :func:`embed` keeps these texts' features: ``<cache dir>/features/<hash>.pt``, the hash of the texts,
     the model (its packaged files' place, size and time), pooling, length limit, device type and torch version; None
     for a model that is not packaged (a path or hub id may change under its name)."""
-    spec = resolve_model(model_name)
-    if spec.source not in CACHED_SOURCES:
+    model = packaged_identity(model_name)
+    if model is None:
         return None
-    where = model_location(model_name)
-    st = os.stat(where)
-    key = json.dumps([spec.name, where, st.st_size, st.st_mtime_ns, pooling, max_length, torch.device(device).type,
-                      torch.__version__, texts, pairs])
+    key = json.dumps([*model, pooling, max_length, torch.device(device).type, torch.__version__, texts, pairs])
     return cache_dir() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
 
 

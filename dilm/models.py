@@ -229,6 +229,21 @@ def model_location(name: str) -> str:
     return spec.location
 
 
+PACKAGED_SOURCES = ("gguf-package", "dir-package")  # packaged models: a name stands for fixed weights
+
+
+def packaged_identity(name: str) -> list | None:
+    """``[name, location, size, mtime]`` of a packaged model's files, for cache keys that must change when the
+    package does; None for a model whose name may stand for other weights (a path, a hub id, a tiny random model),
+    whose results are never cached."""
+    spec = resolve_model(name)
+    if spec.source not in PACKAGED_SOURCES:
+        return None
+    where = model_location(name)
+    st = os.stat(where)
+    return [spec.name, where, st.st_size, st.st_mtime_ns]
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer

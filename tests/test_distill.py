@@ -124,21 +124,25 @@ def test_callback_sees_lm_match_and_validation_metrics(smoke_run):
     assert result.timings["val_s"] > 0  # the cost of validation is measured and written to provenance
 
 
-def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
-    cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), fail_at_step=3)
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path, toy_task):
+    cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), outer_loops=3, fail_at_step=3)
     with pytest.raises(RuntimeError, match="injected failure"):
-        distill(cfg)
+        distill(cfg, task=toy_task)
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert state["stage"] == "match" and state["outer"] == 1
-    seen = []
-    resumed = DistillConfig.from_preset("smoke", output_dir=str(tmp_path))
-    distill(resumed, callback=seen.append)
-    steps = [m["step"] for m in seen if "match_loss" in m]
-    assert steps == [cfg.lm_steps + 3, cfg.lm_steps + 4]  # outer loop 2 only; LM stage not repeated
-    assert not any(m["stage"] == "lm" for m in seen)
+    seen, again = [], []
+    with pytest.raises(RuntimeError, match="injected failure"):  # resumed, then stopped again in outer loop 3
+        distill(dataclasses.replace(cfg, fail_at_step=5), callback=seen.append, task=toy_task)
     # the AdamW moments came back too: the optimiser counts every matching step, not just the resumed ones
     opt = torch.load(tmp_path / "checkpoint" / "weights.pt")["optimizer"]
-    assert {int(s["step"]) for s in opt["state"].values()} == {cfg.total_match_steps}
+    assert {int(s["step"]) for s in opt["state"].values()} == {4}
+    distill(dataclasses.replace(cfg, fail_at_step=-1), callback=again.append, task=toy_task)
+    for rows, loops in ((seen, (3, 4, 5)), (again, (5, 6))):  # from the last checkpoint; LM stage not repeated
+        assert [m["step"] for m in rows if "match_loss" in m] == [cfg.lm_steps + k for k in loops]
+        assert not any(m["stage"] == "lm" for m in rows)
+    # after the last outer loop the checkpoint holds the generator the final sets came from, and nothing else
+    last = torch.load(tmp_path / "checkpoint" / "weights.pt")
+    assert last["best"] is None and last["optimizer"] is None
 
 
 def test_cli_smoke_preset(tmp_path, capsys):
@@ -230,7 +234,7 @@ def test_pool_is_clustered_and_batches_take_one_member_of_every_cluster_in_turn(
     opt, sched = match_stage.match_optimizer(run)
     state = State(stage="match", step=cfg.lm_steps)
     for slot in range(4):
-        match_stage.generator_step(run, state, opt, sched, learner, rep_sets, recorded, run.corpus, slot)
+        match_stage.generator_step(run, state, opt, sched, learner, rep_sets, recorded, slot)
         state.step += 1
     assert rep_sets[0].read == [0, 1, 2, 0]  # in order, then around again
     for _, clusters, _ in recorded:
@@ -369,3 +373,39 @@ def test_a_shared_final_pool_is_sampled_once_for_every_set(tmp_path, toy_task):
         assert len(sets) == 3 and all(s.counts() == [dpc, dpc] for s in sets)
     texts = [tuple(sorted(e.text for e in read_set(p, ("negative", "positive")).examples)) for p in result.sets[3]]
     assert len(set(texts)) > 1  # the sets choose from different halves
+
+
+def test_step0_validation_is_computed_once_for_runs_that_differ_only_in_matching(tmp_path, monkeypatch, toy_task):
+    """From one LM checkpoint, the step-0 validation (the LM-only generator) of a config is kept on disk: a run that
+    differs only in matching keys reads it instead of validating again, and what it reads is what it would have
+    computed (same value, same final sets); a field the validation reads gives another entry."""
+    from dilm.distill import train_lm
+
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real_validate = match_stage.validate
+    monkeypatch.setattr(match_stage, "validate", lambda ctx, seed: calls.append(seed) or real_validate(ctx, seed))
+    base = DistillConfig.from_preset("smoke", learner="minilm-l6", probe="", label_filter="none", outer_loops=1,
+                                     output_dir=str(tmp_path / "lm-run"))
+    lm = str(train_lm(base, tmp_path / "lm", task=toy_task))
+
+    def run(name: str, **changes):
+        seen = []
+        result = distill(dataclasses.replace(base, lm_checkpoint=lm, output_dir=str(tmp_path / name), **changes),
+                         callback=seen.append, task=toy_task)
+        step0 = next(m["val_accuracy"] for m in seen if "val_accuracy" in m)
+        texts = [p.read_text() for paths in result.sets.values() for p in paths]
+        return step0, texts
+
+    entries = lambda: sorted((tmp_path / "cache" / "validation").glob("*.json"))  # noqa: E731
+    a = run("a")
+    assert len(calls) == 2 and len(entries()) == 1  # step 0 and after the outer loop
+    b = run("b", generator_lr=3e-4, temperature=0.5, inner_loop=3)
+    assert len(calls) == 3 and len(entries()) == 1 and b[0] == a[0]  # step 0 read: one validation, after the loop
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path / "empty"))
+    assert run("b-computed", generator_lr=3e-4, temperature=0.5, inner_loop=3) == b and len(calls) == 5
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
+    key = lambda **changes: match_stage.step0_cache_path(Distiller(  # noqa: E731
+        dataclasses.replace(base, **{"lm_checkpoint": lm, **changes}), task=toy_task))
+    assert key(generator_lr=3e-4, inner_loop=3, n_sets=5) == entries()[0]
+    assert key(val_steps=3) != entries()[0] and key(top_p=0.5) != entries()[0] and key(lm_checkpoint="") is None

@@ -11,6 +11,8 @@ helpers that turn examples or samples into learner inputs. The stages (:mod:`dil
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import random
 from collections.abc import Callable
 
@@ -20,10 +22,11 @@ from dilm.distill.checkpoint import State, load_lm_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.evaluate import Evaluator
 from dilm.features import embed, pool
+from dilm.files import made_once
 from dilm.generator import Sample, TokenizedCorpus, make_sampler, prompt, resolve_template, sample_classes
 from dilm.memorisation import CopyIndex, joined
-from dilm.models import autocast, load_model, load_tokenizer, pick_device, resolve_model
-from dilm.probe import LabelProbe
+from dilm.models import autocast, cache_dir, load_model, load_tokenizer, packaged_identity, pick_device, resolve_model
+from dilm.probe import LabelProbe, task_fingerprint
 from dilm.protocol import PROTOCOL, EvalConfig
 from dilm.sampling import Sampler
 from dilm.tasks import Example, TaskData, check_dpc, length_limit, load_task
@@ -99,13 +102,33 @@ class RunContext:
         """Token limits: the config's, or (0) the ``length_quantile`` of the training data's, at most
         ``length_cap``: ``max_length`` of a rendered example (prompt and EOS included) for the LM stage,
         ``max_new_tokens`` of what follows the prompt for sampling."""
-        cfg, tok = self.cfg, self.gen_tok
-        prompt_len = [len(tok(prompt(n, self.template), add_special_tokens=False)["input_ids"])
-                      for n in self.task.label_names]
-        rendered = [len(s) for s in self.full_corpus.sequences]
-        new = [n - prompt_len[e.label] for n, e in zip(rendered, self.train)]
-        return {"max_length": cfg.max_length or length_limit(rendered, cfg.length_quantile, cfg.length_cap),
-                "max_new_tokens": cfg.max_new_tokens or length_limit(new, cfg.length_quantile, cfg.length_cap)}
+        cfg = self.cfg
+        data = {} if cfg.max_length and cfg.max_new_tokens else self.data_limits()
+        return {"max_length": cfg.max_length or data["max_length"],
+                "max_new_tokens": cfg.max_new_tokens or data["max_new_tokens"]}
+
+    def data_limits(self) -> dict[str, int]:
+        """The limits the training data gives (``length_quantile``, ``length_cap``). Tokenising a whole training
+        split takes seconds (SST-2: 8 s a process), so with a packaged generator they are kept on disk
+        (``<cache dir>/limits/<hash>.json``: the generator's files, template, labels, the split's content, quantile
+        and cap) and every later trial reads them."""
+        cfg = self.cfg
+
+        def compute() -> dict[str, int]:
+            prompt_len = [len(self.gen_tok(prompt(n, self.template), add_special_tokens=False)["input_ids"])
+                          for n in self.task.label_names]
+            rendered = [len(s) for s in self.full_corpus.sequences]
+            new = [n - prompt_len[e.label] for n, e in zip(rendered, self.train)]
+            return {"max_length": length_limit(rendered, cfg.length_quantile, cfg.length_cap),
+                    "max_new_tokens": length_limit(new, cfg.length_quantile, cfg.length_cap)}
+
+        generator = packaged_identity(cfg.generator)
+        if generator is None:
+            return compute()
+        key = json.dumps([*generator, self.template, list(self.task.label_names), cfg.length_quantile,
+                          cfg.length_cap, task_fingerprint(self.train, self.task.label_names)])
+        path = cache_dir() / "limits" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        return json.loads(made_once(path, lambda tmp: tmp.write_text(json.dumps(compute()))).read_text())
 
     @functools.cached_property
     def corpus(self) -> TokenizedCorpus:

@@ -11,8 +11,11 @@ the weights carry the matching loss back to the generator (:mod:`dilm.matching`)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
+from pathlib import Path
 
 import torch
 from sklearn.cluster import KMeans
@@ -23,9 +26,10 @@ from dilm import DilmError
 from dilm.distill.checkpoint import State, save_checkpoint
 from dilm.distill.context import RunContext
 from dilm.distill.select import select_sets
-from dilm.generator import Sample, TokenizedCorpus, generation_loss, lm_loss, pad_samples
+from dilm.files import made_once
+from dilm.generator import Sample, generation_loss, lm_loss, pad_samples
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
-from dilm.models import autocast
+from dilm.models import autocast, cache_dir, packaged_identity
 from dilm.protocol import PROTOCOL, linear_warmup_decay
 from dilm.seeds import derive_seed
 from dilm.selection import kmeans_nearest
@@ -73,7 +77,7 @@ def regenerate_pool(ctx: RunContext, seed: int, learner) -> list[Pool]:
 
 
 def generator_step(ctx: RunContext, state: State, opt: torch.optim.Optimizer, sched: Schedule, learner,
-                   rep_sets: list[list[dict]], pools: list[Pool], corpus: TokenizedCorpus, slot: int) -> dict:
+                   rep_sets: list[list[dict]], pools: list[Pool], slot: int) -> dict:
     """One matching step over all classes; returns its metrics. The real batch is the next representative set
     (in order); the synthetic batch is member ``slot`` of every pool cluster (``slot`` counts the steps since
     the pool was generated, so members are used once each until a cluster runs out, then again from its
@@ -101,7 +105,8 @@ def generator_step(ctx: RunContext, state: State, opt: torch.optim.Optimizer, sc
         total += loss.item()
         sims.append(1 - loss.item() * c_n)
     if cfg.lm_lambda:
-        mix = cfg.lm_lambda * lm_loss(ctx.generator, corpus.batch(cfg.lm_batch_size, ctx.rng, ctx.device), ctx.device)
+        batch = ctx.corpus.batch(cfg.lm_batch_size, ctx.rng, ctx.device)  # the corpus is tokenised only if mixed
+        mix = cfg.lm_lambda * lm_loss(ctx.generator, batch, ctx.device)
         mix.backward()
     torch.nn.utils.clip_grad_norm_(ctx.generator.parameters(), 1.0)
     opt.step()
@@ -158,13 +163,50 @@ def validate(ctx: RunContext, seed: int) -> float:
     return acc
 
 
+# fields that the step-0 validation never reads: the matching stage's own, the final sets', bookkeeping
+NOT_READ_AT_STEP_0 = ("output_dir", "dpc", "n_sets", "final_pool", "outer_loops", "inner_loop",
+                      "model_step_per_inner_step", "generator_lr", "generator_weight_decay", "syn_per_class",
+                      "real_per_class", "n_rep_sets", "rep_pool_per_class", "pool_per_class", "generate_interval",
+                      "temperature", "gen_loss_norm", "lm_lambda", "all_layers", "learner_lr", "learner_batch_size",
+                      "val_interval", "checkpoint_interval", "fail_at_step")
+
+
+def step0_cache_path(ctx: RunContext) -> Path | None:
+    """Where the step-0 validation of this run is kept: ``<cache dir>/validation/<hash>.json``, the hash of the LM
+    checkpoint's weights file (place, size, time), the packaged learner and probe, and every config field the
+    validation reads. The generator at step 0 is the LM checkpoint's, so every trial of a sweep that differs only in
+    matching keys validates the same generator the same way (seeds and all): the first computes it, the others read
+    it. None (always computed) without an LM checkpoint or with a model that is not packaged."""
+    cfg = ctx.cfg
+    if not cfg.lm_checkpoint:
+        return None
+    weights = sorted(Path(cfg.lm_checkpoint).glob("*.safetensors")) or sorted(Path(cfg.lm_checkpoint).glob("*.bin"))
+    models = [packaged_identity(cfg.learner), packaged_identity(cfg.probe) if cfg.probe else []]
+    if not weights or None in models:
+        return None
+    files = [[str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in NOT_READ_AT_STEP_0}
+    key = json.dumps([files, models, fields, ctx.device.type, torch.__version__], sort_keys=True)
+    return cache_dir() / "validation" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def validate_step0(ctx: RunContext) -> float:
+    """:func:`validate` of the LM-only generator, read from / written to :func:`step0_cache_path` where it has one."""
+    path = step0_cache_path(ctx)
+    if path is None:
+        return validate(ctx, ctx.cfg.seed)
+    return json.loads(made_once(path, lambda tmp: tmp.write_text(json.dumps(validate(ctx, ctx.cfg.seed))))
+                      .read_text())
+
+
 def maybe_validate(ctx: RunContext, state: State, best_state: dict | None, seed: int) -> dict | None:
-    """Validate at matching step 0 (the LM-only generator) and every ``val_interval`` outer loops; returns the
-    best generator's weights so far (so the kept generator is never worse on validation than the LM's)."""
+    """Validate at matching step 0 (the LM-only generator: :func:`validate_step0`) and every ``val_interval`` outer
+    loops; returns the best generator's weights so far (so the kept generator is never worse on validation than the
+    LM's)."""
     cfg = ctx.cfg
     if not cfg.val_interval or state.outer % cfg.val_interval:
         return best_state
-    acc = validate(ctx, seed)
+    acc = validate_step0(ctx) if state.outer == 0 and state.step == cfg.lm_steps else validate(ctx, seed)
     if state.best_val is None or acc > state.best_val:
         state.best_val = acc
         best_state = {k: v.detach().to("cpu", copy=True) for k, v in ctx.generator.state_dict().items()}
@@ -174,7 +216,9 @@ def maybe_validate(ctx: RunContext, state: State, best_state: dict | None, seed:
 
 def match(ctx: RunContext, state: State, best_state: dict | None, opt_state: dict | None = None) -> dict | None:
     """Run (or resume, from ``state`` and the optimiser's ``opt_state``) the matching stage; returns the weights of
-    the best-validated generator (None without validation). Checkpoints every ``checkpoint_interval`` outer loops."""
+    the best-validated generator (None without validation, or when the generator already holds them). Checkpoints
+    every ``checkpoint_interval`` outer loops; after the last, the generator holds the best-validated weights and
+    the checkpoint keeps only them (a quarter of the bytes: no second copy, no optimiser moments)."""
     cfg = ctx.cfg
     if cfg.outer_loops == 0:  # the vanilla-LM ablation: no representative sets to build
         state.stage = "select"
@@ -202,7 +246,7 @@ def match(ctx: RunContext, state: State, best_state: dict | None, opt_state: dic
             if state.step - cfg.lm_steps == cfg.fail_at_step:
                 raise RuntimeError(f"injected failure at matching step {cfg.fail_at_step}")
             slot = (outer - born) * cfg.inner_loop + inner
-            metrics = generator_step(ctx, state, opt, sched, learner, rep_sets, pools, ctx.corpus, slot)
+            metrics = generator_step(ctx, state, opt, sched, learner, rep_sets, pools, slot)
             state.step += 1
             ctx.emit(state, stage="match", **metrics)
             if inner < cfg.inner_loop - 1:  # none after the last generator step of the outer loop
@@ -211,7 +255,10 @@ def match(ctx: RunContext, state: State, best_state: dict | None, opt_state: dic
         best_state = maybe_validate(ctx, state, best_state, cfg.seed + outer)
         if state.best_val is not None:
             bar.set_postfix(best_val=f"{state.best_val:.1f}")
-        if state.outer % cfg.checkpoint_interval == 0:
-            save_checkpoint(cfg, ctx.generator, state, best_state, opt)
+        if state.outer == cfg.outer_loops and best_state is not None:  # the last: keep only what selection reads
+            ctx.generator.load_state_dict(best_state)
+            best_state = None
+        if state.outer % cfg.checkpoint_interval == 0:  # the last one has no optimiser: no step follows it
+            save_checkpoint(cfg, ctx.generator, state, best_state, opt if state.outer < cfg.outer_loops else None)
     state.stage = "select"
     return best_state
