@@ -409,3 +409,35 @@ def test_step0_validation_is_computed_once_for_runs_that_differ_only_in_matching
         dataclasses.replace(base, **{"lm_checkpoint": lm, **changes}), task=toy_task))
     assert key(generator_lr=3e-4, inner_loop=3, n_sets=5) == entries()[0]
     assert key(val_steps=3) != entries()[0] and key(top_p=0.5) != entries()[0] and key(lm_checkpoint="") is None
+
+
+def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, monkeypatch, toy_task):
+    """The vanilla-LM run (outer_loops 0) and a matched run that kept the step-0 generator sample the same final
+    candidates: the first samples them, the second reads them (same sets); a run whose matching validated higher
+    samples its own."""
+    from dilm.distill import train_lm
+    from dilm.distill.context import RunContext
+    from dilm.seeds import derive_seed
+
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
+    base = DistillConfig.from_preset("smoke", probe="", label_filter="none", outer_loops=1,
+                                     output_dir=str(tmp_path / "lm-run"))
+    lm = str(train_lm(base, tmp_path / "lm", task=toy_task))
+    final_seed = derive_seed(base.seed, "final candidates")
+    finals = []
+    real_sample = RunContext.sample
+    monkeypatch.setattr(RunContext, "sample", lambda self, counts, seed, names=None: (
+        finals.append(seed) if seed == final_seed else None) or real_sample(self, counts, seed, names))
+
+    def run(name: str, accuracies: list[float], **changes) -> list[str]:
+        left = iter(accuracies)
+        monkeypatch.setattr(match_stage, "validate", lambda ctx, seed: next(left))
+        result = distill(dataclasses.replace(base, lm_checkpoint=lm, output_dir=str(tmp_path / name), **changes),
+                         task=toy_task)
+        return [p.read_text() for paths in result.sets.values() for p in paths]
+
+    vanilla = run("vanilla", [], outer_loops=0)
+    assert len(finals) == 1 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 1
+    assert run("kept-step-0", [50.0, 50.0]) == vanilla and len(finals) == 1  # read, not sampled
+    run("matched", [50.0, 60.0])
+    assert len(finals) == 2 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 1

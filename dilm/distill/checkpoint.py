@@ -31,6 +31,7 @@ class State:
     step: int = 0  # global step: lm steps, then matching steps continue the count
     outer: int = 0  # completed outer loops
     best_val: float | None = None
+    best_step: int | None = None  # the step of the best validation (lm_steps: the LM-only generator was kept)
     history: list[dict] = field(default_factory=list)
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -162,6 +163,22 @@ class RunContext:
             return None
         model = self.feature_model if cfg.probe == cfg.learner else load_model(cfg.probe, "base", device=self.device)
         return LabelProbe.for_task(self.task, cfg.probe, self.device, model, cfg.probe_examples)
+
+    def lm_only_cache_path(self, kind: str, fields: dict) -> Path | None:
+        """Where a result of the LM-only generator (the LM checkpoint's weights, before any matching step) is kept:
+        ``<cache dir>/<kind>/<hash>.json``, the hash of the checkpoint's weights files (place, size, time), device
+        type, torch version and ``fields`` (every input of the result other than the weights). Such a result is the
+        same for every run that starts from the checkpoint with those fields, whatever its matching keys. None
+        without an LM checkpoint."""
+        if not self.cfg.lm_checkpoint:
+            return None
+        folder = Path(self.cfg.lm_checkpoint)
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        if not weights:
+            return None
+        files = [[str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
+        key = json.dumps([files, self.device.type, torch.__version__, fields], sort_keys=True, default=str)
+        return cache_dir() / kind / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
     def log_agreement(self, state: State, name: str, by_class: list[list]) -> None:
         """``name`` = % of texts the probe assigns to the class they were generated for (``by_class[c]``)."""

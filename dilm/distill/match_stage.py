@@ -11,7 +11,6 @@ the weights carry the matching loss back to the generator (:mod:`dilm.matching`)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -29,7 +28,7 @@ from dilm.distill.select import select_sets
 from dilm.files import made_once
 from dilm.generator import Sample, generation_loss, lm_loss, pad_samples
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
-from dilm.models import autocast, cache_dir, packaged_identity
+from dilm.models import autocast, packaged_identity
 from dilm.protocol import PROTOCOL, linear_warmup_decay
 from dilm.seeds import derive_seed
 from dilm.selection import kmeans_nearest
@@ -172,22 +171,17 @@ NOT_READ_AT_STEP_0 = ("output_dir", "dpc", "n_sets", "final_pool", "outer_loops"
 
 
 def step0_cache_path(ctx: RunContext) -> Path | None:
-    """Where the step-0 validation of this run is kept: ``<cache dir>/validation/<hash>.json``, the hash of the LM
-    checkpoint's weights file (place, size, time), the packaged learner and probe, and every config field the
-    validation reads. The generator at step 0 is the LM checkpoint's, so every trial of a sweep that differs only in
-    matching keys validates the same generator the same way (seeds and all): the first computes it, the others read
-    it. None (always computed) without an LM checkpoint or with a model that is not packaged."""
+    """Where the step-0 validation of this run is kept (:meth:`RunContext.lm_only_cache_path`, ``validation``): the
+    generator at step 0 is the LM checkpoint's, so every trial of a sweep that differs only in matching keys
+    validates the same generator the same way (seeds and all): the first computes it, the others read it. The key
+    holds the packaged learner and probe and every config field the validation reads (all but
+    ``NOT_READ_AT_STEP_0``). None (always computed) without an LM checkpoint or with a model that is not packaged."""
     cfg = ctx.cfg
-    if not cfg.lm_checkpoint:
-        return None
-    weights = sorted(Path(cfg.lm_checkpoint).glob("*.safetensors")) or sorted(Path(cfg.lm_checkpoint).glob("*.bin"))
     models = [packaged_identity(cfg.learner), packaged_identity(cfg.probe) if cfg.probe else []]
-    if not weights or None in models:
+    if None in models:
         return None
-    files = [[str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
     fields = {k: v for k, v in cfg.to_dict().items() if k not in NOT_READ_AT_STEP_0}
-    key = json.dumps([files, models, fields, ctx.device.type, torch.__version__], sort_keys=True)
-    return cache_dir() / "validation" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    return ctx.lm_only_cache_path("validation", {"models": models, "config": fields})
 
 
 def validate_step0(ctx: RunContext) -> float:
@@ -208,7 +202,7 @@ def maybe_validate(ctx: RunContext, state: State, best_state: dict | None, seed:
         return best_state
     acc = validate_step0(ctx) if state.outer == 0 and state.step == cfg.lm_steps else validate(ctx, seed)
     if state.best_val is None or acc > state.best_val:
-        state.best_val = acc
+        state.best_val, state.best_step = acc, state.step
         best_state = {k: v.detach().to("cpu", copy=True) for k, v in ctx.generator.state_dict().items()}
     ctx.emit(state, stage="match", val_accuracy=acc, best_val_accuracy=state.best_val)
     return best_state

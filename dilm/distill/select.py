@@ -17,6 +17,7 @@ their copies of training and test texts (:mod:`dilm.memorisation`), emitted as `
 
 from __future__ import annotations
 
+import json
 import random
 import weakref
 from collections.abc import Iterable
@@ -32,8 +33,10 @@ from dilm.distill.checkpoint import State
 from dilm.distill.config import DistillConfig
 from dilm.distill.context import RunContext
 from dilm.features import embed
+from dilm.files import made_once
 from dilm.generator import Sample
 from dilm.memorisation import CopyIndex, copied, joined, memorisation_report
+from dilm.models import inference_dtype
 from dilm.seeds import derive_seed
 from dilm.selection import label_filter, originals_first, select_rows
 from dilm.synset import SynExample, SynSet, write_set
@@ -192,6 +195,30 @@ def log_copies(ctx: RunContext, state: State, sets: dict[int, list[SynSet]]) -> 
     return reports
 
 
+def final_candidates(ctx: RunContext, state: State, counts: list[int], names: list[str]) -> list[list[Sample]]:
+    """The final sets' candidates: ``counts[i]`` samples of class ``names[i]``, all in one sampling call (large
+    batches; duplicates are removed within a set, not across sets). When the generator is the LM checkpoint's
+    (``outer_loops`` 0, or matching never validated above step 0) they are kept on disk
+    (:meth:`RunContext.lm_only_cache_path`, ``candidates``; the key holds everything sampling reads): the
+    vanilla-LM baseline of a sweep and its trials that kept the LM-only generator sample them once."""
+    cfg = ctx.cfg
+    seed = derive_seed(cfg.seed, "final candidates")
+    lm_only = cfg.outer_loops == 0 or (state.best_step is not None and state.best_step == cfg.lm_steps)
+    path = ctx.lm_only_cache_path("candidates", {
+        "counts": counts, "names": names, "seed": seed, "generator": cfg.generator, "template": ctx.template,
+        "limits": ctx.limits, "top_p": cfg.top_p, "batch": cfg.gen_batch_size, "sampler": cfg.sampler,
+        "drop_unfinished": cfg.drop_unfinished, "is_pair": ctx.task.is_pair,
+        "precision": str(inference_dtype(ctx.device))}) if lm_only else None
+    if path is None:
+        return ctx.sample(counts, seed, names)
+
+    def write(tmp: Path) -> None:
+        drawn = ctx.sample(counts, seed, names)
+        tmp.write_text(json.dumps([[[s.text, s.text_pair, s.ids, s.prompt_len] for s in group] for group in drawn]))
+
+    return [[Sample(*row) for row in group] for group in json.loads(made_once(path, write).read_text())]
+
+
 def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], dict[int, dict]]:
     """``n_sets`` sets per DPC → ({dpc: set paths}, {dpc: memorisation report}). ``final_pool`` per_set: every DPC of
     set k selects from set k's over_sample × (largest DPC) candidates per class, the candidates of all sets sampled
@@ -203,8 +230,7 @@ def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], di
     per_set = cfg.over_sample * cfg.dpc[-1]
     c, seeds = ctx.task.num_classes, [derive_seed(cfg.seed, "final set", k) for k in range(cfg.n_sets)]
     draws = 1 if cfg.final_pool == "shared" else cfg.n_sets
-    # one sampling call for every (set, class): duplicates are removed within a set, not across sets
-    pooled = ctx.sample([per_set] * (c * draws), derive_seed(cfg.seed, "final candidates"), list(names) * draws)
+    pooled = final_candidates(ctx, state, [per_set] * (c * draws), list(names) * draws)
     if cfg.final_pool == "shared":
         sets = select_from_pool(ctx, pooled, list(cfg.dpc), seeds)
     else:
