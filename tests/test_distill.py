@@ -441,3 +441,25 @@ def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, mo
     assert run("kept-step-0", [50.0, 50.0]) == vanilla and len(finals) == 1  # read, not sampled
     run("matched", [50.0, 60.0])
     assert len(finals) == 2 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 1
+
+
+def test_token_limits_of_a_packaged_generator_are_kept_on_disk(tmp_path, monkeypatch, toy_task):
+    """The data's token limits need the whole training split tokenised (8 s a process on SST-2): with a packaged
+    generator a second run reads them, and another quantile or cap gives another entry."""
+    from dilm.distill import context
+    from dilm.generator import TokenizedCorpus
+
+    # the limits' own cache dir (DILM_CACHE would also move the de-quantized SmolLM2: half a minute to rebuild)
+    monkeypatch.setattr(context, "cache_dir", lambda: tmp_path / "cache")
+    cfg = DistillConfig.from_preset("smoke", generator="smollm2-135m", output_dir=str(tmp_path / "o"))
+    first = Distiller(cfg, task=toy_task).limits
+    entries = list((tmp_path / "cache" / "limits").glob("*.json"))
+    assert len(entries) == 1 and first["max_new_tokens"] < first["max_length"] <= cfg.length_cap
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("the training split was tokenised again")
+
+    monkeypatch.setattr(TokenizedCorpus, "build", no_tokenising)
+    assert Distiller(cfg, task=toy_task).limits == first  # read from disk
+    with pytest.raises(AssertionError, match="tokenised again"):
+        Distiller(dataclasses.replace(cfg, length_quantile=0.5), task=toy_task).data_limits()
