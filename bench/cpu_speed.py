@@ -4,6 +4,7 @@ Hugging Face, in one run on the packaged smollm2-135m (or an LM-stage checkpoint
     python bench/cpu_speed.py --quick --json out.json     # a few minutes on 2 cores
     python bench/cpu_speed.py --compile                   # more rows and repetitions, plus the compiled sampler
     python bench/cpu_speed.py --quick --generator runs/x/lm   # sampling from a fine-tuned generator
+    python bench/cpu_speed.py --quick --blocks sampling --modes dynamic,static,compiled   # every decode mode
 
 Each block times its baseline and candidates in interleaved repetitions (baseline, candidate 1, candidate 2, …,
 baseline, …) and takes medians, so the load of other processes on a shared machine falls on all of them alike;
@@ -120,7 +121,8 @@ def sampling_block(a, gen, tok, names, template, threads: int) -> dict:
                          pad_token_id=tok.pad_token_id)
 
     candidates, warmup = {"generate fp32": (threads, hf_generate)}, {}
-    modes = ("dynamic",) + (() if a.quick else ("static",)) + (("compiled",) if a.compile else ())
+    modes = tuple(a.modes.split(",")) if a.modes else (
+        ("dynamic",) + (() if a.quick else ("static",)) + (("compiled",) if a.compile else ()))
     precisions = ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
     runs = [(m, p) for p in precisions for m in modes] + ([("dynamic", "bf16")] if a.bf16 and not cpu_has_bf16()
                                                          else [])
@@ -302,6 +304,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="128 rows, 3 repetitions, the dynamic sampler only, 2 LM "
                                                          "steps each: a few minutes")
     p.add_argument("--compile", action="store_true", help="also the compiled sampler (minutes of compilation a shape)")
+    p.add_argument("--modes", default="", help="the sampler's decode modes to time, comma-separated (default: dynamic; "
+                                               "static too unless --quick; compiled with --compile)")
     p.add_argument("--bf16", action="store_true", help="also the dynamic bf16 sampler where bf16 is emulated "
                                                         "(no native bf16; slow)")
     p.add_argument("--json", default=None, help="write the figures here")
