@@ -2,7 +2,8 @@
 
 * **run checkpoint** — ``<output_dir>/checkpoint/``: ``state.json`` (:class:`State` and the run's
   ``DistillConfig.to_dict()``, checked on resume) and ``weights.pt`` (the generator, the best-validated generator
-  and the matching optimiser). Written atomically after the LM stage and every ``checkpoint_interval`` outer loops.
+  and the matching optimiser; after the last outer loop only the generator, which then holds the best-validated
+  weights). Written atomically after the LM stage and every ``checkpoint_interval`` outer loops.
 * **LM-stage checkpoint** — an ordinary Hugging Face folder (generator and tokenizer) with ``dilm_lm.json``
   (:data:`LM_META`): the cache key and what the generator was trained with, checked before a run starts from it.
 """
