@@ -8,7 +8,6 @@ on disk under the cache dir, so every trial, baseline and evaluation actor after
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import torch
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 
 from dilm import DilmError
 from dilm.files import made_once
-from dilm.models import autocast, cache_dir, load_model, load_tokenizer, packaged_identity
+from dilm.models import autocast, keyed_cache_path, load_model, load_tokenizer, packaged_identity
 
 POOLINGS = ("mean", "cls")  # of last-layer states (:func:`pool`)
 EMBED_POOLINGS = (*POOLINGS, "pooler")  # embed() also reads the model's own [CLS] pooler
@@ -53,7 +52,7 @@ def feature_cache_path(texts: list[str], model_name: str, device, pooling: str, 
     if model is None:
         return None
     key = json.dumps([*model, pooling, max_length, torch.device(device).type, torch.__version__, texts, pairs])
-    return cache_dir() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+    return keyed_cache_path("features", key, ".pt")
 
 
 def _embed(texts, model_name, device, pooling, batch_size, max_length, model, progress, pairs) -> torch.Tensor:

@@ -51,6 +51,11 @@ def made_once(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def json_made_once(path: str | Path, compute: Callable[[], object]):
+    """The JSON value kept at ``path``: ``compute()``'s, written once (:func:`made_once`), read back by every caller."""
+    return json.loads(made_once(path, lambda tmp: Path(tmp).write_text(json.dumps(compute()))).read_text())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

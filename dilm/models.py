@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,12 @@ def autocast(device: torch.device):
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DILM_CACHE", Path.home() / ".cache" / "dilm"))
+
+
+def keyed_cache_path(kind: str, key: str, suffix: str = ".json") -> Path:
+    """``<cache dir>/<kind>/<hash><suffix>``: where a cached result lives, named by the hash of ``key`` (everything
+    the result comes from, serialised)."""
+    return cache_dir() / kind / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}{suffix}"
 
 
 def _looks_like_path(name: str) -> bool:

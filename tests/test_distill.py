@@ -446,11 +446,14 @@ def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, mo
 def test_token_limits_of_a_packaged_generator_are_kept_on_disk(tmp_path, monkeypatch, toy_task):
     """The data's token limits need the whole training split tokenised (8 s a process on SST-2): with a packaged
     generator a second run reads them, and another quantile or cap gives another entry."""
-    from dilm.distill import context
     from dilm.generator import TokenizedCorpus
+    from dilm.models import smollm2_dir
 
-    # the limits' own cache dir (DILM_CACHE would also move the de-quantized SmolLM2: half a minute to rebuild)
-    monkeypatch.setattr(context, "cache_dir", lambda: tmp_path / "cache")
+    # an empty cache dir, but for the de-quantized SmolLM2 (half a minute to rebuild), linked in
+    dequantized = smollm2_dir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / dequantized.name).symlink_to(dequantized)
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
     cfg = DistillConfig.from_preset("smoke", generator="smollm2-135m", output_dir=str(tmp_path / "o"))
     first = Distiller(cfg, task=toy_task).limits
     entries = list((tmp_path / "cache" / "limits").glob("*.json"))

@@ -11,7 +11,6 @@ helpers that turn examples or samples into learner inputs. The stages (:mod:`dil
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -23,10 +22,18 @@ from dilm.distill.checkpoint import State, load_lm_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.evaluate import Evaluator
 from dilm.features import embed, pool
-from dilm.files import made_once
+from dilm.files import json_made_once
 from dilm.generator import Sample, TokenizedCorpus, make_sampler, prompt, resolve_template, sample_classes
 from dilm.memorisation import CopyIndex, joined
-from dilm.models import autocast, cache_dir, load_model, load_tokenizer, packaged_identity, pick_device, resolve_model
+from dilm.models import (
+    autocast,
+    keyed_cache_path,
+    load_model,
+    load_tokenizer,
+    packaged_identity,
+    pick_device,
+    resolve_model,
+)
 from dilm.probe import LabelProbe, task_fingerprint
 from dilm.protocol import PROTOCOL, EvalConfig
 from dilm.sampling import Sampler
@@ -128,8 +135,7 @@ class RunContext:
             return compute()
         key = json.dumps([*generator, self.template, list(self.task.label_names), cfg.length_quantile,
                           cfg.length_cap, task_fingerprint(self.train, self.task.label_names)])
-        path = cache_dir() / "limits" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-        return json.loads(made_once(path, lambda tmp: tmp.write_text(json.dumps(compute()))).read_text())
+        return json_made_once(keyed_cache_path("limits", key), compute)
 
     @functools.cached_property
     def corpus(self) -> TokenizedCorpus:
@@ -178,7 +184,7 @@ class RunContext:
             return None
         files = [[str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
         key = json.dumps([files, self.device.type, torch.__version__, fields], sort_keys=True, default=str)
-        return cache_dir() / kind / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        return keyed_cache_path(kind, key)
 
     def log_agreement(self, state: State, name: str, by_class: list[list]) -> None:
         """``name`` = % of texts the probe assigns to the class they were generated for (``by_class[c]``)."""

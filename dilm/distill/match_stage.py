@@ -11,7 +11,6 @@ the weights carry the matching loss back to the generator (:mod:`dilm.matching`)
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from dilm import DilmError
 from dilm.distill.checkpoint import State, save_checkpoint
 from dilm.distill.context import RunContext
 from dilm.distill.select import select_sets
-from dilm.files import made_once
+from dilm.files import json_made_once
 from dilm.generator import Sample, generation_loss, lm_loss, pad_samples
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import autocast, packaged_identity
@@ -189,8 +188,7 @@ def validate_step0(ctx: RunContext) -> float:
     path = step0_cache_path(ctx)
     if path is None:
         return validate(ctx, ctx.cfg.seed)
-    return json.loads(made_once(path, lambda tmp: tmp.write_text(json.dumps(validate(ctx, ctx.cfg.seed))))
-                      .read_text())
+    return json_made_once(path, lambda: validate(ctx, ctx.cfg.seed))
 
 
 def maybe_validate(ctx: RunContext, state: State, best_state: dict | None, seed: int) -> dict | None:
@@ -200,7 +198,7 @@ def maybe_validate(ctx: RunContext, state: State, best_state: dict | None, seed:
     cfg = ctx.cfg
     if not cfg.val_interval or state.outer % cfg.val_interval:
         return best_state
-    acc = validate_step0(ctx) if state.outer == 0 and state.step == cfg.lm_steps else validate(ctx, seed)
+    acc = validate_step0(ctx) if state.outer == 0 else validate(ctx, seed)
     if state.best_val is None or acc > state.best_val:
         state.best_val, state.best_step = acc, state.step
         best_state = {k: v.detach().to("cpu", copy=True) for k, v in ctx.generator.state_dict().items()}

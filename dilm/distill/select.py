@@ -17,7 +17,6 @@ their copies of training and test texts (:mod:`dilm.memorisation`), emitted as `
 
 from __future__ import annotations
 
-import json
 import random
 import weakref
 from collections.abc import Iterable
@@ -33,7 +32,7 @@ from dilm.distill.checkpoint import State
 from dilm.distill.config import DistillConfig
 from dilm.distill.context import RunContext
 from dilm.features import embed
-from dilm.files import made_once
+from dilm.files import json_made_once
 from dilm.generator import Sample
 from dilm.memorisation import CopyIndex, copied, joined, memorisation_report
 from dilm.models import inference_dtype
@@ -212,11 +211,11 @@ def final_candidates(ctx: RunContext, state: State, counts: list[int], names: li
     if path is None:
         return ctx.sample(counts, seed, names)
 
-    def write(tmp: Path) -> None:
+    def rows() -> list:
         drawn = ctx.sample(counts, seed, names)
-        tmp.write_text(json.dumps([[[s.text, s.text_pair, s.ids, s.prompt_len] for s in group] for group in drawn]))
+        return [[[s.text, s.text_pair, s.ids, s.prompt_len] for s in group] for group in drawn]
 
-    return [[Sample(*row) for row in group] for group in json.loads(made_once(path, write).read_text())]
+    return [[Sample(*row) for row in group] for group in json_made_once(path, rows)]
 
 
 def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], dict[int, dict]]:
