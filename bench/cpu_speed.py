@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from distill_speed import naive_match_loss  # bench/, beside this script
 
 from dilm.generator import (
     Sample,
@@ -57,7 +58,7 @@ from dilm.generator import (
     resolve_template,
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
-from dilm.models import cpu_has_bf16, cpu_threads, head_param_names, inference_dtype, load_model, load_tokenizer
+from dilm.models import cpu_has_bf16, cpu_threads, inference_dtype, load_model, load_tokenizer
 from dilm.probe import fit_logreg, predict, sentence_embeddings
 from dilm.sampling import Sampler, bf16_params_copy
 from dilm.tasks import length_limit, load_task
@@ -188,19 +189,10 @@ def matching_block(a, tok, names, template, task, threads: int) -> dict:
                       len(head)) for t in texts[a.real_per_class:]]
         classes.append((c, pad_samples(syn, tok.pad_token_id, CPU), encode(ltok, texts[:a.real_per_class], 128, CPU),
                         encode(ltok, [s.text for s in syn], 128, CPU)))
-    head_names = set(head_param_names(learner))
-    full = [p for k, p in learner.named_parameters() if k in head_names]
     params = matched_params(learner)
 
     def naive_loss(c, gen_batch, real, syn) -> torch.Tensor:
-        y_real = torch.full((len(real["input_ids"]),), c)
-        g_real = torch.autograd.grad(torch.nn.functional.cross_entropy(learner(**real).logits, y_real), full)
-        w = sample_weights(generation_loss(gen, *gen_batch, CPU), 1.0)
-        ce = torch.nn.functional.cross_entropy(learner(**syn).logits, torch.full((len(syn["input_ids"]),), c),
-                                               reduction="none")
-        g_syn = torch.autograd.grad((w * ce).sum(), full, create_graph=True)
-        return 1 - torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in g_real]),
-                                                         torch.cat([g.flatten() for g in g_syn]), dim=0)
+        return naive_match_loss(gen, learner, c, gen_batch, real, syn, CPU)
 
     def dilm_loss(c, gen_batch, real, syn) -> torch.Tensor:
         with torch.no_grad():

@@ -127,17 +127,8 @@ def matching_blocks(gen, gtok, learner_name, real_by_class, names, syn_per_class
     gen.train()
 
     def naive():
-        full = [p for k, p in learner.named_parameters() if k in head_param_names(learner)]
-        for c, (ids, am, tm), real, syn in per_class:
-            y_real = torch.full((len(real["input_ids"]),), c, device=device)
-            g_real = torch.autograd.grad(torch.nn.functional.cross_entropy(learner(**real).logits, y_real), full)
-            w = torch.softmax(-generation_loss(gen, ids, am, tm, device), 0)
-            y_syn = torch.full((len(syn["input_ids"]),), c, device=device)
-            ce = torch.nn.functional.cross_entropy(learner(**syn).logits, y_syn, reduction="none")
-            g_syn = torch.autograd.grad((w * ce).sum(), full, create_graph=True)
-            loss = 1 - torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in g_real]),
-                                                             torch.cat([g.flatten() for g in g_syn]), dim=0)
-            loss.backward()
+        for c, gen_batch, real, syn in per_class:
+            naive_match_loss(gen, learner, c, gen_batch, real, syn, device).backward()
         gen.zero_grad(set_to_none=True)
         learner.zero_grad(set_to_none=True)
 
@@ -160,6 +151,20 @@ def matching_blocks(gen, gtok, learner_name, real_by_class, names, syn_per_class
         gen.zero_grad(set_to_none=True)
 
     return timed(naive, reps, device), timed(before, reps, device), timed(ours, reps, device)
+
+
+def naive_match_loss(gen, learner, label: int, gen_batch: tuple, real: dict, syn: dict, device) -> torch.Tensor:
+    """The README baseline's matching loss of one class: the head's gradients by ``torch.autograd.grad`` through the
+    whole learner (``create_graph`` for the synthetic side), weights softmax(−generation loss), 1 − cosine."""
+    head = [p for k, p in learner.named_parameters() if k in head_param_names(learner)]
+    y_real = torch.full((len(real["input_ids"]),), label, device=device)
+    g_real = torch.autograd.grad(torch.nn.functional.cross_entropy(learner(**real).logits, y_real), head)
+    w = torch.softmax(-generation_loss(gen, *gen_batch, device), 0)
+    y_syn = torch.full((len(syn["input_ids"]),), label, device=device)
+    ce = torch.nn.functional.cross_entropy(learner(**syn).logits, y_syn, reduction="none")
+    g_syn = torch.autograd.grad((w * ce).sum(), head, create_graph=True)
+    return 1 - torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in g_real]),
+                                                     torch.cat([g.flatten() for g in g_syn]), dim=0)
 
 
 def previous_class_gradient(learner, params, inputs, label, weights=None):
