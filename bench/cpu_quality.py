@@ -3,6 +3,8 @@ reference's way and the new ways, beside random, k-centers and herding sets of r
 selection did and did not see (not run in CI).
 
     nice python bench/cpu_quality.py --out runs/cpu_quality                    # SmolLM2 + MiniLM, SST-2, DPC 5/10
+    python bench/cpu_quality.py --out runs/cq --dpc 5,10,20 --match-outer 4    # + DPC 20, the matched generator
+    python bench/cpu_quality.py --out runs/cq-ag --task ag_news --dpc 5 --sets 5 --candidates 100
     python bench/cpu_quality.py --out /tmp/cq --quick                          # tiny models, end to end in minutes
 
 Stages, in the order their cells are written (the JSON is rewritten after every cell, so a run cut short keeps
@@ -11,15 +13,22 @@ what it measured):
 1. **LM stage**, trained once (:func:`dilm.distill.train_lm`; the vanilla LM: no matching stage);
 2. **candidates**: per set k, ``--candidates`` texts per class sampled with set k's seed; every selection of set k
    reads the same candidates, so two selections differ only by how they choose (paired by set);
+   with ``--match-outer N``, the **matching stage** (:data:`MATCH`: N outer loops × 5 generator steps, head-only
+   gradient, no validation, so the matched generator is measured as it ends) runs from the same LM checkpoint
+   and its generator samples the same counts with the same seeds: ``match:<selection>`` is matching, paired
+   set by set with vanilla's ``<selection>``;
 3. **sets**: the selections of :data:`SELECTIONS` at every DPC; random and k-centers (``--sets`` seeded draws) and
    herding (deterministic: one set) of real data; label agreement and the memorisation report of each method;
+   with ``--soft``, ``<selection>+soft``: the same texts with soft labels learned by :class:`dilm.softlabel.
+   SoftLabeler` (its defaults);
 4. **judges** on every set: ``minilm-probe`` (MiniLM's feature space: the one the filter and herding work in),
    ``smollm2-probe`` (the frozen SmolLM2-135M's mean-pooled states: a space no selection saw) and TF-IDF; then the
    protocol's **fine-tuned MiniLM-L6** (200 steps, full test split) at ``--ft-dpc`` on ``--ft-methods``, one
    training seed per set per pass, in ``--workers`` one-thread processes.
 
-Named baselines: every method's difference to **random real** sets and to the reference's **k-means** selection of
-the same candidates, as the mean of paired differences (set k with set k) with a Student-t 95 % interval.
+Named baselines: every method's difference to **random real** sets, to the reference's **k-means** selection of
+the same candidates and to its twin (matching against the vanilla LM under the same selection; soft against hard
+labels on the same texts), as the mean of paired differences (set k with set k) with a Student-t 95 % interval.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ import torch
 
 from dilm.archs.finetune import finetune_ensemble
 from dilm.coreset import CoresetConfig, build_coresets
-from dilm.distill import DistillConfig, Distiller, train_lm
+from dilm.distill import DistillConfig, Distiller, State, train_lm
+from dilm.distill.match_stage import match
 from dilm.distill.select import Selection, prepare, real_means, select
 from dilm.evaluate import Evaluator
 from dilm.files import write_json
@@ -48,6 +58,7 @@ from dilm.memorisation import CopyIndex, memorisation_report
 from dilm.models import load_model
 from dilm.protocol import EvalConfig
 from dilm.seeds import derive_seed
+from dilm.softlabel import SoftLabelConfig, SoftLabeler
 from dilm.synset import SynSet
 from dilm.tasks import load_task
 
@@ -62,6 +73,11 @@ BASE = dict(  # the LM stage and the sampler
     generator="smollm2-135m", learner="minilm-l6", lm_steps=150, lm_lr=1e-4, lm_batch_size=8, max_length=48,
     prompt_template="task", val_interval=0, outer_loops=0, max_new_tokens=32, gen_batch_size=64,
     probe="minilm-l6", probe_examples=4000, top_p=0.6)
+LONG_TEXTS = dict(max_length=0, max_new_tokens=0, length_cap=96)  # tasks other than SST-2: limits from the data
+MATCH = dict(  # the matching stage at CPU scale (--match-outer N outer loops): the demo preset's shapes, more steps
+    inner_loop=5, model_step_per_inner_step=1, syn_per_class=4, real_per_class=8, rep_pool_per_class=1000,
+    learner_batch_size=16, val_interval=0, checkpoint_interval=1000)
+MATCHED = ("kmeans", "filter+herding")  # the selections the matched generator's candidates go through
 QUICK = dict(generator="tiny-llama", learner="tiny-bert", probe="tiny-bert", lm_steps=4, max_new_tokens=12,
              probe_examples=500)
 QUICK_JUDGES = ("tiny-bert-probe", "tiny-llama-probe", "tfidf-logreg")
@@ -80,6 +96,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ft-sets", type=int, default=5, help="sets per method the fine-tuned learner trains on")
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per set")
     p.add_argument("--ft-steps", type=int, default=200, help="fine-tuned learner steps (protocol: 200)")
+    p.add_argument("--match-outer", type=int, default=0,
+                   help="outer loops of the matching stage (x 5 generator steps); 0: no matching arm")
+    p.add_argument("--match-lr", type=float, default=3e-5, help="the matching stage's generator lr")
+    p.add_argument("--soft", default="filter+herding",
+                   help="comma-separated methods whose sets also get learned soft labels ('': none)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
     p.add_argument("--workers", type=int, default=2, help="fine-tuning processes (one torch thread each)")
     p.add_argument("--quick", action="store_true", help="tiny random models: " + json.dumps(QUICK))
@@ -136,9 +157,17 @@ def paired(cells: dict, judge: str, dpc: int, method: str, against: str) -> dict
     return paired_interval([x - y for x, y in zip(a["accuracies"][:n], b["accuracies"][:n])])
 
 
+def twin(method: str) -> str | None:
+    """What ``method`` differs from by one thing: the vanilla LM's candidates under the same selection
+    (``match:<s>`` → ``<s>``), the same texts with hard labels (``<m>+soft`` → ``<m>``)."""
+    if method.startswith("match:"):
+        return method.removeprefix("match:")
+    return method.removesuffix("+soft") if method.endswith("+soft") else None
+
+
 def table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -> str:
-    rows = ["| judge | DPC | method | accuracy (n) | − random [95 % CI] | − k-means [95 % CI] |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| judge | DPC | method | accuracy (n) | − random [95 % CI] | − k-means [95 % CI] | − twin [95 % CI] |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
 
     def ci(p: dict | None) -> str:
         return "" if p is None else f"{p['mean']:+.1f} [{p['lo']:+.1f}, {p['hi']:+.1f}]"
@@ -149,8 +178,10 @@ def table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -
                 c = cells.get(f"{judge}/dpc{d}/{m}")
                 if c:
                     vs = [ci(paired(cells, judge, d, m, base)) for base in ("random", "kmeans")]
+                    t = twin(m)
+                    vs.append(f"{ci(paired(cells, judge, d, m, t))} ({t})" if t else "")
                     rows.append(f"| {judge} | {d} | {m} | {c['mean']:.1f} ± {c['std']:.1f} ({c['n']}) | "
-                                f"{vs[0]} | {vs[1]} |")
+                                f"{' | '.join(vs)} |")
     return "\n".join(rows)
 
 
@@ -168,7 +199,7 @@ def main() -> int:
     dpcs = sorted(int(x) for x in args.dpc.split(","))
     judges = list(QUICK_JUDGES if args.quick else args.judges.split(","))
     cfg = DistillConfig(task=args.task, dpc=tuple(dpcs), n_sets=args.sets, output_dir=str(args.out / "run"),
-                        **{**BASE, **(QUICK if args.quick else {})})
+                        **{**BASE, **({} if args.task == "sst2" else LONG_TEXTS), **(QUICK if args.quick else {})})
     task = load_task(args.task)
     rec = Record(args.out / "cpu_quality.json", {
         "command": "python bench/cpu_quality.py " + " ".join(
@@ -184,37 +215,64 @@ def main() -> int:
 
     ctx = Distiller(DistillConfig(**{**cfg.to_dict(), "lm_checkpoint": str(lm), "dpc": tuple(dpcs)}), task=task)
     c = task.num_classes
-    t = time.perf_counter()
-    candidates = ctx.sample([args.candidates] * (c * args.sets), derive_seed(cfg.seed, "final candidates"),
-                            list(task.label_names) * args.sets)
-    per_set = [candidates[k * c: (k + 1) * c] for k in range(args.sets)]
-    n_samples = sum(map(len, candidates))
-    rec.cell("candidates", per_class=args.candidates, sets=args.sets, samples=n_samples,
-             seconds=time.perf_counter() - t, samples_per_s=n_samples / (time.perf_counter() - t),
-             label_agreement=100 * ctx.probe.agreement([sum(candidates[i::c], []) for i in range(c)]))
+
+    def candidates_of(gen: Distiller, cell: str) -> list[list[list]]:
+        """``--candidates`` per class for each set, with the same seeds whichever generator samples them."""
+        t = time.perf_counter()
+        got = gen.sample([args.candidates] * (c * args.sets), derive_seed(cfg.seed, "final candidates"),
+                         list(task.label_names) * args.sets)
+        n_samples = sum(map(len, got))
+        rec.cell(cell, per_class=args.candidates, sets=args.sets, samples=n_samples,
+                 seconds=time.perf_counter() - t, samples_per_s=n_samples / (time.perf_counter() - t),
+                 label_agreement=100 * gen.probe.agreement([sum(got[i::c], []) for i in range(c)]))
+        return [got[k * c: (k + 1) * c] for k in range(args.sets)]
+
+    arms = [("", ctx, candidates_of(ctx, "candidates"), list(SELECTIONS))]
+    if args.match_outer:
+        n = args.match_outer
+        mctx = Distiller(DistillConfig(**{
+            **cfg.to_dict(), **MATCH, "lm_checkpoint": str(lm), "dpc": tuple(dpcs),
+            "output_dir": str(args.out / "match"), "outer_loops": n, "generate_interval": n, "n_rep_sets": n,
+            "generator_lr": args.match_lr}), task=task)
+        state, t = State(stage="match", step=mctx.cfg.lm_steps), time.perf_counter()
+        match(mctx, state, None)
+        losses = [r["match_loss"] for r in state.history if "match_loss" in r]
+        rec.cell("matching", generator_steps=state.step - mctx.cfg.lm_steps, seconds=time.perf_counter() - t,
+                 generator_lr=args.match_lr, first_loss=losses[0] if losses else None,
+                 last_loss=losses[-1] if losses else None, history=state.history)
+        arms.append(("match:", mctx, candidates_of(mctx, "candidates/match"), list(MATCHED)))
 
     sets: dict[tuple[int, str], list[SynSet]] = {}
     train_index, test_index = CopyIndex(e.text for e in task.train), CopyIndex(e.text for e in task.test)
-    for name, how in SELECTIONS.items():
-        means = real_means(ctx, how.pooling) if how.method == "herding-real" else None
-        t = time.perf_counter()
-        prepared = [prepare(ctx, cands, how, dpcs[-1]) for cands in per_set]
-        for d in dpcs:
-            sets[d, name] = [select(p, d, derive_seed(cfg.seed, "final set", k), task.label_names, how, means)
-                             for k, p in enumerate(prepared)]
-        chosen = sets[dpcs[-1], name]
-        rec.cell(f"sets/{name}", seconds=time.perf_counter() - t,
-                 label_agreement=100 * ctx.probe.agreement([[e for s in chosen for e in s.examples if e.label == i]
-                                                            for i in range(c)]),
-                 memorisation=memorisation_report([e.text for s in chosen for e in s.examples], train_index,
-                                                  test_index),
-                 examples=[e.text for e in chosen[0].examples[:: max(1, dpcs[-1] // 2)]])
+    for prefix, gen, per_set, names in arms:
+        for sel in names:
+            how, name = SELECTIONS[sel], prefix + sel
+            means = real_means(gen, how.pooling) if how.method == "herding-real" else None
+            t = time.perf_counter()
+            prepared = [prepare(gen, cands, how, dpcs[-1]) for cands in per_set]
+            for d in dpcs:
+                sets[d, name] = [select(p, d, derive_seed(cfg.seed, "final set", k), task.label_names, how, means)
+                                 for k, p in enumerate(prepared)]
+            chosen = sets[dpcs[-1], name]
+            rec.cell(f"sets/{name}", seconds=time.perf_counter() - t,
+                     label_agreement=100 * gen.probe.agreement(
+                         [[e for s in chosen for e in s.examples if e.label == i] for i in range(c)]),
+                     memorisation=memorisation_report([e.text for s in chosen for e in s.examples], train_index,
+                                                      test_index),
+                     examples=[e.text for e in chosen[0].examples[:: max(1, dpcs[-1] // 2)]])
     for method in REAL:
         cs = CoresetConfig(method="herding" if method == "herding-real-data" else method, dpc=tuple(dpcs),
                            n_sets=args.sets, learner=cfg.learner, candidates_per_class=1000, seed=0, device="cpu")
         for d, got in build_coresets(task, cs, ctx.device).items():
             sets[d, method] = got
-    methods = list(SELECTIONS) + list(REAL)
+    soft = [m for m in args.soft.split(",") if m and (dpcs[0], m) in sets]
+    if soft:
+        labeler, t = SoftLabeler(task, SoftLabelConfig(), ctx.device), time.perf_counter()
+        for m in soft:
+            for d in dpcs:
+                sets[d, m + "+soft"] = [labeler(s) for s in sets[d, m]]
+        rec.cell("soft-labels", methods=soft, seconds=time.perf_counter() - t)
+    methods = list(dict.fromkeys(m for _, m in sets))
 
     for judge in judges:
         ev = Evaluator(task, EvalConfig(archs=(judge,), seeds=1, device="cpu", progress=False))
@@ -237,7 +295,8 @@ def main() -> int:
 
     cells = rec.data["cells"]
     rec.data["paired"] = {f"{j}/dpc{d}/{m}": {"vs_random": paired(cells, j, d, m, "random"),
-                                              "vs_kmeans": paired(cells, j, d, m, "kmeans")}
+                                              "vs_kmeans": paired(cells, j, d, m, "kmeans"),
+                                              "vs_twin": twin(m) and paired(cells, j, d, m, twin(m))}
                           for j in judges for d in dpcs for m in methods if f"{j}/dpc{d}/{m}" in cells}
     write_json(rec.path, rec.data)
     print(table(cells, judges, dpcs, methods))
