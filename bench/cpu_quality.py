@@ -92,7 +92,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=200, help="generated candidates per class per set")
     p.add_argument("--judges", default="minilm-probe,smollm2-probe,tfidf-logreg")
     p.add_argument("--ft-dpc", type=int, default=10, help="DPC the fine-tuned learner scores (0: none)")
-    p.add_argument("--ft-methods", default="random,kmeans,filter+herding,filter+herding-real")
+    p.add_argument("--ft-methods", default="random,kmeans,filter+herding,match:filter+herding,herding-real-data")
     p.add_argument("--ft-sets", type=int, default=5, help="sets per method the fine-tuned learner trains on")
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per set")
     p.add_argument("--ft-steps", type=int, default=200, help="fine-tuned learner steps (protocol: 200)")
@@ -103,6 +103,8 @@ def parse() -> argparse.Namespace:
                    help="comma-separated methods whose sets also get learned soft labels ('': none)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
     p.add_argument("--workers", type=int, default=2, help="fine-tuning processes (one torch thread each)")
+    p.add_argument("--report", action="store_true",
+                   help="only the paired differences and the table of --out's JSON (a run cut short)")
     p.add_argument("--quick", action="store_true", help="tiny random models: " + json.dumps(QUICK))
     return p.parse_args()
 
@@ -195,6 +197,10 @@ def git_revision() -> str:
 
 def main() -> int:
     args = parse()
+    if args.report:
+        path = args.out / "cpu_quality.json"
+        report(path, json.loads(path.read_text()))
+        return 0
     torch.set_num_threads(args.threads)
     dpcs = sorted(int(x) for x in args.dpc.split(","))
     judges = list(QUICK_JUDGES if args.quick else args.judges.split(","))
@@ -293,14 +299,22 @@ def main() -> int:
                 rec.cell(f"finetune/dpc{args.ft_dpc}/{m}", **summarise(accs[m]))
         judges.append("finetune")
 
-    cells = rec.data["cells"]
-    rec.data["paired"] = {f"{j}/dpc{d}/{m}": {"vs_random": paired(cells, j, d, m, "random"),
-                                              "vs_kmeans": paired(cells, j, d, m, "kmeans"),
-                                              "vs_twin": twin(m) and paired(cells, j, d, m, twin(m))}
-                          for j in judges for d in dpcs for m in methods if f"{j}/dpc{d}/{m}" in cells}
-    write_json(rec.path, rec.data)
-    print(table(cells, judges, dpcs, methods))
+    report(rec.path, rec.data)
     return 0
+
+
+def report(path: Path, data: dict) -> None:
+    """Paired differences of every cell written so far (into the JSON) and the table: the end of a run, or
+    ``--report`` on the JSON of a run cut short."""
+    cells, keys = data["cells"], [k.split("/") for k in data["cells"] if k.count("/") == 2]
+    judges, dpcs, methods = (list(dict.fromkeys(x)) for x in zip(*keys))
+    dpcs = sorted(int(d.removeprefix("dpc")) for d in dpcs)
+    data["paired"] = {f"{j}/dpc{d}/{m}": {"vs_random": paired(cells, j, d, m, "random"),
+                                          "vs_kmeans": paired(cells, j, d, m, "kmeans"),
+                                          "vs_twin": twin(m) and paired(cells, j, d, m, twin(m))}
+                      for j in judges for d in dpcs for m in methods if f"{j}/dpc{d}/{m}" in cells}
+    write_json(path, data)
+    print(table(cells, judges, dpcs, methods))
 
 
 if __name__ == "__main__":

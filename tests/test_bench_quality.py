@@ -1,0 +1,33 @@
+"""bench/cpu_quality.py end to end on the tiny models: the matching arm and the soft labels give paired cells."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_path):
+    out = tmp_path / "cq"
+    cmd = [sys.executable, str(ROOT / "bench" / "cpu_quality.py"), "--out", str(out), "--quick", "--dpc", "2,4",
+           "--sets", "2", "--candidates", "10", "--match-outer", "1", "--ft-dpc", "0", "--threads", "1"]
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "DILM_CACHE": str(tmp_path / "cache")},
+                   capture_output=True, text=True, timeout=600)
+    data = json.loads((out / "cpu_quality.json").read_text())
+    cells, paired = data["cells"], data["paired"]
+    assert cells["matching"]["generator_steps"] == 5  # one outer loop of five generator steps
+    assert cells["candidates/match"]["samples"] == cells["candidates"]["samples"] == 2 * 2 * 10
+    judge = "tiny-bert-probe"
+    for method, twin in (("match:filter+herding", "filter+herding"), ("match:kmeans", "kmeans"),
+                         ("filter+herding+soft", "filter+herding")):
+        for dpc in (2, 4):
+            assert cells[f"{judge}/dpc{dpc}/{method}"]["n"] == 2
+            diffs = [a - b for a, b in zip(cells[f"{judge}/dpc{dpc}/{method}"]["accuracies"],
+                                           cells[f"{judge}/dpc{dpc}/{twin}"]["accuracies"])]
+            assert paired[f"{judge}/dpc{dpc}/{method}"]["vs_twin"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert paired[f"{judge}/dpc2/random"]["vs_twin"] is None  # real sets have no twin
