@@ -209,7 +209,7 @@ def main() -> int:
     task = load_task(args.task)
     rec = Record(args.out / "cpu_quality.json", {
         "command": "python bench/cpu_quality.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "quick") + (
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("quick", "report")) + (
             " --quick" if args.quick else ""),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_revision(),
         "python": platform.python_version(), "torch_threads": torch.get_num_threads(), "config": cfg.to_dict(),
