@@ -16,7 +16,8 @@ what it measured):
    with ``--match-outer N``, the **matching stage** (:data:`MATCH`: N outer loops × 5 generator steps, head-only
    gradient, no validation, so the matched generator is measured as it ends) runs from the same LM checkpoint
    and its generator samples the same counts with the same seeds: ``match:<selection>`` is matching, paired
-   set by set with vanilla's ``<selection>``;
+   set by set with vanilla's ``<selection>``; ``--both`` adds ``both:filter+herding``, the default selection over
+   the two generators' candidates of set k together;
 3. **sets**: the selections of :data:`SELECTIONS` at every DPC; random and k-centers (``--sets`` seeded draws) and
    herding (deterministic: one set) of real data; label agreement and the memorisation report of each method;
    with ``--soft``, ``<selection>+soft``: the same texts with soft labels learned by :class:`dilm.softlabel.
@@ -98,6 +99,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ft-steps", type=int, default=200, help="fine-tuned learner steps (protocol: 200)")
     p.add_argument("--match-outer", type=int, default=0,
                    help="outer loops of the matching stage (x 5 generator steps); 0: no matching arm")
+    p.add_argument("--both", action="store_true",
+                   help="with --match-outer: also filter + herding over both generators' candidates together (both:)")
     p.add_argument("--match-lr", type=float, default=3e-5, help="the matching stage's generator lr")
     p.add_argument("--soft", default="filter+herding",
                    help="comma-separated methods whose sets also get learned soft labels ('': none)")
@@ -161,9 +164,9 @@ def paired(cells: dict, judge: str, dpc: int, method: str, against: str) -> dict
 
 def twin(method: str) -> str | None:
     """What ``method`` differs from by one thing: the vanilla LM's candidates under the same selection
-    (``match:<s>`` → ``<s>``), the same texts with hard labels (``<m>+soft`` → ``<m>``)."""
-    if method.startswith("match:"):
-        return method.removeprefix("match:")
+    (``match:<s>`` and ``both:<s>`` → ``<s>``), the same texts with hard labels (``<m>+soft`` → ``<m>``)."""
+    if method.startswith(("match:", "both:")):
+        return method.split(":", 1)[1]
     return method.removesuffix("+soft") if method.endswith("+soft") else None
 
 
@@ -209,8 +212,8 @@ def main() -> int:
     task = load_task(args.task)
     rec = Record(args.out / "cpu_quality.json", {
         "command": "python bench/cpu_quality.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("quick", "report")) + (
-            " --quick" if args.quick else ""),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("quick", "report", "both")) + (
+            " --quick" if args.quick else "") + (" --both" if args.both else ""),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_revision(),
         "python": platform.python_version(), "torch_threads": torch.get_num_threads(), "config": cfg.to_dict(),
         "selections": {k: vars(v) for k, v in SELECTIONS.items()}})
@@ -246,7 +249,11 @@ def main() -> int:
         rec.cell("matching", generator_steps=state.step - mctx.cfg.lm_steps, seconds=time.perf_counter() - t,
                  generator_lr=args.match_lr, first_loss=losses[0] if losses else None,
                  last_loss=losses[-1] if losses else None, history=state.history)
-        arms.append(("match:", mctx, candidates_of(mctx, "candidates/match"), list(MATCHED)))
+        matched = candidates_of(mctx, "candidates/match")
+        arms.append(("match:", mctx, matched, list(MATCHED)))
+        if args.both:  # one pool per set and class: the vanilla LM's candidates and the matched generator's
+            arms.append(("both:", ctx, [[v + m for v, m in zip(vs, ms)] for vs, ms in zip(arms[0][2], matched)],
+                         ["filter+herding"]))
 
     sets: dict[tuple[int, str], list[SynSet]] = {}
     train_index, test_index = CopyIndex(e.text for e in task.train), CopyIndex(e.text for e in task.test)

@@ -1,4 +1,5 @@
-"""bench/cpu_quality.py end to end on the tiny models: the matching arm and the soft labels give paired cells."""
+"""bench/cpu_quality.py end to end on the tiny models: the matching arm, both generators' pool and the soft labels
+give paired cells."""
 
 import json
 import os
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_path):
     out = tmp_path / "cq"
     cmd = [sys.executable, str(ROOT / "bench" / "cpu_quality.py"), "--out", str(out), "--quick", "--dpc", "2,4",
-           "--sets", "2", "--candidates", "10", "--match-outer", "1", "--ft-dpc", "0", "--threads", "1"]
+           "--sets", "2", "--candidates", "10", "--match-outer", "1", "--both", "--ft-dpc", "0", "--threads", "1"]
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "DILM_CACHE": str(tmp_path / "cache")},
                    capture_output=True, text=True, timeout=600)
     data = json.loads((out / "cpu_quality.json").read_text())
@@ -24,6 +25,7 @@ def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_p
     assert cells["candidates/match"]["samples"] == cells["candidates"]["samples"] == 2 * 2 * 10
     judge = "tiny-bert-probe"
     for method, twin in (("match:filter+herding", "filter+herding"), ("match:kmeans", "kmeans"),
+                         ("both:filter+herding", "filter+herding"),
                          ("filter+herding+soft", "filter+herding")):
         for dpc in (2, 4):
             assert cells[f"{judge}/dpc{dpc}/{method}"]["n"] == 2
