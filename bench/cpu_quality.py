@@ -38,6 +38,7 @@ import argparse
 import json
 import multiprocessing
 import platform
+import shlex
 import statistics
 import subprocess
 import time
@@ -70,6 +71,7 @@ SELECTIONS = {  # name → how the candidates are chosen
     "filter+herding-real": Selection(method="herding-real", label_filter="probe", pooling="mean"),
 }
 REAL = ("random", "kcenters", "herding-real-data")
+ONE_SET = "herding-real-data"  # deterministic: one set, where the others have --sets
 BASE = dict(  # the LM stage and the sampler
     generator="smollm2-135m", learner="minilm-l6", lm_steps=150, lm_lr=1e-4, lm_batch_size=8, max_length=48,
     prompt_template="task", val_interval=0, outer_loops=0, max_new_tokens=32, gen_batch_size=64,
@@ -157,8 +159,8 @@ def paired(cells: dict, judge: str, dpc: int, method: str, against: str) -> dict
     if not a or not b or method == against:
         return None
     n = min(len(a["accuracies"]), len(b["accuracies"]))
-    if n < 2:  # one set (real herding): a difference, no interval
-        return None
+    if n < 2 or ONE_SET in (method, against):  # real herding is one set (its fine-tuned cells: one per seed), so
+        return None                             # no set k pairs with another method's set k: a difference, no interval
     return paired_interval([x - y for x, y in zip(a["accuracies"][:n], b["accuracies"][:n])])
 
 
@@ -190,6 +192,15 @@ def table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -
     return "\n".join(rows)
 
 
+def command(args: argparse.Namespace) -> str:
+    """The command line that gives ``args``: a switch where it is on, every other option with its value (quoted)."""
+    words = ["python", "bench/cpu_quality.py"]
+    for k, v in vars(args).items():
+        flag = "--" + k.replace("_", "-")
+        words += ([flag] if v else []) if isinstance(v, bool) else [flag, str(v)]
+    return shlex.join(words)
+
+
 def git_revision() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -211,9 +222,7 @@ def main() -> int:
                         **{**BASE, **({} if args.task == "sst2" else LONG_TEXTS), **(QUICK if args.quick else {})})
     task = load_task(args.task)
     rec = Record(args.out / "cpu_quality.json", {
-        "command": "python bench/cpu_quality.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("quick", "report", "both")) + (
-            " --quick" if args.quick else "") + (" --both" if args.both else ""),
+        "command": command(args),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_revision(),
         "python": platform.python_version(), "torch_threads": torch.get_num_threads(), "config": cfg.to_dict(),
         "selections": {k: vars(v) for k, v in SELECTIONS.items()}})
@@ -236,7 +245,8 @@ def main() -> int:
                  label_agreement=100 * gen.probe.agreement([sum(got[i::c], []) for i in range(c)]))
         return [got[k * c: (k + 1) * c] for k in range(args.sets)]
 
-    arms = [("", ctx, candidates_of(ctx, "candidates"), list(SELECTIONS))]
+    vanilla = candidates_of(ctx, "candidates")
+    arms = [("", ctx, vanilla, list(SELECTIONS))]
     if args.match_outer:
         n = args.match_outer
         mctx = Distiller(DistillConfig(**{
@@ -252,7 +262,7 @@ def main() -> int:
         matched = candidates_of(mctx, "candidates/match")
         arms.append(("match:", mctx, matched, list(MATCHED)))
         if args.both:  # one pool per set and class: the vanilla LM's candidates and the matched generator's
-            arms.append(("both:", ctx, [[v + m for v, m in zip(vs, ms)] for vs, ms in zip(arms[0][2], matched)],
+            arms.append(("both:", ctx, [[v + m for v, m in zip(vs, ms)] for vs, ms in zip(vanilla, matched)],
                          ["filter+herding"]))
 
     sets: dict[tuple[int, str], list[SynSet]] = {}
@@ -304,7 +314,6 @@ def main() -> int:
             for (_, m, _), acc in zip(jobs, pool.map(_finetune, [(s, seed) for seed, _, s in jobs])):
                 accs[m].append(acc)
                 rec.cell(f"finetune/dpc{args.ft_dpc}/{m}", **summarise(accs[m]))
-        judges.append("finetune")
 
     report(rec.path, rec.data)
     return 0
