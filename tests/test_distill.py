@@ -443,6 +443,71 @@ def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, mo
     assert len(finals) == 2 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 1
 
 
+def test_final_sources_generator_and_lm_select_from_both_generators_candidates(tmp_path, monkeypatch, toy_task):
+    """``final_sources: generator+lm``: the LM stage's candidates are sampled before matching (or read, from the cache
+    of runs from the same LM checkpoint), and the final sets select among the matched generator's candidates
+    followed by the LM's ones it did not also write; a run that kept the step-0 generator has one pool; candidates
+    that are not on disk once the generator has moved on are a one-line error, not a silent wrong pool."""
+    from dilm import DilmError
+    from dilm.distill import run as run_module
+    from dilm.distill import select as select_module
+    from dilm.distill import train_lm
+    from dilm.distill.context import RunContext
+    from dilm.seeds import derive_seed
+
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
+    base = DistillConfig.from_preset("smoke", probe="", label_filter="none", outer_loops=1, final_pool="shared",
+                                     final_sources="generator+lm", output_dir=str(tmp_path / "lm-run"))
+    final_seed, events, drawn, pools = derive_seed(base.seed, "final candidates"), [], [], []
+    real_sample, real_match, real_pool = RunContext.sample, run_module.match, select_module.select_from_pool
+
+    def sample(self, counts, seed, names=None):
+        got = real_sample(self, counts, seed, names)
+        if seed == final_seed:
+            events.append("final")
+            drawn.append(got)
+        return got
+
+    monkeypatch.setattr(RunContext, "sample", sample)
+    monkeypatch.setattr(run_module, "match", lambda *a: events.append("match") or real_match(*a))
+    monkeypatch.setattr(select_module, "select_from_pool", lambda ctx, pool, *a: pools.append(pool) or real_pool(
+        ctx, pool, *a))
+
+    def run(name: str, accuracies: list[float], **changes):
+        left = iter(accuracies)
+        monkeypatch.setattr(match_stage, "validate", lambda ctx, seed: next(left))
+        return distill(dataclasses.replace(base, output_dir=str(tmp_path / name), **changes), task=toy_task)
+
+    def union(matched, lm):
+        return [m + [s for s in c if (s.text, s.text_pair) not in {(x.text, x.text_pair) for x in m}]
+                for m, c in zip(matched, lm)]
+
+    def texts(pool):
+        return [[(s.text, s.text_pair) for s in c] for c in pool]
+
+    # the LM stage in the run: its candidates are sampled before matching, into the run's folder
+    result = run("in-run", [50.0, 60.0])
+    assert events == ["final", "match", "final"] and len(list(result.output_dir.glob("lm_candidates-*.json"))) == 1
+    lm, matched = drawn
+    assert texts(pools[-1]) == texts(union(matched, lm)) and len(pools[-1][0]) > len(matched[0])
+    assert result.timings["lm_candidates_s"] > 0
+
+    # from an LM checkpoint: the vanilla LM's run samples them once, a matched run reads them
+    lm_dir = str(train_lm(base, tmp_path / "lm", task=toy_task))
+    events.clear(), drawn.clear()
+    run("vanilla", [], outer_loops=0, lm_checkpoint=lm_dir)
+    run("matched", [50.0, 60.0], lm_checkpoint=lm_dir)
+    assert events == ["match", "final", "match", "final"]  # vanilla, then matched: the LM's candidates were read
+    assert texts(pools[-1]) == texts(union(drawn[1], drawn[0]))
+    run("kept-step-0", [50.0, 50.0], lm_checkpoint=lm_dir)
+    assert events[4:] == ["match"] and texts(pools[-1]) == texts(drawn[0])  # the LM's generator: one pool
+
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path / "empty"))
+    ctx = Distiller(dataclasses.replace(base, lm_checkpoint=lm_dir), task=toy_task)
+    with pytest.raises(DilmError, match="LM stage's candidates of this run are not on disk"):
+        select_module.lm_candidates(ctx, *select_module.final_counts(ctx), may_sample=False)
+
+
 def test_token_limits_of_a_packaged_generator_are_kept_on_disk(tmp_path, monkeypatch, toy_task):
     """The data's token limits need the whole training split tokenised (8 s a process on SST-2): with a packaged
     generator a second run reads them, and another quantile or cap gives another entry."""

@@ -22,6 +22,7 @@ from dilm.tasks import TASKS
 
 SAMPLER_MODES = ("dynamic", "static", "compiled")
 FINAL_POOLS = ("per_set", "shared")
+FINAL_SOURCES = ("generator", "generator+lm")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # dilm/presets, shipped as package data
 
 
@@ -87,6 +88,10 @@ class DistillConfig:
                                         "largest DPC per class, the reference's) or shared (one pool of that size "
                                         "per class; every set selects from its own seeded random half of it)",
                              choices=FINAL_POOLS)
+    final_sources: str = option("generator", "whose candidates the final sets select from: generator (the run's "
+                                             "generator, the reference's) or generator+lm (also the LM stage's "
+                                             "generator's, sampled before matching with the same seed and counts: "
+                                             "one pool of both)", choices=FINAL_SOURCES)
     copy_filter: str = option("near", "before the label filter: drop candidates that copy a training text: none, "
                                       "exact, or near (>= 80 % of their word 4-grams in one training text)",
                               choices=COPY_FILTERS)
@@ -140,7 +145,8 @@ class DistillConfig:
             raise DilmError(f"rep_pool_per_class ({self.rep_pool_per_class}) is smaller than real_per_class "
                             f"({self.real_per_class})")
         for name, known in (("pooling", POOLINGS), ("select_pooling", POOLINGS), ("selection", SELECTIONS),
-                            ("label_filter", FILTERS), ("copy_filter", COPY_FILTERS), ("final_pool", FINAL_POOLS)):
+                            ("label_filter", FILTERS), ("copy_filter", COPY_FILTERS), ("final_pool", FINAL_POOLS),
+                            ("final_sources", FINAL_SOURCES)):
             if getattr(self, name) not in known:
                 raise DilmError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}")
         if self.label_filter == "probe" and not self.probe:

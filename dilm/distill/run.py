@@ -15,7 +15,7 @@ from dilm.distill.config import DistillConfig
 from dilm.distill.context import Callback, RunContext
 from dilm.distill.lm_stage import LMStageConfig, fine_tune
 from dilm.distill.match_stage import match
-from dilm.distill.select import final_sets
+from dilm.distill.select import final_counts, final_sets, lm_candidates
 from dilm.files import write_json
 from dilm.tasks import TaskData
 
@@ -27,7 +27,7 @@ class DistillResult:
     provenance: Path
     history: list[dict]  # every row the callback saw
     best_val_accuracy: float | None
-    timings: dict[str, float]  # seconds per stage (lm_s, match_s, select_s, val_s)
+    timings: dict[str, float]  # seconds per stage (lm_s, lm_candidates_s, match_s, select_s, val_s)
     copies: dict[int, dict]  # {dpc: memorisation report of its sets} (dilm.memorisation)
 
 
@@ -36,7 +36,8 @@ class Distiller(RunContext):
 
     def fit(self) -> DistillResult:
         """LM stage (skipped when the run starts from ``lm_checkpoint``), matching, then the final sets of the
-        best-validated generator; each stage resumes from the run checkpoint where one is."""
+        best-validated generator (with ``final_sources`` generator+lm, the LM stage's candidates are sampled before
+        matching); each stage resumes from the run checkpoint where one is."""
         cfg = self.cfg
         state, best_state, opt_state = load_checkpoint(cfg, self.generator, self.device)
         t0 = time.perf_counter()
@@ -46,6 +47,10 @@ class Distiller(RunContext):
             fine_tune(LMStageConfig.of(cfg), self.generator, self.corpus, self.rng, self.device, state, self.emit)
             save_checkpoint(cfg, self.generator, state, best_state)
         self.timings["lm_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if state.stage == "match" and state.outer == 0 and cfg.outer_loops and cfg.final_sources == "generator+lm":
+            lm_candidates(self, *final_counts(self))  # the final pool's LM part, while the generator is the LM's
+        self.timings["lm_candidates_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         if state.stage == "match":
             best_state = match(self, state, best_state, opt_state)

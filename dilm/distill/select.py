@@ -17,6 +17,8 @@ their copies of training and test texts (:mod:`dilm.memorisation`), emitted as `
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import weakref
 from collections.abc import Iterable
@@ -194,28 +196,64 @@ def log_copies(ctx: RunContext, state: State, sets: dict[int, list[SynSet]]) -> 
     return reports
 
 
-def final_candidates(ctx: RunContext, state: State, counts: list[int], names: list[str]) -> list[list[Sample]]:
-    """The final sets' candidates: ``counts[i]`` samples of class ``names[i]``, all in one sampling call (large
-    batches; duplicates are removed within a set, not across sets). When the generator is the LM checkpoint's
-    (``outer_loops`` 0, or matching never validated above step 0) they are kept on disk
-    (:meth:`RunContext.lm_only_cache_path`, ``candidates``; the key holds everything sampling reads): the
-    vanilla-LM baseline of a sweep and its trials that kept the LM-only generator sample them once."""
+def final_counts(ctx: RunContext) -> tuple[list[int], list[str]]:
+    """What the final sets sample: ``counts[i]`` candidates of class ``names[i]``: over_sample × (largest DPC) per
+    class, for every set (``final_pool`` per_set) or once (shared)."""
+    cfg, c = ctx.cfg, ctx.task.num_classes
+    draws = 1 if cfg.final_pool == "shared" else cfg.n_sets
+    return [cfg.over_sample * cfg.dpc[-1]] * (c * draws), list(ctx.task.label_names) * draws
+
+
+def lm_candidates(ctx: RunContext, counts: list[int], names: list[str], may_sample: bool = True) -> list[list[Sample]]:
+    """The LM stage's generator's final candidates, kept on disk and sampled once: with an LM checkpoint in the cache
+    every run from it shares (:meth:`RunContext.lm_only_cache_path`, ``candidates``; the key holds the weights and
+    everything sampling reads), otherwise in the run's folder under the hash of those fields and the run's config.
+    ``may_sample`` says the generator holds the LM stage's weights now; without it, candidates not on disk are a
+    one-line error."""
     cfg = ctx.cfg
     seed = derive_seed(cfg.seed, "final candidates")
-    lm_only = cfg.outer_loops == 0 or (state.best_step is not None and state.best_step == cfg.lm_steps)
-    path = ctx.lm_only_cache_path("candidates", {
-        "counts": counts, "names": names, "seed": seed, "generator": cfg.generator, "template": ctx.template,
-        "limits": ctx.limits, "top_p": cfg.top_p, "batch": cfg.gen_batch_size, "sampler": cfg.sampler,
-        "drop_unfinished": cfg.drop_unfinished, "is_pair": ctx.task.is_pair,
-        "precision": str(inference_dtype(ctx.device))}) if lm_only else None
-    if path is None:
-        return ctx.sample(counts, seed, names)
+    fields = {"counts": counts, "names": names, "seed": seed, "generator": cfg.generator, "template": ctx.template,
+              "limits": ctx.limits, "top_p": cfg.top_p, "batch": cfg.gen_batch_size, "sampler": cfg.sampler,
+              "drop_unfinished": cfg.drop_unfinished, "is_pair": ctx.task.is_pair,
+              "precision": str(inference_dtype(ctx.device))}
+    path = ctx.lm_only_cache_path("candidates", fields)
+    if path is None:  # the LM stage ran in this run: its whole config names the weights
+        key = json.dumps([fields, cfg.to_dict()], sort_keys=True, default=str)
+        path = Path(cfg.output_dir) / f"lm_candidates-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
     def rows() -> list:
+        if not may_sample:
+            raise DilmError(f"the LM stage's candidates of this run are not on disk ({path}) and the generator has "
+                            "moved on: run it again from the start, or set final_sources generator")
         drawn = ctx.sample(counts, seed, names)
         return [[[s.text, s.text_pair, s.ids, s.prompt_len] for s in group] for group in drawn]
 
     return [[Sample(*row) for row in group] for group in json_made_once(path, rows)]
+
+
+def lm_only(cfg: DistillConfig, state: State) -> bool:
+    """Whether the run's final generator is the LM stage's: no matching, or matching never validated above step 0."""
+    return cfg.outer_loops == 0 or (state.best_step is not None and state.best_step == cfg.lm_steps)
+
+
+def final_candidates(ctx: RunContext, state: State, counts: list[int], names: list[str]) -> list[list[Sample]]:
+    """The final sets' candidates: ``counts[i]`` samples of class ``names[i]``, all in one sampling call (large
+    batches; duplicates are removed within a set, not across sets). When the generator is the LM stage's they are
+    :func:`lm_candidates` (the vanilla-LM baseline of a sweep and its trials that kept the LM-only generator sample
+    them once); with ``final_sources`` generator+lm a matched generator's candidates are followed by the LM stage's
+    (sampled before matching; the texts the matched generator also wrote are dropped)."""
+    cfg = ctx.cfg
+    if lm_only(cfg, state):
+        return lm_candidates(ctx, counts, names)
+    ours = ctx.sample(counts, derive_seed(cfg.seed, "final candidates"), names)
+    if cfg.final_sources == "generator":
+        return ours
+    theirs = lm_candidates(ctx, counts, names, may_sample=False)
+    out = []
+    for mine, lm in zip(ours, theirs):
+        seen = {(s.text, s.text_pair) for s in mine}
+        out.append(mine + [s for s in lm if (s.text, s.text_pair) not in seen])
+    return out
 
 
 def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], dict[int, dict]]:
@@ -225,11 +263,9 @@ def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], di
     half (:func:`select_from_pool`). Label agreement of all candidates (``final_label_agreement``) and of each DPC's
     selected texts (``final_label_agreement/dpc<d>``) is emitted, and each DPC's copies of training and test texts
     (:func:`log_copies`)."""
-    cfg, names = ctx.cfg, ctx.task.label_names
-    per_set = cfg.over_sample * cfg.dpc[-1]
+    cfg = ctx.cfg
     c, seeds = ctx.task.num_classes, [derive_seed(cfg.seed, "final set", k) for k in range(cfg.n_sets)]
-    draws = 1 if cfg.final_pool == "shared" else cfg.n_sets
-    pooled = final_candidates(ctx, state, [per_set] * (c * draws), list(names) * draws)
+    pooled = final_candidates(ctx, state, *final_counts(ctx))
     if cfg.final_pool == "shared":
         sets = select_from_pool(ctx, pooled, list(cfg.dpc), seeds)
     else:
