@@ -444,14 +444,16 @@ def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, mo
 
 
 def test_final_sources_generator_and_lm_select_from_both_generators_candidates(tmp_path, monkeypatch, toy_task):
-    """``final_sources: generator+lm``: the LM stage's candidates are sampled before matching (or read, from the cache
-    of runs from the same LM checkpoint), and the final sets select among the matched generator's candidates
-    followed by the LM's ones it did not also write; a run that kept the step-0 generator has one pool; candidates
-    that are not on disk once the generator has moved on are a one-line error, not a silent wrong pool."""
+    """``final_sources: generator+lm``: the final sets select among the matched generator's candidates followed by
+    the LM stage's ones it did not also write. The LM stage in the run: its candidates are sampled before matching.
+    From an LM checkpoint: read from the cache the vanilla run filled, or sampled after matching with the checkpoint's
+    weights swapped in (the same candidates as the vanilla run's) and the matched ones back. A run that kept the
+    step-0 generator has one pool; LM candidates lost once the generator has moved on are a one-line error."""
     from dilm import DilmError
     from dilm.distill import run as run_module
     from dilm.distill import select as select_module
     from dilm.distill import train_lm
+    from dilm.distill.checkpoint import load_lm_checkpoint
     from dilm.distill.context import RunContext
     from dilm.seeds import derive_seed
 
@@ -502,10 +504,22 @@ def test_final_sources_generator_and_lm_select_from_both_generators_candidates(t
     run("kept-step-0", [50.0, 50.0], lm_checkpoint=lm_dir)
     assert events[4:] == ["match"] and texts(pools[-1]) == texts(drawn[0])  # the LM's generator: one pool
 
+    # nothing on disk: a matched run samples them after matching, with the checkpoint's weights swapped in and back
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "empty"))
-    ctx = Distiller(dataclasses.replace(base, lm_checkpoint=lm_dir), task=toy_task)
+    events.clear(), drawn.clear()
+    left = iter([50.0, 60.0])
+    monkeypatch.setattr(match_stage, "validate", lambda ctx, seed: next(left))
+    alone = Distiller(dataclasses.replace(base, lm_checkpoint=lm_dir, output_dir=str(tmp_path / "alone")),
+                      task=toy_task)
+    alone.fit()
+    assert events == ["match", "final", "final"] and texts(drawn[1]) == texts(lm)  # the vanilla LM's candidates
+    assert texts(pools[-1]) == texts(union(drawn[0], drawn[1]))
+    checkpoint = load_lm_checkpoint(lm_dir, alone.cfg, toy_task, alone.template, "cpu").state_dict()
+    assert any(not torch.equal(v, checkpoint[k]) for k, v in alone.generator.state_dict().items())  # its own again
+
+    in_run = Distiller(dataclasses.replace(base, output_dir=str(tmp_path / "no-lm-candidates")), task=toy_task)
     with pytest.raises(DilmError, match="LM stage's candidates of this run are not on disk"):
-        select_module.lm_candidates(ctx, *select_module.final_counts(ctx), may_sample=False)
+        select_module.lm_candidates(in_run, *select_module.final_counts(in_run), generator_is_lm=False)
 
 
 def test_token_limits_of_a_packaged_generator_are_kept_on_disk(tmp_path, monkeypatch, toy_task):

@@ -36,8 +36,8 @@ class Distiller(RunContext):
 
     def fit(self) -> DistillResult:
         """LM stage (skipped when the run starts from ``lm_checkpoint``), matching, then the final sets of the
-        best-validated generator (with ``final_sources`` generator+lm, the LM stage's candidates are sampled before
-        matching); each stage resumes from the run checkpoint where one is."""
+        best-validated generator (with ``final_sources`` generator+lm and the LM stage in this run, its candidates are
+        sampled before matching: its weights are not kept); each stage resumes from the run checkpoint where one is."""
         cfg = self.cfg
         state, best_state, opt_state = load_checkpoint(cfg, self.generator, self.device)
         t0 = time.perf_counter()
@@ -48,8 +48,9 @@ class Distiller(RunContext):
             save_checkpoint(cfg, self.generator, state, best_state)
         self.timings["lm_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        if state.stage == "match" and state.outer == 0 and cfg.outer_loops and cfg.final_sources == "generator+lm":
-            lm_candidates(self, *final_counts(self))  # the final pool's LM part, while the generator is the LM's
+        if (state.stage == "match" and state.outer == 0 and cfg.outer_loops and cfg.final_sources == "generator+lm"
+                and not cfg.lm_checkpoint):  # the final pool's LM part, while the generator holds the LM's weights
+            lm_candidates(self, *final_counts(self))
         self.timings["lm_candidates_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         if state.stage == "match":

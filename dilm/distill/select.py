@@ -17,6 +17,7 @@ their copies of training and test texts (:mod:`dilm.memorisation`), emitted as `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -30,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dilm import DilmError
-from dilm.distill.checkpoint import State
+from dilm.distill.checkpoint import State, load_lm_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.distill.context import RunContext
 from dilm.features import embed
@@ -204,12 +205,14 @@ def final_counts(ctx: RunContext) -> tuple[list[int], list[str]]:
     return [cfg.over_sample * cfg.dpc[-1]] * (c * draws), list(ctx.task.label_names) * draws
 
 
-def lm_candidates(ctx: RunContext, counts: list[int], names: list[str], may_sample: bool = True) -> list[list[Sample]]:
+def lm_candidates(ctx: RunContext, counts: list[int], names: list[str], generator_is_lm: bool = True
+                  ) -> list[list[Sample]]:
     """The LM stage's generator's final candidates, kept on disk and sampled once: with an LM checkpoint in the cache
     every run from it shares (:meth:`RunContext.lm_only_cache_path`, ``candidates``; the key holds the weights and
     everything sampling reads), otherwise in the run's folder under the hash of those fields and the run's config.
-    ``may_sample`` says the generator holds the LM stage's weights now; without it, candidates not on disk are a
-    one-line error."""
+    Not on disk yet: sampled by the generator when ``generator_is_lm``, else with the LM checkpoint's weights swapped
+    in for the call (:func:`lm_weights`); a run without an LM checkpoint whose generator has moved on has lost them,
+    a one-line error."""
     cfg = ctx.cfg
     seed = derive_seed(cfg.seed, "final candidates")
     fields = {"counts": counts, "names": names, "seed": seed, "generator": cfg.generator, "template": ctx.template,
@@ -222,13 +225,30 @@ def lm_candidates(ctx: RunContext, counts: list[int], names: list[str], may_samp
         path = Path(cfg.output_dir) / f"lm_candidates-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
     def rows() -> list:
-        if not may_sample:
+        if generator_is_lm:
+            drawn = ctx.sample(counts, seed, names)
+        elif cfg.lm_checkpoint:
+            with lm_weights(ctx):
+                drawn = ctx.sample(counts, seed, names)
+        else:
             raise DilmError(f"the LM stage's candidates of this run are not on disk ({path}) and the generator has "
                             "moved on: run it again from the start, or set final_sources generator")
-        drawn = ctx.sample(counts, seed, names)
         return [[[s.text, s.text_pair, s.ids, s.prompt_len] for s in group] for group in drawn]
 
     return [[Sample(*row) for row in group] for group in json_made_once(path, rows)]
+
+
+@contextlib.contextmanager
+def lm_weights(ctx: RunContext):
+    """The LM checkpoint's weights in the run's generator for the ``with`` block, its own weights back after it."""
+    own = {k: v.detach().to("cpu", copy=True) for k, v in ctx.generator.state_dict().items()}
+    lm = load_lm_checkpoint(ctx.cfg.lm_checkpoint, ctx.cfg, ctx.task, ctx.template, "cpu")
+    ctx.generator.load_state_dict(lm.state_dict())
+    del lm
+    try:
+        yield
+    finally:
+        ctx.generator.load_state_dict(own)
 
 
 def lm_only(cfg: DistillConfig, state: State) -> bool:
@@ -241,14 +261,15 @@ def final_candidates(ctx: RunContext, state: State, counts: list[int], names: li
     batches; duplicates are removed within a set, not across sets). When the generator is the LM stage's they are
     :func:`lm_candidates` (the vanilla-LM baseline of a sweep and its trials that kept the LM-only generator sample
     them once); with ``final_sources`` generator+lm a matched generator's candidates are followed by the LM stage's
-    (sampled before matching; the texts the matched generator also wrote are dropped)."""
+    (read from disk where the vanilla baseline or matching's start left them; the texts the matched generator also
+    wrote are dropped)."""
     cfg = ctx.cfg
     if lm_only(cfg, state):
         return lm_candidates(ctx, counts, names)
     ours = ctx.sample(counts, derive_seed(cfg.seed, "final candidates"), names)
     if cfg.final_sources == "generator":
         return ours
-    theirs = lm_candidates(ctx, counts, names, may_sample=False)
+    theirs = lm_candidates(ctx, counts, names, generator_is_lm=False)
     out = []
     for mine, lm in zip(ours, theirs):
         seen = {(s.text, s.text_pair) for s in mine}
