@@ -52,7 +52,7 @@ from dilm.archs.finetune import finetune_ensemble
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.distill import DistillConfig, Distiller, State, train_lm
 from dilm.distill.match_stage import match
-from dilm.distill.select import Selection, prepare, real_means, select
+from dilm.distill.select import Selection, both_generators, prepare, real_means, select
 from dilm.evaluate import Evaluator
 from dilm.files import write_json
 from dilm.labelspace import paired_interval
@@ -262,8 +262,8 @@ def main() -> int:
         matched = candidates_of(mctx, "candidates/match")
         arms.append(("match:", mctx, matched, list(MATCHED)))
         if args.both:  # one pool per set and class: the vanilla LM's candidates and the matched generator's
-            arms.append(("both:", ctx, [[v + m for v, m in zip(vs, ms)] for vs, ms in zip(vanilla, matched)],
-                         ["filter+herding"]))
+            arms.append(("both:", ctx, [both_generators(vs, ms) for vs, ms in zip(vanilla, matched)],
+                         ["filter+herding"]))  # the product's final_sources generator+lm
 
     sets: dict[tuple[int, str], list[SynSet]] = {}
     train_index, test_index = CopyIndex(e.text for e in task.train), CopyIndex(e.text for e in task.test)

@@ -444,11 +444,12 @@ def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, mo
 
 
 def test_final_sources_generator_and_lm_select_from_both_generators_candidates(tmp_path, monkeypatch, toy_task):
-    """``final_sources: generator+lm``: the final sets select among the matched generator's candidates followed by
-    the LM stage's ones it did not also write. The LM stage in the run: its candidates are sampled before matching.
-    From an LM checkpoint: read from the cache the vanilla run filled, or sampled after matching with the checkpoint's
-    weights swapped in (the same candidates as the vanilla run's) and the matched ones back. A run that kept the
-    step-0 generator has one pool; LM candidates lost once the generator has moved on are a one-line error."""
+    """``final_sources: generator+lm``: the final sets select among the LM stage's candidates followed by the
+    matched generator's ones that the LM did not also write. The LM stage in the run: its candidates are sampled
+    before matching. From an LM checkpoint: read from the cache the vanilla run filled, or sampled after matching
+    with the checkpoint's weights swapped in (the same candidates as the vanilla run's) and the matched ones back.
+    A run that kept the step-0 generator has one pool; LM candidates lost once the generator has moved on are a
+    one-line error."""
     from dilm import DilmError
     from dilm.distill import run as run_module
     from dilm.distill import select as select_module
@@ -480,9 +481,9 @@ def test_final_sources_generator_and_lm_select_from_both_generators_candidates(t
         monkeypatch.setattr(match_stage, "validate", lambda ctx, seed: next(left))
         return distill(dataclasses.replace(base, output_dir=str(tmp_path / name), **changes), task=toy_task)
 
-    def union(matched, lm):
-        return [m + [s for s in c if (s.text, s.text_pair) not in {(x.text, x.text_pair) for x in m}]
-                for m, c in zip(matched, lm)]
+    def union(lm, matched):
+        return [c + [s for s in m if (s.text, s.text_pair) not in {(x.text, x.text_pair) for x in c}]
+                for c, m in zip(lm, matched)]
 
     def texts(pool):
         return [[(s.text, s.text_pair) for s in c] for c in pool]
@@ -491,7 +492,7 @@ def test_final_sources_generator_and_lm_select_from_both_generators_candidates(t
     result = run("in-run", [50.0, 60.0])
     assert events == ["final", "match", "final"] and len(list(result.output_dir.glob("lm_candidates-*.json"))) == 1
     lm, matched = drawn
-    assert texts(pools[-1]) == texts(union(matched, lm)) and len(pools[-1][0]) > len(matched[0])
+    assert texts(pools[-1]) == texts(union(lm, matched)) and len(pools[-1][0]) > len(lm[0])
     assert result.timings["lm_candidates_s"] > 0
 
     # from an LM checkpoint: the vanilla LM's run samples them once, a matched run reads them
@@ -500,7 +501,7 @@ def test_final_sources_generator_and_lm_select_from_both_generators_candidates(t
     run("vanilla", [], outer_loops=0, lm_checkpoint=lm_dir)
     run("matched", [50.0, 60.0], lm_checkpoint=lm_dir)
     assert events == ["match", "final", "match", "final"]  # vanilla, then matched: the LM's candidates were read
-    assert texts(pools[-1]) == texts(union(drawn[1], drawn[0]))
+    assert texts(pools[-1]) == texts(union(drawn[0], drawn[1]))
     run("kept-step-0", [50.0, 50.0], lm_checkpoint=lm_dir)
     assert events[4:] == ["match"] and texts(pools[-1]) == texts(drawn[0])  # the LM's generator: one pool
 
@@ -513,7 +514,7 @@ def test_final_sources_generator_and_lm_select_from_both_generators_candidates(t
                       task=toy_task)
     alone.fit()
     assert events == ["match", "final", "final"] and texts(drawn[1]) == texts(lm)  # the vanilla LM's candidates
-    assert texts(pools[-1]) == texts(union(drawn[0], drawn[1]))
+    assert texts(pools[-1]) == texts(union(drawn[1], drawn[0]))
     checkpoint = load_lm_checkpoint(lm_dir, alone.cfg, toy_task, alone.template, "cpu").state_dict()
     assert any(not torch.equal(v, checkpoint[k]) for k, v in alone.generator.state_dict().items())  # its own again
 

@@ -260,20 +260,23 @@ def final_candidates(ctx: RunContext, state: State, counts: list[int], names: li
     """The final sets' candidates: ``counts[i]`` samples of class ``names[i]``, all in one sampling call (large
     batches; duplicates are removed within a set, not across sets). When the generator is the LM stage's they are
     :func:`lm_candidates` (the vanilla-LM baseline of a sweep and its trials that kept the LM-only generator sample
-    them once); with ``final_sources`` generator+lm a matched generator's candidates are followed by the LM stage's
-    (read from disk where the vanilla baseline or matching's start left them; the texts the matched generator also
-    wrote are dropped)."""
+    them once); with ``final_sources`` generator+lm, the LM stage's candidates (read from disk where the vanilla
+    baseline or matching's start left them) and then a matched generator's (:func:`both_generators`)."""
     cfg = ctx.cfg
     if lm_only(cfg, state):
         return lm_candidates(ctx, counts, names)
     ours = ctx.sample(counts, derive_seed(cfg.seed, "final candidates"), names)
     if cfg.final_sources == "generator":
         return ours
-    theirs = lm_candidates(ctx, counts, names, generator_is_lm=False)
+    return both_generators(lm_candidates(ctx, counts, names, generator_is_lm=False), ours)
+
+
+def both_generators(lm: list[list[Sample]], matched: list[list[Sample]]) -> list[list[Sample]]:
+    """Per class, the LM stage's candidates followed by the matched generator's that are not among them."""
     out = []
-    for mine, lm in zip(ours, theirs):
-        seen = {(s.text, s.text_pair) for s in mine}
-        out.append(mine + [s for s in lm if (s.text, s.text_pair) not in seen])
+    for first, then in zip(lm, matched):
+        seen = {(s.text, s.text_pair) for s in first}
+        out.append(first + [s for s in then if (s.text, s.text_pair) not in seen])
     return out
 
 
