@@ -340,6 +340,7 @@ def test_paper_preset_is_the_reference_item_by_item():
         "val_interval": 200, "val_dpc": 20, "val_sets": 5, "val_seeds": 5, "val_steps": 200,
         # final sets: 100 × DPC candidates, top-p 0.95, k-means nearest-centroid on [CLS], no filter
         "over_sample": 100, "top_p": 0.95, "selection": "kmeans", "label_filter": "none", "select_pooling": "cls",
+        "final_sources": "generator",  # of the matched generator only
     }
     assert {k: getattr(cfg, k) for k in reference} == reference
     assert cfg.pool_size == 64 * 10 * 20 == 12800 and cfg.total_match_steps == 20000

@@ -88,10 +88,11 @@ class DistillConfig:
                                         "largest DPC per class, the reference's) or shared (one pool of that size "
                                         "per class; every set selects from its own seeded random half of it)",
                              choices=FINAL_POOLS)
-    final_sources: str = option("generator", "whose candidates the final sets select from: generator (the run's "
-                                             "generator, the reference's) or generator+lm (also the LM stage's "
-                                             "generator's, sampled before matching with the same seed and counts: "
-                                             "one pool of both)", choices=FINAL_SOURCES)
+    final_sources: str = option("generator+lm", "whose candidates the final sets select from: generator (the "
+                                                "run's generator, the reference's) or generator+lm (the LM stage's "
+                                                "generator's too, with the same seed and counts: one pool of both; "
+                                                "bench/results/2026-12-02-cpu-quality-both-full.md)",
+                                choices=FINAL_SOURCES)
     copy_filter: str = option("near", "before the label filter: drop candidates that copy a training text: none, "
                                       "exact, or near (>= 80 % of their word 4-grams in one training text)",
                               choices=COPY_FILTERS)
