@@ -35,6 +35,7 @@ from dilm.text import pad_ids
     ({"selection": "greedy"}, "unknown selection 'greedy'; known: kmeans, herding, herding-real"),
     ({"copy_filter": "fuzzy"}, "unknown copy_filter 'fuzzy'; known: none, exact, near"),
     ({"final_pool": "pooled"}, "unknown final_pool 'pooled'; known: per_set, shared"),
+    ({"final_sources": "lm"}, "unknown final_sources 'lm'; known: generator, generator\\+lm"),
     ({"label_filter": "probe", "probe": ""}, "label_filter probe needs a probe"),
     ({"filter_threshold": 1.0}, r"filter_threshold must be in \[0, 1\)"),
 ])
@@ -444,84 +445,107 @@ def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, mo
     assert len(finals) == 2 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 1
 
 
-def test_final_sources_generator_and_lm_select_from_both_generators_candidates(tmp_path, monkeypatch, toy_task):
-    """``final_sources: generator+lm``: the final sets select among the LM stage's candidates followed by the
-    matched generator's ones that the LM did not also write. The LM stage in the run: its candidates are sampled
-    before matching. From an LM checkpoint: read from the cache the vanilla run filled, or sampled after matching
-    with the checkpoint's weights swapped in (the same candidates as the vanilla run's) and the matched ones back.
-    A run that kept the step-0 generator has one pool; LM candidates lost once the generator has moved on are a
-    one-line error."""
-    from dilm import DilmError
-    from dilm.distill import run as run_module
-    from dilm.distill import select as select_module
-    from dilm.distill import train_lm
-    from dilm.distill.checkpoint import load_lm_checkpoint
-    from dilm.distill.context import RunContext
-    from dilm.seeds import derive_seed
+class FinalDraws:
+    """Runs of a smoke config with ``final_sources`` generator+lm, recording the order of matching and final-candidate
+    draws (``events``), each draw (``drawn``) and each pool the final sets were selected from (``pools``)."""
+
+    def __init__(self, tmp_path, monkeypatch, task):
+        from dilm.distill import run as run_module
+        from dilm.distill import select as select_module
+        from dilm.distill.context import RunContext
+        from dilm.seeds import derive_seed
+
+        self.tmp, self.mp, self.task = tmp_path, monkeypatch, task
+        self.base = DistillConfig.from_preset("smoke", probe="", label_filter="none", outer_loops=1,
+                                              final_pool="shared", final_sources="generator+lm",
+                                              output_dir=str(tmp_path / "lm-run"))
+        self.events, self.drawn, self.pools = [], [], []
+        final_seed = derive_seed(self.base.seed, "final candidates")
+        sample, match, pool = RunContext.sample, run_module.match, select_module.select_from_pool
+
+        def recorded(ctx, counts, seed, names=None):
+            got = sample(ctx, counts, seed, names)
+            if seed == final_seed:
+                self.events.append("final")
+                self.drawn.append(got)
+            return got
+
+        monkeypatch.setattr(RunContext, "sample", recorded)
+        monkeypatch.setattr(run_module, "match", lambda *a: self.events.append("match") or match(*a))
+        monkeypatch.setattr(select_module, "select_from_pool",
+                            lambda ctx, cands, *a: self.pools.append(texts(cands)) or pool(ctx, cands, *a))
+
+    def run(self, name: str, accuracies: list[float], **changes) -> Distiller:
+        """One run whose validations score ``accuracies`` in turn (step 0 first)."""
+        left = iter(accuracies)
+        self.mp.setattr(match_stage, "validate", lambda ctx, seed: next(left))
+        run = Distiller(dataclasses.replace(self.base, output_dir=str(self.tmp / name), **changes), task=self.task)
+        run.fit()
+        return run
+
+
+def texts(pool) -> list[list[tuple]]:
+    return [[(s.text, s.text_pair) for s in c] for c in pool]
+
+
+def union(lm, matched) -> list[list[tuple]]:
+    """Per class, the LM's candidates, then the matched generator's that are not among them."""
+    return [c + [s for s in m if s not in c] for c, m in zip(texts(lm), texts(matched))]
+
+
+def test_final_sources_generator_and_lm_with_the_lm_stage_in_the_run(tmp_path, monkeypatch, toy_task):
+    """``final_sources: generator+lm`` with the LM stage in the run: the LM's candidates are sampled before matching
+    (its weights are not kept) into the run's folder, and the final sets select among them followed by the matched
+    generator's ones the LM did not also write. A resumed run that lost them fails before matching, in one line; a
+    fresh LM stage forgets the candidates of an earlier one."""
+    from dilm.distill.select import IN_RUN_LM_CANDIDATES, final_counts, keep_lm_candidates, lm_candidates
 
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
-    base = DistillConfig.from_preset("smoke", probe="", label_filter="none", outer_loops=1, final_pool="shared",
-                                     final_sources="generator+lm", output_dir=str(tmp_path / "lm-run"))
-    final_seed, events, drawn, pools = derive_seed(base.seed, "final candidates"), [], [], []
-    real_sample, real_match, real_pool = RunContext.sample, run_module.match, select_module.select_from_pool
+    draws = FinalDraws(tmp_path, monkeypatch, toy_task)
+    run = draws.run("in-run", [50.0, 60.0])
+    kept = list((tmp_path / "in-run").glob(IN_RUN_LM_CANDIDATES))
+    assert draws.events == ["final", "match", "final"] and len(kept) == 1
+    lm, matched = draws.drawn
+    assert draws.pools[-1] == union(lm, matched) and len(draws.pools[-1][0]) > len(lm[0])
+    assert run.timings["lm_candidates_s"] > 0
 
-    def sample(self, counts, seed, names=None):
-        got = real_sample(self, counts, seed, names)
-        if seed == final_seed:
-            events.append("final")
-            drawn.append(got)
-        return got
+    kept[0].unlink()
+    with pytest.raises(DilmError, match="LM stage's candidates are not in .*resume it with final_sources generator"):
+        keep_lm_candidates(run, State(stage="match", step=run.cfg.lm_steps + 2, outer=1))
+    with pytest.raises(DilmError, match="LM stage's candidates of this run are not on disk"):
+        lm_candidates(run, *final_counts(run), generator_is_lm=False)
+    kept[0].write_text("[]")  # an earlier run's: a fresh LM stage in the folder must not read it
+    (tmp_path / "in-run" / "checkpoint").rename(tmp_path / "old-checkpoint")
+    draws.events.clear(), draws.drawn.clear()
+    draws.run("in-run", [50.0, 60.0])
+    assert draws.events == ["final", "match", "final"] and draws.pools[-1] == union(*draws.drawn)
 
-    monkeypatch.setattr(RunContext, "sample", sample)
-    monkeypatch.setattr(run_module, "match", lambda *a: events.append("match") or real_match(*a))
-    monkeypatch.setattr(select_module, "select_from_pool", lambda ctx, pool, *a: pools.append(pool) or real_pool(
-        ctx, pool, *a))
 
-    def run(name: str, accuracies: list[float], **changes):
-        left = iter(accuracies)
-        monkeypatch.setattr(match_stage, "validate", lambda ctx, seed: next(left))
-        return distill(dataclasses.replace(base, output_dir=str(tmp_path / name), **changes), task=toy_task)
+def test_final_sources_generator_and_lm_from_an_lm_checkpoint(tmp_path, monkeypatch, toy_task):
+    """From an LM checkpoint the LM's candidates are read from the cache the vanilla run filled, or, with nothing
+    on disk, sampled after matching with the checkpoint's weights swapped in (the vanilla run's candidates) and the
+    matched weights back; a run that kept the step-0 generator selects from one pool."""
+    from dilm.distill import train_lm
+    from dilm.distill.checkpoint import load_lm_checkpoint
 
-    def union(lm, matched):
-        return [c + [s for s in m if (s.text, s.text_pair) not in {(x.text, x.text_pair) for x in c}]
-                for c, m in zip(lm, matched)]
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
+    draws = FinalDraws(tmp_path, monkeypatch, toy_task)
+    lm_dir = str(train_lm(draws.base, tmp_path / "lm", task=toy_task))
+    draws.run("vanilla", [], outer_loops=0, lm_checkpoint=lm_dir)
+    draws.run("matched", [50.0, 60.0], lm_checkpoint=lm_dir)
+    assert draws.events == ["match", "final", "match", "final"]  # vanilla, then matched: the LM's candidates read
+    vanilla, matched = draws.drawn
+    assert draws.pools[-1] == union(vanilla, matched)
+    draws.run("kept-step-0", [50.0, 50.0], lm_checkpoint=lm_dir)
+    assert draws.events[4:] == ["match"] and draws.pools[-1] == texts(vanilla)  # the LM's generator: one pool
 
-    def texts(pool):
-        return [[(s.text, s.text_pair) for s in c] for c in pool]
-
-    # the LM stage in the run: its candidates are sampled before matching, into the run's folder
-    result = run("in-run", [50.0, 60.0])
-    assert events == ["final", "match", "final"] and len(list(result.output_dir.glob("lm_candidates-*.json"))) == 1
-    lm, matched = drawn
-    assert texts(pools[-1]) == texts(union(lm, matched)) and len(pools[-1][0]) > len(lm[0])
-    assert result.timings["lm_candidates_s"] > 0
-
-    # from an LM checkpoint: the vanilla LM's run samples them once, a matched run reads them
-    lm_dir = str(train_lm(base, tmp_path / "lm", task=toy_task))
-    events.clear(), drawn.clear()
-    run("vanilla", [], outer_loops=0, lm_checkpoint=lm_dir)
-    run("matched", [50.0, 60.0], lm_checkpoint=lm_dir)
-    assert events == ["match", "final", "match", "final"]  # vanilla, then matched: the LM's candidates were read
-    assert texts(pools[-1]) == texts(union(drawn[0], drawn[1]))
-    run("kept-step-0", [50.0, 50.0], lm_checkpoint=lm_dir)
-    assert events[4:] == ["match"] and texts(pools[-1]) == texts(drawn[0])  # the LM's generator: one pool
-
-    # nothing on disk: a matched run samples them after matching, with the checkpoint's weights swapped in and back
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "empty"))
-    events.clear(), drawn.clear()
-    left = iter([50.0, 60.0])
-    monkeypatch.setattr(match_stage, "validate", lambda ctx, seed: next(left))
-    alone = Distiller(dataclasses.replace(base, lm_checkpoint=lm_dir, output_dir=str(tmp_path / "alone")),
-                      task=toy_task)
-    alone.fit()
-    assert events == ["match", "final", "final"] and texts(drawn[1]) == texts(lm)  # the vanilla LM's candidates
-    assert texts(pools[-1]) == texts(union(drawn[1], drawn[0]))
+    draws.events.clear(), draws.drawn.clear()
+    alone = draws.run("alone", [50.0, 60.0], lm_checkpoint=lm_dir)
+    assert draws.events == ["match", "final", "final"] and texts(draws.drawn[1]) == texts(vanilla)
+    assert draws.pools[-1] == union(draws.drawn[1], draws.drawn[0])
     checkpoint = load_lm_checkpoint(lm_dir, alone.cfg, toy_task, alone.template, "cpu").state_dict()
     assert any(not torch.equal(v, checkpoint[k]) for k, v in alone.generator.state_dict().items())  # its own again
-
-    in_run = Distiller(dataclasses.replace(base, output_dir=str(tmp_path / "no-lm-candidates")), task=toy_task)
-    with pytest.raises(DilmError, match="LM stage's candidates of this run are not on disk"):
-        select_module.lm_candidates(in_run, *select_module.final_counts(in_run), generator_is_lm=False)
 
 
 def test_token_limits_of_a_packaged_generator_are_kept_on_disk(tmp_path, monkeypatch, toy_task):

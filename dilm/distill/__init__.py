@@ -3,7 +3,8 @@
 Stages (``distill``): ``lm`` (label-conditioned fine-tuning) → ``match`` (``outer_loops`` × ``inner_loop`` generator
 steps; the learner re-initialised every outer loop and trained ``model_step_per_inner_step`` steps on real data
 between generator steps; the synthetic pool regenerated every ``generate_interval`` outer loops) → ``select``
-(``over_sample`` × DPC candidates per class, k-means nearest-centroid on learner features, ``n_sets`` sets).
+(``over_sample`` × DPC candidates per class from the matched generator and the LM stage's, filtered and chosen by
+herding or k-means on learner features, ``n_sets`` sets).
 ``outer_loops = 0`` is the "vanilla LM" ablation (LM stage and selection only).
 
 One module per part, each importing only those above it:

@@ -15,7 +15,7 @@ from dilm.distill.config import DistillConfig
 from dilm.distill.context import Callback, RunContext
 from dilm.distill.lm_stage import LMStageConfig, fine_tune
 from dilm.distill.match_stage import match
-from dilm.distill.select import final_counts, final_sets, lm_candidates
+from dilm.distill.select import final_sets, forget_lm_candidates, keep_lm_candidates
 from dilm.files import write_json
 from dilm.tasks import TaskData
 
@@ -44,13 +44,12 @@ class Distiller(RunContext):
         if state.stage == "lm" and cfg.lm_checkpoint:  # the LM stage is in that checkpoint, loaded with the context
             state.stage, state.step = "match", cfg.lm_steps
         elif state.stage == "lm":
+            forget_lm_candidates(cfg)
             fine_tune(LMStageConfig.of(cfg), self.generator, self.corpus, self.rng, self.device, state, self.emit)
             save_checkpoint(cfg, self.generator, state, best_state)
         self.timings["lm_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        if (state.stage == "match" and state.outer == 0 and cfg.outer_loops and cfg.final_sources == "generator+lm"
-                and not cfg.lm_checkpoint):  # the final pool's LM part, while the generator holds the LM's weights
-            lm_candidates(self, *final_counts(self))
+        keep_lm_candidates(self, state)  # generator+lm: the final pool's LM part, while the generator holds its weights
         self.timings["lm_candidates_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         if state.stage == "match":

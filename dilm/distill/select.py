@@ -1,7 +1,9 @@
 """Stage 3, selection: DPC texts per class among the generator's candidates, and the final sets of a run.
 
-*Candidates* are the usable texts sampled for one class (empty and duplicate ones dropped). A :class:`Selection`
-says how DPC of them are kept (:mod:`dilm.selection` has the algorithms):
+*Candidates* are the usable texts sampled for one class (empty and duplicate ones dropped): the run's generator's,
+and with ``final_sources`` generator+lm (the default) also the LM stage's generator's, when matching changed it
+(:func:`final_candidates`). A :class:`Selection` says how DPC of them are kept (:mod:`dilm.selection` has the
+algorithms):
 
 1. the **copy filter** (``copy_filter``): ``none``, ``exact`` or ``near`` — drop the candidates that copy a training
    text (:mod:`dilm.memorisation`; too few originals → copies fill up to DPC);
@@ -31,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dilm import DilmError
-from dilm.distill.checkpoint import State, load_lm_checkpoint
+from dilm.distill.checkpoint import RESUME_FREE, State, load_lm_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.distill.context import RunContext
 from dilm.features import embed
@@ -205,24 +207,29 @@ def final_counts(ctx: RunContext) -> tuple[list[int], list[str]]:
     return [cfg.over_sample * cfg.dpc[-1]] * (c * draws), list(ctx.task.label_names) * draws
 
 
-def lm_candidates(ctx: RunContext, counts: list[int], names: list[str], generator_is_lm: bool = True
-                  ) -> list[list[Sample]]:
-    """The LM stage's generator's final candidates, kept on disk and sampled once: with an LM checkpoint in the cache
-    every run from it shares (:meth:`RunContext.lm_only_cache_path`, ``candidates``; the key holds the weights and
-    everything sampling reads), otherwise in the run's folder under the hash of those fields and the run's config.
-    Not on disk yet: sampled by the generator when ``generator_is_lm``, else with the LM checkpoint's weights swapped
-    in for the call (:func:`lm_weights`); a run without an LM checkpoint whose generator has moved on has lost them,
-    a one-line error."""
+def lm_candidates_place(ctx: RunContext, counts: list[int], names: list[str]) -> tuple[Path | None, int]:
+    """(where the LM stage's candidates are kept, their sampling seed): the cache every run from the LM checkpoint
+    shares (:meth:`RunContext.lm_only_cache_path`, ``candidates``; the key holds the weights and everything sampling
+    reads), or the run's folder (:func:`in_run_lm_candidates_path`; None there for ``final_sources`` generator)."""
     cfg = ctx.cfg
     seed = derive_seed(cfg.seed, "final candidates")
     fields = {"counts": counts, "names": names, "seed": seed, "generator": cfg.generator, "template": ctx.template,
               "limits": ctx.limits, "top_p": cfg.top_p, "batch": cfg.gen_batch_size, "sampler": cfg.sampler,
               "drop_unfinished": cfg.drop_unfinished, "is_pair": ctx.task.is_pair,
               "precision": str(inference_dtype(ctx.device))}
-    path = ctx.lm_only_cache_path("candidates", fields)
-    if path is None:  # the LM stage ran in this run: its whole config names the weights
-        key = json.dumps([fields, cfg.to_dict()], sort_keys=True, default=str)
-        path = Path(cfg.output_dir) / f"lm_candidates-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return ctx.lm_only_cache_path("candidates", fields) or in_run_lm_candidates_path(cfg, fields), seed
+
+
+def lm_candidates(ctx: RunContext, counts: list[int], names: list[str], generator_is_lm: bool = True
+                  ) -> list[list[Sample]]:
+    """The LM stage's generator's final candidates, sampled once and kept where :func:`lm_candidates_place` says
+    (without a place, sampled and not kept). Not on disk yet: sampled by the generator when ``generator_is_lm``,
+    else with the LM checkpoint's weights swapped in for the call (:func:`lm_weights`); a run without an LM
+    checkpoint whose generator has moved on has lost them, a one-line error."""
+    cfg = ctx.cfg
+    path, seed = lm_candidates_place(ctx, counts, names)
+    if path is None:
+        return ctx.sample(counts, seed, names)
 
     def rows() -> list:
         if generator_is_lm:
@@ -238,14 +245,50 @@ def lm_candidates(ctx: RunContext, counts: list[int], names: list[str], generato
     return [[Sample(*row) for row in group] for group in json_made_once(path, rows)]
 
 
+IN_RUN_LM_CANDIDATES = "lm_candidates-*.json"  # in a run's folder: its own LM stage's candidates (generator+lm)
+
+
+def in_run_lm_candidates_path(cfg: DistillConfig, fields: dict) -> Path | None:
+    """Where a run whose LM stage ran in it keeps that generator's candidates (``final_sources`` generator+lm): its
+    folder, under the hash of what sampling reads and the config's fields a resumed run may not change (the LM's
+    weights follow from them); None for ``final_sources`` generator."""
+    if cfg.final_sources != "generator+lm":
+        return None
+    fixed = {k: v for k, v in cfg.to_dict().items() if k not in (*RESUME_FREE, "output_dir")}
+    key = hashlib.sha256(json.dumps([fields, fixed], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cfg.output_dir) / IN_RUN_LM_CANDIDATES.replace("*", key)
+
+
+def keep_lm_candidates(ctx: RunContext, state: State) -> None:
+    """Before matching, with ``final_sources`` generator+lm and the LM stage in this run (from an LM checkpoint they
+    are read, or sampled later with its weights): sample the LM's candidates while the generator holds its weights,
+    or, resuming after matching began, fail now (one line) if they are not on disk, not after the matching."""
+    cfg = ctx.cfg
+    if cfg.final_sources != "generator+lm" or not cfg.outer_loops or cfg.lm_checkpoint or state.stage != "match":
+        return
+    if state.outer == 0:
+        lm_candidates(ctx, *final_counts(ctx))
+        return
+    path, _ = lm_candidates_place(ctx, *final_counts(ctx))
+    if not path.exists():
+        raise DilmError(f"this run resumes after matching began, and its LM stage's candidates are not in {path}: "
+                        "resume it with final_sources generator, or start it afresh")
+
+
+def forget_lm_candidates(cfg: DistillConfig) -> None:
+    """A fresh LM stage: the LM candidates an earlier run left in this folder are not its generator's."""
+    for old in Path(cfg.output_dir).glob(IN_RUN_LM_CANDIDATES):
+        old.unlink()
+
+
 @contextlib.contextmanager
 def lm_weights(ctx: RunContext):
     """The LM checkpoint's weights in the run's generator for the ``with`` block, its own weights back after it."""
     own = {k: v.detach().to("cpu", copy=True) for k, v in ctx.generator.state_dict().items()}
-    lm = load_lm_checkpoint(ctx.cfg.lm_checkpoint, ctx.cfg, ctx.task, ctx.template, "cpu")
-    ctx.generator.load_state_dict(lm.state_dict())
-    del lm
     try:
+        lm = load_lm_checkpoint(ctx.cfg.lm_checkpoint, ctx.cfg, ctx.task, ctx.template, "cpu")
+        ctx.generator.load_state_dict(lm.state_dict())
+        del lm
         yield
     finally:
         ctx.generator.load_state_dict(own)
@@ -282,9 +325,10 @@ def both_generators(lm: list[list[Sample]], matched: list[list[Sample]]) -> list
 
 def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], dict[int, dict]]:
     """``n_sets`` sets per DPC → ({dpc: set paths}, {dpc: memorisation report}). ``final_pool`` per_set: every DPC of
-    set k selects from set k's over_sample × (largest DPC) candidates per class, the candidates of all sets sampled
-    together (large batches); shared: one pool of that size per class, and set k selects from its seeded random
-    half (:func:`select_from_pool`). Label agreement of all candidates (``final_label_agreement``) and of each DPC's
+    set k selects from set k's over_sample × (largest DPC) candidates per class (per generator, with
+    ``final_sources`` generator+lm: :func:`final_candidates`), the candidates of all sets sampled together (large
+    batches); shared: one pool of that size per class, and set k selects from its seeded random half
+    (:func:`select_from_pool`). Label agreement of all candidates (``final_label_agreement``) and of each DPC's
     selected texts (``final_label_agreement/dpc<d>``) is emitted, and each DPC's copies of training and test texts
     (:func:`log_copies`)."""
     cfg = ctx.cfg
