@@ -74,3 +74,24 @@ def test_the_summary_reads_the_sets_copies_from_provenance(tmp_path):
     copies = {"best trial": read_copies(tmp_path / "provenance.json"), "vanilla": read_copies(tmp_path / "no.json")}
     assert copies["vanilla"] == {}
     assert format_copies(copies) == "best trial dpc5 0.0/0.0 test 0.0/0.0, best trial dpc10 5.0/10.0 test 0.0/0.0"
+
+
+def test_a_trial_asked_by_a_killed_driver_is_never_run_not_failed():
+    """An Optuna trial still RUNNING when a resumed sweep ends was asked by the killed driver and never run: it is
+    FAIL in the study (so TPE ignores it) but NEVER_RUN in the summary's rows and counts, not a failed trial."""
+    import optuna
+
+    from tune.report import fail_orphans, format_summary, trial_state
+
+    study = optuna.create_study(direction="maximize")
+    done, failed, _never_told = study.ask(), study.ask(), study.ask()
+    study.tell(done, 70.0)
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    assert fail_orphans(study) == 1
+    states = {t.number: (t.state.name, trial_state(t)) for t in study.trials}
+    assert states == {0: ("COMPLETE", "COMPLETE"), 1: ("FAIL", "FAIL"), 2: ("FAIL", "NEVER_RUN")}
+    assert fail_orphans(study) == 0
+    line = format_summary({"name": "s", "complete": 1, "pruned": 0, "failed": 1, "never_run": 1, "finished": True,
+                           "best": None, "importances": None, "storage": "runs", "driver_dir": "runs",
+                           "optuna_url": "sqlite:///runs/optuna.db"}).splitlines()[0]
+    assert line == "sweep s: 1 complete, 0 stopped early (ASHA), 1 failed, 1 asked by a killed driver and never run"

@@ -43,25 +43,37 @@ def param_importances(study) -> dict[str, float] | None:
         return None
 
 
+ORPHAN = "dilm.never_run"  # user attribute of an Optuna trial asked by a killed driver and never run
+
+
 def fail_orphans(study) -> int:
     """Once a sweep has finished no trial runs: an Optuna trial still RUNNING was asked by a driver killed before Tune
-    saved its searcher state (the restored sweep suggested a new trial instead). Mark those FAIL."""
+    saved its searcher state (the restored sweep suggested a new trial instead). Mark those FAIL, with the user
+    attribute :data:`ORPHAN` (through the study's storage: a finished trial has no public setter), so the summary
+    does not count them as failed trials."""
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in orphans:
+        study._storage.set_trial_user_attr(t._trial_id, ORPHAN, True)
         study.tell(t.number, state=TrialState.FAIL)
     return len(orphans)
 
 
+def trial_state(t) -> str:
+    """An Optuna trial's state name; ``NEVER_RUN`` for one :func:`fail_orphans` marked."""
+    return "NEVER_RUN" if t.user_attrs.get(ORPHAN) else t.state.name
+
+
 def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dict:
     """The per-trial table (from the Optuna study), counts and the best trial."""
-    rows = [{"number": t.number, "ray_trial_id": t.user_attrs.get("ray_trial_id", ""), "state": t.state.name,
+    rows = [{"number": t.number, "ray_trial_id": t.user_attrs.get("ray_trial_id", ""), "state": trial_state(t),
              OBJECTIVE: t.value if t.state.name == "COMPLETE" else None, **t.params}
             for t in study.trials]
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     best = best_row(complete)
     states = [r["state"] for r in rows]
     return {"name": cfg.name, "rows": rows, "best": best, "complete": len(complete),
-            "pruned": states.count("PRUNED"), "failed": states.count("FAIL"), "finished": finished,
+            "pruned": states.count("PRUNED"), "failed": states.count("FAIL"), "never_run": states.count("NEVER_RUN"),
+            "finished": finished,
             "importances": param_importances(study) if len(complete) >= 2 else None,
             "storage": paths.location, "driver_dir": str(paths.storage), "optuna_url": paths.optuna_url}
 
@@ -174,7 +186,9 @@ def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
 
 def format_summary(s: dict) -> str:
     lines = [f"sweep {s['name']}: {s['complete']} complete, {s['pruned']} stopped early (ASHA), "
-             f"{s['failed']} failed" + ("" if s["finished"] else " — interrupted: continue with --resume")]
+             f"{s['failed']} failed"
+             + (f", {s['never_run']} asked by a killed driver and never run" if s.get("never_run") else "")
+             + ("" if s["finished"] else " — interrupted: continue with --resume")]
     if s["best"]:
         params = {k: v for k, v in s["best"].items() if k not in ("number", "ray_trial_id", "state", OBJECTIVE)}
         lines.append(f"  best objective {s['best'][OBJECTIVE]:.2f} (trial {s['best']['ray_trial_id']}): {params}")
