@@ -76,22 +76,23 @@ def test_the_summary_reads_the_sets_copies_from_provenance(tmp_path):
     assert format_copies(copies) == "best trial dpc5 0.0/0.0 test 0.0/0.0, best trial dpc10 5.0/10.0 test 0.0/0.0"
 
 
-def test_a_trial_asked_by_a_killed_driver_is_never_run_not_failed():
-    """An Optuna trial still RUNNING when a resumed sweep ends was asked by the killed driver and never run: it is
-    FAIL in the study (so TPE ignores it) but NEVER_RUN in the summary's rows and counts, not a failed trial."""
+def test_a_trial_a_killed_driver_started_and_the_resume_lost_is_not_a_failed_trial():
+    """An Optuna trial still RUNNING when a resumed sweep ends was started by the killed driver after Tune last saved
+    its state: it is FAIL in the study (so TPE ignores it) but NOT_RESUMED in the summary's rows and counts."""
     import optuna
 
     from tune.report import fail_orphans, format_summary, trial_state
 
     study = optuna.create_study(direction="maximize")
-    done, failed, _never_told = study.ask(), study.ask(), study.ask()
+    done, failed, lost = study.ask(), study.ask(), study.ask()
+    lost.set_user_attr("ray_trial_id", "abc123")
     study.tell(done, 70.0)
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
-    assert fail_orphans(study) == 1
+    assert fail_orphans(study) == ["abc123"]
     states = {t.number: (t.state.name, trial_state(t)) for t in study.trials}
-    assert states == {0: ("COMPLETE", "COMPLETE"), 1: ("FAIL", "FAIL"), 2: ("FAIL", "NEVER_RUN")}
-    assert fail_orphans(study) == 0
-    line = format_summary({"name": "s", "complete": 1, "pruned": 0, "failed": 1, "never_run": 1, "finished": True,
+    assert states == {0: ("COMPLETE", "COMPLETE"), 1: ("FAIL", "FAIL"), 2: ("FAIL", "NOT_RESUMED")}
+    assert fail_orphans(study) == []
+    line = format_summary({"name": "s", "complete": 1, "pruned": 0, "failed": 1, "not_resumed": 1, "finished": True,
                            "best": None, "importances": None, "storage": "runs", "driver_dir": "runs",
                            "optuna_url": "sqlite:///runs/optuna.db"}).splitlines()[0]
-    assert line == "sweep s: 1 complete, 0 stopped early (ASHA), 1 failed, 1 asked by a killed driver and never run"
+    assert line == "sweep s: 1 complete, 0 stopped early (ASHA), 1 failed, 1 started by a killed driver and not resumed"

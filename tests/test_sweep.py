@@ -27,7 +27,7 @@ import yaml
 from dilm import DilmError
 from dilm.distill import LM_META, DistillConfig, lm_cache_key
 from tune.config import EvalSpec, SweepConfig, SweepPaths, load_config
-from tune.report import trial_state
+from tune.report import ORPHAN, trial_state
 from tune.scores import FINAL, OBJECTIVE, VAL_METRIC
 from tune.search import PruneAwareOptunaSearch
 from tune.sweep import base_distill_config, check_resources, main
@@ -391,7 +391,9 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(crashed_sweep):
     for trial_id, mtimes in before.items():
         assert after[trial_id] == mtimes  # neither distilled nor scored again
     client, _, children = mlflow_runs(s["storage"])
-    trial_ids = [r.data.tags["dilm.trial_id"] for r in children]
+    lost = [r for r in children if r.data.tags.get(ORPHAN)]  # started after Tune's last save (timing: 0 or 1)
+    assert len(lost) <= 1 and all(r.info.status == "KILLED" for r in lost)
+    trial_ids = [r.data.tags["dilm.trial_id"] for r in children if r not in lost]
     assert len(trial_ids) == len(set(trial_ids)) == 3  # one child run per trial, also for the resumed one
     for r in children:
         if r.data.tags["dilm.trial_id"] in before:
@@ -423,7 +425,7 @@ def test_sweep_records_runs_params_metrics_artifacts_and_study(crashed_sweep):
         assert {a.path for a in client.list_artifacts(r.info.run_id, "plots")} == {
             "plots/accuracy_vs_dpc_tfidf-logreg.png", "plots/accuracy_vs_dpc_tiny-bert.png"}
     trials = study_trials(s["storage"])
-    ran = [t for t in trials if trial_state(t) != "NEVER_RUN"]  # the killed driver may have asked for one more
+    ran = [t for t in trials if trial_state(t) != "NOT_RESUMED"]  # the killed driver may have started one more
     assert sorted(t.state.name for t in ran) == ["COMPLETE", "COMPLETE", "FAIL"]
     objectives = {tid: json.loads((s["storage"] / "sets" / "crash" / tid / "final.json").read_text())[OBJECTIVE]
                   for tid in finished_trials(s["storage"])}

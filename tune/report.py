@@ -43,24 +43,24 @@ def param_importances(study) -> dict[str, float] | None:
         return None
 
 
-ORPHAN = "dilm.never_run"  # user attribute of an Optuna trial asked by a killed driver and never run
+ORPHAN = "dilm.not_resumed"  # user attribute of an Optuna trial a killed driver started and the resume did not know
 
 
-def fail_orphans(study) -> int:
-    """Once a sweep has finished no trial runs: an Optuna trial still RUNNING was asked by a driver killed before Tune
-    saved its searcher state (the restored sweep suggested a new trial instead). Mark those FAIL, with the user
-    attribute :data:`ORPHAN` (through the study's storage: a finished trial has no public setter), so the summary
-    does not count them as failed trials."""
+def fail_orphans(study) -> list[str]:
+    """Once a sweep has finished no trial runs: an Optuna trial still RUNNING was started by a driver killed before
+    Tune saved it in its experiment state (the resumed sweep suggested a new trial instead). Mark those FAIL (TPE
+    ignores them), with the user attribute :data:`ORPHAN` (through the study's storage: a finished trial has no
+    public setter), so the summary does not count them as failed trials; returns their Ray trial ids."""
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in orphans:
         study._storage.set_trial_user_attr(t._trial_id, ORPHAN, True)
         study.tell(t.number, state=TrialState.FAIL)
-    return len(orphans)
+    return [t.user_attrs.get("ray_trial_id", "") for t in orphans]
 
 
 def trial_state(t) -> str:
-    """An Optuna trial's state name; ``NEVER_RUN`` for one :func:`fail_orphans` marked."""
-    return "NEVER_RUN" if t.user_attrs.get(ORPHAN) else t.state.name
+    """An Optuna trial's state name; ``NOT_RESUMED`` for one :func:`fail_orphans` marked."""
+    return "NOT_RESUMED" if t.user_attrs.get(ORPHAN) else t.state.name
 
 
 def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dict:
@@ -72,8 +72,8 @@ def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dic
     best = best_row(complete)
     states = [r["state"] for r in rows]
     return {"name": cfg.name, "rows": rows, "best": best, "complete": len(complete),
-            "pruned": states.count("PRUNED"), "failed": states.count("FAIL"), "never_run": states.count("NEVER_RUN"),
-            "finished": finished,
+            "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
+            "not_resumed": states.count("NOT_RESUMED"), "finished": finished,
             "importances": param_importances(study) if len(complete) >= 2 else None,
             "storage": paths.location, "driver_dir": str(paths.storage), "optuna_url": paths.optuna_url}
 
@@ -187,7 +187,7 @@ def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
 def format_summary(s: dict) -> str:
     lines = [f"sweep {s['name']}: {s['complete']} complete, {s['pruned']} stopped early (ASHA), "
              f"{s['failed']} failed"
-             + (f", {s['never_run']} asked by a killed driver and never run" if s.get("never_run") else "")
+             + (f", {s['not_resumed']} started by a killed driver and not resumed" if s.get("not_resumed") else "")
              + ("" if s["finished"] else " — interrupted: continue with --resume")]
     if s["best"]:
         params = {k: v for k, v in s["best"].items() if k not in ("number", "ray_trial_id", "state", OBJECTIVE)}

@@ -47,7 +47,7 @@ from tune.baselines import start_baselines
 from tune.config import RETIRED_KEYS, Resources, SweepConfig, SweepPaths, in_ray_job, load_config
 from tune.mlflow_server import TrackingServer
 from tune.pool import PoolError, PoolSpec, create_pool, shutdown_pool
-from tune.report import add_baselines, fail_orphans, load_study, report_summary, summarize
+from tune.report import ORPHAN, add_baselines, fail_orphans, load_study, report_summary, summarize
 from tune.search import PruneAwareOptunaSearch, TrialEnd, make_scheduler, make_searcher, trial_dirname
 from tune.storage import join, open_storage, sync_down, sync_up
 from tune.tracking import SweepTracker, TrackingSpec, flatten, tracking_uri
@@ -276,7 +276,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
         finished = results.num_terminated + results.num_errors == len(results) >= cfg.num_samples
         study = load_study(cfg, paths)
         if finished:
-            fail_orphans(study)
+            for trial_id in fail_orphans(study):  # its child run, if it had one, ends with it
+                tracker.end_child(trial_id, "KILLED", {ORPHAN: "true"})
         summary = summarize(study, cfg, paths, finished)
         if summary["finished"]:
             mirror_for_report(paths, summary)
