@@ -17,7 +17,10 @@ what it measured):
    gradient, no validation, so the matched generator is measured as it ends) runs from the same LM checkpoint
    and its generator samples the same counts with the same seeds: ``match:<selection>`` is matching, paired
    set by set with vanilla's ``<selection>``; ``--both`` adds ``both:filter+herding``, the default selection over
-   the two generators' candidates of set k together;
+   the two generators' candidates of set k together; ``--lm-pool`` adds ``lm2:filter+herding``, the same
+   selection over the vanilla LM's candidates of set k and a second LM draw of the same size (another seed),
+   pooled the same way: the pool of ``both:``'s size without matching, so ``both:`` − ``lm2:`` is what matching
+   adds beyond a larger pool;
 3. **sets**: the selections of :data:`SELECTIONS` at every DPC; random and k-centers (``--sets`` seeded draws) and
    herding (deterministic: one set) of real data; label agreement and the memorisation report of each method;
    with ``--soft``, ``<selection>+soft``: the same texts with soft labels learned by :class:`dilm.softlabel.
@@ -29,7 +32,8 @@ what it measured):
 
 Named baselines: every method's difference to **random real** sets, to the reference's **k-means** selection of
 the same candidates and to its twin (matching against the vanilla LM under the same selection; soft against hard
-labels on the same texts), as the mean of paired differences (set k with set k) with a Student-t 95 % interval.
+labels on the same texts; ``lm2:`` against vanilla), and ``both:`` to ``lm2:`` (the same pool size), as the mean
+of paired differences (set k with set k) with a Student-t 95 % interval.
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ def parse() -> argparse.Namespace:
                    help="outer loops of the matching stage (x 5 generator steps); 0: no matching arm")
     p.add_argument("--both", action="store_true",
                    help="with --match-outer: also filter + herding over both generators' candidates together (both:)")
+    p.add_argument("--lm-pool", action="store_true",
+                   help="lm2:filter+herding, the vanilla LM's candidates with a second LM draw of the same size")
     p.add_argument("--match-lr", type=float, default=3e-5, help="the matching stage's generator lr")
     p.add_argument("--soft", default="filter+herding",
                    help="comma-separated methods whose sets also get learned soft labels ('': none)")
@@ -166,15 +172,21 @@ def paired(cells: dict, judge: str, dpc: int, method: str, against: str) -> dict
 
 def twin(method: str) -> str | None:
     """What ``method`` differs from by one thing: the vanilla LM's candidates under the same selection
-    (``match:<s>`` and ``both:<s>`` → ``<s>``), the same texts with hard labels (``<m>+soft`` → ``<m>``)."""
-    if method.startswith(("match:", "both:")):
+    (``match:<s>``, ``both:<s>`` and ``lm2:<s>`` → ``<s>``), the same texts with hard labels (``<m>+soft`` →
+    ``<m>``)."""
+    if method.startswith(("match:", "both:", "lm2:")):
         return method.split(":", 1)[1]
     return method.removesuffix("+soft") if method.endswith("+soft") else None
 
 
+def pool_twin(method: str) -> str | None:
+    """``both:<s>`` → ``lm2:<s>``: the vanilla LM's pool of the same size (``--lm-pool``)."""
+    return "lm2:" + method.split(":", 1)[1] if method.startswith("both:") else None
+
+
 def table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -> str:
-    rows = ["| judge | DPC | method | accuracy (n) | − random [95 % CI] | − k-means [95 % CI] | − twin [95 % CI] |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| judge | DPC | method | accuracy (n) | − random [95 % CI] | − k-means [95 % CI] | − twin [95 % CI] | "
+            "− lm2 [95 % CI] |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def ci(p: dict | None) -> str:
         return "" if p is None else f"{p['mean']:+.1f} [{p['lo']:+.1f}, {p['hi']:+.1f}]"
@@ -187,6 +199,7 @@ def table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -
                     vs = [ci(paired(cells, judge, d, m, base)) for base in ("random", "kmeans")]
                     t = twin(m)
                     vs.append(f"{ci(paired(cells, judge, d, m, t))} ({t})" if t else "")
+                    vs.append(ci(paired(cells, judge, d, m, pool_twin(m))) if pool_twin(m) else "")
                     rows.append(f"| {judge} | {d} | {m} | {c['mean']:.1f} ± {c['std']:.1f} ({c['n']}) | "
                                 f"{' | '.join(vs)} |")
     return "\n".join(rows)
@@ -234,10 +247,11 @@ def main() -> int:
     ctx = Distiller(DistillConfig(**{**cfg.to_dict(), "lm_checkpoint": str(lm), "dpc": tuple(dpcs)}), task=task)
     c = task.num_classes
 
-    def candidates_of(gen: Distiller, cell: str) -> list[list[list]]:
-        """``--candidates`` per class for each set, with the same seeds whichever generator samples them."""
+    def candidates_of(gen: Distiller, cell: str, *draw: str) -> list[list[list]]:
+        """``--candidates`` per class for each set, with the same seeds whichever generator samples them (another
+        ``draw``: other seeds)."""
         t = time.perf_counter()
-        got = gen.sample([args.candidates] * (c * args.sets), derive_seed(cfg.seed, "final candidates"),
+        got = gen.sample([args.candidates] * (c * args.sets), derive_seed(cfg.seed, "final candidates", *draw),
                          list(task.label_names) * args.sets)
         n_samples = sum(map(len, got))
         rec.cell(cell, per_class=args.candidates, sets=args.sets, samples=n_samples,
@@ -247,6 +261,9 @@ def main() -> int:
 
     vanilla = candidates_of(ctx, "candidates")
     arms = [("", ctx, vanilla, list(SELECTIONS))]
+    if args.lm_pool:  # a pool of both:'s size from the vanilla LM alone, pooled the same way
+        second = candidates_of(ctx, "candidates/lm2", "second draw")
+        arms.append(("lm2:", ctx, [both_generators(a, b) for a, b in zip(vanilla, second)], ["filter+herding"]))
     if args.match_outer:
         n = args.match_outer
         mctx = Distiller(DistillConfig(**{
@@ -327,7 +344,8 @@ def report(path: Path, data: dict) -> None:
     dpcs = sorted(int(d.removeprefix("dpc")) for d in dpcs)
     data["paired"] = {f"{j}/dpc{d}/{m}": {"vs_random": paired(cells, j, d, m, "random"),
                                           "vs_kmeans": paired(cells, j, d, m, "kmeans"),
-                                          "vs_twin": twin(m) and paired(cells, j, d, m, twin(m))}
+                                          "vs_twin": twin(m) and paired(cells, j, d, m, twin(m)),
+                                          "vs_lm_pool": pool_twin(m) and paired(cells, j, d, m, pool_twin(m))}
                       for j in judges for d in dpcs for m in methods if f"{j}/dpc{d}/{m}" in cells}
     write_json(path, data)
     print(table(cells, judges, dpcs, methods))

@@ -1,5 +1,5 @@
-"""bench/cpu_quality.py end to end on the tiny models: the matching arm, both generators' pool and the soft labels
-give paired cells."""
+"""bench/cpu_quality.py end to end on the tiny models: the matching arm, both generators' pool, the vanilla LM's pool
+of the same size and the soft labels give paired cells."""
 
 import json
 import os
@@ -16,16 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_path):
     out = tmp_path / "cq"
     cmd = [sys.executable, str(ROOT / "bench" / "cpu_quality.py"), "--out", str(out), "--quick", "--dpc", "2,4",
-           "--sets", "2", "--candidates", "10", "--match-outer", "1", "--both", "--ft-dpc", "0", "--threads", "1"]
+           "--sets", "2", "--candidates", "10", "--match-outer", "1", "--both", "--lm-pool",
+           "--ft-dpc", "0", "--threads", "1"]
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "DILM_CACHE": str(tmp_path / "cache")},
                    capture_output=True, text=True, timeout=600)
     data = json.loads((out / "cpu_quality.json").read_text())
     cells, paired = data["cells"], data["paired"]
     assert cells["matching"]["generator_steps"] == 5  # one outer loop of five generator steps
-    assert cells["candidates/match"]["samples"] == cells["candidates"]["samples"] == 2 * 2 * 10
+    samples = [cells[f"candidates{arm}"]["samples"] for arm in ("", "/match", "/lm2")]
+    assert samples == [2 * 2 * 10] * 3
     judge = "tiny-bert-probe"
     for method, twin in (("match:filter+herding", "filter+herding"), ("match:kmeans", "kmeans"),
-                         ("both:filter+herding", "filter+herding"),
+                         ("both:filter+herding", "filter+herding"), ("lm2:filter+herding", "filter+herding"),
                          ("filter+herding+soft", "filter+herding")):
         for dpc in (2, 4):
             assert cells[f"{judge}/dpc{dpc}/{method}"]["n"] == 2
@@ -33,3 +35,7 @@ def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_p
                                            cells[f"{judge}/dpc{dpc}/{twin}"]["accuracies"])]
             assert paired[f"{judge}/dpc{dpc}/{method}"]["vs_twin"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert paired[f"{judge}/dpc2/random"]["vs_twin"] is None  # real sets have no twin
+    both, lm2 = (cells[f"{judge}/dpc4/{m}:filter+herding"]["accuracies"] for m in ("both", "lm2"))
+    assert paired[f"{judge}/dpc4/both:filter+herding"]["vs_lm_pool"]["mean"] == pytest.approx(
+        sum(a - b for a, b in zip(both, lm2)) / 2)  # matching beyond a pool of the same size
+    assert paired[f"{judge}/dpc4/filter+herding"]["vs_lm_pool"] is None
