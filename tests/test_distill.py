@@ -415,21 +415,22 @@ def test_step0_validation_is_computed_once_for_runs_that_differ_only_in_matching
 
 def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, monkeypatch, toy_task):
     """The vanilla-LM run (outer_loops 0) and a matched run that kept the step-0 generator sample the same final
-    candidates: the first samples them, the second reads them (same sets); a run whose matching validated higher
-    samples its own."""
+    candidates (generator+lm: two draws of the LM's): the first samples them, the second reads them (same sets); a
+    run whose matching validated higher samples its own half."""
     from dilm.distill import train_lm
     from dilm.distill.context import RunContext
-    from dilm.seeds import derive_seed
+    from dilm.distill.select import GENERATOR_DRAW, final_seed
 
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
     base = DistillConfig.from_preset("smoke", probe="", label_filter="none", outer_loops=1,
                                      output_dir=str(tmp_path / "lm-run"))
     lm = str(train_lm(base, tmp_path / "lm", task=toy_task))
-    final_seed = derive_seed(base.seed, "final candidates")
+    seeds = {final_seed(base), final_seed(base, GENERATOR_DRAW)}
+    assert len(seeds) == 2  # generator+lm (the default): the pool's halves are two draws
     finals = []
     real_sample = RunContext.sample
     monkeypatch.setattr(RunContext, "sample", lambda self, counts, seed, names=None: (
-        finals.append(seed) if seed == final_seed else None) or real_sample(self, counts, seed, names))
+        finals.append(seed) if seed in seeds else None) or real_sample(self, counts, seed, names))
 
     def run(name: str, accuracies: list[float], **changes) -> list[str]:
         left = iter(accuracies)
@@ -439,34 +440,35 @@ def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, mo
         return [p.read_text() for paths in result.sets.values() for p in paths]
 
     vanilla = run("vanilla", [], outer_loops=0)
-    assert len(finals) == 1 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 1
-    assert run("kept-step-0", [50.0, 50.0]) == vanilla and len(finals) == 1  # read, not sampled
-    run("matched", [50.0, 60.0])
-    assert len(finals) == 2 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 1
+    assert len(finals) == 2 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 2
+    assert run("kept-step-0", [50.0, 50.0]) == vanilla and len(finals) == 2  # read, not sampled
+    run("matched", [50.0, 60.0])  # its generator's half, sampled; the LM's, read
+    assert len(finals) == 3 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 2
 
 
 class FinalDraws:
     """Runs of a smoke config with ``final_sources`` generator+lm, recording the order of matching and final-candidate
-    draws (``events``), each draw (``drawn``) and each pool the final sets were selected from (``pools``)."""
+    draws (``events``: ``lm`` the LM's half, ``gen`` the run's generator's), each draw (``drawn``) and each pool the
+    final sets were selected from (``pools``)."""
 
     def __init__(self, tmp_path, monkeypatch, task):
         from dilm.distill import run as run_module
         from dilm.distill import select as select_module
         from dilm.distill.context import RunContext
-        from dilm.seeds import derive_seed
+        from dilm.distill.select import GENERATOR_DRAW, LM_DRAW, final_seed
 
         self.tmp, self.mp, self.task = tmp_path, monkeypatch, task
         self.base = DistillConfig.from_preset("smoke", probe="", label_filter="none", outer_loops=1,
                                               final_pool="shared", final_sources="generator+lm",
                                               output_dir=str(tmp_path / "lm-run"))
         self.events, self.drawn, self.pools = [], [], []
-        final_seed = derive_seed(self.base.seed, "final candidates")
+        draws = {final_seed(self.base, LM_DRAW): "lm", final_seed(self.base, GENERATOR_DRAW): "gen"}
         sample, match, pool = RunContext.sample, run_module.match, select_module.select_from_pool
 
         def recorded(ctx, counts, seed, names=None):
             got = sample(ctx, counts, seed, names)
-            if seed == final_seed:
-                self.events.append("final")
+            if seed in draws:
+                self.events.append(draws[seed])
                 self.drawn.append(got)
             return got
 
@@ -504,7 +506,7 @@ def test_final_sources_generator_and_lm_with_the_lm_stage_in_the_run(tmp_path, m
     draws = FinalDraws(tmp_path, monkeypatch, toy_task)
     run = draws.run("in-run", [50.0, 60.0])
     kept = list((tmp_path / "in-run").glob(IN_RUN_LM_CANDIDATES))
-    assert draws.events == ["final", "match", "final"] and len(kept) == 1
+    assert draws.events == ["lm", "match", "gen"] and len(kept) == 1
     lm, matched = draws.drawn
     assert draws.pools[-1] == union(lm, matched) and len(draws.pools[-1][0]) > len(lm[0])
     assert run.timings["lm_candidates_s"] > 0
@@ -518,13 +520,18 @@ def test_final_sources_generator_and_lm_with_the_lm_stage_in_the_run(tmp_path, m
     (tmp_path / "in-run" / "checkpoint").rename(tmp_path / "old-checkpoint")
     draws.events.clear(), draws.drawn.clear()
     draws.run("in-run", [50.0, 60.0])
-    assert draws.events == ["final", "match", "final"] and draws.pools[-1] == union(*draws.drawn)
+    assert draws.events == ["lm", "match", "gen"] and draws.pools[-1] == union(*draws.drawn)
+    draws.events.clear(), draws.drawn.clear()
+    draws.run("in-run-kept-step-0", [50.0, 50.0])  # the generator holds the LM's weights again: its half is the LM's
+    assert draws.events == ["lm", "match", "gen"] and draws.pools[-1] == union(*draws.drawn)
+    assert len(list((tmp_path / "in-run-kept-step-0").glob(IN_RUN_LM_CANDIDATES))) == 2  # both kept
 
 
 def test_final_sources_generator_and_lm_from_an_lm_checkpoint(tmp_path, monkeypatch, toy_task):
     """From an LM checkpoint the LM's candidates are read from the cache the vanilla run filled, or, with nothing
     on disk, sampled after matching with the checkpoint's weights swapped in (the vanilla run's candidates) and the
-    matched weights back; a run that kept the step-0 generator selects from one pool."""
+    matched weights back. The vanilla run's pool is two draws of the LM's, so the pool's size does not depend on
+    whether matching was kept; a run that kept the step-0 generator selects from exactly the vanilla run's pool."""
     from dilm.distill import train_lm
     from dilm.distill.checkpoint import load_lm_checkpoint
 
@@ -532,18 +539,22 @@ def test_final_sources_generator_and_lm_from_an_lm_checkpoint(tmp_path, monkeypa
     draws = FinalDraws(tmp_path, monkeypatch, toy_task)
     lm_dir = str(train_lm(draws.base, tmp_path / "lm", task=toy_task))
     draws.run("vanilla", [], outer_loops=0, lm_checkpoint=lm_dir)
+    vanilla, second = draws.drawn
+    vanilla_pool = draws.pools[-1]
+    assert draws.events == ["match", "lm", "gen"] and vanilla_pool == union(vanilla, second)
+    assert len(vanilla_pool[0]) > len(vanilla[0])  # two draws of the LM's
     draws.run("matched", [50.0, 60.0], lm_checkpoint=lm_dir)
-    assert draws.events == ["match", "final", "match", "final"]  # vanilla, then matched: the LM's candidates read
-    vanilla, matched = draws.drawn
+    assert draws.events[3:] == ["match", "gen"]  # the LM's half read from the vanilla run's
+    matched = draws.drawn[2]
     assert draws.pools[-1] == union(vanilla, matched)
     draws.run("kept-step-0", [50.0, 50.0], lm_checkpoint=lm_dir)
-    assert draws.events[4:] == ["match"] and draws.pools[-1] == texts(vanilla)  # the LM's generator: one pool
+    assert draws.events[5:] == ["match"] and draws.pools[-1] == vanilla_pool  # both halves read: vanilla's pool
 
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "empty"))
     draws.events.clear(), draws.drawn.clear()
     alone = draws.run("alone", [50.0, 60.0], lm_checkpoint=lm_dir)
-    assert draws.events == ["match", "final", "final"] and texts(draws.drawn[1]) == texts(vanilla)
-    assert draws.pools[-1] == union(draws.drawn[1], draws.drawn[0])
+    assert draws.events == ["match", "lm", "gen"] and texts(draws.drawn[0]) == texts(vanilla)
+    assert draws.pools[-1] == union(draws.drawn[0], draws.drawn[1])
     checkpoint = load_lm_checkpoint(lm_dir, alone.cfg, toy_task, alone.template, "cpu").state_dict()
     assert any(not torch.equal(v, checkpoint[k]) for k, v in alone.generator.state_dict().items())  # its own again
 

@@ -207,12 +207,26 @@ def final_counts(ctx: RunContext) -> tuple[list[int], list[str]]:
     return [cfg.over_sample * cfg.dpc[-1]] * (c * draws), list(ctx.task.label_names) * draws
 
 
-def lm_candidates_place(ctx: RunContext, counts: list[int], names: list[str]) -> tuple[Path | None, int]:
-    """(where the LM stage's candidates are kept, their sampling seed): the cache every run from the LM checkpoint
-    shares (:meth:`RunContext.lm_only_cache_path`, ``candidates``; the key holds the weights and everything sampling
-    reads), or the run's folder (:func:`in_run_lm_candidates_path`; None there for ``final_sources`` generator)."""
+LM_DRAW, GENERATOR_DRAW = "lm", "generator"  # the two halves of a generator+lm pool
+
+
+def final_seed(cfg: DistillConfig, draw: str = LM_DRAW) -> int:
+    """The seed of a final draw: the LM stage's (and the run's generator's with ``final_sources`` generator), or,
+    with generator+lm, the run's generator's, another seed: the pool's halves are two draws even when the run's
+    generator is the LM stage's."""
+    if draw == GENERATOR_DRAW and cfg.final_sources == "generator+lm":
+        return derive_seed(cfg.seed, "final candidates", GENERATOR_DRAW)
+    return derive_seed(cfg.seed, "final candidates")
+
+
+def lm_candidates_place(ctx: RunContext, counts: list[int], names: list[str], draw: str = LM_DRAW
+                        ) -> tuple[Path | None, int]:
+    """(where the LM stage's candidates of ``draw`` are kept, their sampling seed): the cache every run from the LM
+    checkpoint shares (:meth:`RunContext.lm_only_cache_path`, ``candidates``; the key holds the weights and
+    everything sampling reads), or the run's folder (:func:`in_run_lm_candidates_path`; None there for
+    ``final_sources`` generator)."""
     cfg = ctx.cfg
-    seed = derive_seed(cfg.seed, "final candidates")
+    seed = final_seed(cfg, draw)
     fields = {"counts": counts, "names": names, "seed": seed, "generator": cfg.generator, "template": ctx.template,
               "limits": ctx.limits, "top_p": cfg.top_p, "batch": cfg.gen_batch_size, "sampler": cfg.sampler,
               "drop_unfinished": cfg.drop_unfinished, "is_pair": ctx.task.is_pair,
@@ -220,14 +234,15 @@ def lm_candidates_place(ctx: RunContext, counts: list[int], names: list[str]) ->
     return ctx.lm_only_cache_path("candidates", fields) or in_run_lm_candidates_path(cfg, fields), seed
 
 
-def lm_candidates(ctx: RunContext, counts: list[int], names: list[str], generator_is_lm: bool = True
-                  ) -> list[list[Sample]]:
-    """The LM stage's generator's final candidates, sampled once and kept where :func:`lm_candidates_place` says
-    (without a place, sampled and not kept). Not on disk yet: sampled by the generator when ``generator_is_lm``,
-    else with the LM checkpoint's weights swapped in for the call (:func:`lm_weights`); a run without an LM
-    checkpoint whose generator has moved on has lost them, a one-line error."""
+def lm_candidates(ctx: RunContext, counts: list[int], names: list[str], generator_is_lm: bool = True,
+                  draw: str = LM_DRAW) -> list[list[Sample]]:
+    """The LM stage's generator's final candidates (of ``draw``: :func:`final_seed`), sampled once and kept where
+    :func:`lm_candidates_place` says (without a place, sampled and not kept). Not on disk yet: sampled by the
+    generator when ``generator_is_lm``, else with the LM checkpoint's weights swapped in for the call
+    (:func:`lm_weights`); a run without an LM checkpoint whose generator has moved on has lost them, a one-line
+    error."""
     cfg = ctx.cfg
-    path, seed = lm_candidates_place(ctx, counts, names)
+    path, seed = lm_candidates_place(ctx, counts, names, draw)
     if path is None:
         return ctx.sample(counts, seed, names)
 
@@ -300,18 +315,23 @@ def lm_only(cfg: DistillConfig, state: State) -> bool:
 
 
 def final_candidates(ctx: RunContext, state: State, counts: list[int], names: list[str]) -> list[list[Sample]]:
-    """The final sets' candidates: ``counts[i]`` samples of class ``names[i]``, all in one sampling call (large
-    batches; duplicates are removed within a set, not across sets). When the generator is the LM stage's they are
-    :func:`lm_candidates` (the vanilla-LM baseline of a sweep and its trials that kept the LM-only generator sample
-    them once); with ``final_sources`` generator+lm, the LM stage's candidates (read from disk where the vanilla
-    baseline or matching's start left them) and then a matched generator's (:func:`both_generators`)."""
+    """The final sets' candidates: ``counts[i]`` samples of class ``names[i]`` from each source, each source's in one
+    sampling call (large batches; duplicates are removed within a set, not across sets). ``final_sources``
+    generator: the run's generator's, which when it is the LM stage's are :func:`lm_candidates` (the vanilla-LM
+    baseline of a sweep and its trials that kept the LM-only generator sample them once). generator+lm: the LM
+    stage's candidates (read from disk where the vanilla baseline or matching's start left them), then the run's
+    generator's, drawn with another seed (:func:`final_seed`), that are not among them (:func:`both_generators`).
+    Where the run's generator is the LM stage's, that second draw is the LM's too (kept like the first): the pool
+    has the same size whether or not matching was kept, so a matched run and the vanilla LM differ by matching
+    alone, not by how many candidates the selection saw."""
     cfg = ctx.cfg
-    if lm_only(cfg, state):
-        return lm_candidates(ctx, counts, names)
-    ours = ctx.sample(counts, derive_seed(cfg.seed, "final candidates"), names)
     if cfg.final_sources == "generator":
-        return ours
-    return both_generators(lm_candidates(ctx, counts, names, generator_is_lm=False), ours)
+        return lm_candidates(ctx, counts, names) if lm_only(cfg, state) else ctx.sample(counts, final_seed(cfg), names)
+    lm_is_ours = lm_only(cfg, state)
+    first = lm_candidates(ctx, counts, names, generator_is_lm=lm_is_ours)
+    if lm_is_ours:
+        return both_generators(first, lm_candidates(ctx, counts, names, draw=GENERATOR_DRAW))
+    return both_generators(first, ctx.sample(counts, final_seed(cfg, GENERATOR_DRAW), names))
 
 
 def both_generators(lm: list[list[Sample]], matched: list[list[Sample]]) -> list[list[Sample]]:
