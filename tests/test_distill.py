@@ -369,7 +369,7 @@ def test_a_shared_final_pool_is_sampled_once_for_every_set(tmp_path, toy_task):
     sample = run.sample
     run.sample = lambda counts, *a, **k: asked.append(list(counts)) or sample(counts, *a, **k)
     result = run.fit()
-    assert asked[-1] == [4 * 3] * 2  # the final candidates: one draw per class
+    assert asked[-1] == [4 * 3] * 2  # the final candidates (each of generator+lm's two draws): one call, all classes
     for dpc, paths in result.sets.items():
         sets = [read_set(p, ("negative", "positive")) for p in paths]
         assert len(sets) == 3 and all(s.counts() == [dpc, dpc] for s in sets)
@@ -557,6 +557,11 @@ def test_final_sources_generator_and_lm_from_an_lm_checkpoint(tmp_path, monkeypa
     assert draws.pools[-1] == union(draws.drawn[0], draws.drawn[1])
     checkpoint = load_lm_checkpoint(lm_dir, alone.cfg, toy_task, alone.template, "cpu").state_dict()
     assert any(not torch.equal(v, checkpoint[k]) for k, v in alone.generator.state_dict().items())  # its own again
+
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path / "empty-again"))  # kept step 0, nothing on disk: both halves are
+    draws.events.clear(), draws.drawn.clear()                          # sampled by the generator, back at the LM's
+    draws.run("kept-step-0-alone", [50.0, 50.0], lm_checkpoint=lm_dir)  # weights: the vanilla run's pool again
+    assert draws.events == ["match", "lm", "gen"] and draws.pools[-1] == vanilla_pool
 
 
 def test_token_limits_of_a_packaged_generator_are_kept_on_disk(tmp_path, monkeypatch, toy_task):

@@ -91,7 +91,7 @@ class DistillConfig:
     final_sources: str = option("generator+lm", "whose candidates the final sets select from: generator (the "
                                                 "run's generator, the reference's) or generator+lm (the LM stage's "
                                                 "generator's too, the same counts, another seed: one pool of both; "
-                                                "without matching, two draws of the LM's: the same pool size; "
+                                                "without matching, two draws of the LM's: as many drawn; "
                                                 "bench/results/2026-12-02-cpu-quality-both-full.md)",
                                 choices=FINAL_SOURCES)
     copy_filter: str = option("near", "before the label filter: drop candidates that copy a training text: none, "

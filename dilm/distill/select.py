@@ -1,9 +1,10 @@
 """Stage 3, selection: DPC texts per class among the generator's candidates, and the final sets of a run.
 
 *Candidates* are the usable texts sampled for one class (empty and duplicate ones dropped): the run's generator's,
-and with ``final_sources`` generator+lm (the default) also the LM stage's generator's, when matching changed it
-(:func:`final_candidates`). A :class:`Selection` says how DPC of them are kept (:mod:`dilm.selection` has the
-algorithms):
+and with ``final_sources`` generator+lm (the default) also the LM stage's generator's: two draws (the second the
+run's generator's, or the LM's again where the run's generator is the LM stage's), so as many candidates are drawn
+with or without matching (:func:`final_candidates`). A :class:`Selection` says how DPC of them are kept
+(:mod:`dilm.selection` has the algorithms):
 
 1. the **copy filter** (``copy_filter``): ``none``, ``exact`` or ``near`` — drop the candidates that copy a training
    text (:mod:`dilm.memorisation`; too few originals → copies fill up to DPC);
