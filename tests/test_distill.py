@@ -413,20 +413,21 @@ def test_step0_validation_is_computed_once_for_runs_that_differ_only_in_matching
     assert key(val_steps=3) != entries()[0] and key(top_p=0.5) != entries()[0] and key(lm_checkpoint="") is None
 
 
-def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, monkeypatch, toy_task):
+@pytest.mark.parametrize(("sources", "draws"), [("generator+lm", 2), ("generator", 1)])
+def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, monkeypatch, toy_task, sources, draws):
     """The vanilla-LM run (outer_loops 0) and a matched run that kept the step-0 generator sample the same final
-    candidates (generator+lm: two draws of the LM's): the first samples them, the second reads them (same sets); a
-    run whose matching validated higher samples its own half."""
+    candidates (generator+lm: two draws of the LM's; generator, the reference's: one): the first samples them, the
+    second reads them (same sets); a run whose matching validated higher samples its own draw."""
     from dilm.distill import train_lm
     from dilm.distill.context import RunContext
     from dilm.distill.select import GENERATOR_DRAW, final_seed
 
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
-    base = DistillConfig.from_preset("smoke", probe="", label_filter="none", outer_loops=1,
+    base = DistillConfig.from_preset("smoke", probe="", label_filter="none", outer_loops=1, final_sources=sources,
                                      output_dir=str(tmp_path / "lm-run"))
     lm = str(train_lm(base, tmp_path / "lm", task=toy_task))
     seeds = {final_seed(base), final_seed(base, GENERATOR_DRAW)}
-    assert len(seeds) == 2  # generator+lm (the default): the pool's halves are two draws
+    assert len(seeds) == draws  # generator+lm: the pool's halves are two draws; generator: one seed
     finals = []
     real_sample = RunContext.sample
     monkeypatch.setattr(RunContext, "sample", lambda self, counts, seed, names=None: (
@@ -440,10 +441,10 @@ def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, mo
         return [p.read_text() for paths in result.sets.values() for p in paths]
 
     vanilla = run("vanilla", [], outer_loops=0)
-    assert len(finals) == 2 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 2
-    assert run("kept-step-0", [50.0, 50.0]) == vanilla and len(finals) == 2  # read, not sampled
-    run("matched", [50.0, 60.0])  # its generator's half, sampled; the LM's, read
-    assert len(finals) == 3 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == 2
+    assert len(finals) == draws and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == draws
+    assert run("kept-step-0", [50.0, 50.0]) == vanilla and len(finals) == draws  # read, not sampled
+    run("matched", [50.0, 60.0])  # its generator's draw, sampled (not kept); the LM's half, read
+    assert len(finals) == draws + 1 and len(list((tmp_path / "cache" / "candidates").glob("*.json"))) == draws
 
 
 class FinalDraws:

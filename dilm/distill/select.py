@@ -326,13 +326,17 @@ def final_candidates(ctx: RunContext, state: State, counts: list[int], names: li
     has the same size whether or not matching was kept, so a matched run and the vanilla LM differ by matching
     alone, not by how many candidates the selection saw."""
     cfg = ctx.cfg
-    if cfg.final_sources == "generator":
-        return lm_candidates(ctx, counts, names) if lm_only(cfg, state) else ctx.sample(counts, final_seed(cfg), names)
     lm_is_ours = lm_only(cfg, state)
-    first = lm_candidates(ctx, counts, names, generator_is_lm=lm_is_ours)
-    if lm_is_ours:
-        return both_generators(first, lm_candidates(ctx, counts, names, draw=GENERATOR_DRAW))
-    return both_generators(first, ctx.sample(counts, final_seed(cfg, GENERATOR_DRAW), names))
+
+    def ours() -> list[list[Sample]]:  # the run's generator's draw (final_sources generator: the LM's seed)
+        if lm_is_ours:
+            return lm_candidates(ctx, counts, names, draw=GENERATOR_DRAW)
+        return ctx.sample(counts, final_seed(cfg, GENERATOR_DRAW), names)
+
+    if cfg.final_sources == "generator":
+        return ours()
+    first = lm_candidates(ctx, counts, names, generator_is_lm=lm_is_ours)  # the LM's half is drawn first
+    return both_generators(first, ours())
 
 
 def both_generators(lm: list[list[Sample]], matched: list[list[Sample]]) -> list[list[Sample]]:
