@@ -20,7 +20,10 @@ what it measured):
    the two generators' candidates of set k together; ``--lm-pool`` adds ``lm2:filter+herding``, the same
    selection over the vanilla LM's candidates of set k and a second LM draw of the same size (another seed),
    pooled the same way: the pool of ``both:``'s size without matching, so ``both:`` − ``lm2:`` is what matching
-   adds beyond a larger pool;
+   adds beyond a larger pool; ``--balanced`` adds ``bal:filter+herding``, DPC//2 per class from the vanilla LM's
+   candidates and the rest from the matched generator's, each source filtered and herded on its own (so the set
+   holds as many matched texts as the split says, where herding over the pool keeps few), and with ``--lm-pool``
+   its twin without matching, ``lm2bal:filter+herding`` (the same split over the two LM draws);
 3. **sets**: the selections of :data:`SELECTIONS` at every DPC; random and k-centers (``--sets`` seeded draws) and
    herding (deterministic: one set) of real data; label agreement and the memorisation report of each method;
    with ``--soft``, ``<selection>+soft``: the same texts with soft labels learned by :class:`dilm.softlabel.
@@ -109,6 +112,8 @@ def parse() -> argparse.Namespace:
                    help="with --match-outer: also filter + herding over both generators' candidates together (both:)")
     p.add_argument("--lm-pool", action="store_true",
                    help="lm2:filter+herding, the vanilla LM's candidates with a second LM draw of the same size")
+    p.add_argument("--balanced", action="store_true",
+                   help="with --match-outer: bal:filter+herding, half of each class from each generator's candidates")
     p.add_argument("--match-lr", type=float, default=3e-5, help="the matching stage's generator lr")
     p.add_argument("--soft", default="filter+herding",
                    help="comma-separated methods whose sets also get learned soft labels ('': none)")
@@ -154,6 +159,13 @@ def _finetune(job: tuple) -> float:
     return 100 * float((pred == w["gold"]).mean())
 
 
+def halves(first: SynSet, second: SynSet) -> SynSet:
+    """One set of the texts of two (class by class, the first's before the second's)."""
+    examples = sorted(first.examples + second.examples, key=lambda e: e.label)
+    return SynSet(examples, first.label_names, {**first.meta, "dpc": len(examples) // first.num_classes,
+                                                "split": [len(first), len(second)]})
+
+
 def summarise(accs: list[float]) -> dict:
     return {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs),
             "accuracies": accs}
@@ -174,14 +186,18 @@ def twin(method: str) -> str | None:
     """What ``method`` differs from by one thing: the vanilla LM's candidates under the same selection
     (``match:<s>``, ``both:<s>`` and ``lm2:<s>`` → ``<s>``), the same texts with hard labels (``<m>+soft`` →
     ``<m>``)."""
-    if method.startswith(("match:", "both:", "lm2:")):
+    if method.startswith(("match:", "both:", "lm2:", "bal:", "lm2bal:")):
         return method.split(":", 1)[1]
     return method.removesuffix("+soft") if method.endswith("+soft") else None
 
 
 def pool_twin(method: str) -> str | None:
-    """``both:<s>`` → ``lm2:<s>``: the vanilla LM's pool of the same size (``--lm-pool``)."""
-    return "lm2:" + method.split(":", 1)[1] if method.startswith("both:") else None
+    """``both:<s>`` → ``lm2:<s>``, ``bal:<s>`` → ``lm2bal:<s>``: the vanilla LM's pool of the same size, chosen the
+    same way (``--lm-pool``)."""
+    for pooled, alone in (("both:", "lm2:"), ("bal:", "lm2bal:")):
+        if method.startswith(pooled):
+            return alone + method.split(":", 1)[1]
+    return None
 
 
 def table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -> str:
@@ -261,9 +277,12 @@ def main() -> int:
 
     vanilla = candidates_of(ctx, "candidates")
     arms = [("", ctx, vanilla, list(SELECTIONS))]
+    splits = []  # (name, first source's candidates per set, second source's): --balanced
     if args.lm_pool:  # a pool of both:'s size from the vanilla LM alone, pooled the same way
         second = candidates_of(ctx, "candidates/lm2", "second draw")
         arms.append(("lm2:", ctx, [both_generators(a, b) for a, b in zip(vanilla, second)], ["filter+herding"]))
+        if args.balanced:
+            splits.append(("lm2bal:filter+herding", vanilla, second))
     if args.match_outer:
         n = args.match_outer
         mctx = Distiller(DistillConfig(**{
@@ -281,9 +300,21 @@ def main() -> int:
         if args.both:  # one pool per set and class: the vanilla LM's candidates and the matched generator's
             arms.append(("both:", ctx, [both_generators(vs, ms) for vs, ms in zip(vanilla, matched)],
                          ["filter+herding"]))  # the product's final_sources generator+lm
+        if args.balanced:
+            splits.insert(0, ("bal:filter+herding", vanilla, matched))
 
     sets: dict[tuple[int, str], list[SynSet]] = {}
     train_index, test_index = CopyIndex(e.text for e in task.train), CopyIndex(e.text for e in task.test)
+
+    def record_sets(name: str, gen: Distiller, t: float) -> None:
+        chosen = sets[dpcs[-1], name]
+        rec.cell(f"sets/{name}", seconds=time.perf_counter() - t,
+                 label_agreement=100 * gen.probe.agreement(
+                     [[e for s in chosen for e in s.examples if e.label == i] for i in range(c)]),
+                 memorisation=memorisation_report([e.text for s in chosen for e in s.examples], train_index,
+                                                  test_index),
+                 examples=[e.text for e in chosen[0].examples[:: max(1, dpcs[-1] // 2)]])
+
     for prefix, gen, per_set, names in arms:
         for sel in names:
             how, name = SELECTIONS[sel], prefix + sel
@@ -293,13 +324,16 @@ def main() -> int:
             for d in dpcs:
                 sets[d, name] = [select(p, d, derive_seed(cfg.seed, "final set", k), task.label_names, how, means)
                                  for k, p in enumerate(prepared)]
-            chosen = sets[dpcs[-1], name]
-            rec.cell(f"sets/{name}", seconds=time.perf_counter() - t,
-                     label_agreement=100 * gen.probe.agreement(
-                         [[e for s in chosen for e in s.examples if e.label == i] for i in range(c)]),
-                     memorisation=memorisation_report([e.text for s in chosen for e in s.examples], train_index,
-                                                      test_index),
-                     examples=[e.text for e in chosen[0].examples[:: max(1, dpcs[-1] // 2)]])
+            record_sets(name, gen, t)
+    how = SELECTIONS["filter+herding"]
+    for name, first, then in splits:  # DPC//2 per class from the first source, the rest from the second
+        t = time.perf_counter()
+        both = [(prepare(ctx, a, how, dpcs[-1]), prepare(ctx, b, how, dpcs[-1])) for a, b in zip(first, then)]
+        for d in dpcs:
+            sets[d, name] = [halves(*(select(p, n, derive_seed(cfg.seed, "final set", k), task.label_names, how)
+                                      for p, n in zip(pair, (d // 2, d - d // 2))))
+                             for k, pair in enumerate(both)]
+        record_sets(name, ctx, t)
     for method in REAL:
         cs = CoresetConfig(method="herding" if method == "herding-real-data" else method, dpc=tuple(dpcs),
                            n_sets=args.sets, learner=cfg.learner, candidates_per_class=1000, seed=0, device="cpu")
