@@ -1,5 +1,5 @@
 """bench/cpu_quality.py end to end on the tiny models: the matching arm, both generators' pool, the vanilla LM's pool
-of the same size and the soft labels give paired cells."""
+of the same size, the split of a set between two draws and the soft labels give paired cells."""
 
 import json
 import os
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_path):
     out = tmp_path / "cq"
     cmd = [sys.executable, str(ROOT / "bench" / "cpu_quality.py"), "--out", str(out), "--quick", "--dpc", "2,4",
-           "--sets", "2", "--candidates", "10", "--match-outer", "1", "--both", "--lm-pool",
+           "--sets", "2", "--candidates", "10", "--match-outer", "1", "--both", "--lm-pool", "--balanced",
            "--ft-dpc", "0", "--threads", "1"]
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "DILM_CACHE": str(tmp_path / "cache")},
                    capture_output=True, text=True, timeout=600)
@@ -28,7 +28,7 @@ def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_p
     judge = "tiny-bert-probe"
     for method, twin in (("match:filter+herding", "filter+herding"), ("match:kmeans", "kmeans"),
                          ("both:filter+herding", "filter+herding"), ("lm2:filter+herding", "filter+herding"),
-                         ("filter+herding+soft", "filter+herding")):
+                         ("bal:filter+herding", "filter+herding"), ("filter+herding+soft", "filter+herding")):
         for dpc in (2, 4):
             assert cells[f"{judge}/dpc{dpc}/{method}"]["n"] == 2
             diffs = [a - b for a, b in zip(cells[f"{judge}/dpc{dpc}/{method}"]["accuracies"],
@@ -39,3 +39,8 @@ def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_p
     assert paired[f"{judge}/dpc4/both:filter+herding"]["vs_lm_pool"]["mean"] == pytest.approx(
         sum(a - b for a, b in zip(both, lm2)) / 2)  # matching beyond a pool of the same size
     assert paired[f"{judge}/dpc4/filter+herding"]["vs_lm_pool"] is None
+    bal, lm2bal = (cells[f"{judge}/dpc4/{m}:filter+herding"]["accuracies"] for m in ("bal", "lm2bal"))
+    assert paired[f"{judge}/dpc4/bal:filter+herding"]["vs_lm_pool"]["mean"] == pytest.approx(
+        sum(a - b for a, b in zip(bal, lm2bal)) / 2)  # matching, each draw giving half of every class
+    assert paired[f"{judge}/dpc4/lm2bal:filter+herding"]["vs_twin"] is not None
+    assert cells["sets/bal:filter+herding"]["label_agreement"] >= 0

@@ -36,6 +36,8 @@ from dilm.text import pad_ids
     ({"copy_filter": "fuzzy"}, "unknown copy_filter 'fuzzy'; known: none, exact, near"),
     ({"final_pool": "pooled"}, "unknown final_pool 'pooled'; known: per_set, shared"),
     ({"final_sources": "lm"}, "unknown final_sources 'lm'; known: generator, generator\\+lm"),
+    ({"final_mix": "half"}, "unknown final_mix 'half'; known: pooled, split"),
+    ({"final_mix": "split", "final_sources": "generator"}, "final_mix split .* needs final_sources generator\\+lm"),
     ({"label_filter": "probe", "probe": ""}, "label_filter probe needs a probe"),
     ({"filter_threshold": 1.0}, r"filter_threshold must be in \[0, 1\)"),
 ])
@@ -563,6 +565,29 @@ def test_final_sources_generator_and_lm_from_an_lm_checkpoint(tmp_path, monkeypa
     draws.events.clear(), draws.drawn.clear()                          # sampled by the generator, back at the LM's
     draws.run("kept-step-0-alone", [50.0, 50.0], lm_checkpoint=lm_dir)  # weights: the vanilla run's pool again
     assert draws.events == ["match", "lm", "gen"] and draws.pools[-1] == vanilla_pool
+
+
+@pytest.mark.parametrize("final_pool", ["shared", "per_set"])
+def test_a_split_mix_gives_each_draw_its_share_of_every_final_set(tmp_path, monkeypatch, toy_task, final_pool):
+    """``final_mix: split``: every final set holds DPC//2 texts per class of the LM stage's draw and the rest of the
+    matched generator's (the pooled mix chooses among both together: no share is promised), whether the sets share
+    one pool or each samples its own."""
+    from dilm.synset import read_set
+
+    monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
+    draws = FinalDraws(tmp_path, monkeypatch, toy_task)
+    run = draws.run("split", [50.0, 60.0], final_mix="split", dpc=(4,), final_pool=final_pool)
+    assert draws.events == ["lm", "match", "gen"]
+    lm, pools = [set(row) for row in texts(draws.drawn[0])], [set(row) for row in union(*draws.drawn)]
+    paths = sorted((tmp_path / "split" / "sets" / "dpc4").glob("set*.jsonl"))
+    assert len(paths) == run.cfg.n_sets
+    for k, path in enumerate(paths):
+        got = read_set(path, toy_task.label_names)
+        for c in range(toy_task.num_classes):
+            row = c if final_pool == "shared" else k * toy_task.num_classes + c  # the rows set k selected from
+            chosen = [(e.text, e.text_pair) for e in got.examples if e.label == c]
+            assert len(chosen) == 4 and set(chosen) <= pools[row]
+            assert sum(t in lm[row] for t in chosen) == 2  # two of the LM's draw, two of the matched generator's
 
 
 def test_token_limits_of_a_packaged_generator_are_kept_on_disk(tmp_path, monkeypatch, toy_task):

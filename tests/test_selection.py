@@ -157,3 +157,35 @@ def test_a_shared_pool_gives_every_set_its_own_half():
         assert half.features[c][:, 0].tolist() == rows and half.probs[c][:, 0].tolist() == rows
         assert half.copies[c].tolist() == [i % 2 == 0 for i in rows]
     assert subset(Candidates(samples, feats, None), halves[0]).probs is None
+
+
+def test_a_split_mix_takes_each_draws_share_where_the_pooled_choice_takes_one_draw():
+    """``final_mix: split``: with two draws (``Candidates.sources``) every class gets DPC//2 of the first draw's
+    candidates and the rest of the second's, each filtered and chosen on its own (herding over both together
+    takes the draw nearer the pool's mean); a draw with too few gives its share to the other; one draw, or
+    ``split`` off, is the pooled choice."""
+    from dilm.distill.select import Candidates, Selection, select, split_counts, subset
+    from dilm.generator import Sample
+
+    x = blobs()[:40]  # rows 0-19 blob 0: the first draw; 20-39 blob 1: the second
+    samples = [Sample(f"text {i}", None, [], 0) for i in range(40)]
+    probs = np.tile([0.9, 0.1], (40, 1))
+    probs[20:36] = [0.4, 0.6]  # most of the second draw reads as the other class: the filter keeps rows 36-39
+    sources = np.repeat([0, 1], 20)
+    cands = Candidates([samples], [x], [probs], None, [sources])
+
+    def drawn(s):
+        return [int(sources[int(e.text.split()[1])]) for e in s.examples]
+
+    pooled = select(cands, 5, 0, ("a",), Selection("herding", "probe"))
+    assert drawn(pooled).count(0) >= 4 and "final_mix" not in pooled.meta  # 20 survivors against 4: the first's
+    for d, first in ((5, 2), (8, 4), (1, 0)):
+        s = select(cands, d, 0, ("a",), Selection("herding", "probe", split=True))
+        assert sorted(drawn(s)) == [0] * first + [1] * (d - first) and s.meta["final_mix"] == "split"
+        assert all(int(e.text.split()[1]) >= 36 for e in s.examples[first:])  # filtered within the second draw
+    few = subset(cands, [[0, 1, 2, 5, 6, 7, 8, 9, 10, 20, 21]])  # the second draw has 2 candidates
+    assert sorted(drawn(select(few, 6, 0, ("a",), Selection("herding", "none", split=True)))) == [0] * 4 + [1] * 2
+    alone = Candidates([samples], [x], [probs])  # one draw: split has nothing to share out
+    assert select(alone, 5, 0, ("a",), Selection("herding", "probe", split=True)).examples == pooled.examples
+    assert split_counts([3], 5) == [5] and split_counts([10, 10], 5) == [2, 3] and split_counts([1, 10], 5) == [1, 4]
+    assert split_counts([10, 0], 4) == [4, 0]

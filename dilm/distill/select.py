@@ -14,6 +14,10 @@ with or without matching (:func:`final_candidates`). A :class:`Selection` says h
    ``kmeans`` (nearest the k-means centroids: the reference's "k-centers"), ``herding`` (toward the candidates'
    mean) or ``herding-real`` (toward the mean of the class's real training examples).
 
+With two draws, ``final_mix`` pooled runs these steps over both together; split runs them on each draw alone, for
+DPC//2 per class of the LM stage's draw and the rest of the run's generator's (a draw with too few candidates gives
+its share to the other).
+
 Validation (:mod:`dilm.distill.match_stage`) selects its sets the same way. The final sets come with the report of
 their copies of training and test texts (:mod:`dilm.memorisation`), emitted as ``copies/<split>_<kind>/dpc<d>`` (%).
 """
@@ -60,10 +64,12 @@ class Selection:
     threshold: float = 0.0
     pooling: str = "mean"
     copy_filter: str = "none"
+    split: bool = False  # candidates of two draws (Candidates.sources): DPC//2 from the first, the rest the second's
 
     @classmethod
     def of(cls, cfg: DistillConfig) -> Selection:
-        return cls(cfg.selection, cfg.label_filter, cfg.filter_threshold, cfg.select_pooling, cfg.copy_filter)
+        return cls(cfg.selection, cfg.label_filter, cfg.filter_threshold, cfg.select_pooling, cfg.copy_filter,
+                   cfg.final_mix == "split")
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Candidates:
     features: list[torch.Tensor]  # [class] → (N_c, H) learner features (the selection's pooling)
     probs: list[np.ndarray] | None  # [class] → (N_c, C) the probe's probabilities, when the filter reads them
     copies: list[np.ndarray] | None = None  # [class] → (N_c,) bool: copies of a training text, when filtered
+    sources: list[np.ndarray] | None = None  # [class] → (N_c,) int: 0 the first draw's, 1 the second's (two draws)
 
 
 def check_candidates(candidates: list[list[Sample]], dpc: int, label_names) -> None:
@@ -91,9 +98,10 @@ def selection_features(ctx: RunContext, items, pooling: str, cache: bool = False
     return embed(texts, ctx.cfg.learner, ctx.device, pooling, model=ctx.feature_model, pairs=pairs, cache=cache)
 
 
-def prepare(ctx: RunContext, candidates: list[list[Sample]], how: Selection, dpc: int) -> Candidates:
+def prepare(ctx: RunContext, candidates: list[list[Sample]], how: Selection, dpc: int,
+            firsts: list[int] | None = None) -> Candidates:
     """Features (and probe probabilities, and copy flags) of one set's candidates, after checking there are ``dpc``
-    per class."""
+    per class; ``firsts[c]``: how many of class c's candidates (the first ones) are the first of two draws."""
     check_candidates(candidates, dpc, ctx.task.label_names)
     probs = None
     if how.label_filter == "probe":
@@ -103,7 +111,10 @@ def prepare(ctx: RunContext, candidates: list[list[Sample]], how: Selection, dpc
     copies = None
     if how.copy_filter != "none":
         copies = [copied([joined(s) for s in cand], ctx.copy_index, how.copy_filter) for cand in candidates]
-    return Candidates(candidates, [selection_features(ctx, cand, how.pooling) for cand in candidates], probs, copies)
+    sources = None if firsts is None else [(np.arange(len(cand)) >= n).astype(int)
+                                           for cand, n in zip(candidates, firsts)]
+    return Candidates(candidates, [selection_features(ctx, cand, how.pooling) for cand in candidates], probs, copies,
+                      sources)
 
 
 _REAL_MEANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # run → {pooling: its class means}
@@ -128,23 +139,47 @@ def real_means(ctx: RunContext, pooling: str) -> list[torch.Tensor]:
 def select(cands: Candidates, dpc: int, seed: int, label_names, how: Selection,
            means: list[torch.Tensor] | None = None) -> SynSet:
     """DPC per class: the copy filter, the label filter, then ``how.method`` among the survivors; ``means`` for
-    herding-real."""
+    herding-real. With ``how.split`` and two draws (``cands.sources``), each draw's candidates on their own:
+    :func:`split_counts` says how many of each."""
     check_candidates(cands.samples, dpc, label_names)
     picked: list[SynExample] = []
-    for c, (cand, feats) in enumerate(zip(cands.samples, cands.features)):
-        keep = list(range(len(cand)))
-        if how.copy_filter != "none":
-            if cands.copies is None:
-                raise ValueError("the copy filter needs the candidates' copy flags (prepare them with it)")
-            keep = originals_first(cands.copies[c], dpc)
-        if how.label_filter == "probe":
-            if cands.probs is None:
-                raise ValueError("the probe filter needs the candidates' probabilities (prepare them with it)")
-            keep = [keep[i] for i in label_filter(cands.probs[c][keep], c, how.threshold, dpc)]
-        rows = select_rows(feats[keep], dpc, how.method, seed, None if means is None else means[c])
-        picked += [SynExample(cand[keep[i]].text, c, cand[keep[i]].text_pair) for i in rows]
+    for c, cand in enumerate(cands.samples):
+        groups = [np.arange(len(cand))]
+        if how.split and cands.sources is not None:
+            groups = [np.flatnonzero(cands.sources[c] == s) for s in (0, 1)]
+        for rows, k in zip(groups, split_counts([len(g) for g in groups], dpc)):
+            if k:
+                picked += [SynExample(cand[i].text, c, cand[i].text_pair)
+                           for i in rows[choose_rows(cands, c, rows, k, seed, how, means)]]
     return SynSet(picked, label_names, {"dpc": dpc, "seed": seed, "selection": how.method,
-                                        "label_filter": how.label_filter, "copy_filter": how.copy_filter})
+                                        "label_filter": how.label_filter, "copy_filter": how.copy_filter,
+                                        **({"final_mix": "split"} if how.split and cands.sources is not None else {})})
+
+
+def split_counts(sizes: list[int], dpc: int) -> list[int]:
+    """How many of ``dpc`` each group of candidates gives: all from one group; from two, ``dpc``//2 from the first
+    and the rest from the second, a group with too few giving what it lacks to the other."""
+    if len(sizes) == 1:
+        return [dpc]
+    first = max(min(dpc // 2, sizes[0]), dpc - sizes[1])
+    return [first, dpc - first]
+
+
+def choose_rows(cands: Candidates, c: int, rows: np.ndarray, k: int, seed: int, how: Selection,
+                means: list[torch.Tensor] | None) -> list[int]:
+    """``k`` positions in ``rows`` (class c's candidates to choose among): the copy filter, the label filter, then
+    ``how.method`` among the survivors."""
+    keep = list(range(len(rows)))
+    if how.copy_filter != "none":
+        if cands.copies is None:
+            raise ValueError("the copy filter needs the candidates' copy flags (prepare them with it)")
+        keep = originals_first(cands.copies[c][rows], k)
+    if how.label_filter == "probe":
+        if cands.probs is None:
+            raise ValueError("the probe filter needs the candidates' probabilities (prepare them with it)")
+        keep = [keep[i] for i in label_filter(cands.probs[c][rows][keep], c, how.threshold, k)]
+    chosen = select_rows(cands.features[c][rows][keep], k, how.method, seed, None if means is None else means[c])
+    return [keep[i] for i in chosen]
 
 
 def subset(cands: Candidates, rows: list[list[int]]) -> Candidates:
@@ -152,7 +187,8 @@ def subset(cands: Candidates, rows: list[list[int]]) -> Candidates:
     def take(per_class):
         return None if per_class is None else [x[r] for x, r in zip(per_class, rows)]
     return Candidates([[cand[i] for i in r] for cand, r in zip(cands.samples, rows)],
-                      [f[r] for f, r in zip(cands.features, rows)], take(cands.probs), take(cands.copies))
+                      [f[r] for f, r in zip(cands.features, rows)], take(cands.probs), take(cands.copies),
+                      take(cands.sources))
 
 
 def half_rows(sizes: list[int], least: int, seed: int) -> list[list[int]]:
@@ -162,18 +198,21 @@ def half_rows(sizes: list[int], least: int, seed: int) -> list[list[int]]:
 
 
 def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: list[int],
-                seeds: list[int]) -> dict[int, list[SynSet]]:
-    """{dpc: one set per element of ``candidates`` (a set's per-class candidates)}, selected as the config says."""
-    how = Selection.of(ctx.cfg)
-    return choose(ctx, how, (prepare(ctx, cands, how, max(dpcs)) for cands in candidates), dpcs, seeds)
+                seeds: list[int], firsts: list[list[int]] | None = None) -> dict[int, list[SynSet]]:
+    """{dpc: one set per element of ``candidates`` (a set's per-class candidates)}, selected as the config says
+    (``firsts``: per set and class, how many candidates are the first of two draws)."""
+    how, firsts = Selection.of(ctx.cfg), firsts or [None] * len(candidates)
+    return choose(ctx, how, (prepare(ctx, cands, how, max(dpcs), n) for cands, n in zip(candidates, firsts)), dpcs,
+                  seeds)
 
 
 def select_from_pool(ctx: RunContext, pool: list[list[Sample]], dpcs: list[int],
-                     seeds: list[int]) -> dict[int, list[SynSet]]:
+                     seeds: list[int], firsts: list[int] | None = None) -> dict[int, list[SynSet]]:
     """{dpc: one set per seed}, each selected from the seed's random half of the one shared ``pool`` (per class
-    candidates, prepared once: features, probe and copy flags are computed for the pool, not per set)."""
+    candidates, prepared once: features, probe and copy flags are computed for the pool, not per set; ``firsts``:
+    per class, how many are the first of two draws)."""
     how = Selection.of(ctx.cfg)
-    prepared, sizes = prepare(ctx, pool, how, max(dpcs)), [len(cand) for cand in pool]
+    prepared, sizes = prepare(ctx, pool, how, max(dpcs), firsts), [len(cand) for cand in pool]
     return choose(ctx, how, (subset(prepared, half_rows(sizes, max(dpcs), seed)) for seed in seeds), dpcs, seeds)
 
 
@@ -315,9 +354,11 @@ def lm_only(cfg: DistillConfig, state: State) -> bool:
     return cfg.outer_loops == 0 or (state.best_step is not None and state.best_step == cfg.lm_steps)
 
 
-def final_candidates(ctx: RunContext, state: State, counts: list[int], names: list[str]) -> list[list[Sample]]:
-    """The final sets' candidates: ``counts[i]`` samples of class ``names[i]`` from each source, each source's in one
-    sampling call (large batches; duplicates are removed within a set, not across sets). ``final_sources``
+def final_candidates(ctx: RunContext, state: State, counts: list[int], names: list[str]
+                     ) -> tuple[list[list[Sample]], list[int] | None]:
+    """The final sets' candidates (``counts[i]`` samples of class ``names[i]`` from each source, each source's in one
+    sampling call: large batches; duplicates are removed within a set, not across sets) and, with two draws, how
+    many of each row's are the first draw's (None with one draw). ``final_sources``
     generator: the run's generator's, which when it is the LM stage's are :func:`lm_candidates` (the vanilla-LM
     baseline of a sweep and its trials that kept the LM-only generator sample them once). generator+lm: the LM
     stage's candidates (read from disk where the vanilla baseline or matching's start left them), then the run's
@@ -334,9 +375,9 @@ def final_candidates(ctx: RunContext, state: State, counts: list[int], names: li
         return ctx.sample(counts, final_seed(cfg, GENERATOR_DRAW), names)
 
     if cfg.final_sources == "generator":
-        return ours()
+        return ours(), None
     first = lm_candidates(ctx, counts, names, generator_is_lm=lm_is_ours)  # the LM's half is drawn first
-    return both_generators(first, ours())
+    return both_generators(first, ours()), [len(row) for row in first]
 
 
 def both_generators(lm: list[list[Sample]], matched: list[list[Sample]]) -> list[list[Sample]]:
@@ -358,11 +399,13 @@ def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], di
     (:func:`log_copies`)."""
     cfg = ctx.cfg
     c, seeds = ctx.task.num_classes, [derive_seed(cfg.seed, "final set", k) for k in range(cfg.n_sets)]
-    pooled = final_candidates(ctx, state, *final_counts(ctx))
+    pooled, firsts = final_candidates(ctx, state, *final_counts(ctx))
     if cfg.final_pool == "shared":
-        sets = select_from_pool(ctx, pooled, list(cfg.dpc), seeds)
+        sets = select_from_pool(ctx, pooled, list(cfg.dpc), seeds, firsts)
     else:
-        sets = select_sets(ctx, [pooled[k * c: (k + 1) * c] for k in range(cfg.n_sets)], list(cfg.dpc), seeds)
+        per_set = range(cfg.n_sets)
+        sets = select_sets(ctx, [pooled[k * c: (k + 1) * c] for k in per_set], list(cfg.dpc), seeds,
+                           None if firsts is None else [firsts[k * c: (k + 1) * c] for k in per_set])
     out = {d: [write_set(Path(cfg.output_dir) / "sets" / f"dpc{d}" / f"set{k:02d}.jsonl", s)
                for k, s in enumerate(got)] for d, got in sets.items()}
     ctx.log_agreement(state, "final_label_agreement", [sum(pooled[i::c], []) for i in range(c)])
