@@ -37,7 +37,6 @@ from dilm.text import pad_ids
     ({"final_pool": "pooled"}, "unknown final_pool 'pooled'; known: per_set, shared"),
     ({"final_sources": "lm"}, "unknown final_sources 'lm'; known: generator, generator\\+lm"),
     ({"final_mix": "half"}, "unknown final_mix 'half'; known: pooled, split"),
-    ({"final_mix": "split", "final_sources": "generator"}, "final_mix split .* needs final_sources generator\\+lm"),
     ({"label_filter": "probe", "probe": ""}, "label_filter probe needs a probe"),
     ({"filter_threshold": 1.0}, r"filter_threshold must be in \[0, 1\)"),
 ])

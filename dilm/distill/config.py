@@ -95,10 +95,11 @@ class DistillConfig:
                                                 "without matching, two draws of the LM's: as many drawn; "
                                                 "bench/results/2026-12-02-cpu-quality-both-full.md)",
                                 choices=FINAL_SOURCES)
-    final_mix: str = option("pooled", "with final_sources generator+lm, how a set shares out its two draws: pooled "
-                                      "(the selection chooses among both together) or split (DPC//2 per class from "
-                                      "the LM stage's draw, the rest from the run's generator's, each filtered and "
-                                      "selected on its own)", choices=FINAL_MIXES)
+    final_mix: str = option("split", "with final_sources generator+lm, how a set shares out its two draws: split "
+                                     "(DPC//2 per class from the LM stage's draw, the rest from the run's "
+                                     "generator's, each filtered and selected on its own) or pooled (the selection "
+                                     "chooses among both together); one draw: the same "
+                                     "(bench/results/2026-12-02-cpu-quality-split.md)", choices=FINAL_MIXES)
     copy_filter: str = option("near", "before the label filter: drop candidates that copy a training text: none, "
                                       "exact, or near (>= 80 % of their word 4-grams in one training text)",
                               choices=COPY_FILTERS)
@@ -156,8 +157,6 @@ class DistillConfig:
                             ("final_sources", FINAL_SOURCES), ("final_mix", FINAL_MIXES)):
             if getattr(self, name) not in known:
                 raise DilmError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}")
-        if self.final_mix == "split" and self.final_sources != "generator+lm":
-            raise DilmError("final_mix split shares a set out between two draws: it needs final_sources generator+lm")
         if self.label_filter == "probe" and not self.probe:
             raise DilmError("label_filter probe needs a probe: set probe (e.g. minilm-l6) or label_filter none")
         if not 0 <= self.filter_threshold < 1:

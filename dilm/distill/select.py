@@ -14,9 +14,9 @@ with or without matching (:func:`final_candidates`). A :class:`Selection` says h
    ``kmeans`` (nearest the k-means centroids: the reference's "k-centers"), ``herding`` (toward the candidates'
    mean) or ``herding-real`` (toward the mean of the class's real training examples).
 
-With two draws, ``final_mix`` pooled runs these steps over both together; split runs them on each draw alone, for
-DPC//2 per class of the LM stage's draw and the rest of the run's generator's (a draw with too few candidates gives
-its share to the other).
+With two draws, ``final_mix`` split (the default) runs these steps on each draw alone, for DPC//2 per class of the
+LM stage's draw and the rest of the run's generator's (a draw with too few candidates gives its share to the other);
+pooled runs them over both together.
 
 Validation (:mod:`dilm.distill.match_stage`) selects its sets the same way. The final sets come with the report of
 their copies of training and test texts (:mod:`dilm.memorisation`), emitted as ``copies/<split>_<kind>/dpc<d>`` (%).
