@@ -410,7 +410,7 @@ def test_step0_validation_is_computed_once_for_runs_that_differ_only_in_matching
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
     key = lambda **changes: match_stage.step0_cache_path(Distiller(  # noqa: E731
         dataclasses.replace(base, **{"lm_checkpoint": lm, **changes}), task=toy_task))
-    assert key(generator_lr=3e-4, inner_loop=3, n_sets=5) == entries()[0]
+    assert key(generator_lr=3e-4, inner_loop=3, n_sets=5, final_mix="pooled") == entries()[0]  # the final sets' keys
     assert key(val_steps=3) != entries()[0] and key(top_p=0.5) != entries()[0] and key(lm_checkpoint="") is None
 
 

@@ -162,11 +162,11 @@ def validate(ctx: RunContext, seed: int) -> float:
 
 
 # fields that the step-0 validation never reads: the matching stage's own, the final sets', bookkeeping
-NOT_READ_AT_STEP_0 = ("output_dir", "dpc", "n_sets", "final_pool", "final_sources", "outer_loops", "inner_loop",
-                      "model_step_per_inner_step", "generator_lr", "generator_weight_decay", "syn_per_class",
-                      "real_per_class", "n_rep_sets", "rep_pool_per_class", "pool_per_class", "generate_interval",
-                      "temperature", "gen_loss_norm", "lm_lambda", "all_layers", "learner_lr", "learner_batch_size",
-                      "val_interval", "checkpoint_interval", "fail_at_step")
+NOT_READ_AT_STEP_0 = ("output_dir", "dpc", "n_sets", "final_pool", "final_sources", "final_mix", "outer_loops",
+                      "inner_loop", "model_step_per_inner_step", "generator_lr", "generator_weight_decay",
+                      "syn_per_class", "real_per_class", "n_rep_sets", "rep_pool_per_class", "pool_per_class",
+                      "generate_interval", "temperature", "gen_loss_norm", "lm_lambda", "all_layers", "learner_lr",
+                      "learner_batch_size", "val_interval", "checkpoint_interval", "fail_at_step")
 
 
 def step0_cache_path(ctx: RunContext) -> Path | None:
