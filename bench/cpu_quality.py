@@ -59,7 +59,7 @@ from dilm.archs.finetune import finetune_ensemble
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.distill import DistillConfig, Distiller, State, train_lm
 from dilm.distill.match_stage import match
-from dilm.distill.select import Selection, both_generators, prepare, real_means, select
+from dilm.distill.select import Selection, prepare, real_means, select
 from dilm.evaluate import Evaluator
 from dilm.files import write_json
 from dilm.labelspace import paired_interval
@@ -67,6 +67,7 @@ from dilm.memorisation import CopyIndex, memorisation_report
 from dilm.models import load_model
 from dilm.protocol import EvalConfig
 from dilm.seeds import derive_seed
+from dilm.selection import both_generators
 from dilm.softlabel import SoftLabelConfig, SoftLabeler
 from dilm.synset import SynSet
 from dilm.tasks import load_task

@@ -16,10 +16,18 @@ Vocabulary: *candidates* are the generated texts of one class; *selection* keeps
 
 from __future__ import annotations
 
+import random
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics.pairwise import euclidean_distances
+
+from dilm.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from dilm.generator import Sample
 
 SELECTIONS = ("kmeans", "herding", "herding-real")
 FILTERS = ("none", "probe")
@@ -101,3 +109,27 @@ def select_rows(features: torch.Tensor, k: int, method: str, seed: int,
             raise ValueError("herding-real needs the real class mean")
         return herding(features, k, real_mean)
     raise ValueError(f"unknown selection {method!r}; known: {', '.join(SELECTIONS)}")
+
+
+def split_counts(sizes: list[int], dpc: int) -> list[int]:
+    """How many of ``dpc`` each group of candidates gives: all from one group; from two, ``dpc``//2 from the first
+    and the rest from the second, a group with too few giving what it lacks to the other."""
+    if len(sizes) == 1:
+        return [dpc]
+    first = max(min(dpc // 2, sizes[0]), dpc - sizes[1])
+    return [first, dpc - first]
+
+
+def half_rows(sizes: list[int], least: int, seed: int) -> list[list[int]]:
+    """Per class, a seeded random half (at least ``least``, at most all) of its ``sizes[c]`` candidates, in order."""
+    return [sorted(random.Random(derive_seed(seed, "half", c)).sample(range(n), min(n, max(least, n // 2))))
+            for c, n in enumerate(sizes)]
+
+
+def both_generators(lm: list[list[Sample]], matched: list[list[Sample]]) -> list[list[Sample]]:
+    """Per class, the LM stage's candidates followed by the matched generator's that are not among them."""
+    out = []
+    for first, then in zip(lm, matched):
+        seen = {(s.text, s.text_pair) for s in first}
+        out.append(first + [s for s in then if (s.text, s.text_pair) not in seen])
+    return out

@@ -38,7 +38,7 @@ OTHER_VALUE = {"generator": "tiny-bert", "learner": "minilm-l6", "device": "cpu"
                "output_dir": "elsewhere", "lm_checkpoint": "some/lm", "pooling": "mean", "gen_loss_norm": "text",
                "sampler": "static", "dpc": (3, 5), "selection": "kmeans", "label_filter": "none",
                "select_pooling": "cls", "copy_filter": "none", "final_pool": "shared", "final_sources": "generator",
-               "length_quantile": 0.5, "top_p": 0.5, "temperature": 2.0}
+               "final_mix": "pooled", "length_quantile": 0.5, "top_p": 0.5, "temperature": 2.0}
 
 
 def other_value(cfg: DistillConfig, name: str):

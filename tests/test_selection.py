@@ -139,8 +139,9 @@ def test_a_shared_pool_gives_every_set_its_own_half():
     """``final_pool: shared``: set k selects from a seeded random half of each class's pool (at least the largest DPC),
     the halves of different sets differ, and a subset keeps every candidate's features, probabilities and copy flags
     beside it."""
-    from dilm.distill.select import Candidates, half_rows, subset
+    from dilm.distill.select import Candidates, subset
     from dilm.generator import Sample
+    from dilm.selection import half_rows
 
     halves = [half_rows([40, 9], 6, seed) for seed in range(5)]
     for rows in halves:
@@ -164,8 +165,9 @@ def test_a_split_mix_takes_each_draws_share_where_the_pooled_choice_takes_one_dr
     candidates and the rest of the second's, each filtered and chosen on its own (herding over both together
     takes the draw nearer the pool's mean); a draw with too few gives its share to the other; one draw, or
     ``split`` off, is the pooled choice."""
-    from dilm.distill.select import Candidates, Selection, select, split_counts, subset
+    from dilm.distill.select import Candidates, Selection, select, subset
     from dilm.generator import Sample
+    from dilm.selection import split_counts
 
     x = blobs()[:40]  # rows 0-19 blob 0: the first draw; 20-39 blob 1: the second
     samples = [Sample(f"text {i}", None, [], 0) for i in range(40)]

@@ -47,7 +47,7 @@ from dilm.generator import Sample
 from dilm.memorisation import CopyIndex, copied, joined, memorisation_report
 from dilm.models import inference_dtype
 from dilm.seeds import derive_seed
-from dilm.selection import label_filter, originals_first, select_rows
+from dilm.selection import both_generators, half_rows, label_filter, originals_first, select_rows, split_counts
 from dilm.synset import SynExample, SynSet, write_set
 from dilm.text import pair_args
 
@@ -156,15 +156,6 @@ def select(cands: Candidates, dpc: int, seed: int, label_names, how: Selection,
                                         **({"final_mix": "split"} if how.split and cands.sources is not None else {})})
 
 
-def split_counts(sizes: list[int], dpc: int) -> list[int]:
-    """How many of ``dpc`` each group of candidates gives: all from one group; from two, ``dpc``//2 from the first
-    and the rest from the second, a group with too few giving what it lacks to the other."""
-    if len(sizes) == 1:
-        return [dpc]
-    first = max(min(dpc // 2, sizes[0]), dpc - sizes[1])
-    return [first, dpc - first]
-
-
 def choose_rows(cands: Candidates, c: int, rows: np.ndarray, k: int, seed: int, how: Selection,
                 means: list[torch.Tensor] | None) -> list[int]:
     """``k`` positions in ``rows`` (class c's candidates to choose among): the copy filter, the label filter, then
@@ -189,12 +180,6 @@ def subset(cands: Candidates, rows: list[list[int]]) -> Candidates:
     return Candidates([[cand[i] for i in r] for cand, r in zip(cands.samples, rows)],
                       [f[r] for f, r in zip(cands.features, rows)], take(cands.probs), take(cands.copies),
                       take(cands.sources))
-
-
-def half_rows(sizes: list[int], least: int, seed: int) -> list[list[int]]:
-    """Per class, a seeded random half (at least ``least``, at most all) of its ``sizes[c]`` candidates, in order."""
-    return [sorted(random.Random(derive_seed(seed, "half", c)).sample(range(n), min(n, max(least, n // 2))))
-            for c, n in enumerate(sizes)]
 
 
 def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: list[int],
@@ -378,15 +363,6 @@ def final_candidates(ctx: RunContext, state: State, counts: list[int], names: li
         return ours(), None
     first = lm_candidates(ctx, counts, names, generator_is_lm=lm_is_ours)  # the LM's half is drawn first
     return both_generators(first, ours()), [len(row) for row in first]
-
-
-def both_generators(lm: list[list[Sample]], matched: list[list[Sample]]) -> list[list[Sample]]:
-    """Per class, the LM stage's candidates followed by the matched generator's that are not among them."""
-    out = []
-    for first, then in zip(lm, matched):
-        seen = {(s.text, s.text_pair) for s in first}
-        out.append(first + [s for s in then if (s.text, s.text_pair) not in seen])
-    return out
 
 
 def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], dict[int, dict]]:
