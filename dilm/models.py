@@ -199,6 +199,24 @@ def _package_path(rel: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / rest
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own notices (verbosity: errors only) and its progress bars ("Loading weights", "Writing model
+    shards") off while a model loads or saves, as they were after: a sweep loads models in every Ray worker, each
+    load a bar and notices otherwise."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def smollm2_dir() -> Path:
     """De-quantize the packaged GGUF once into an ordinary safetensors checkpoint under the cache dir."""
     target = cache_dir() / "smollm2-135m"
@@ -210,15 +228,17 @@ def smollm2_dir() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         gguf = _package_path(MODELS["smollm2-135m"].location)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None  # GGUF-loaded models refuse save_pretrained otherwise
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
 
         def fill(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            with quiet_transformers():
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
 
         atomic_write_dir(target, fill, replace=False)
     return target
@@ -313,14 +333,8 @@ def load_model(name: str, head: str, num_labels: int = 2, device: torch.device |
         auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification,
                 "base": AutoModel}[head]
         torch.manual_seed(seed)
-        import transformers
-
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # "newly initialized head" notices on every evaluation
-        try:
+        with quiet_transformers():  # "newly initialized head" notices on every evaluation
             model = auto.from_pretrained(model_location(name), dtype=torch.float32, **kwargs)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
     if head == "classifier" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model.to(device)

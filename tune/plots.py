@@ -1,4 +1,5 @@
-"""Figures logged as MLflow artifacts: accuracy vs DPC per architecture, and the sweep's parameter importances.
+"""Figures logged as MLflow artifacts and drawn into the sweep's report: accuracy vs DPC per architecture, the sweep's
+parameter importances, validation over steps and the optimization history.
 
 Built with matplotlib's object API (``Figure`` rendered by the Agg canvas): no pyplot global state, no display,
 safe in Ray workers. Each file is written to a temporary name and renamed into place.
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from dilm.files import atomic_path
 from tune.scores import ScoreTable, archs, curve
@@ -72,4 +74,38 @@ def param_importances(importances: dict[str, float], path: str | Path, title: st
     ax.set_xlabel("importance for the objective")
     ax.set_xlim(0, max([v for _, v in items] + [1e-9]) * 1.2)
     ax.set_title(title or "hyperparameter importances", fontsize=10)
+    return _save(fig, path)
+
+
+def validation_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
+    """Validation accuracy against distill's step, one line per trial ({label: [(step, accuracy)]}: the
+    intermediate values the Optuna study holds); a trial ASHA stopped is a short line."""
+    fig = Figure(figsize=(5.5, 3.4))
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3, label=label)
+    if 0 < len(curves) <= 12:
+        ax.legend(fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title or "validation over steps", fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def optimization_history(values: list[tuple[int, float]], path: str | Path, title: str = "") -> Path:
+    """The objective of each complete trial by trial number ([(number, objective)]) and the best so far."""
+    fig = Figure(figsize=(5.5, 3.2))
+    ax = fig.add_subplot()
+    points = sorted(values)
+    best = [max(v for _, v in points[: i + 1]) for i in range(len(points))]
+    ax.plot([n for n, _ in points], [v for _, v in points], "o", label="trial")
+    ax.step([n for n, _ in points], best, where="post", label="best so far")
+    ax.legend(fontsize=8)
+    ax.set_xlabel("trial number")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("objective (%)")
+    ax.set_title(title or "optimization history", fontsize=10)
+    ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -75,7 +75,10 @@ def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dic
             "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
             "not_resumed": states.count("NOT_RESUMED"), "finished": finished,
             "importances": param_importances(study) if len(complete) >= 2 else None,
-            "storage": paths.location, "driver_dir": str(paths.storage), "optuna_url": paths.optuna_url}
+            "storage": paths.location, "driver_dir": str(paths.storage), "optuna_url": paths.optuna_url,
+            "params": sorted(cfg.search), "objective_archs": tuple(cfg.eval.objective_archs),
+            "val_curves": {r["ray_trial_id"] or str(t.number): sorted(t.intermediate_values.items())
+                           for r, t in zip(rows, study.trials)}}
 
 
 WORD = re.compile(r"[a-z]+")
@@ -153,8 +156,18 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def margins(summary: dict) -> dict[str, dict[str, float]]:
+    """{trial id: {vs_<baseline>: objective − the baseline's objective}} of the complete trials (points, rounded to
+    0.01: columns of the sweep's runs page)."""
+    base = {name: objective(sc, summary.get("objective_archs", ())) for name, sc in
+            summary.get("baseline_scores", {}).items() if sc}
+    return {r["ray_trial_id"]: {f"vs_{name}": round(r[OBJECTIVE] - b, 2) for name, b in base.items()}
+            for r in summary["rows"] if r["state"] == "COMPLETE" and r[OBJECTIVE] is not None}
+
+
 def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
-    """Parent run: counts, best objective, trials.csv and the parameter-importance plot; then a console summary."""
+    """Parent run: counts, best objective, trials.csv and the parameter-importance plot; each complete trial's
+    margins over the baselines; the sweep's runs-page view; the one-page report; then a console summary."""
     out = paths.reports_dir
     atomic_write_text(out / "trials.csv", _csv(summary["rows"]))
     tracker.log_artifact(out / "trials.csv")
@@ -181,6 +194,12 @@ def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
         tracker.log_artifact(plot_importances(summary["importances"], out / "param_importances.png",
                                               f"{summary['name']}: importance for the objective"))
         tracker.log_artifact(out / "param_importances.json")
+    for trial_id, vs in margins(summary).items():
+        tracker.log_child_metrics(trial_id, vs)
+    tracker.set_view(summary.get("params", ()))
+    best_sets = paths.sets_dir / summary["best"]["ray_trial_id"] / "sets" if summary["best"] else None
+    summary["report"] = str(write_report(summary, best_sets, out))
+    tracker.log_artifact(summary["report"])
     print(format_summary(summary))
 
 
@@ -204,6 +223,8 @@ def format_summary(s: dict) -> str:
     if s["importances"]:
         lines.append("  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in s["importances"].items()))
     lines.append(f"  storage:   {s['storage']}")
+    if s.get("report"):
+        lines.append(f"  report:    {s['report']}")
     lines.append(f"  MLflow:    dilm ui --storage {s.get('driver_dir', s['storage'])}")
     lines.append(f"  Optuna:    optuna-dashboard {s['optuna_url']}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ Where things go: the tracking URI is ``$MLFLOW_TRACKING_URI`` when set (an ``htt
 sweeps: trials on other machines cannot reach a local file), else ``sqlite:////<storage>/mlflow.db``. With a sqlite
 store the artifacts of experiment E go to ``<db folder>/mlartifacts/E`` (absolute, so trials whose working directory
 is under ``/tmp/ray`` write to the same place); with a server, the server decides. ``dilm ui`` (:func:`ui_main`)
-serves the store with ``mlflow ui``.
+serves the store with ``mlflow ui`` and prints each sweep's runs page (:func:`view_url`: trials as rows, with metrics).
 
 Per-step metrics are buffered and written in batches (``log_batch``): a sqlite write per step and key would slow the
 trials and contend for the database lock.
@@ -20,6 +20,7 @@ trials and contend for the database lock.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -34,6 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from dilm import DilmError
 from dilm.options import Parser
+from tune.scores import OBJECTIVE
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "dilm.trial_id"
@@ -46,6 +48,11 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 BEST_TAG = "dilm.best"
 BEST_MARK = "★ best"
 NOTE_TAG = "mlflow.note.content"  # a run's description in the UI
+# A runs-page view the UI opens from the URL (``?viewStateShareKey=KEY``): the experiment tag VIEW_TAG + KEY holds its
+# JSON (search filter, order, columns: what MLflow's "share view" button saves). KEY is the sweep's parent run id.
+VIEW_TAG = "mlflow.sharedViewState."
+VIEW_METRICS = (OBJECTIVE, "vs_random", "vs_vanilla", "vs_herding")  # a trial's objective − each baseline's
+ML_VIEW = "workflowType=machine_learning"  # MLflow 3 opens its GenAI view without this in the URL
 
 
 def default_storage() -> Path:
@@ -142,7 +149,9 @@ class SweepTracker:
         else:
             run = client.create_run(exp_id, run_name=sweep, tags={SWEEP_TAG: sweep, **(tags or {})})
             parent_run_id = run.info.run_id
-        return cls(client, TrackingSpec(uri, exp_id, parent_run_id, sweep))
+        tracker = cls(client, TrackingSpec(uri, exp_id, parent_run_id, sweep))
+        tracker.set_view()
+        return tracker
 
     @classmethod
     def attach(cls, spec: TrackingSpec) -> SweepTracker:
@@ -181,6 +190,12 @@ class SweepTracker:
             self.client.log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self.client.set_terminated(run.info.run_id, status=status)
 
+    def log_child_metrics(self, trial_id: str, metrics: dict) -> None:
+        """Metrics of a trial's child run, if it exists (the summary's margins over the baselines)."""
+        if (run := self.find_child(trial_id)) is not None:
+            ts = _now_ms()
+            _log_metrics(self.client, run.info.run_id, [Metric(k, v, ts, 0) for k, v in _numeric(metrics).items()])
+
     def mark_best(self, trial_id: str, headline: str) -> None:
         """The winning trial's child run, visible without picking columns: its name starts with ``★ best``, it is
         tagged ``dilm.best``, and ``headline`` (how much it beat the baselines by) is its description."""
@@ -192,6 +207,11 @@ class SweepTracker:
         if not name.startswith(BEST_MARK):
             tags.append(RunTag("mlflow.runName", f"{BEST_MARK} {name}"))
         self.client.log_batch(run.info.run_id, tags=tags)
+
+    def set_view(self, params: list[str] | tuple[str, ...] = ()) -> None:
+        """The sweep's runs page (:func:`sweep_view`, ``params`` as columns), opened by :func:`view_url`."""
+        self.client.set_experiment_tag(self.spec.experiment_id, VIEW_TAG + self.spec.parent_run_id,
+                                       json.dumps(sweep_view(self.spec.parent_run_id, params)))
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.spec.parent_run_id, status=status)
@@ -279,6 +299,21 @@ def run_label(trial_id: str, values: dict, objective: float | None = None) -> st
     return f"{short} " + ("" if objective is None else f"obj {objective:.1f} | ") + vals
 
 
+def sweep_view(parent_run_id: str, params: list[str] | tuple[str, ...] = ()) -> dict:
+    """A runs-page view of one sweep (MLflow 3.17's UI-state keys): its trials and baselines as rows (the parent's
+    children: the parent itself would fold them away), best objective first, the objective, the margins over the
+    baselines and the searched values as columns."""
+    return {"searchFilter": f"tags.`{PARENT_TAG}` = '{parent_run_id}'", "orderByKey": f"metrics.`{OBJECTIVE}`",
+            "orderByAsc": False, "selectedColumns": [f"metrics.`{m}`" for m in VIEW_METRICS]
+            + [f"params.`{p}`" for p in params]}
+
+
+def view_url(base: str, experiment_id: str, parent_run_id: str | None = None) -> str:
+    """The runs page of an experiment in the model-training view; with ``parent_run_id``, its sweep's view."""
+    key = f"&viewStateShareKey={parent_run_id}" if parent_run_id else ""
+    return f"{base}/#/experiments/{experiment_id}/runs?{ML_VIEW}{key}"
+
+
 def ui_command(uri: str, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
             "--workers", "1"]
@@ -305,8 +340,8 @@ def ui_main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {base}  (store {uri}; Ctrl-C stops it)", flush=True)
-    for line in runs_links(uri, base):  # MLflow 3 opens an empty traces page first: the runs tables directly
-        print(f"  {line}", flush=True)
+    for i, (label, url) in enumerate(runs_links(uri, base)):  # MLflow 3 opens an empty traces page otherwise
+        print(f"  open {url}   ({label}: the latest)" if i == 0 else f"  {label}: {url}", flush=True)
     # its own process group: mlflow starts workers (huey_consumer, gunicorn/uvicorn) that must stop with it
     proc = subprocess.Popen(ui_command(uri, args.host, args.port), env=env, start_new_session=True)
 
@@ -323,11 +358,20 @@ def ui_main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def runs_links(uri: str, base: str) -> list[str]:
-    """``<experiment>: <base>/#/experiments/<id>/runs`` for every experiment of the store holding runs."""
+def runs_links(uri: str, base: str) -> list[tuple[str, str]]:
+    """(label, url): each sweep's view (:func:`view_url`), the latest first, then the runs page of every other
+    experiment of the store holding runs."""
     client = MlflowClient(tracking_uri=uri)
-    return [f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs" for e in client.search_experiments()
-            if client.search_runs([e.experiment_id], max_results=1)]
+    sweeps, others = [], []
+    for e in client.search_experiments():
+        parents = [k[len(VIEW_TAG):] for k in e.tags if k.startswith(VIEW_TAG)]
+        ids = ", ".join(f"'{p}'" for p in parents)
+        runs = client.search_runs([e.experiment_id], f"attributes.run_id IN ({ids})") if parents else []
+        sweeps += [(r.info.start_time, f"sweep {r.info.run_name} ({e.name})",
+                    view_url(base, e.experiment_id, r.info.run_id)) for r in runs]
+        if not runs and client.search_runs([e.experiment_id], max_results=1):
+            others.append((e.name, view_url(base, e.experiment_id)))
+    return [(label, url) for _, label, url in sorted(sweeps, reverse=True)] + others
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:

@@ -20,6 +20,7 @@ import torch
 from dilm import DilmError
 from dilm.distill.config import DistillConfig
 from dilm.files import atomic_write_dir, write_json
+from dilm.models import quiet_transformers
 from dilm.tasks import TaskData
 
 LM_META = "dilm_lm.json"  # beside the Hugging Face files of an LM-stage checkpoint
@@ -86,8 +87,9 @@ def write_lm_checkpoint(out: Path, generator, tokenizer, meta: dict) -> Path:
     """The generator and its tokenizer as a Hugging Face checkpoint with ``meta`` in ``dilm_lm.json``, atomically."""
 
     def fill(tmp: Path) -> None:
-        generator.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with quiet_transformers():
+            generator.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         write_json(tmp / LM_META, meta)
 
     atomic_write_dir(out, fill)
@@ -104,4 +106,5 @@ def load_lm_checkpoint(path: str | Path, cfg: DistillConfig, task: TaskData, tem
             raise DilmError(f"LM checkpoint {path} was trained with {what} {theirs!r}, this run has {ours!r}")
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
