@@ -22,7 +22,7 @@ from dilm.models import pick_device
 from dilm.options import Flag, add_options, config_from_args, given, strs
 from dilm.softlabel import SoftLabelConfig, SoftLabeler, select_fewer_than_classes
 from dilm.synset import read_set, write_set
-from dilm.tasks import load_task
+from dilm.tasks import REFERENCE_HELP, files_spec, load_task
 from dilm.tdd import TDDConfig, distill_tdd, evaluate_tdd, load_tdd, save_tdd
 
 # --------------------------------------------------------------------------- shared arguments
@@ -34,28 +34,52 @@ UNROLL_FLAGS = {"unroll.steps": "--unroll", "unroll.optimizer": "--inner-optimiz
                 "unroll.learn_lr": Flag(("--fixed-lr",), negate=True, help="do not learn the unroll step size")}
 
 
-def add_task_args(p: argparse.ArgumentParser, task: bool = True, title: str = "task") -> None:
-    """The task: a packaged name (``task``: an option here; ``dilm distill`` has its config's) or user files."""
+FILE_OPTIONS = {"text_column": "text", "label_column": "label", "text_pair_column": None, "label_names": None,
+                "no_header": False, "description": ""}  # read with --train-file only
+
+
+def add_task_args(p: argparse.ArgumentParser, title: str = "task", test: bool = True) -> None:
+    """The task: a reference (``--task``: a packaged name, hf:NAME, a saved dataset folder, a spec file) or user
+    files (``--train-file``; ``--task`` may then only name them). ``test``: the command reads a test split."""
     g = p.add_argument_group(title)
-    if task:
-        g.add_argument("--task", help="packaged task (sst2, mrpc, ag_news), hf:DATASET, or a name for user files")
-    g.add_argument("--train-file", help="user training data: .tsv, .csv or .jsonl (optionally .gz)")
-    g.add_argument("--test-file", help="user test data, same format")
-    g.add_argument("--text-column", default="text", help="column (or index) of the text (default: text)")
-    g.add_argument("--text-pair-column", default=None, help="column of a pair's second text (default: none)")
-    g.add_argument("--label-column", default="label", help="column of the label (default: label)")
-    g.add_argument("--label-names", type=strs, default=None,
-                   help="comma-separated, in id order (default: the training file's labels, sorted)")
-    g.add_argument("--no-header", action="store_true",
+    g.add_argument("--task", help=f"the task: {REFERENCE_HELP}; with --train-file, only a name for the files")
+    g.add_argument("--train-file", help="user training data: a path or storage URI (s3://...) of a .tsv, .csv, "
+                                        ".jsonl or .parquet file (optionally .gz, .bz2, .xz)")
+    if test:
+        g.add_argument("--test-file", help="user test data, same format")
+    g.add_argument("--text-column", help="column (or index) of the text (default: text)")
+    g.add_argument("--text-pair-column", help="column of a pair's second text (default: none)")
+    g.add_argument("--label-column", help="column of the label (default: label)")
+    g.add_argument("--label-names", type=strs, help="comma-separated, in id order (default: the training file's "
+                                                     "labels, sorted)")
+    g.add_argument("--description", help="one line of what a text is (\"a customer support ticket\"): words the "
+                                         "generator's prompt")
+    g.add_argument("--no-header", action="store_true", default=None,
                    help="TSV/CSV files without a header row: give columns by index (--text-column 1), as CoLA ships")
 
 
-def task_from_args(args, need_test: bool = True, name: str | None = None):
-    return load_task(name or args.task, train_file=args.train_file, test_file=args.test_file,
-                     text_column=args.text_column, label_column=args.label_column,
-                     text_pair_column=args.text_pair_column,
-                     label_names=list(args.label_names) if args.label_names else None,
-                     has_header=not args.no_header, need_test=need_test)
+def task_spec_from_args(args, default=None):
+    """The task the options name (``default`` where they name none); options for files without ``--train-file``,
+    or ``--test-file`` alone, are one-line errors naming them."""
+    given = {k: v for k in FILE_OPTIONS if (v := getattr(args, k, None)) is not None}
+    if not args.train_file:
+        if getattr(args, "test_file", None):
+            raise DilmError("--test-file needs --train-file (or a --task that holds both splits)")
+        if given:
+            raise DilmError(f"{', '.join('--' + k.replace('_', '-') for k in given)} appl"
+                            f"{'ies' if len(given) == 1 else 'y'} to --train-file data only")
+        return args.task or default
+    opts = {**FILE_OPTIONS, **given}
+    return files_spec(args.task, args.train_file, getattr(args, "test_file", None), opts["text_column"],
+                      opts["label_column"], opts["text_pair_column"], opts["label_names"], not opts["no_header"],
+                      opts["description"])
+
+
+def task_from_args(args, need_test: bool = True, default=None):
+    spec = task_spec_from_args(args, default)
+    if spec is None:
+        raise DilmError(f"no task given; pass --task ({REFERENCE_HELP})")
+    return load_task(spec, need_test=need_test)
 
 
 # --------------------------------------------------------------------------- evaluate, coreset
@@ -99,7 +123,7 @@ def add_evaluate(sub) -> None:
 
 def add_coreset(sub) -> None:
     c = sub.add_parser("coreset", help="random / k-centers / herding coresets of real data")
-    add_task_args(c)
+    add_task_args(c, test=False)  # selection reads the training split only
     add_options(c, CoresetConfig, title="selection (CoresetConfig)")
     c.add_argument(*OUTPUT, required=True, help="folder of the sets, METHOD_dpcD_setNN.jsonl")
     c.set_defaults(func=cmd_coreset)
@@ -122,11 +146,14 @@ def _override(s: str) -> tuple[str, object]:
 def distill_config(args) -> DistillConfig:
     """The preset's values, then ``--set KEY=VALUE``, then the options given: an option left out never overrides
     the preset."""
-    return DistillConfig.from_preset(args.preset, **{**dict(args.set or []), **given(DistillConfig, args)})
+    spec = task_spec_from_args(args)
+    task = {} if spec is None else {"task": spec}
+    return DistillConfig.from_preset(args.preset, **{**dict(args.set or []), **given(DistillConfig, args), **task})
 
 
 def cmd_distill(args) -> int:
     cfg = distill_config(args)  # validated before any model loads
+    ecfg = EvalConfig(archs=args.arch, seeds=args.eval_seeds, device=cfg.device) if args.evaluate else None
     if args.lm_only:
         task = load_task(cfg.task)  # loaded and hashed once for the key and the LM stage
         key = lm_cache_key(cfg, task)
@@ -137,8 +164,8 @@ def cmd_distill(args) -> int:
         print(f"DPC {dpc}: {len(paths)} set(s) in {paths[0].parent}")
     print(f"provenance: {result.provenance}")
     if args.evaluate:
-        task = task_from_args(args, name=cfg.task)
-        ev = Evaluator(task, EvalConfig(archs=args.arch, seeds=args.eval_seeds, device=cfg.device))
+        task = load_task(cfg.task)
+        ev = Evaluator(task, ecfg)
         scores = {}
         for dpc, paths in result.sets.items():
             scores[dpc] = ev.evaluate([read_set(p, task.label_names, task.is_pair) for p in paths]).summary()
@@ -162,9 +189,9 @@ def add_distill(sub) -> None:
     p.add_argument("--arch", type=strs, default=EvalConfig.archs, help="architectures --evaluate trains, "
                    f"comma-separated (default: {','.join(EvalConfig.archs)})")
     p.add_argument("--eval-seeds", type=int, default=1, help="training seeds per set of --evaluate (default: 1)")
-    add_options(p, DistillConfig, flags={"output_dir": OUTPUT},
+    add_task_args(p)  # the task (default: the preset's, else sst2)
+    add_options(p, DistillConfig, flags={"output_dir": OUTPUT}, skip={"task"},
                 title="distillation (DistillConfig; a preset changes these defaults)")
-    add_task_args(p, task=False, title="task files (read by --evaluate only)")
     p.set_defaults(func=cmd_distill)
 
 
@@ -227,8 +254,8 @@ def add_softlabel(sub) -> None:
 
 
 def cmd_tdd(args) -> int:
+    cfg = config_from_args(TDDConfig, args, progress=True)  # validated (its learner resolved) before the data loads
     task = task_from_args(args)
-    cfg = config_from_args(TDDConfig, args, progress=True)
     if args.existing is not None:
         tdd = load_tdd(args.existing)
         print(f"TDD set {args.existing}: {len(tdd)} sequences for {tdd.learner}")

@@ -22,17 +22,23 @@ from dilm.text import pad_ids
 
 PAIR_MARK = "\npair:"
 LABEL_TEMPLATE = "label: {label}\ntext:"
+DESCRIBED_TEMPLATE = "Here is {description} labelled {label}:"  # a user task's prompt from its one-line description
 TEMPLATE_KEYS = ("task", "label")  # the task's own template, or the bare label format
 
 
-def resolve_template(key: str, task: str) -> str:
-    """``task`` → the packaged task's template (the bare label format for other tasks); ``label`` → the bare
-    format; anything else is itself a template and must hold ``{label}``."""
-    from dilm.tasks import TASKS
+def resolve_template(key: str, task) -> str:
+    """``task`` → the task's own template: a packaged task's plain-words one, the spec's ``prompt_template``, or for
+    a task with a ``description`` "Here is {description} labelled {label}:", else the bare label format; ``label`` →
+    the bare format; anything else is itself a template and must hold ``{label}``. ``task``: a
+    :class:`~dilm.tasks.TaskSpec` or any task reference."""
+    from dilm.tasks import TaskSpec, resolve_task
 
     if key == "task":
-        spec = TASKS.get(task)
-        return spec.prompt_template if spec is not None and spec.prompt_template else LABEL_TEMPLATE
+        spec = task if isinstance(task, TaskSpec) else resolve_task(task)
+        if spec.prompt_template:
+            return spec.prompt_template
+        description = spec.description.strip().rstrip(".:")
+        return DESCRIBED_TEMPLATE.replace("{description}", description) if description else LABEL_TEMPLATE
     if key == "label":
         return LABEL_TEMPLATE
     if "{label}" not in key:

@@ -1,23 +1,35 @@
-"""Tasks: a typed registry of packaged datasets plus user files (CSV/TSV/JSONL) and Hugging Face datasets.
+"""Tasks: one typed :class:`TaskSpec` for every dataset dilm reads, one resolver, one loader.
 
-A task resolves to :class:`TaskData`: train and test lists of :class:`Example` with integer labels and the
-human-readable label names that the generator prompts use.
+A *task reference* is what a user writes wherever a task is named (every sub-command, a sweep YAML's ``task``, the
+Python API): a packaged name (``sst2``, ``mrpc``, ``ag_news``), ``hf:DATASET`` or ``hf:DATASET:CONFIG`` (the hub or
+its cache), the folder of a ``datasets.DatasetDict`` saved with ``save_to_disk``, a spec file (``.yaml``/``.json``),
+or a spec given as a mapping (``{train: reviews.csv, test: test.csv, text_column: review, ...}``).
+:func:`resolve_task` turns any of them into a :class:`TaskSpec` — the packaged tasks are specs too — and
+:func:`load_task` reads it into :class:`TaskData`: train and test lists of :class:`Example` with integer labels, the
+label names that the generator's prompts and the written sets use, and ``fingerprint``, a content hash of the data
+that enters every cache key (two files of one name with different rows never share an LM checkpoint).
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
+import dataclasses
+import functools
+import hashlib
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from dilm import DilmError
+from dilm.readers import dataset_rows, forget_copy, is_uri, load_dataset_dict, read_rows
+
+SOURCES = ("packaged", "files", "hf", "disk")
+MAX_CLASSES = 100  # more distinct training labels than this and no label_names: a text column given as the label
 
 
 @dataclass(frozen=True)
@@ -29,46 +41,152 @@ class Example:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Where a packaged task's files live and how their columns read."""
+    """Where a task's data lives and how it reads. ``source``: packaged (``train``/``test`` are files inside the
+    package), files (paths or storage URIs; TSV, CSV, JSONL or Parquet, optionally compressed), hf (``dataset`` on
+    the hub, ``train``/``test`` are split names) or disk (``dataset`` is a ``save_to_disk`` folder, split names
+    likewise). ``label_names`` in id order (empty: the training labels, sorted); ``description``: one line of what
+    a text is ("a customer support ticket"), which words the generator's prompt of a task that is not packaged;
+    ``sha256``: a content hash the data must have (set by a sweep's driver, checked on every node)."""
 
-    name: str
-    label_names: tuple[str, ...]
-    train_file: str
-    test_file: str
-    text_column: int | str
-    label_column: int | str
+    name: str = ""
+    train: str = ""
+    test: str = ""
+    text_column: int | str = "text"
+    label_column: int | str = "label"
     text_pair_column: int | str | None = None
+    label_names: tuple[str, ...] = ()
     has_header: bool = True
-    labels_are_names: bool = False  # True: the file holds "Sports", not 1
     description: str = ""
     prompt_template: str = ""  # the generator's prompt in plain words, with a {label} field (generator.py)
+    source: str = "files"
+    dataset: str = ""
+    config: str | None = None
+    sha256: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "label_names", tuple(str(n) for n in self.label_names or ()))
+        if self.source not in SOURCES:
+            raise DilmError(f"task source {self.source!r} unknown; known: {', '.join(SOURCES)}")
+        if self.source in ("packaged", "files") and not self.train:
+            raise DilmError("a task spec needs a training file ('train', or --train-file)")
+        if self.source in ("hf", "disk") and not self.dataset:
+            raise DilmError(f"a task spec of source {self.source} needs 'dataset'")
+        if self.source in ("hf", "disk") and not self.train:
+            object.__setattr__(self, "train", "train")  # the split's name
+        if len(set(self.label_names)) != len(self.label_names):
+            raise DilmError(f"task {self.name}: label names repeat: {list(self.label_names)}")
+        if self.prompt_template and "{label}" not in self.prompt_template:
+            raise DilmError(f"task {self.name}: prompt_template {self.prompt_template!r} has no {{label}} field")
+        if not self.name:
+            object.__setattr__(self, "name", self._default_name())
+
+    def _default_name(self) -> str:
+        if self.source in ("hf", "disk"):
+            return self.dataset.rstrip("/").rsplit("/", 1)[-1]
+        return self.train.rsplit("/", 1)[-1].split(".", 1)[0]
 
     @property
     def is_pair(self) -> bool:
         return self.text_pair_column is not None
 
+    @property
+    def packaged(self) -> bool:
+        return self.source == "packaged"
+
+    def to_dict(self) -> dict:
+        """The spec as data (a sweep YAML's ``task`` mapping, provenance, MLflow params): the fields that differ
+        from the defaults."""
+        defaults = TaskSpec(train="-")
+        return {f.name: (list(v) if isinstance(v, tuple) else v) for f in dataclasses.fields(self)
+                if (v := getattr(self, f.name)) != getattr(defaults, f.name) or f.name in ("name", "source")}
+
+    def to_ref(self) -> str | dict:
+        """The shortest reference that :func:`resolve_task` turns back into this spec: a packaged task's name, or
+        :meth:`to_dict`."""
+        return self.name if self.packaged and not self.sha256 else self.to_dict()
+
 
 TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec(
-        name="sst2", label_names=("negative", "positive"), train_file="sst2/train.tsv.gz",
-        test_file="sst2/dev.tsv.gz", text_column="sentence", label_column="label",
+        name="sst2", label_names=("negative", "positive"), train="sst2/train.tsv.gz", test="sst2/dev.tsv.gz",
+        text_column="sentence", label_column="label", source="packaged",
         description="GLUE SST-2 movie-review sentiment; test = GLUE dev (872)",
         prompt_template="Here is one short {label} sentence from a movie review:",
     ),
     "mrpc": TaskSpec(
-        name="mrpc", label_names=("no", "yes"), train_file="mrpc/train.tsv.gz", test_file="mrpc/dev.tsv.gz",
-        text_column="#1 String", text_pair_column="#2 String", label_column="Quality",
+        name="mrpc", label_names=("no", "yes"), train="mrpc/train.tsv.gz", test="mrpc/dev.tsv.gz",
+        text_column="#1 String", text_pair_column="#2 String", label_column="Quality", source="packaged",
         description="GLUE MRPC paraphrase (sentence pairs); test = GLUE dev (408)",
         prompt_template="Two sentences from a news article. Is the second a paraphrase of the first? {label}.\n"
                         "First:",
     ),
     "ag_news": TaskSpec(
-        name="ag_news", label_names=("World", "Sports", "Business", "Sci/Tech"),
-        train_file="ag_news/train.tsv.gz", test_file="ag_news/test.tsv.gz", text_column=0, label_column=1,
-        has_header=False, labels_are_names=True, description="AG News topic subset (10k train, 7.6k test)",
+        name="ag_news", label_names=("World", "Sports", "Business", "Sci/Tech"), train="ag_news/train.tsv.gz",
+        test="ag_news/test.tsv.gz", text_column=0, label_column=1, has_header=False, source="packaged",
+        description="AG News topic subset (10k train, 7.6k test)",
         prompt_template="Here is the start of a {label} news article:",
     ),
 }
+SPEC_KEYS = tuple(f.name for f in dataclasses.fields(TaskSpec))
+OTHER_REFERENCES = "hf:DATASET[:CONFIG], a save_to_disk folder, a task spec file (.yaml/.json), or --train-file"
+REFERENCE_HELP = f"a packaged task ({', '.join(sorted(TASKS))}), {OTHER_REFERENCES}"
+
+
+def _absolute(location: str, base: Path) -> str:
+    return location if not location or is_uri(location) else str((base / location).expanduser().resolve())
+
+
+def spec_from_mapping(raw: Mapping, base: str | Path | None = None, where: str = "task") -> TaskSpec:
+    """A spec from data (a YAML mapping, a spec file, a saved config); relative paths are taken from ``base``
+    (default: the working directory) and made absolute, since trials run elsewhere."""
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise DilmError(f"{where}: unknown key(s) {unknown}; known keys: {', '.join(SPEC_KEYS)}")
+    values = dict(raw)
+    if values.get("source") == "packaged" and values.get("name") in TASKS:
+        return dataclasses.replace(TASKS[values["name"]], sha256=values.get("sha256", ""))
+    values.setdefault("source", "files")
+    base = Path(base or ".")
+    for key in ("train", "test") if values["source"] == "files" else ("dataset",) if values["source"] == "disk" else ():
+        values[key] = _absolute(str(values.get(key) or ""), base)
+    if isinstance(values.get("label_names"), str):
+        values["label_names"] = tuple(x.strip() for x in values["label_names"].split(",") if x.strip())
+    return TaskSpec(**values)
+
+
+def resolve_task(ref: TaskSpec | Mapping | str | None) -> TaskSpec:
+    """Any task reference (see the module docstring) → its :class:`TaskSpec`; a one-line error naming what is
+    known on a miss."""
+    if isinstance(ref, TaskSpec):
+        return ref
+    if isinstance(ref, Mapping):
+        return spec_from_mapping(ref)
+    if not ref:
+        raise DilmError(f"no task given; pass {REFERENCE_HELP}")
+    if ref in TASKS:
+        return TASKS[ref]
+    if ref.startswith("hf:"):
+        dataset, _, config = ref[3:].partition(":")
+        return TaskSpec(source="hf", dataset=dataset, config=config or None, train="train", test="validation")
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return TaskSpec(source="disk", dataset=str(path.resolve()), train="train", test="")
+    if path.is_file() and path.suffix in (".yaml", ".yml", ".json"):
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise DilmError(f"task spec {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, Mapping):
+            raise DilmError(f"task spec {path}: expected a mapping of {', '.join(SPEC_KEYS)}")
+        return spec_from_mapping(raw, path.parent, where=f"task spec {path}")
+    raise DilmError(f"unknown task {ref!r}; known tasks: {', '.join(sorted(TASKS))} (or {OTHER_REFERENCES})")
+
+
+def get_task_spec(name: str) -> TaskSpec:
+    """A packaged task's spec by name."""
+    if name not in TASKS:
+        raise DilmError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} (or {OTHER_REFERENCES})")
+    return TASKS[name]
 
 
 @dataclass(frozen=True)
@@ -78,10 +196,27 @@ class TaskData:
     train: list[Example] = field(repr=False)
     test: list[Example] = field(repr=False)
     is_pair: bool = False
+    spec: TaskSpec | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def described_by(self) -> TaskSpec:
+        """The spec the data was read from (its prompt template, description); for data built in memory, the packaged
+        task of its name or a bare spec."""
+        return self.spec or TASKS.get(self.name) or TaskSpec(name=self.name, train="(in memory)")
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Content hash (sha256, hex) of both splits and the label names: what the task's data *is*."""
+        h = hashlib.sha256(json.dumps(list(self.label_names)).encode())
+        for split in (self.train, self.test):
+            h.update(b"|split|")
+            for e in split:
+                h.update(json.dumps([e.text, e.text_pair, e.label]).encode())
+        return h.hexdigest()
 
     def by_class(self, split: str = "train") -> list[list[Example]]:
         """Examples of ``split`` grouped by label id (index = label)."""
@@ -95,7 +230,8 @@ def check_dpc(task: TaskData, dpc: int) -> None:
     """Refuse a DPC larger than a class of the task's training split (a set takes DPC distinct real examples)."""
     for c, group in enumerate(task.by_class()):
         if dpc > len(group):
-            raise DilmError(f"DPC {dpc} is larger than class {task.label_names[c]!r} ({len(group)} examples)")
+            raise DilmError(f"task {task.name}: DPC {dpc} is larger than class {task.label_names[c]!r} "
+                            f"({len(group)} examples)")
 
 
 def length_limit(lengths: list[int], quantile: float, cap: int) -> int:
@@ -106,13 +242,6 @@ def length_limit(lengths: list[int], quantile: float, cap: int) -> int:
     if not lengths:
         raise DilmError("no examples to take token lengths from")
     return max(1, min(cap, int(np.ceil(np.quantile(np.asarray(lengths), quantile)))))
-
-
-def get_task_spec(name: str) -> TaskSpec:
-    if name not in TASKS:
-        raise DilmError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} "
-                        "(or pass --train-file/--test-file, or a Hugging Face dataset name with hf:NAME)")
-    return TASKS[name]
 
 
 def parse_label(label: str | int, label_names: tuple[str, ...], where: str = "") -> int:
@@ -130,162 +259,115 @@ def parse_label(label: str | int, label_names: tuple[str, ...], where: str = "")
     raise DilmError(f"{where}label {label!r} is not in the label set {list(label_names)}")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig", newline="")
+def _label_names(spec: TaskSpec, raw: list[str], where: str) -> tuple[str, ...]:
+    """The spec's label names, or the training labels sorted (numbers numerically); refuses a label column that holds
+    texts (more than :data:`MAX_CLASSES` distinct values)."""
+    if spec.label_names:
+        return spec.label_names
+    values = set(raw)
+    if len(values) > MAX_CLASSES:
+        raise DilmError(f"{where}: label column {spec.label_column!r} has {len(values):,} distinct values (is it a "
+                        f"text column?); name the label column, or give label_names for a task with that many classes")
+    return tuple(sorted(values, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s)))
 
 
-def _read_table(path: Path, delimiter: str, has_header: bool) -> tuple[list[str] | None, list[list[str]]]:
-    # QUOTE_NONE for TSV: GLUE files hold bare '"' characters. CSV keeps standard quoting.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with _open_text(path) as f:
-        rows = [r for r in csv.reader(f, delimiter=delimiter, quoting=quoting) if r]
-    if has_header:
-        if not rows:
-            raise DilmError(f"{path}: empty file (expected a header row)")
-        return rows[0], rows[1:]
-    return None, rows
-
-
-def _column_index(header: list[str] | None, column: int | str, path: Path) -> int:
-    if isinstance(column, int):
-        return column
-    if column.isdigit() and header is None:
-        return int(column)
-    if header is None:
-        raise DilmError(f"{path}: column {column!r} named, but the file is read without a header (--no-header); "
-                        "give columns by index (0, 1, ...)")
-    if header is None or column not in header:
-        raise DilmError(f"{path}: missing column {column!r}; columns are {header or 'unnamed (no header)'}")
-    return header.index(column)
-
-
-def read_examples(path: str | Path, text_column: int | str, label_column: int | str,
-                  label_names: tuple[str, ...] | None = None, text_pair_column: int | str | None = None,
-                  has_header: bool = True) -> tuple[list[tuple[str, str | None, str]], tuple[str, ...] | None]:
-    """Read (text, text_pair, raw_label) rows from a TSV, CSV or JSONL file (optionally gzipped).
-
-    Every row is validated; a malformed row raises :class:`DilmError` naming the file and line.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DilmError(f"data file {path} does not exist")
-    kind = path.name.removesuffix(".gz").rsplit(".", 1)[-1].lower()
-    out: list[tuple[str, str | None, str]] = []
-    if kind == "jsonl":
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DilmError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DilmError(f"{path}:{lineno}: expected a JSON object per line")
-                for col in (text_column, label_column, text_pair_column):
-                    if col is not None and str(col) not in row:
-                        raise DilmError(f"{path}:{lineno}: missing column {str(col)!r}")
-                pair = None if text_pair_column is None else str(row[str(text_pair_column)])
-                out.append((str(row[str(text_column)]), pair, str(row[str(label_column)])))
-        return out, label_names
-    if kind not in ("tsv", "csv"):
-        raise DilmError(f"{path}: unsupported file type {kind!r}; use .tsv, .csv or .jsonl (optionally .gz)")
-    header, rows = _read_table(path, "\t" if kind == "tsv" else ",", has_header)
-    ti = _column_index(header, text_column, path)
-    li = _column_index(header, label_column, path)
-    pi = None if text_pair_column is None else _column_index(header, text_pair_column, path)
-    need = max(i for i in (ti, li, pi) if i is not None)
-    first = 2 if has_header else 1
-    for lineno, r in enumerate(rows, first):
-        if len(r) <= need:
-            raise DilmError(f"{path}:{lineno}: malformed row: {len(r)} fields, expected at least {need + 1}")
-        out.append((r[ti], None if pi is None else r[pi], r[li]))
-    return out, label_names
-
-
-def _to_examples(rows, label_names: tuple[str, ...], path) -> list[Example]:
-    return [Example(text=t.strip(), text_pair=None if p is None else p.strip(),
-                    label=parse_label(lab, label_names, f"{path}:{i}: "))
+def _examples(rows, names: tuple[str, ...], where: str) -> list[Example]:
+    return [Example(text=t, text_pair=p, label=parse_label(lab, names, f"{where}:{i}: "))
             for i, (t, p, lab) in enumerate(rows, 1)]
 
 
 def _check_classes(data: TaskData, need_test: bool = True) -> TaskData:
     for split in ("train", "test") if need_test else ("train",):
-        counts = Counter(ex.label for ex in getattr(data, split))
         if not getattr(data, split):
             raise DilmError(f"task {data.name}: the {split} split is empty")
-        if split == "train":
-            empty = [data.label_names[c] for c in range(data.num_classes) if counts[c] == 0]
-            if empty:
-                raise DilmError(f"task {data.name}: class(es) {empty} have no training examples")
+    counts = Counter(ex.label for ex in data.train)
+    empty = [data.label_names[c] for c in range(data.num_classes) if counts[c] == 0]
+    if empty:
+        raise DilmError(f"task {data.name}: class(es) {empty} have no training examples")
     return data
 
 
-def load_packaged(name: str) -> TaskData:
-    spec = get_task_spec(name)
-    root = resources.files("dilm") / "data"
-    splits = []
-    for rel in (spec.train_file, spec.test_file):
-        with resources.as_file(root / rel) as path:
-            rows, _ = read_examples(path, spec.text_column, spec.label_column, spec.label_names,
-                                    spec.text_pair_column, spec.has_header)
-            splits.append(_to_examples(rows, spec.label_names, rel))
-    return _check_classes(TaskData(name, spec.label_names, splits[0], splits[1], spec.is_pair))
+def _read_files(spec: TaskSpec, need_test: bool) -> TaskData:
+    base = resources.files("dilm") / "data" if spec.packaged else None
+    cols = (spec.text_column, spec.label_column, spec.text_pair_column, spec.has_header)
+
+    def rows(location: str):
+        if base is None:
+            return read_rows(location, *cols)
+        with resources.as_file(base / location) as path:
+            return read_rows(str(path), *cols)
+
+    if need_test and not spec.test:
+        raise DilmError(f"task {spec.name}: no test file: user data needs both --train-file and --test-file (or "
+                        "'test' in the spec)")
+    train = rows(spec.train)
+    test = rows(spec.test) if spec.test else []
+    names = _label_names(spec, [lab for _, _, lab in train], spec.train)
+    return TaskData(spec.name, names, _examples(train, names, spec.train), _examples(test, names, spec.test),
+                    spec.is_pair, spec)
 
 
-def load_files(train_file: str | Path, test_file: str | Path | None, text_column: str, label_column: str,
-               text_pair_column: str | None = None, label_names: list[str] | None = None,
-               name: str = "custom", has_header: bool = True) -> TaskData:
-    """A user task from files. Label names come from ``label_names`` or, sorted, from the training file.
-
-    Without ``test_file`` the test split is empty (enough for coreset selection, which reads only train).
-    ``has_header=False``: columns are given by index (``0``, ``1``, …), as GLUE's CoLA ships.
-    """
-    train_rows, _ = read_examples(train_file, text_column, label_column, None, text_pair_column, has_header)
-    test_rows = [] if test_file is None else read_examples(test_file, text_column, label_column, None,
-                                                           text_pair_column, has_header)[0]
-    if label_names is None:
-        raw = sorted({lab for _, _, lab in train_rows})
-        label_names = sorted(raw, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
-    names = tuple(label_names)
-    data = TaskData(name, names, _to_examples(train_rows, names, train_file),
-                    _to_examples(test_rows, names, test_file), text_pair_column is not None)
-    return _check_classes(data, need_test=test_file is not None)
+def _read_dataset(spec: TaskSpec, need_test: bool) -> TaskData:
+    ds = load_dataset_dict(spec.source, spec.dataset, spec.config)
+    splits = list(ds.keys())
+    test_split = spec.test or next((s for s in ("test", "validation") if s in ds), "")
+    for split in (spec.train, test_split) if need_test else (spec.train,):
+        if split not in ds:
+            raise DilmError(f"{spec.dataset}: no split {split or 'for the test'!r}; splits are {splits}")
+    cols = (str(spec.text_column), str(spec.label_column),
+            None if spec.text_pair_column is None else str(spec.text_pair_column))
+    train, class_names = dataset_rows(ds[spec.train], f"{spec.dataset}[{spec.train}]", *cols)
+    test = dataset_rows(ds[test_split], f"{spec.dataset}[{test_split}]", *cols)[0] if test_split in ds else []
+    names = spec.label_names or class_names or _label_names(spec, [lab for _, _, lab in train], spec.dataset)
+    return TaskData(spec.name, names, _examples(train, names, f"{spec.dataset}[{spec.train}]"),
+                    _examples(test, names, f"{spec.dataset}[{test_split}]"), spec.is_pair, spec)
 
 
-def load_hf(dataset: str, text_column: str, label_column: str = "label", text_pair_column: str | None = None,
-            train_split: str = "train", test_split: str = "validation", config: str | None = None) -> TaskData:
-    """Any Hugging Face dataset (needs hub access or a local cache). Label names from its ClassLabel feature."""
-    import datasets
-
-    ds = datasets.load_dataset(dataset, config)
-    feature = ds[train_split].features[label_column]
-    names = tuple(getattr(feature, "names", None) or sorted({str(x) for x in ds[train_split][label_column]}))
-
-    def convert(split):
-        cols = ds[split]
-        pairs = cols[text_pair_column] if text_pair_column else [None] * len(cols)
-        return [Example(str(t), parse_label(lab, names), None if p is None else str(p))
-                for t, p, lab in zip(cols[text_column], pairs, cols[label_column])]
-
-    return _check_classes(TaskData(dataset, names, convert(train_split), convert(test_split),
-                                   text_pair_column is not None))
+def read_task(spec: TaskSpec, need_test: bool = True) -> TaskData:
+    """Read ``spec``'s data, checked (classes, splits, and the pinned ``sha256`` where the spec has one)."""
+    data = _check_classes((_read_files if spec.source in ("packaged", "files") else _read_dataset)(spec, need_test),
+                          need_test)
+    if spec.sha256 and data.fingerprint != spec.sha256:
+        raise DilmError(f"task {spec.name}: the data at {spec.train or spec.dataset} changed since the sweep started "
+                        f"(content hash {data.fingerprint[:12]}…, expected {spec.sha256[:12]}…)")
+    return data
 
 
-def load_task(name: str | None = None, *, train_file: str | None = None, test_file: str | None = None,
-              text_column: str = "text", label_column: str = "label", text_pair_column: str | None = None,
-              label_names: list[str] | None = None, has_header: bool = True, need_test: bool = True) -> TaskData:
-    """Resolve a task: a packaged name, ``hf:DATASET``, or user files (``need_test=False``: no test file needed)."""
-    if train_file or test_file:
-        if not train_file or (need_test and not test_file):
-            raise DilmError("user data needs both --train-file and --test-file" if need_test
-                            else "user data needs --train-file")
-        return load_files(train_file, test_file, text_column, label_column, text_pair_column, label_names,
-                          name=name or Path(train_file).stem, has_header=has_header)
-    if name and name.startswith("hf:"):
-        return load_hf(name[3:], text_column, label_column, text_pair_column)
-    if name is None:
-        raise DilmError("no task given; pass --task NAME or --train-file/--test-file")
-    return load_packaged(name)
+def pin(data: TaskData) -> TaskSpec:
+    """The spec of ``data`` with its content hash, for nodes that read the same data again (from a URI)."""
+    return dataclasses.replace(data.spec or resolve_task(data.name), sha256=data.fingerprint)
+
+
+def load_task(ref: TaskSpec | Mapping | str | None = None, *, train_file: str | None = None,
+              test_file: str | None = None, text_column: str = "text", label_column: str = "label",
+              text_pair_column: str | None = None, label_names: list[str] | None = None, has_header: bool = True,
+              description: str = "", need_test: bool = True) -> TaskData:
+    """Resolve a task reference (or, with ``train_file``, a spec of files; ``ref`` then names it) and read it;
+    ``need_test=False``: no test split needed (coreset selection reads train only)."""
+    spec = files_spec(ref, train_file, test_file, text_column, label_column, text_pair_column, label_names,
+                      has_header, description) if (train_file or test_file) else resolve_task(ref)
+    try:
+        return read_task(spec, need_test)
+    except DilmError:
+        if spec.sha256:  # a stale fetched copy of a URI: fetch once more before giving up
+            for location in (spec.train, spec.test):
+                forget_copy(location)
+            return read_task(spec, need_test)
+        raise
+
+
+def files_spec(name: str | None, train_file: str | None, test_file: str | None, text_column: str = "text",
+               label_column: str = "label", text_pair_column: str | None = None,
+               label_names: list[str] | tuple[str, ...] | None = None, has_header: bool = True,
+               description: str = "") -> TaskSpec:
+    """The spec of user files given as options; ``name`` may only name them (a packaged name or a task reference
+    beside files contradicts them: a one-line error)."""
+    if not train_file:
+        raise DilmError("user data needs --train-file")
+    if name and (name in TASKS or name.startswith("hf:") or Path(name).exists()):
+        raise DilmError(f"--task {name} and --train-file {train_file} contradict each other: give one (--task may "
+                        "only name the files' task, e.g. --task reviews)")
+    return spec_from_mapping({"name": name or "", "train": train_file, "test": test_file or "",
+                              "text_column": text_column, "label_column": label_column,
+                              "text_pair_column": text_pair_column, "label_names": tuple(label_names or ()),
+                              "has_header": has_header, "description": description})

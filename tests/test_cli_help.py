@@ -20,7 +20,7 @@ from dilm.unroll import UnrollConfig
 COMMANDS = {
     "evaluate": (EvalConfig, {"archs": "--arch"}, {"progress"}),
     "coreset": (CoresetConfig, {}, set()),
-    "distill": (DistillConfig, {"output_dir": OUTPUT}, set()),
+    "distill": (DistillConfig, {"output_dir": OUTPUT}, {"task"}),  # --task and the file options: add_task_args
     "softlabel": (SoftLabelConfig, UNROLL_FLAGS, {"progress"}),
     "tdd": (TDDConfig, UNROLL_FLAGS, {"progress"}),
 }

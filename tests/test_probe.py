@@ -15,7 +15,7 @@ from dilm.models import load_tokenizer
 from dilm.probe import LabelProbe, fit_logreg, predict
 from dilm.protocol import EvalConfig
 from dilm.synset import SynExample, SynSet
-from dilm.tasks import TASKS, Example, TaskData
+from dilm.tasks import TASKS, Example, TaskData, TaskSpec
 
 CPU = torch.device("cpu")
 
@@ -27,7 +27,11 @@ def test_templates_resolve_by_key_task_or_literal():
     assert prompt("positive", resolve_template("task", "sst2")) == \
         "Here is one short positive sentence from a movie review:"
     assert all(spec.prompt_template and "{label}" in spec.prompt_template for spec in TASKS.values())
-    assert resolve_template("task", "my-user-task") == LABEL_TEMPLATE  # no template of its own: the bare format
+    user = TaskSpec(name="tickets", train="t.csv")
+    assert resolve_template("task", user) == LABEL_TEMPLATE  # no template or description of its own: the bare format
+    described = TaskSpec(name="tickets", train="t.csv", description="a customer support ticket.")
+    assert prompt("billing", resolve_template("task", described)) == \
+        "Here is a customer support ticket labelled billing:"  # the prompt from the spec's description
     assert resolve_template("label", "sst2") == LABEL_TEMPLATE == "label: {label}\ntext:"
     assert resolve_template("A {label} tweet:", "sst2") == "A {label} tweet:"
     with pytest.raises(DilmError, match="has no {label} field"):

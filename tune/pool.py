@@ -52,7 +52,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from dilm.evaluate import Evaluator
 from dilm.protocol import EvalConfig
 from dilm.synset import SynSet
-from dilm.tasks import TaskData, load_task
+from dilm.tasks import TaskData, TaskSpec, load_task
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ class PoolError(RuntimeError):
 class EvalActor:
     """One pool member. ``max_concurrency=2``: ``stats`` answers while ``score`` runs (the lock serialises scoring)."""
 
-    def __init__(self, task: str | TaskData, cfg: EvalConfig):
-        self.task = load_task(task) if isinstance(task, str) else task
+    def __init__(self, task: TaskSpec | str | TaskData, cfg: EvalConfig):
+        self.task = task if isinstance(task, TaskData) else load_task(task)
         self.evaluator = Evaluator(self.task, cfg)
         self._lock = threading.Lock()
         self._busy = False
@@ -93,8 +93,8 @@ class EvalActor:
         return {"pid": os.getpid(), "busy": self._busy, "calls": self._calls, "archs": list(self.evaluator.cfg.archs)}
 
 
-def create_pool(task: str | TaskData, cfg: EvalConfig, *, actors: int = 1, cpu: float = 1.0, gpu: float = 0.0,
-                max_restarts: int = 3, namespace: str = "dilm", prefix: str | None = None,
+def create_pool(task: TaskSpec | str | TaskData, cfg: EvalConfig, *, actors: int = 1, cpu: float = 1.0,
+                gpu: float = 0.0, max_restarts: int = 3, namespace: str = "dilm", prefix: str | None = None,
                 retries: int = 3, start_timeout_s: float = 300) -> tuple[PoolSpec, list]:
     """Start ``actors`` named evaluation actors (call from the driver). Returns the spec and the handles, which the
     driver keeps for the sweep's lifetime and passes to :func:`shutdown_pool` at the end."""

@@ -31,7 +31,7 @@ from dilm.distill import LM_META, DistillConfig, distill, lm_cache_key, train_lm
 from dilm.files import write_json
 from dilm.models import use_cpu_threads
 from dilm.synset import read_set
-from dilm.tasks import TaskData, load_task
+from dilm.tasks import TaskData, TaskSpec, load_task
 from tune.plots import accuracy_vs_dpc_all
 from tune.pool import PoolClient, PoolSpec
 from tune.scores import FINAL, OBJECTIVE, VAL_METRIC, ScoreTable, final_metrics, score_metrics
@@ -44,7 +44,7 @@ class TrialPlan:
     """Everything a trial needs besides its sampled values (picklable; given by ``tune.with_parameters``).
     ``label_names``/``is_pair`` are the task's, so a trial reads its sets back without loading the task."""
 
-    task: str
+    task: TaskSpec  # pinned to its content hash; with a URI storage, its files are URIs too
     label_names: tuple[str, ...]
     is_pair: bool
     preset: str

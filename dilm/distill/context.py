@@ -68,7 +68,7 @@ class RunContext:
         self.rng = random.Random(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.train, self.val = split_train(cfg, self.task)
-        self.template = resolve_template(cfg.prompt_template, self.task.name)
+        self.template = resolve_template(cfg.prompt_template, self.task.described_by)
         self.gen_tok = load_tokenizer(cfg.generator)
         self.learn_tok = load_tokenizer(cfg.learner)
         if cfg.lm_checkpoint:
@@ -183,7 +183,8 @@ class RunContext:
         if not weights:
             return None
         files = [[str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
-        key = json.dumps([files, self.device.type, torch.__version__, fields], sort_keys=True, default=str)
+        key = json.dumps([files, self.device.type, torch.__version__, self.task.fingerprint, fields], sort_keys=True,
+                         default=str)
         return keyed_cache_path(kind, key)
 
     def log_agreement(self, state: State, name: str, by_class: list[list]) -> None:

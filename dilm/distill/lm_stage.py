@@ -61,8 +61,9 @@ def lm_cache_key(cfg: DistillConfig, task: TaskData | None = None) -> str:
     …) does not enter it. Pass the loaded ``task`` to hash it without loading it again."""
     task = task or load_task(cfg.task)
     train, _ = split_train(cfg, task)
-    payload = {**dataclasses.asdict(LMStageConfig.of(cfg)), "prompt": resolve_template(cfg.prompt_template, task.name),
-               "labels": list(task.label_names), "data": task_fingerprint(train, task.label_names)}
+    payload = {**dataclasses.asdict(LMStageConfig.of(cfg)),
+               "prompt": resolve_template(cfg.prompt_template, task.described_by), "labels": list(task.label_names),
+               "data": task_fingerprint(train, task.label_names)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -89,7 +89,10 @@ def write_provenance(cfg: DistillConfig, run: RunContext, state: State, copies: 
             versions[pkg] = None
     path = Path(cfg.output_dir) / "provenance.json"
     write_json(path, {
-        "config": cfg.to_dict(), "dilm_version": dilm.__version__, "git_revision": dilm.git_revision(),
+        "config": cfg.to_dict(), "task": {"name": run.task.name, "spec": cfg.task.to_dict(),
+                                          "sha256": run.task.fingerprint, "label_names": list(run.task.label_names),
+                                          "train_examples": len(run.task.train)},
+        "dilm_version": dilm.__version__, "git_revision": dilm.git_revision(),
         "models": {"generator": cfg.generator, "learner": cfg.learner}, "versions": versions,
         "python": platform.python_version(), "device": str(run.device), "timings_s": run.timings,
         "steps": state.step, "best_val_accuracy": state.best_val, "token_limits": run.limits,
