@@ -37,7 +37,7 @@ def main() -> int:
     gen = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
     task = load_task(args.task)
     names, template = list(task.label_names), resolve_template("task", args.task)
-    vocabulary = task_vocabulary(task.name)
+    vocabulary = task_vocabulary(task)
     probe = LabelProbe.for_task(task, "minilm-l6", device, max_examples=4000)
     sampler = make_sampler(gen, tok, device, max_new_tokens=args.max_new_tokens, batch_size=64, label_names=names,
                            template=template)

@@ -146,8 +146,14 @@ def test_sweep_on_s3_with_trials_on_a_node_that_cannot_see_the_driver(s3_server,
     common = ["--node-ip-address", "127.0.0.1", "--object-store-memory", str(200 * 1024**2),
               "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats"]
     raw = yaml.safe_load((SWEEPS / "smoke.yaml").read_text())
+    # the user's own CSV, in a folder the worker node cannot see: it reaches the trials through the S3 storage
+    from userdata import write_reviews
+
+    train_csv, test_csv = write_reviews(root / "data")
     raw.update(name="s3smoke", trial_resources={"cpu": 1, "gpu": 0, "custom": {"worker": 1}},
-               mlflow={"experiment": "dilm-test-s3"})
+               mlflow={"experiment": "dilm-test-s3"},
+               task={"name": "reviews", "train": str(train_csv), "test": str(test_csv), "text_column": "review",
+                     "label_column": "sentiment"})
     config = tmp_path / "s3smoke.yaml"
     config.write_text(yaml.safe_dump(raw))
     nodes, drivers = [], []
@@ -217,6 +223,15 @@ def test_sweep_on_s3_with_trials_on_a_node_that_cannot_see_the_driver(s3_server,
         os.environ.update(s3_server)
         store = open_storage(storage)
         prov = store.read_json(f"{finals[0].rsplit('/', 1)[0]}/provenance.json")
+        from dilm.tasks import load_task
+        from tune.config import load_config
+
+        data = load_task(load_config(config).task)
+        assert f"data/{data.fingerprint[:16]}/train-train.csv" in files  # the driver published the user's files
+        assert prov["task"]["sha256"] == data.fingerprint and prov["config"]["task"]["train"].startswith("s3://")
+        labels = {json.loads(line)["label"] for line in store.read_text(finals[0].rsplit("/", 1)[0] +
+                                                                        "/sets/dpc2/set00.jsonl").splitlines()}
+        assert labels == {"neg", "pos"}
         assert prov["lm_checkpoint"] == str(root / "worker-cache" / "storage" / "lm" / lm_meta.split("/")[1])
         assert not (root / "worker-cache").exists()  # ... a folder the driver's machine does not see
 

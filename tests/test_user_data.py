@@ -186,3 +186,19 @@ def test_distill_evaluate_and_coreset_run_on_the_users_files(tmp_path, reviews, 
                  "--dpc", "3", "--n-sets", "1", "-o", str(tmp_path / "cs")]) == 0
     s = read_set(tmp_path / "cs" / "random_dpc3_set00.jsonl", tuple(sorted(TICKETS)))
     assert s.counts() == [3, 3, 3]
+
+
+def test_the_full_data_reference_is_the_training_split_or_a_stratified_sample(reviews):
+    from dilm.coreset import FULL_SAMPLE, full_data_set
+
+    small = load_task({"train": str(reviews[0]), "test": str(reviews[1]), "text_column": "review",
+                       "label_column": "sentiment"})
+    whole = full_data_set(small)
+    assert len(whole) == whole.meta["sample_size"] == whole.meta["train_examples"] == 400
+    assert whole.label_names == ("neg", "pos")
+    sst2 = load_task("sst2")
+    sample = full_data_set(sst2)
+    share = [len(g) / len(sst2.train) for g in sst2.by_class()]
+    assert abs(len(sample) - FULL_SAMPLE) <= sst2.num_classes and sample.meta["train_examples"] == 67349
+    assert [round(c / len(sample), 2) for c in sample.counts()] == [round(s, 2) for s in share]
+    assert full_data_set(sst2).examples == sample.examples  # seeded
