@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dilm import DilmError
+from dilm.archs import check_archs
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.distill import PRESETS, DistillConfig, distill, lm_cache_key, train_lm
 from dilm.evaluate import EvalConfig, Evaluator
@@ -85,8 +86,15 @@ def task_from_args(args, need_test: bool = True, default=None):
 # --------------------------------------------------------------------------- evaluate, coreset
 
 
+def resolved(cfg: EvalConfig) -> EvalConfig:
+    """``cfg``, once every ``--arch`` resolves as the evaluation will resolve it: a miss fails before any data is read
+    (:mod:`dilm.protocol` cannot ask :mod:`dilm.archs`, which imports it)."""
+    check_archs(cfg.archs, "--arch")
+    return cfg
+
+
 def cmd_evaluate(args) -> int:
-    cfg = config_from_args(EvalConfig, args)
+    cfg = resolved(config_from_args(EvalConfig, args))
     task = task_from_args(args)
     sets = [read_set(p, task.label_names, task.is_pair) for p in args.sets]
     evaluator = Evaluator(task, cfg)
@@ -153,7 +161,7 @@ def distill_config(args) -> DistillConfig:
 
 def cmd_distill(args) -> int:
     cfg = distill_config(args)  # validated before any model loads
-    ecfg = EvalConfig(archs=args.arch, seeds=args.eval_seeds, device=cfg.device) if args.evaluate else None
+    ecfg = resolved(EvalConfig(archs=args.arch, seeds=args.eval_seeds, device=cfg.device)) if args.evaluate else None
     if args.lm_only:
         task = load_task(cfg.task)  # loaded and hashed once for the key and the LM stage
         key = lm_cache_key(cfg, task)

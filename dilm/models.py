@@ -144,18 +144,57 @@ def resolve_model(name: str) -> ModelSpec:
         path = Path(name).expanduser()
         if not path.exists():
             raise DilmError(f"model path {name!r} does not exist (known models: {', '.join(MODELS)})")
-        return ModelSpec(name, _family_of(str(path)), "path", str(path))
+        return ModelSpec(name, _family_of(str(path), local=True), "path", str(path))
     return ModelSpec(name, _family_of(name), "hub", name)
 
 
-def _family_of(location: str) -> str:
+def check_model(name: str, key: str) -> ModelSpec:
+    """:func:`resolve_model` for the config key ``key`` (``generator``, ``fixed.learner``…), which a miss names:
+    configs call it when built, so that a bad name fails before any data is read or any model trained."""
+    try:
+        return resolve_model(name)
+    except DilmError as e:
+        raise DilmError(f"{key}: {e}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be asked now (``HF_HUB_OFFLINE`` is set, or no connection to it within
+    ``timeout_s``), else None; asked once per process. Unreachable, a hub id is looked up in the local cache only:
+    the hub client would otherwise retry with back-off for ~25 s before failing."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, is_offline_mode
+
+    if is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    reached = []
+
+    def connect() -> None:  # in a thread: a name lookup ignores socket timeouts
+        with contextlib.suppress(OSError), socket.create_connection(
+                (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s):
+            reached.append(True)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout_s)
+    return None if reached else f"{url.hostname} is unreachable"
+
+
+def _family_of(location: str, local: bool = False) -> str:
+    """The family of a local path (``local``) or a hub id, from its config."""
     from transformers import AutoConfig
 
+    offline = None if local else hub_unreachable()
     try:
-        cfg = AutoConfig.from_pretrained(location)
-    except OSError:
+        cfg = AutoConfig.from_pretrained(location, local_files_only=local or offline is not None)
+    except (OSError, ValueError):  # ValueError: not a valid repo id, or a config of an unknown type
+        where = "reachable from here" if offline is None else f"in the local cache ({offline})"
         raise DilmError(f"model {location!r} is not a known model ({', '.join(MODELS)}), an existing local "
-                        "path, or a Hugging Face id reachable from here") from None
+                        f"path, or a Hugging Face id {where}") from None
     return "decoder" if is_causal(cfg) else "encoder"
 
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from dilm import DilmError
 from dilm.features import EMBED_POOLINGS, embed
-from dilm.models import head_param_names, is_causal, load_model, load_tokenizer
+from dilm.models import check_model, head_param_names, is_causal, load_model, load_tokenizer
 from dilm.options import option
 from dilm.protocol import PROTOCOL, linear_warmup_decay
 from dilm.seeds import derive_seed
@@ -87,6 +87,7 @@ class UnrollConfig:
             object.__setattr__(self, "lr", DEFAULT_INNER_LR[(self.mode, self.optimizer)])
         if not self.lr > 0:
             raise DilmError(f"unroll lr must be > 0, got {self.lr}")
+        check_model(self.learner, "learner")  # a name that does not resolve: now, not after the data is read
 
 
 # --------------------------------------------------------------------------- the unrolled learner (math)

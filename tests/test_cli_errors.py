@@ -86,3 +86,33 @@ def test_a_bad_or_missing_command_is_one_line(capsys):
     assert all(command in err.split("(choose from ")[1] for command in VALID)
     assert one_line_error([], capsys) == ("dilm: error: the following arguments are required: command; "
                                           "see dilm --help")
+
+
+# command → (argv naming a model that does not resolve, the config key the error names, the name)
+BAD_MODEL = {
+    "distill": (["--generator", "nonexistent-gen-xyz"], "generator", "nonexistent-gen-xyz"),
+    "distill --evaluate": (["--evaluate", "--arch", "minilm-probe,icl-nonexistent"], "--arch", "icl-nonexistent"),
+    "evaluate": (["--arch", "minilm-probe,nonexistent-model-xyz"], "--arch", "nonexistent-model-xyz"),
+    "softlabel": (["--learner", "nonexistent-learner"], "learner", "nonexistent-learner"),
+    "tdd": (["--learner", "./no/such/learner"], "learner", "./no/such/learner"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODEL))
+def test_a_model_that_does_not_resolve_is_one_line_before_any_data(case, capsys, monkeypatch):
+    """Resolved as the run would resolve it, when the config is built: no data read, nothing trained, no hub
+    retries (HF_HUB_OFFLINE: the local cache only)."""
+    import dilm.commands
+
+    def never(*args, **kwargs):
+        raise AssertionError("data loaded or a run started although a model does not resolve")
+
+    for name in ("load_task", "task_from_args", "distill", "distill_tdd", "Evaluator", "SoftLabeler"):
+        monkeypatch.setattr(dilm.commands, name, never)
+    command = case.split()[0]
+    argv, key, name = BAD_MODEL[case]
+    assert main([command, *VALID[command], *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith(f"dilm: error: {key}: ") and name in captured.err
+    assert "known model" in captured.err or "known models" in captured.err

@@ -37,3 +37,13 @@ def check_arch(arch: str) -> None:
         kind.check(arch)
     except DilmError as e:
         raise DilmError(f"{e} (known kinds of architecture: {known()})") from None
+
+
+def check_archs(archs, key: str = "archs") -> None:
+    """:func:`check_arch` each of ``archs``, the config key ``key`` (``archs``, ``eval.archs``) named on a miss:
+    configs call it when built, so that an evaluation that cannot run fails before any data is read."""
+    for arch in archs:
+        try:
+            check_arch(arch)
+        except DilmError as e:
+            raise DilmError(f"{key}: {e}") from None

@@ -85,7 +85,10 @@ class ArchKind:
         """Fail early (before training) on a model that does not resolve or is of the wrong family."""
         if (model := self.model(arch)) is None:
             return
-        family = resolve_model(model).family
+        try:
+            family = resolve_model(model).family
+        except DilmError as e:
+            raise DilmError(f"{arch}: {e}") from None
         if self.family and family != self.family:
             raise DilmError(f"{arch}: {self.title} needs {FAMILY_WORDS[self.family]}, {model} is "
                             f"{FAMILY_WORDS[family]}")
