@@ -23,9 +23,11 @@ import optuna
 import psutil
 import pytest
 import yaml
+from userdata import write_reviews
 
 from dilm import DilmError
 from dilm.distill import LM_META, DistillConfig, lm_cache_key
+from dilm.tasks import load_task
 from tune.config import EvalSpec, SweepConfig, SweepPaths, load_config
 from tune.report import ORPHAN, trial_state
 from tune.scores import FINAL, OBJECTIVE, VAL_METRIC
@@ -285,7 +287,9 @@ def test_gpu_sweep_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path, capsys):
 
 TEST_SWEEP = {
     "name": "crash",
-    "task": "sst2",
+    # a user's CSV (tests/userdata.py: other columns, labels neg/pos), by paths relative to the YAML's folder
+    "task": {"name": "reviews", "train": "data/train.csv", "test": "data/test.csv", "text_column": "review",
+             "label_column": "sentiment"},
     "num_samples": 3,
     "max_concurrent_trials": 2,
     "max_failures": 1,
@@ -365,6 +369,7 @@ def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tu
 @pytest.fixture(scope="module")
 def crashed_sweep(tmp_path_factory):
     storage = tmp_path_factory.mktemp("sweeps")
+    write_reviews(storage / "data")
     return crash_and_resume(storage, write_yaml(storage, TEST_SWEEP, "crash.yaml"))
 
 
@@ -509,7 +514,7 @@ def test_baselines_are_scored_beside_the_sweep(crashed_sweep):
     client = mlflow_runs(s["storage"])[0]
     exp = client.get_experiment_by_name("dilm-test-crash")
     runs = {r.data.tags["baseline"]: r for r in client.search_runs([exp.experiment_id], "tags.baseline != ''")}
-    assert set(runs) == {"random", "vanilla", "herding"}
+    assert set(runs) == {"random", "vanilla", "herding", "full"}
     _, [parent], _ = mlflow_runs(s["storage"])
     for r in runs.values():
         assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -531,8 +536,32 @@ def test_baselines_are_scored_beside_the_sweep(crashed_sweep):
     herding = json.loads((s["storage"] / "sets" / "crash" / "baselines" / "herding" / "scores.json").read_text())
     assert herding["2"]["tiny-bert"]["n"] == 1
     assert "best_vs_random/tiny-bert/dpc2" in parent.data.metrics
+    # the full-data reference: the protocol on the whole (400-example) training set, beside the best trial
+    assert "of the full data (the same protocol trained on the whole training set):" in s["out"]
+    assert re.search(r"tiny-bert +DPC +2: [0-9.]+, i\.e\. [0-9]+ % of the full-data accuracy \([0-9.]+\) with 4 of 400 "
+                     "examples", s["out"]), s["out"][-3000:]
+    [row] = [r for r in rows if r["arch"] == "tiny-bert"]
+    assert parent.data.metrics["best_share_of_full/tiny-bert/dpc2"] == pytest.approx(100 * row["best"] / row["full"])
     assert {"plots/accuracy_vs_dpc_tiny-bert.png", "plots/accuracy_vs_dpc_tfidf-logreg.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+
+
+def test_the_sweep_distills_the_users_file_pinned_to_its_hash(crashed_sweep):
+    """The sweep's task is the user's CSV (named relative to the YAML, read from another working directory): every
+    trial's and baseline's sets carry its labels, their provenance its content hash, MLflow its spec."""
+    s = crashed_sweep
+    data = load_task(load_config(s["config"]).task)
+    provenances = list((s["storage"] / "sets" / "crash").rglob("provenance.json"))
+    assert len(provenances) >= 3  # two trials and the vanilla baseline
+    for p in provenances:
+        prov = json.loads(p.read_text())
+        assert prov["task"]["sha256"] == data.fingerprint and prov["task"]["label_names"] == ["neg", "pos"]
+        lines = [line for f in p.parent.rglob("set*.jsonl") for line in f.read_text().splitlines()]
+        labels = {json.loads(line)["label"] for line in lines}
+        assert labels == {"neg", "pos"}, p
+    _, [parent], _ = mlflow_runs(s["storage"])
+    assert parent.data.params["task.train"] == str(s["storage"] / "data" / "train.csv")
+    assert parent.data.params["task.sha256"] == data.fingerprint
 
 
 def test_failing_trial_is_recorded_and_the_sweep_goes_on(crashed_sweep):
@@ -549,7 +578,7 @@ def test_existing_sweep_is_not_overwritten_nor_resumed_with_another_config(crash
     s = crashed_sweep
     assert main(["--config", str(s["config"]), "--storage", str(s["storage"])]) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err
-    changed = write_yaml(tmp_path, {**TEST_SWEEP, "num_samples": 5}, "crash.yaml")
+    changed = write_yaml(s["storage"], {**TEST_SWEEP, "num_samples": 5}, "changed.yaml")  # beside its data
     assert main(["--config", str(changed), "--storage", str(s["storage"]), "--resume"]) == 2
     assert "different configuration (num_samples changed)" in capsys.readouterr().err
 

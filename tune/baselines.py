@@ -5,7 +5,10 @@
   matching (``outer_loops = 0`` from the same checkpoint, same ``n_sets``, DPCs and selection);
 * ``herding`` — the herding coreset of real examples on the learner's mean-pooled features (the strongest real
   selection measured: ``bench/results/2026-12-01-cpu-quality-selection.md``); deterministic, so one set per DPC
-  (no interval).
+  (no interval);
+* ``full`` — the full-data reference: the protocol trained on the whole training split, or a stratified sample of
+  :data:`dilm.coreset.FULL_SAMPLE` examples of a larger one (:func:`dilm.coreset.full_data_set`); it does not depend
+  on DPC, so it is scored once and stands beside every DPC.
 
 Each is one MLflow run in the sweep's experiment, nested under the parent run, tagged ``baseline=<name>``, with the
 same metric names as a trial (``accuracy/<arch>/dpc<d>``, ``accuracy_std/...``, ``objective``). Their sets and
@@ -21,7 +24,7 @@ from collections.abc import Callable
 import ray
 from mlflow.entities import RunTag
 
-from dilm.coreset import CoresetConfig, build_coresets
+from dilm.coreset import CoresetConfig, build_coresets, full_data_set
 from dilm.distill import LM_META, DistillConfig, distill
 from dilm.models import use_cpu_threads
 from dilm.synset import read_set
@@ -32,7 +35,7 @@ from tune.storage import Staged, cached_folder, node_cache, open_storage, split
 from tune.tracking import PARENT_TAG, SWEEP_TAG, SweepTracker
 
 BASELINE_TAG = "baseline"
-BASELINES = ("random", "vanilla", "herding")
+BASELINES = ("random", "vanilla", "herding", "full")
 
 
 def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out: str,
@@ -45,6 +48,8 @@ def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out:
     if name == "random":
         return build_coresets(task, CoresetConfig(method="random", dpc=tuple(cfg.dpc), n_sets=cfg.n_sets,
                                                   seed=cfg.seed))
+    if name == "full":
+        return {d: [full_data_set(task, seed=cfg.seed)] for d in cfg.dpc}
     if name == "herding":
         return build_coresets(task, CoresetConfig(method="herding", dpc=tuple(cfg.dpc), n_sets=1, seed=cfg.seed,
                                                   learner=cfg.learner, pooling="mean", device=cfg.device))
@@ -75,7 +80,12 @@ def run_baselines(cfg: DistillConfig, lm_checkpoint: str | None, pool: PoolSpec,
                 for name in BASELINES if name not in out}
     for name, ref in building.items():
         sets = ray.get(ref)
-        scores = PoolClient(pool).score(sets)
+        if name == "full":  # the same set at every DPC: scored once, shown beside each
+            first = min(sets)
+            once = PoolClient(pool).score({first: sets[first]})[first]
+            scores = {d: once for d in sets}
+        else:
+            scores = PoolClient(pool).score(sets)
         log_baseline(tracker, name, scores, lm_checkpoint, objective_archs)
         store.write_json(done[name], {str(d): s for d, s in scores.items()})
         out[name] = scores

@@ -24,8 +24,12 @@ import optuna
 import yaml
 
 from dilm import DilmError
+from dilm.archs import check_archs
 from dilm.distill import PRESETS, DistillConfig
+from dilm.distill.config import MODEL_KEYS
+from dilm.models import check_model
 from dilm.protocol import EvalConfig
+from dilm.tasks import TASKS, TaskSpec, resolve_task, spec_from_mapping
 from tune.paths import SweepPaths, in_ray_job, local_folder  # noqa: F401 (importable from here, as before)
 from tune.scores import OBJECTIVE
 from tune.storage import check_location
@@ -188,6 +192,7 @@ class EvalSpec(EvalConfig):
             object.__setattr__(self, key, _number(getattr(self, key), f"eval.{key}", int))
         if self.actors < 1 or self.max_restarts < 0 or self.retries < 0:
             raise DilmError("eval needs actors >= 1, max_restarts >= 0 and retries >= 0")
+        check_archs(self.archs, "eval.archs")  # the models the actors will load, resolved as they will resolve them
         super().__post_init__()  # the EvalConfig checks, now rather than in an actor
 
     def eval_config(self) -> EvalConfig:
@@ -201,7 +206,7 @@ class SweepConfig:
     the preset they override)."""
 
     name: str
-    task: str
+    task: TaskSpec  # a task reference in the YAML (tasks.resolve_task): a name, or a spec mapping
     fixed: dict
     search: dict
     num_samples: int = 4
@@ -222,6 +227,7 @@ class SweepConfig:
     def __post_init__(self):
         if not isinstance(self.name, str) or not NAME_RE.match(self.name):
             raise DilmError(f"sweep name must be letters, digits, '.', '_' or '-', got {self.name!r}")
+        object.__setattr__(self, "task", resolve_task(self.task))
         for key, cls in (("trial_resources", Resources), ("baseline_resources", Resources), ("asha", AshaConfig),
                          ("eval", EvalSpec)):
             value = getattr(self, key)
@@ -258,10 +264,24 @@ class SweepConfig:
             if set(point) != set(self.search):
                 raise DilmError(f"points_to_evaluate[{i}] must give every search key {sorted(self.search)}, "
                                 f"got {sorted(point)}")
+        self._check_models()
         cfg = DistillConfig.from_preset(self.preset, **self.distill_fixed(), task=self.task)  # fails fast
         if cfg.device.startswith("cuda") and not self.trial_resources.gpu:
             raise DilmError(f"fixed.device is {cfg.device!r} but trial_resources has no GPU share")
         self._check_asha_horizon(cfg)
+
+    def _check_models(self) -> None:
+        """Every model name a trial will load that the YAML gives (``fixed`` values, a categorical's choices, the
+        points to evaluate; the preset's are checked with the DistillConfig), resolved in the driver as the trial
+        will resolve it: a miss is one line naming its YAML key."""
+        for key in MODEL_KEYS:
+            param = self.search.get(key)
+            given = [(f"search.{key}", name) for name in (param.choices or ())] if param else [
+                (f"fixed.{key}", self.fixed.get(key))]
+            given += [(f"points_to_evaluate[{i}].{key}", p.get(key)) for i, p in enumerate(self.points_to_evaluate)]
+            for where, name in given:
+                if name:
+                    check_model(str(name), where)
 
     def _check_asha_horizon(self, cfg: DistillConfig) -> None:
         """ASHA stops a trial whose ``time_attr`` reaches ``max_t``: that must not happen before the final report."""
@@ -298,6 +318,7 @@ class SweepConfig:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        out["task"] = self.task.to_ref()
         out["search"] = {k: {f: v for f, v in dataclasses.asdict(p).items() if v not in (None, False) and f != "name"}
                          for k, p in self.search.items()}
         return out
@@ -310,6 +331,19 @@ SMOKE = {  # --smoke: the same search space on tiny models, a few trials, CPU on
     "eval": {"archs": ["tfidf-logreg", "tiny-bert"], "seeds": 1, "steps": 10, "test_limit": 100, "device": "cpu",
              "actors": 1, "actor_resources": {"cpu": 0, "gpu": 0}},
 }
+
+
+def task_beside(task, folder: Path):
+    """A YAML's task with its relative paths taken from the YAML's folder (a spec mapping's files, a spec file or a
+    saved dataset named by path), so that a sweep reads the same data from whatever directory it is started in."""
+    try:
+        if isinstance(task, dict):
+            return spec_from_mapping(task, folder, "task")
+        if isinstance(task, str) and task not in TASKS and not task.startswith("hf:") and (folder / task).exists():
+            return resolve_task(str(folder / task))
+    except DilmError as e:
+        raise DilmError(f"task: {e}") from None
+    return task
 
 
 def load_config(path: str | Path, smoke: bool = False, name: str | None = None, storage: str | Path | None = None,
@@ -328,6 +362,8 @@ def load_config(path: str | Path, smoke: bool = False, name: str | None = None, 
         raw = {**raw, **SMOKE, "fixed": {"preset": "smoke", "device": "cpu"},
                "name": f"{raw.get('name', path.stem)}-smoke", "points_to_evaluate": []}
     raw.setdefault("name", path.stem)
+    if "task" in raw:
+        raw["task"] = task_beside(raw["task"], path.parent)
     if name:
         raw["name"] = name
     if storage:

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,13 +43,14 @@ from dilm import GIT_REVISION_ENV, DilmError, git_revision
 from dilm.distill import LM_KEYS, DistillConfig
 from dilm.files import write_json
 from dilm.options import Parser
-from dilm.tasks import TASKS, load_task
 from tune.baselines import start_baselines
 from tune.config import RETIRED_KEYS, Resources, SweepConfig, SweepPaths, in_ray_job, load_config
+from tune.data import pinned_task, published
 from tune.mlflow_server import TrackingServer
 from tune.pool import PoolError, PoolSpec, create_pool, shutdown_pool
 from tune.report import ORPHAN, add_baselines, fail_orphans, load_study, report_summary, summarize
 from tune.search import PruneAwareOptunaSearch, TrialEnd, make_scheduler, make_searcher, trial_dirname
+from tune.stop import RESUME_HINT, keep_sigterm_handler, sigterm_as_interrupt, watch_tune_stop
 from tune.storage import join, open_storage, sync_down, sync_up
 from tune.tracking import SweepTracker, TrackingSpec, flatten, tracking_uri
 from tune.trial import TrialPlan, run_trial, train_lm_alone
@@ -91,8 +93,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     local = address == "local" or (address is None and not os.environ.get("RAY_ADDRESS"))
-    ray.init(address=address, include_dashboard=False, namespace="dilm",
-             **({"num_cpus": num_cpus} if local and num_cpus else {}))
+    with keep_sigterm_handler():  # main's, not Ray's (tune.stop)
+        ray.init(address=address, include_dashboard=False, namespace="dilm",
+                 **({"num_cpus": num_cpus} if local and num_cpus else {}))
 
 
 def _read_state(paths: SweepPaths) -> dict:
@@ -119,6 +122,8 @@ def check_same_config(cfg: SweepConfig, paths: SweepPaths) -> None:
     with contextlib.suppress(DilmError):  # no longer valid on its own: compared as it was saved
         saved = _as_saved(SweepConfig.from_dict({k: v for k, v in saved.items() if k not in RETIRED_KEYS}).to_dict())
     now = _as_saved(cfg.to_dict())
+    if not isinstance(saved.get("task"), dict) or not saved["task"].get("sha256"):  # saved before tasks were pinned
+        now["task"] = _as_saved(dataclasses.replace(cfg.task, sha256="").to_ref())
     changed = sorted(k for k in set(saved) | set(now) if k not in ("storage", "description")
                      and saved.get(k) != now.get(k))
     if changed:
@@ -157,13 +162,6 @@ def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool, server: st
     sync_up(paths.store, paths.storage, [f"state/{cfg.name}.json"])
     tracker.log_params(flatten(cfg.to_dict()))
     return tracker
-
-
-def task_labels(task: str) -> tuple[tuple[str, ...], bool]:
-    """The task's label names and whether it has text pairs; packaged tasks without loading their data."""
-    spec = TASKS.get(task)
-    data = spec or load_task(task)  # hf:NAME: the labels are known once the dataset is read
-    return tuple(data.label_names), bool(data.is_pair)
 
 
 def lm_searched(cfg: SweepConfig) -> list[str]:
@@ -249,9 +247,11 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
     if not resume and (restore or _study_exists(paths, cfg.name)):
         raise DilmError(f"sweep {cfg.name!r} already exists in {paths.location}: pass --resume to continue it, "
                         "or --name to start another")
+    cfg, data = pinned_task(cfg)  # read once here; trials check its hash
     if resume:
         check_same_config(cfg, paths)
-    label_names, is_pair = task_labels(cfg.task)
+    label_names, is_pair = data.label_names, data.is_pair
+    run = dataclasses.replace(cfg, task=published(cfg.task, paths))  # what trials read: files by URI if need be
     connect_ray(address, num_cpus)
     if resource_check:
         for warning in check_resources(cfg, ray.cluster_resources()):
@@ -260,20 +260,22 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
     status, handles, tracker = "FAILED", [], None
     try:
         tracker = start_tracking(cfg, paths, resume, server.url if server else None)
-        lm = train_shared_lm(cfg, paths)
+        lm = train_shared_lm(run, paths)
         if lm is not None:
             tracker.set_tags({"dilm.lm_checkpoint": lm})
-        pool, handles = create_pool(cfg.task, cfg.eval.eval_config(), actors=cfg.eval.actors,
+        pool, handles = create_pool(run.task, cfg.eval.eval_config(), actors=cfg.eval.actors,
                                     cpu=cfg.eval.actor_resources.cpu, gpu=cfg.eval.actor_resources.gpu,
                                     max_restarts=cfg.eval.max_restarts, retries=cfg.eval.retries,
                                     prefix=f"{cfg.name}-{os.getpid()}-{int(time.time())}",
                                     start_timeout_s=300 if resource_check else 3600)  # autoscaling: nodes boot
-        plan = make_plan(cfg, paths, label_names, is_pair, pool, tracker.spec)
-        baselines = start_baselines(base_distill_config(cfg), lm, pool, tracker, join(paths.sets_location, "baselines"),
+        plan = make_plan(run, paths, label_names, is_pair, pool, tracker.spec)
+        baselines = start_baselines(base_distill_config(run), lm, pool, tracker, join(paths.sets_location, "baselines"),
                                     cfg.baseline_resources or cfg.trial_resources,
                                     cfg.eval.objective_archs)  # beside the trials
-        results = build_tuner(cfg, paths, plan, restore).fit()
-        finished = results.num_terminated + results.num_errors == len(results) >= cfg.num_samples
+        with watch_tune_stop() as stop:
+            results = build_tuner(cfg, paths, plan, restore).fit()
+        finished = (not stop.interrupted  # Ctrl-C, SIGTERM: the trials Tune stopped read TERMINATED
+                    and results.num_terminated + results.num_errors == len(results) >= cfg.num_samples)
         study = load_study(cfg, paths)
         if finished:
             for trial_id in fail_orphans(study):  # its child run, if it had one, ends with it
@@ -281,7 +283,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
         summary = summarize(study, cfg, paths, finished)
         if summary["finished"]:
             mirror_for_report(paths, summary)
-            add_baselines(summary, baselines(), paths, cfg.task)
+            add_baselines(summary, baselines(), paths, run.task)
         report_summary(tracker, summary, paths)
         status = "FINISHED" if summary["finished"] else "KILLED"
         return summary
@@ -331,16 +333,27 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 every trial complete, 1 some not (failed, stopped early, or the sweep interrupted by Ctrl-C),
+    2 an error before the trials (one line), 130/143 stopped by SIGINT/SIGTERM outside Tune's loop (SIGTERM inside
+    it: 143 after the summary)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    name, terminated = args.name or args.config.stem, []
     try:
-        cfg = load_config(args.config, smoke=args.smoke, name=args.name, storage=args.storage,
-                          tune_storage=args.tune_storage)
-        summary = run_sweep(cfg, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
-                            resource_check=not args.autoscaling)
+        with sigterm_as_interrupt(terminated):
+            cfg = load_config(args.config, smoke=args.smoke, name=args.name, storage=args.storage,
+                              tune_storage=args.tune_storage)
+            name = cfg.name
+            summary = run_sweep(cfg, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
+                                resource_check=not args.autoscaling)
     except (DilmError, PoolError) as e:
         print(f"dilm sweep: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside Tune's loop (the LM stage, the pool's start), or a second signal
+        print(f"sweep {name}: {RESUME_HINT}", file=sys.stderr)
+        return 128 + (terminated[0] if terminated else signal.SIGINT)
+    if terminated:
+        return 128 + terminated[0]
     return 0 if summary["complete"] else 1
 
 

@@ -16,20 +16,22 @@ import yaml
 from dilm import DilmError
 from dilm.features import POOLINGS
 from dilm.generator import GEN_LOSS_NORMS, resolve_template
+from dilm.models import check_model
 from dilm.options import option
 from dilm.selection import COPY_FILTERS, FILTERS, SELECTIONS
-from dilm.tasks import TASKS
+from dilm.tasks import REFERENCE_HELP, TASKS, TaskSpec, resolve_task
 
 SAMPLER_MODES = ("dynamic", "static", "compiled")
 FINAL_POOLS = ("per_set", "shared")
 FINAL_SOURCES = ("generator", "generator+lm")
 FINAL_MIXES = ("pooled", "split")
+MODEL_KEYS = ("generator", "learner", "probe")  # the fields that name a model (probe: '' = none)
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # dilm/presets, shipped as package data
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    task: str = option("sst2", "packaged task name or hf:DATASET")
+    task: TaskSpec = option(TASKS["sst2"], f"the task: {REFERENCE_HELP} (a name, or a spec as a mapping)")
     generator: str = option("smollm2-135m", "causal LM to fine-tune (registry name, HF id or path)")
     learner: str = option("minilm-l6", "encoder classifier whose gradients are matched")
     dpc: tuple[int, ...] = option((5, 10, 20), "data per class of the final sets")
@@ -127,8 +129,7 @@ class DistillConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "dpc", tuple(sorted(int(d) for d in self.dpc)))
-        if self.task not in TASKS and not self.task.startswith("hf:"):
-            raise DilmError(f"unknown task {self.task!r}; known tasks: {', '.join(sorted(TASKS))}")
+        object.__setattr__(self, "task", resolve_task(self.task))  # a name, a mapping or a spec: a spec
         if not self.dpc or self.dpc[0] < 1:
             raise DilmError(f"dpc must be positive integers, got {self.dpc}")
         for name in ("n_sets", "inner_loop", "syn_per_class", "real_per_class", "n_rep_sets", "generate_interval",
@@ -170,6 +171,9 @@ class DistillConfig:
         if self.sampler not in SAMPLER_MODES:
             raise DilmError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLER_MODES)}")
         resolve_template(self.prompt_template, self.task)  # a template without {label} fails here
+        for key in MODEL_KEYS:  # a name that does not resolve: now, not after the data is read or the LM trained
+            if getattr(self, key):
+                check_model(getattr(self, key), key)
 
     @property
     def total_match_steps(self) -> int:
@@ -194,7 +198,14 @@ class DistillConfig:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        """The config as data: the task as its reference (a packaged name, or its spec's mapping)."""
+        return {f.name: _as_data(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _as_data(value):
+    if isinstance(value, TaskSpec):
+        return value.to_ref()
+    return list(value) if isinstance(value, tuple) else value
 
 
 
