@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,137 @@ def test_sweep_on_s3_with_trials_on_a_node_that_cannot_see_the_driver(s3_server,
                 node.wait(timeout=60)
             kill_tree(node)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the head lost: a fresh one resumes
+
+
+def published_marker(env: dict, storage: str, name: str) -> dict:
+    from tune.storage import ArrowStorage
+
+    files = s3_files(env, storage)
+    if f"state/{name}.published.json" not in files:
+        return {}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return json.loads(ArrowStorage(storage).read_text(f"state/{name}.published.json"))
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def login(cache: Path) -> dict[str, str]:
+    found = list((cache / "secrets").glob("*.mlflow-login")) if (cache / "secrets").is_dir() else []
+    return dict(line.split("=", 1) for line in found[0].read_text().splitlines()) if found else {}
+
+
+@pytest.mark.slow
+def test_a_fresh_head_resumes_from_the_storage_alone(s3_server, tmp_path):
+    """The smoke sweep on S3 (single node): the driver publishes its databases as trials end; it is SIGKILLed once a
+    finished trial is published, its whole $DILM_CACHE (the mirror of its databases, staging, LM cache) wiped — a new
+    head — and ``--resume`` runs from the URI alone: every trial finished before the kill keeps its MLflow run
+    (FINISHED, its objective), its Optuna trial (COMPLETE, the same value) and is not run again. The tracking server
+    it serves wants the sweep's password (401 without), trials log with it, and neither run's password is in any
+    file of the storage, the new head's folder, an MLflow param or tag, or the console."""
+    import shutil
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    import yaml
+    from test_auth import status
+    from test_sweep import kill_tree
+
+    storage = f"s3://dilm-test/{uuid.uuid4().hex[:8]}/sweeps"
+    cache = tmp_path / "head-cache"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DILM_SWEEP_DIR")}
+    env.update(s3_server, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT), DILM_CACHE=str(cache))
+    raw = yaml.safe_load((SWEEPS / "smoke.yaml").read_text())
+    raw.update(name="headloss", mlflow={"experiment": "dilm-test-headloss"})
+    raw["fixed"].update(outer_loops=1, lm_steps=4)
+    config = tmp_path / "headloss.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    drivers = []
+
+    def driver(*extra: str) -> subprocess.Popen:
+        log = tmp_path / f"driver{len(drivers)}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "tune.sweep", "--config", str(config), "--storage",
+                                     storage, "--address", "local", "--num-cpus", "2", *extra], cwd=ROOT, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        drivers.append((proc, log))
+        return proc
+
+    started = time.monotonic()
+    try:
+        first = driver()
+        deadline, finished, refused = time.monotonic() + 900, [], None
+        while not finished:
+            assert first.poll() is None, drivers[0][1].read_text()[-4000:]
+            assert time.monotonic() < deadline, "no finished trial published within 900 s"
+            time.sleep(1)
+            if refused is None and login(cache).get("url"):
+                refused = status(login(cache)["url"] + "/api/2.0/mlflow/runs/search", {})
+            files = s3_files(s3_server, storage)
+            finished = [t for t in published_marker(s3_server, storage, "headloss").get("trials_ended", [])
+                        if f"sets/headloss/{t}/final.json" in files]
+        assert refused == 401  # an unauthenticated request to the served store
+        passwords = [login(cache)["password"]]
+        kill_tree(first)
+        before = {t: s3_files(s3_server, storage)[f"sets/headloss/{t}/final.json"] for t in finished}
+        shutil.rmtree(cache)  # a new head: nothing of the first one's folder
+        resumed = driver("--resume")
+        resumed.wait(timeout=900)
+        out = drivers[1][1].read_text()
+        assert resumed.returncode == 0, out[-4000:]
+        assert "fetched" in out and "sweep headloss: 3 complete" in out, out[-3000:]
+        passwords.append(login(cache)["password"])
+        wall = time.monotonic() - started
+
+        files = s3_files(s3_server, storage)
+        for t, mtime in before.items():
+            assert files[f"sets/headloss/{t}/final.json"] == mtime, t  # not run again
+        from tune.storage import ArrowStorage
+
+        os.environ.update(s3_server)
+        store = ArrowStorage(storage)
+        store.get_file("mlflow.db", tmp_path / "mlflow.db")
+        store.get_file("optuna.db", tmp_path / "optuna.db")
+        db = sqlite3.connect(tmp_path / "mlflow.db")
+        parents = db.execute("select count(*) from tags where key = 'dilm.sweep' and value = 'headloss' and run_uuid "
+                             "not in (select run_uuid from tags where key = 'mlflow.parentRunId')").fetchone()[0]
+        assert parents == 1  # the resumed sweep continued its parent run
+        import optuna
+
+        study = optuna.load_study(study_name="headloss", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+        by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in study.trials}
+        for t in before:
+            objective = json.loads(store.read_text(f"sets/headloss/{t}/final.json"))["objective"]
+            [(run, state)] = db.execute("select r.run_uuid, r.status from runs r join tags g on g.run_uuid = "
+                                        "r.run_uuid where g.key = 'dilm.trial_id' and g.value = ?", (t,)).fetchall()
+            assert state == "FINISHED"
+            [(logged,)] = db.execute("select value from latest_metrics where run_uuid = ? and key = 'objective'",
+                                     (run,)).fetchall()
+            assert logged == pytest.approx(objective)
+            assert by_ray_id[t].state.name == "COMPLETE" and by_ray_id[t].value == pytest.approx(objective)
+
+        secrets = [p.encode() for p in passwords]
+        leaked = [k for k in files if any(s in store_bytes(store, k) for s in secrets)]
+        leaked += [str(p) for p in (cache / "storage").rglob("*") if p.is_file() and any(s in p.read_bytes()
+                                                                                        for s in secrets)]
+        leaked += [log.name for _, log in drivers if any(s in log.read_bytes() for s in secrets)]
+        assert not leaked
+        values = [v for (v,) in db.execute("select value from params union all select value from tags")]
+        assert not [v for v in values if any(p in str(v) for p in passwords)]
+        print(f"fresh-head resume from S3: {wall:.0f} s, {len(before)} trial(s) finished before the kill")
+    finally:
+        for proc, _ in drivers:
+            kill_tree(proc)
+
+
+def store_bytes(store, key: str) -> bytes:
+    with store.fs.open_input_stream(store._path(key)) as f:
+        return f.read()

@@ -307,10 +307,11 @@ TEST_SWEEP = {
 
 
 def driver(config: Path, storage: Path, log: Path, *extra: str, code: Path = ROOT,
-           command: tuple[str, ...] = ("tune.sweep",)) -> subprocess.Popen:
+           command: tuple[str, ...] = ("tune.sweep",), secrets: dict | None = None) -> subprocess.Popen:
     """``python -m tune.sweep`` (``command``) of the code in ``code`` on its own local Ray cluster, in a new session
-    (output to ``log``: a pipe nobody reads would fill up and stall the driver)."""
+    (output to ``log``: a pipe nobody reads would fill up and stall the driver); ``secrets`` join its environment."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(secrets or {})
     env["PYTHONPATH"] = str(code)  # before the editable install of the shared venv
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", *command, "--config", str(config), "--storage",
@@ -345,9 +346,11 @@ def finished_trials(storage: Path) -> dict[str, dict]:
     return out
 
 
-def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tuple[str, ...] = ("tune.sweep",)):
-    """Start the sweep with the code in ``code``, SIGKILL it once a trial has finished, resume it with this code."""
-    first = driver(config, storage, storage / "first.log", code=code, command=command)
+def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tuple[str, ...] = ("tune.sweep",),
+                     secrets: dict | None = None):
+    """Start the sweep with the code in ``code``, SIGKILL it once a trial has finished, resume it with this code
+    (both drivers with ``secrets`` in their environment)."""
+    first = driver(config, storage, storage / "first.log", code=code, command=command, secrets=secrets)
     try:
         deadline = time.monotonic() + 420
         while not finished_trials(storage):
@@ -357,7 +360,7 @@ def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tu
         before = finished_trials(storage)
     finally:
         kill_tree(first)
-    resumed = driver(config, storage, storage / "resumed.log", "--resume")
+    resumed = driver(config, storage, storage / "resumed.log", "--resume", secrets=secrets)
     try:
         resumed.wait(timeout=480)
     finally:
@@ -366,11 +369,16 @@ def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tu
             "out": (storage / "resumed.log").read_text()}
 
 
+# what a cluster's environment holds: each sentinel must reach no record of the sweep (test_no_secret_leaks)
+SECRETS = {k: f"sentinel-7f3a9c-{k}" for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+                                                "RAY_AUTH_TOKEN", "HF_TOKEN")}
+
+
 @pytest.fixture(scope="module")
 def crashed_sweep(tmp_path_factory):
     storage = tmp_path_factory.mktemp("sweeps")
     write_reviews(storage / "data")
-    return crash_and_resume(storage, write_yaml(storage, TEST_SWEEP, "crash.yaml"))
+    return crash_and_resume(storage, write_yaml(storage, TEST_SWEEP, "crash.yaml"), secrets=SECRETS)
 
 
 def mlflow_runs(storage: Path):
@@ -436,6 +444,22 @@ def test_sweep_records_runs_params_metrics_artifacts_and_study(crashed_sweep):
                   for tid in finished_trials(s["storage"])}
     assert {t.user_attrs["ray_trial_id"]: t.value for t in trials if t.state.name == "COMPLETE"} == objectives
     assert not list((s["storage"] / "sets" / "crash").glob("*/checkpoint"))  # generator weights removed
+
+
+def test_no_secret_leaks(crashed_sweep):
+    """Credentials and tokens in the drivers' environment (``SECRETS``) reach no MLflow param, tag, metric name or
+    artifact, no provenance.json, report, database or other file of the storage, and not the console (the drivers'
+    output is in the storage: first.log, resumed.log)."""
+    s = crashed_sweep
+    marker = b"sentinel-7f3a9c-"
+    files = [p for p in s["storage"].rglob("*") if p.is_file()]
+    assert {"first.log", "resumed.log", "mlflow.db", "optuna.db", "provenance.json", "trials.csv"} <= {
+        p.name for p in files}  # what is scanned: the console, the records, the artifacts, the report
+    assert [p for p in files if marker in p.read_bytes()] == []
+    client, parents, children = mlflow_runs(s["storage"])
+    for r in parents + children:
+        words = [*r.data.params.items(), *r.data.tags.items(), *r.data.metrics]
+        assert not [w for w in words if "sentinel-7f3a9c-" in str(w)], r.info.run_id
 
 
 def test_the_lm_stage_is_trained_once_before_the_trials_and_reused_on_resume(crashed_sweep):

@@ -17,8 +17,8 @@ but refused if relative inside a Ray job, whose working dir is Ray's temporary c
 
 A URI storage (``s3://``, ``gs://``, ... — :mod:`tune.storage`) has the same layout. The trials read and write it
 through pyarrow only; the driver keeps its own files (``mlflow.db``, ``mlartifacts/``, ``optuna.db``, ``state/``,
-``reports/``) in a local mirror (``$DILM_CACHE/storage/mirror/<slug>``), uploads them when the sweep ends and
-fetches them when a resume finds the mirror empty.
+``reports/``) in a local mirror (``$DILM_CACHE/storage/mirror/<slug>``), publishes them as the sweep goes
+(:mod:`tune.publish`) and fetches them when a resume finds the mirror empty (a new head).
 """
 
 from __future__ import annotations

@@ -43,11 +43,13 @@ from dilm import GIT_REVISION_ENV, DilmError, git_revision
 from dilm.distill import LM_KEYS, DistillConfig
 from dilm.files import write_json
 from dilm.options import Parser
+from tune.auth import Credentials, client_env, login_file, save_login, with_credentials
 from tune.baselines import start_baselines
 from tune.config import RETIRED_KEYS, Resources, SweepConfig, SweepPaths, in_ray_job, load_config
 from tune.data import pinned_task, published
 from tune.mlflow_server import TrackingServer
 from tune.pool import PoolError, PoolSpec, create_pool, shutdown_pool
+from tune.publish import Publisher, attach
 from tune.report import ORPHAN, add_baselines, fail_orphans, load_study, report_summary, summarize
 from tune.search import PruneAwareOptunaSearch, TrialEnd, make_scheduler, make_searcher, trial_dirname
 from tune.stop import RESUME_HINT, keep_sigterm_handler, sigterm_as_interrupt, watch_tune_stop
@@ -139,11 +141,17 @@ def needs_server(paths: SweepPaths, autoscaling: bool) -> bool:
     return paths.remote or autoscaling or sum(1 for n in ray.nodes() if n.get("Alive")) > 1
 
 
-def start_server(paths: SweepPaths) -> TrackingServer:
+def start_server(cfg: SweepConfig, paths: SweepPaths) -> tuple[TrackingServer, Credentials]:
     """The driver's store over HTTP on this node's Ray address (:mod:`tune.mlflow_server`), on a free port (a
-    resumed sweep hands the new URL to the callback Tune restores: :func:`build_tuner`)."""
-    return TrackingServer.start(tracking_uri(paths.storage), paths.storage / "mlartifacts",
-                                ray.util.get_node_ip_address(), log=paths.storage / "mlflow-server.log")
+    resumed sweep hands the new URL to the callback Tune restores: :func:`build_tuner`), for one user whose password
+    is made for this run (:mod:`tune.auth`); says how to log in to its UI."""
+    admin = Credentials.generate()
+    server = TrackingServer.start(tracking_uri(paths.storage), paths.storage / "mlartifacts",
+                                  ray.util.get_node_ip_address(), log=paths.storage / "mlflow-server.log", admin=admin)
+    login = save_login(login_file(cfg.name, paths.location), server.url, admin)
+    print(f"sweep {cfg.name}: MLflow UI {server.url} (while the sweep runs): log in as {admin.username!r} with the "
+          f"password in {login} (readable by you only; a new one each run)", flush=True)
+    return server, admin
 
 
 def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool, server: str | None = None) -> SweepTracker:
@@ -206,13 +214,19 @@ def make_plan(cfg: SweepConfig, paths: SweepPaths, label_names: tuple[str, ...],
                      cfg.eval.objective_archs)
 
 
-def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, restore: bool) -> Tuner:
-    trainable = with_resources(with_parameters(run_trial, plan=plan), cfg.trial_resources.as_tune())
+def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, restore: bool,
+                credentials: Credentials | None = None, publisher: Publisher | None = None) -> Tuner:
+    """The Tuner of the sweep, new or restored; trials get ``credentials`` for the tracking server through the object
+    store (:func:`tune.auth.with_credentials`), ``publisher`` joins the callbacks unpickled (:mod:`tune.publish`)."""
+    trainable = with_resources(with_parameters(with_credentials(run_trial), plan=plan, credentials=credentials),
+                               cfg.trial_resources.as_tune())
     if restore:  # search algorithm, scheduler and callbacks come back from the experiment's saved state
         tuner = Tuner.restore(paths.tune_dir, trainable=trainable, resume_errored=True)
         for callback in tuner._local_tuner._run_config.callbacks or []:  # Ray 2.60 internals
             if isinstance(callback, TrialEnd):  # this run's tracking server: a served store's URL may have changed
                 callback.spec = plan.tracking
+        if publisher is not None:
+            attach(tuner, publisher)
         return tuner
     tune_config = TuneConfig(search_alg=make_searcher(cfg, paths), scheduler=make_scheduler(cfg),
                              num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
@@ -220,7 +234,10 @@ def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, restore: b
     run_config = RunConfig(name=cfg.name, storage_path=paths.tune_storage,
                            failure_config=FailureConfig(max_failures=cfg.max_failures),
                            callbacks=[TrialEnd(plan.tracking, plan.sets_dir)])
-    return Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    tuner = Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    if publisher is not None:
+        attach(tuner, publisher)
+    return tuner
 
 
 def announce(cfg: SweepConfig, paths: SweepPaths) -> None:
@@ -256,10 +273,15 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
     if resource_check:
         for warning in check_resources(cfg, ray.cluster_resources()):
             print(f"warning: {warning}", file=sys.stderr)
-    server = start_server(paths) if needs_server(paths, not resource_check) else None
-    status, handles, tracker = "FAILED", [], None
+    server, admin = start_server(cfg, paths) if needs_server(paths, not resource_check) else (None, None)
+    status, handles, tracker, publisher, env = "FAILED", [], None, None, contextlib.ExitStack()
     try:
+        env.enter_context(client_env(admin))  # the driver's own MLflow client logs as the server's user
         tracker = start_tracking(cfg, paths, resume, server.url if server else None)
+        publisher = Publisher(paths.store, paths.storage, paths.driver_files(),
+                              f"state/{cfg.name}.published.json") if paths.remote else None
+        if publisher is not None:  # as the sweep goes: a fresh head resumes from it (tune.publish)
+            publisher.publish()
         lm = train_shared_lm(run, paths)
         if lm is not None:
             tracker.set_tags({"dilm.lm_checkpoint": lm})
@@ -273,7 +295,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
                                     cfg.baseline_resources or cfg.trial_resources,
                                     cfg.eval.objective_archs)  # beside the trials
         with watch_tune_stop() as stop:
-            results = build_tuner(cfg, paths, plan, restore).fit()
+            results = build_tuner(cfg, paths, plan, restore, admin, publisher).fit()
         finished = (not stop.interrupted  # Ctrl-C, SIGTERM: the trials Tune stopped read TERMINATED
                     and results.num_terminated + results.num_errors == len(results) >= cfg.num_samples)
         study = load_study(cfg, paths)
@@ -296,7 +318,11 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
             tracker.end(status)
         if server is not None:
             server.stop()
-        sync_up(paths.store, paths.storage, paths.driver_files())
+        env.close()
+        if publisher is None:
+            sync_up(paths.store, paths.storage, paths.driver_files())
+        else:  # what changed since its last publish; a failure is one line (the mirror keeps it all)
+            publisher.publish()
 
 
 def mirror_for_report(paths: SweepPaths, summary: dict) -> None:
