@@ -225,8 +225,8 @@ def find_child(client: MlflowClient, spec: TrackingSpec, trial_id: str):
 
 class TrialRun:
     """Trial side: the child run of one trial. A context manager: an exception marks the run FAILED (and
-    propagates), an interruption (``SystemExit`` when Tune stops the trial, ``KeyboardInterrupt``) KILLED, and a
-    normal exit FINISHED."""
+    propagates), ``KeyboardInterrupt`` or another exit KILLED, a normal exit FINISHED; when Tune stops the trial
+    (``SystemExit(0)``) the driver sets it (:class:`tune.search.TrialEnd`)."""
 
     FLUSH_EVERY_S = 5.0
     FLUSH_EVERY_N = 200
@@ -250,6 +250,8 @@ class TrialRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.flush()
+        if isinstance(exc, SystemExit) and exc.code == 0:  # Tune stopped it: the driver's TrialEnd sets the status
+            return
         if exc is None:
             status = "FINISHED"
         elif isinstance(exc, Exception):

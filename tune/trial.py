@@ -37,6 +37,7 @@ from tune.pool import PoolClient, PoolSpec
 from tune.scores import FINAL, OBJECTIVE, VAL_METRIC, ScoreTable, final_metrics, score_metrics
 from tune.storage import Staged, cached_folder, join, node_cache, open_storage
 from tune.tracking import TrackingSpec, TrialRun, run_label
+from tune.trial_exit import join_at_exit
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         report(done)
         return
     use_cpu_threads(plan.cpu)  # floor(cpu), at least 1, at most the CPUs this process may use and OMP_NUM_THREADS
+    join_at_exit()  # a trial ASHA stops ends without a native stack trace (tune.trial_exit)
     with TrialRun(plan.tracking, trial_id, run_label(trial_id, config)) as run:
         run.set_tags({"dilm.output_dir": folder.uri, "dilm.tune_trial_dir": join(plan.tune_dir, trial_id)})
         run.log_params(config)  # the sampled values, logged even if the config turns out invalid
