@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock test test-all demo lint ui
+.PHONY: install lock test test-all demo lint ui browser
 
 install: $(VENV)/.installed
 
@@ -42,8 +42,16 @@ test: install
 	$(PY) -m ruff check dilm tune tests bench
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
-test-all: install
+test-all: install browser
 	$(PY) -m pytest -q
+
+# The distribution's Chromium, for the slow browser test of `dilm ui` (tests/test_sweep_console.py; it skips without
+# one). Debian/Ubuntu as root: apt-get; elsewhere it says so and the test skips.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && \
+	    apt-get install -y -q chromium chromium-driver; } || \
+	  echo "no chromium (apt-get install chromium): the browser test of dilm ui will skip"
 
 demo: install
 	$(VENV)/bin/dilm sweep --config sweeps/demo.yaml
