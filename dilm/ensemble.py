@@ -64,6 +64,11 @@ class Ensemble:
                                 {k: v[i] for k, v in inputs.items()} if batched else inputs)
                             for i, p in enumerate(self.members)])
 
+    def member(self, i: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Member ``i`` alone (the in-turn members of a CPU ensemble) on inputs (B, T[, H]) → logits (B, C)."""
+        kw = {**inputs, "attention_mask": additive_mask(inputs["attention_mask"], self.causal)}
+        return functional_call(self.base, (self.members[i], {k: v[i] for k, v in self.buffers.items()}), (), kw).logits
+
     def logits(self, input_ids, attention_mask, batched: bool = True) -> torch.Tensor:
         """Token ids (N, B, T) when ``batched`` else (B, T) shared by all members → logits (N, B, C)."""
         return self.forward({"input_ids": input_ids, "attention_mask": attention_mask}, batched)
@@ -82,6 +87,42 @@ def batch_schedule(sizes: list[int], steps: int, batch: int, seeds: list[int]) -
                 order = np.concatenate([order, rng.permutation(n)])
             out[i, s, :b], order = order[:b], order[b:]
     return out
+
+
+MICRO_BATCH_COST = 48  # a learner call's fixed cost, in padded tokens (MiniLM-L6 on 2 CPU cores, bench/eval_speed.py)
+
+
+def micro_batches(lengths: list[int], call_cost: int = MICRO_BATCH_COST) -> list[tuple[int, int]]:
+    """Cut rows sorted by length (ascending) into consecutive groups [start, end), each padded to its own longest,
+    minimising padded tokens + ``call_cost`` per group (exact, by dynamic programming over the cut points). A batch
+    of short texts and a few long ones then costs about its real tokens, not rows x the longest."""
+    n = len(lengths)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end):
+            cost = best[start] + call_cost + lengths[end - 1] * (end - start)
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], n
+    while end:
+        groups.append((cut[end], end))
+        end = cut[end]
+    return groups[::-1]
+
+
+def member_step(ens: Ensemble, i: int, inputs: dict[str, torch.Tensor], targets: torch.Tensor, rows: torch.Tensor,
+                lengths: torch.Tensor, precision: str, device) -> None:
+    """Backward of member ``i``'s mean soft cross-entropy over its batch ``rows`` (indices into its set), computed
+    in length-sorted micro-batches (:func:`micro_batches`), each cut to its own longest text: the same gradient as
+    one padded batch (dropout draws aside), for the tokens the batch holds rather than rows x its longest."""
+    order = rows[torch.argsort(lengths[rows])]
+    sizes = lengths[order].tolist()
+    for start, end in micro_batches(sizes):
+        sel, t = order[start:end], sizes[end - 1]
+        with autocast(device, precision):
+            logits = ens.member(i, {k: v[i, sel, :t] for k, v in inputs.items()})  # (b, C)
+        ce = -(targets[i, sel] * torch.log_softmax(logits.float(), -1)).sum(-1)  # (b,)
+        (ce.sum() / len(rows)).backward()
 
 
 def per_member_clip(params: dict[str, torch.Tensor], max_norm: float) -> None:
@@ -107,16 +148,21 @@ def train_ensemble(ens: Ensemble, inputs: dict[str, torch.Tensor], targets: torc
     opt = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, cfg.steps, cfg.warmup_ratio))
     rows = torch.arange(len(sizes), device=device)[:, None]
+    lengths = inputs["attention_mask"].sum(-1)  # (N, max_n) tokens per text (right padding)
     for step in range(cfg.steps):
         idx = schedule[:, step]  # (N, B), -1 where a member's set is smaller than the batch
-        valid = (idx >= 0).float()
-        idx = idx.clamp(min=0)
-        with autocast(device):
-            logits = ens.forward({k: v[rows, idx] for k, v in inputs.items()})  # (N, B, C)
-        ce = -(targets[rows, idx] * torch.log_softmax(logits.float(), -1)).sum(-1)  # (N, B)
-        loss = ((ce * valid).sum(1) / valid.sum(1)).sum()  # members independent: sum of their means
         opt.zero_grad(set_to_none=False)  # in place: the in-turn members' grads are views of these
-        loss.backward()
+        if not ens.vectorized:  # members in turn, each in length-sorted micro-batches
+            for i in range(ens.n):
+                member_step(ens, i, inputs, targets, idx[i][idx[i] >= 0], lengths[i], cfg.precision, device)
+        else:
+            valid = (idx >= 0).float()
+            idx = idx.clamp(min=0)
+            with autocast(device, cfg.precision):
+                logits = ens.forward({k: v[rows, idx] for k, v in inputs.items()})  # (N, B, C)
+            ce = -(targets[rows, idx] * torch.log_softmax(logits.float(), -1)).sum(-1)  # (N, B)
+            loss = ((ce * valid).sum(1) / valid.sum(1)).sum()  # members independent: sum of their means
+            loss.backward()
         per_member_clip(trained, cfg.clip)
         opt.step()
         sched.step()
@@ -124,12 +170,15 @@ def train_ensemble(ens: Ensemble, inputs: dict[str, torch.Tensor], targets: torc
 
 @torch.no_grad()
 def predict_ensemble(ens: Ensemble, tok, test: list[Example], cfg: EvalConfig, device) -> list[np.ndarray]:
+    """Every member's predicted classes of ``test``, in chunks of texts of similar length (sorted by characters, so
+    a chunk is padded to about its own length, not the split's longest) → N arrays of len(test)."""
     ens.base.eval()
-    preds = []
+    order = sorted(range(len(test)), key=lambda j: len(test[j].text) + len(test[j].text_pair or ""))
+    preds = torch.empty((ens.n, len(test)), dtype=torch.long)
     for i in range(0, len(test), 256):
-        chunk = test[i: i + 256]
-        texts, pairs = pair_args(chunk)  # a pair through the tokenizer's pair API (separator, segment ids)
+        chunk = order[i: i + 256]
+        texts, pairs = pair_args([test[j] for j in chunk])  # a pair through the tokenizer's pair API
         enc = encode(tok, texts, cfg.max_length, device, pairs)
-        with autocast(device):
-            preds.append(ens.forward(enc, batched=False).argmax(-1).cpu())
-    return list(torch.cat(preds, 1).numpy())  # N arrays of len(test)
+        with autocast(device, cfg.precision):
+            preds[:, chunk] = ens.forward(enc, batched=False).argmax(-1).cpu()
+    return list(preds.numpy())

@@ -109,15 +109,21 @@ def use_cpu_threads(limit: float | None = None) -> int:
     return n
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it (fp32 master weights); none on CPU."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.dtype | None:
+    """The autocast dtype (fp32 master weights either way). ``precision`` None: bf16 on GPUs that support it, none on
+    CPU (the method's stages); ``auto``: bf16 where it pays (:func:`bf16_supported`: such a GPU, or a CPU with native
+    bf16), ``bf16`` always, ``fp32`` never (the evaluation learners, :class:`~dilm.protocol.EvalConfig`)."""
+    if precision is None:
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision not in PRECISIONS:
+        raise DilmError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and bf16_supported(device)):
         return torch.bfloat16
     return None
 
 
-def autocast(device: torch.device):
-    dtype = autocast_dtype(device)
+def autocast(device: torch.device, precision: str | None = None):
+    dtype = autocast_dtype(device, precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

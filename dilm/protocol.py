@@ -65,6 +65,9 @@ class EvalConfig:
     clip: float = protocol_option("clip")
     batch_size: int = protocol_option("batch_size")
     max_length: int = protocol_option("max_length")
+    precision: str = option("auto", "learners' compute: auto (bf16 autocast, fp32 weights, where bf16 pays: a bf16 "
+                                    "GPU, or a CPU with AVX512-BF16 or AMX), fp32 or bf16",
+                            choices=("auto", "fp32", "bf16"))
     ensemble: int = option(16, "learners trained at once (vmap) on a GPU; capped by memory for large models; "
                                "one at a time on the CPU, where that is faster")
     icl_shots: int = option(8, "demonstrations per prompt of icl-<model>")
@@ -77,6 +80,8 @@ class EvalConfig:
             raise DilmError("evaluation needs at least one architecture")
         if self.seeds < 1 or self.steps < 0 or self.batch_size < 1 or self.ensemble < 1:
             raise DilmError("seeds, batch_size and ensemble must be >= 1 and steps >= 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise DilmError(f"unknown precision {self.precision!r}; known: auto, fp32, bf16")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise DilmError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         object.__setattr__(self, "archs", tuple(self.archs))

@@ -125,7 +125,7 @@ def test_members_in_turn_train_as_the_vmap_ensemble():
     enc = encode(tok, ["a good film", "bad", "dull plot", "fine acting"], 16, CPU)
     inputs = {k: v.view(2, 2, -1) for k, v in enc.items()}  # member i trains on its own two texts
     targets = torch.eye(2).expand(2, 2, 2)
-    cfg = EvalConfig(archs=("tiny-bert",), steps=1, lr=1e-2, warmup_ratio=0.0, progress=False)
+    cfg = EvalConfig(archs=("tiny-bert",), steps=1, lr=1e-2, warmup_ratio=0.0, progress=False, precision="fp32")
     runs = {}
     for vectorized in (True, False):
         base = load_model("tiny-bert", "classifier", 2).eval()  # eval: no dropout, so both paths are deterministic
@@ -142,3 +142,47 @@ def test_members_in_turn_train_as_the_vmap_ensemble():
         torch.testing.assert_close(g_t[k], g_v[k], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(p_t[k], p_v[k], rtol=1e-4, atol=1e-4)  # Adam: lr 1e-2 steps, noise ~1e-5
     assert not torch.equal(p_t["classifier.weight"][0], p_t["classifier.weight"][1])
+
+
+def test_micro_batches_cut_sorted_rows_at_the_least_padded_cost():
+    from dilm.ensemble import micro_batches
+
+    lengths = [3, 4, 4, 5, 30, 31]
+    groups = micro_batches(lengths, call_cost=10)
+    assert groups == [(0, 4), (4, 6)]  # four short texts, two long: 10 + 20 + 10 + 62 against 10 + 186 at once
+    assert micro_batches(lengths, call_cost=1000) == [(0, 6)]  # a call dearer than any padding: one batch
+    assert [b - a for a, b in micro_batches(list(range(1, 40)))] and sum(
+        b - a for a, b in micro_batches(list(range(1, 40)))) == 39  # a partition of every row, in order
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_length_sorted_micro_batches_give_the_padded_batch_gradient(precision):
+    """The CPU path trains each member on micro-batches of similar length, each cut to its own longest text: the
+    gradient is the one padded batch's (no dropout: eval mode), in fp32 to float noise and in bf16 autocast to
+    bf16's precision; and a whole protocol run in bf16 still learns the separable toy (below)."""
+    from dilm.ensemble import member_step
+
+    tok = load_tokenizer("tiny-bert")
+    texts = ["bad", "a good film", "dull plot and a story that goes nowhere at all", "fine", "so so", "great fun"]
+    enc = encode(tok, texts, 32, CPU)
+    inputs = {k: v[None] for k, v in enc.items()}  # one member, six texts
+    targets = torch.eye(2)[[0, 1, 0, 1, 0, 1]][None]
+    base = load_model("tiny-bert", "classifier", 2).eval()
+    ens = Ensemble(base, [0], CPU, vectorized=False)
+    rows = torch.tensor([5, 0, 2, 3])  # a batch of four of the six, in schedule order
+    member_step(ens, 0, inputs, targets, rows, enc["attention_mask"].sum(-1), precision, CPU)
+    got = {k: v.grad.clone() for k, v in ens.params.items()}
+    for v in ens.params.values():
+        v.grad.zero_()
+    logits = ens.member(0, {k: v[0, rows] for k, v in inputs.items()})  # one batch padded to the longest
+    (-(targets[0, rows] * torch.log_softmax(logits, -1)).sum(-1).mean()).backward()
+    tol = {"fp32": (1e-4, 1e-6), "bf16": (5e-2, 5e-3)}[precision]
+    for k, v in ens.params.items():
+        torch.testing.assert_close(got[k], v.grad, rtol=tol[0], atol=tol[1])
+    assert any(g.abs().sum() > 0 for g in got.values())
+
+
+def test_bf16_learners_beat_chance_on_separable_toy(toy_task):
+    synset = SynSet.from_examples(toy_task.train[:40], toy_task.label_names)
+    cfg = EvalConfig(archs=("tiny-bert",), seeds=2, steps=60, lr=1e-3, progress=False, precision="bf16")
+    assert Evaluator(toy_task, cfg).evaluate([synset]).summary()["tiny-bert"]["accuracy"] > 75
