@@ -137,14 +137,20 @@ def winner(storage: Path) -> tuple[str, str, list[str]]:
     return best.info.run_name, value.removesuffix(".0"), arts  # JavaScript prints 52.0 as 52
 
 
+@pytest.fixture(scope="module")
+def browser_exe() -> str:
+    """The distribution's Chromium (set up before the sweep: without one the browser test skips at once)."""
+    exe = chromium()
+    if exe is None:
+        pytest.skip("no chromium to render the MLflow UI (make browser, or apt-get install chromium)")
+    return exe
+
+
 @pytest.mark.slow
-def test_dilm_ui_opens_on_the_winner_in_a_browser(finished_sweep, tmp_path):
+def test_dilm_ui_opens_on_the_winner_in_a_browser(browser_exe, finished_sweep, tmp_path):
     """``dilm ui`` on the finished sweep; the URL it prints, in headless Chromium: the rendered page (not the HTML
     source, which is an empty app shell) holds the trials as rows with the winner's name and objective, and the
     margin columns. ``DILM_UI_SCREENSHOT=path`` keeps the screenshot there."""
-    exe = chromium()
-    if exe is None:
-        pytest.skip("no chromium to render the MLflow UI (apt-get install chromium)")
     storage = finished_sweep["storage"]
     name, objective, artifacts = winner(storage)
     assert name.startswith("★ best") and "report.html" in artifacts
