@@ -17,12 +17,14 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from dilm.coreset import full_data_set
 from dilm.files import atomic_write_text, write_json
-from dilm.tasks import load_task
+from dilm.tasks import TaskData, TaskSpec, load_task
 from tune.config import SweepConfig, SweepPaths
 from tune.plots import accuracy_vs_dpc_all
 from tune.plots import param_importances as plot_importances
-from tune.scores import OBJECTIVE, best_row, compare, comparison_metrics, format_compare
+from tune.report_page import write_report
+from tune.scores import OBJECTIVE, best_row, compare, comparison_metrics, format_compare, objective
 from tune.storage import join
 from tune.tracking import NOTE_TAG
 
@@ -92,9 +94,9 @@ def words(text: str) -> list[str]:
     return WORD.findall(NEGATION.sub(" not", text.lower().replace("\u2019", "'")))
 
 
-def task_vocabulary(task: str) -> set[str]:
+def task_vocabulary(task: TaskData) -> set[str]:
     """The :func:`words` of a task's training texts (pairs: both texts)."""
-    return {w for e in load_task(task).train for w in words(f"{e.text} {e.text_pair or ''}")}
+    return {w for e in task.train for w in words(f"{e.text} {e.text_pair or ''}")}
 
 
 def word_rate(texts: list[str], vocabulary: set[str]) -> float:
@@ -128,7 +130,7 @@ def format_copies(copies: dict[str, dict]) -> str:
     return ", ".join(parts)
 
 
-def add_baselines(summary: dict, baselines: dict, paths: SweepPaths, task: str) -> None:
+def add_baselines(summary: dict, baselines: dict, paths: SweepPaths, task: TaskSpec | str) -> None:
     """The best trial beside the baselines: ``summary["baselines"]`` rows (:func:`tune.scores.compare`) and the
     accuracy-vs-DPC plots with all curves, in ``reports/<name>/``."""
     summary["baseline_scores"] = baselines
@@ -137,7 +139,10 @@ def add_baselines(summary: dict, baselines: dict, paths: SweepPaths, task: str) 
     best_dir = paths.sets_dir / summary["best"]["ray_trial_id"]
     best = {int(d): s for d, s in json.loads((best_dir / "scores.json").read_text()).items()}
     summary["baselines"] = compare(best, baselines)
-    vocabulary = task_vocabulary(task)
+    data = load_task(task)
+    full = full_data_set(data)
+    summary["full_data"] = {"examples": len(full), "train_examples": len(data.train), "classes": data.num_classes}
+    vocabulary = task_vocabulary(data)
     summary["vocab_rate"] = {"best trial": vocab_rate(sorted(best_dir.glob("sets/dpc*/*.jsonl")), vocabulary),
                              "vanilla": vocab_rate(sorted((paths.sets_dir / "baselines" / "vanilla").glob(
                                  "sets/dpc*/*.jsonl")), vocabulary)}
@@ -184,7 +189,7 @@ def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
         write_json(out / "baselines.json", summary["baselines"])
         tracker.log_artifact(out / "baselines.json")
         tracker.log_metrics({f"vocab_rate/{k.replace(' ', '_')}": v for k, v in summary["vocab_rate"].items()})
-        tracker.log_metrics(comparison_metrics(summary["baselines"]))
+        tracker.log_metrics({**comparison_metrics(summary["baselines"]), **full_data_shares(summary["baselines"])})
     if summary["best"]:
         headline = "\n".join(format_summary(summary).splitlines()[1:])
         tracker.mark_best(summary["best"]["ray_trial_id"], headline)
@@ -203,6 +208,28 @@ def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
     print(format_summary(summary))
 
 
+def full_data_shares(rows: list[dict]) -> dict[str, float]:
+    """``best_share_of_full/<arch>/dpc<d>``: the best trial's accuracy as % of the full-data reference's."""
+    return {f"best_share_of_full/{r['arch']}/dpc{r['dpc']}": 100 * r["best"] / r["full"] for r in rows
+            if r.get("full")}
+
+
+def format_full_data(rows: list[dict], full: dict | None) -> list[str]:
+    """What a set keeps of the full data, per (arch, DPC): "DPC 10: 71.3, i.e. 84 % of the full-data accuracy
+    (85.0) with 20 of 67,349 examples"."""
+    if not full or not any(r.get("full") for r in rows):
+        return []
+    n, total = full["examples"], full["train_examples"]
+    sample = "the whole training set" if n == total else f"a {n:,}-example sample of the {total:,}"
+    lines = [f"  of the full data (the same protocol trained on {sample}):"]
+    for r in rows:
+        if r.get("full"):
+            share = 100 * r["best"] / r["full"]
+            lines.append(f"    {r['arch']:<18} DPC {r['dpc']:>3}: {r['best']:.1f}, i.e. {share:.0f} % of the full-data "
+                         f"accuracy ({r['full']:.1f}) with {r['dpc'] * full['classes']} of {total:,} examples")
+    return lines
+
+
 def format_summary(s: dict) -> str:
     lines = [f"sweep {s['name']}: {s['complete']} complete, {s['pruned']} stopped early (ASHA), "
              f"{s['failed']} failed"
@@ -215,6 +242,7 @@ def format_summary(s: dict) -> str:
     if s.get("baselines"):
         lines.append("  best trial vs baselines (accuracy % ± std over sets x seeds; difference in points):")
         lines += format_compare(s["baselines"])
+        lines += format_full_data(s["baselines"], s.get("full_data"))
         lines.append("  words found in the training vocabulary: " + ", ".join(
             f"{k} {v:.1f} %" for k, v in s["vocab_rate"].items()) + " (target >= 95 %)")
         if any(s.get("copies", {}).values()):
