@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import optuna
@@ -37,12 +38,18 @@ def load_study(cfg: SweepConfig, paths: SweepPaths) -> optuna.Study:
 
 def param_importances(study) -> dict[str, float] | None:
     """fANOVA importances over the study's COMPLETE trials; None when they cannot be computed (too few trials, or
-    a parameter that never varied)."""
+    a parameter that never varied). Optuna's warning that they are all equal (the trials tie) is a line of the log,
+    not of the console's summary."""
     try:
-        return optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            importances = optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError) as e:
         log.info("no parameter importances: %s", e)
         return None
+    for w in caught:
+        log.info("parameter importances: %s", w.message)
+    return importances
 
 
 ORPHAN = "dilm.not_resumed"  # user attribute of an Optuna trial a killed driver started and the resume did not know
