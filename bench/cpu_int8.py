@@ -23,6 +23,7 @@ import torch
 from dilm.generator import make_sampler, prompt, resolve_template, to_sample
 from dilm.models import load_model, load_tokenizer
 from dilm.probe import LabelProbe
+from dilm.sampling import SamplingSpec
 from dilm.tasks import load_task
 
 CPU = torch.device("cpu")
@@ -46,8 +47,8 @@ def main() -> int:
     fp32 = load_model(str(a.checkpoint), "causal-lm", device=CPU).eval()
     int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {torch.nn.Linear}, dtype=torch.qint8)
     template = resolve_template("task", a.task)
-    sampler = make_sampler(fp32, tok, CPU, max_new_tokens=a.new_tokens, batch_size=a.rows, label_names=names,
-                           template=template)
+    sampler = make_sampler(fp32, tok, CPU, SamplingSpec(template=template, max_new_tokens=a.new_tokens, top_p=a.top_p,
+                                                       batch_size=a.rows), names)
     prompts = [tok(prompt(n, template), add_special_tokens=False)["input_ids"] for n in names]
     rows = [prompts[i % len(names)] for i in range(a.rows)]
     probe = LabelProbe.for_task(task, "minilm-l6", CPU, max_examples=4000)
@@ -56,7 +57,7 @@ def main() -> int:
         for name, model in (("fp32", fp32), ("int8", int8)):
             sampler.model = model  # the inference copy the decode loop runs
             t = time.perf_counter()
-            got = sampler.sample(rows, top_p=a.top_p, seed=rep)
+            got = sampler.sample(rows, seed=rep)
             dt = time.perf_counter() - t
             by_class: list[list] = [[] for _ in names]
             for i, r in enumerate(got):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import random
@@ -60,7 +61,7 @@ from dilm.generator import (
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import cpu_has_bf16, cpu_threads, inference_dtype, load_model, load_tokenizer
 from dilm.probe import fit_logreg, predict, sentence_embeddings
-from dilm.sampling import Sampler, bf16_params_copy
+from dilm.sampling import Sampler, SamplingSpec, bf16_params_copy
 from dilm.tasks import length_limit, load_task
 from dilm.text import encode
 
@@ -128,14 +129,15 @@ def sampling_block(a, gen, tok, names, template, threads: int) -> dict:
     runs = [(m, p) for p in precisions for m in modes] + ([("dynamic", "bf16")] if a.bf16 and not cpu_has_bf16()
                                                          else [])
     for mode, precision in runs:
-        sampler = make_sampler(gen, tok, CPU, max_new_tokens=a.new_tokens, batch_size=a.sampler_batch,
-                               label_names=names, mode=mode, template=template, precision=precision)
+        spec = SamplingSpec(template=template, max_new_tokens=a.new_tokens, top_p=a.top_p, batch_size=a.sampler_batch,
+                            mode=mode, precision=precision)
+        sampler = make_sampler(gen, tok, CPU, spec, names)
         t = time.perf_counter()
         shapes = {min(a.sampler_batch, a.rows), a.rows % a.sampler_batch} - {0} if mode == "compiled" else {8}
         for n in sorted(shapes):  # compiled: every batch shape it will see is compiled here
-            sampler.sample(rows[:n], top_p=a.top_p, seed=0)
+            sampler.sample(rows[:n], seed=0)
         warmup[f"{mode} {precision}"] = time.perf_counter() - t
-        candidates[f"{mode} {precision}"] = (threads, lambda rep, s=sampler: s.sample(rows, top_p=a.top_p, seed=rep))
+        candidates[f"{mode} {precision}"] = (threads, lambda rep, s=sampler: s.sample(rows, seed=rep))
     auto = "bf16" if inference_dtype(CPU) == torch.bfloat16 else "fp32"
     return block("sampling", "samples_per_s", len(rows), candidates, a.reps,
                  {"warmup_s": warmup, "auto_precision": auto, "cpu_has_bf16": cpu_has_bf16()})
@@ -240,10 +242,11 @@ def quality_checks(a, gen, tok, names, template, task) -> dict:
     """Shortlist = full sort; NLL of fixed texts, fp32 vs the bf16 copy; a few samples of each to read."""
     prompts = [tok(prompt(n, template), add_special_tokens=False)["input_ids"] for n in names]
     rows = [prompts[i % len(prompts)] for i in range(a.batch)]
-    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=a.new_tokens, batch_size=a.batch,
-              bf16=False)
-    same = Sampler(gen, CPU, **kw, shortlist=0).sample(rows, top_p=a.top_p, seed=5) == \
-        Sampler(gen, CPU, **kw).sample(rows, top_p=a.top_p, seed=5)
+    spec = SamplingSpec(template=template, max_new_tokens=a.new_tokens, top_p=a.top_p, batch_size=a.batch,
+                        precision="fp32")
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    same = Sampler(gen, CPU, spec, **kw, shortlist=0).sample(rows, seed=5) == Sampler(gen, CPU, spec, **kw).sample(
+        rows, seed=5)
     fixed = task.test[:64]
     texts, label = [e.text for e in fixed], [names[e.label] for e in fixed]
     enc = tok([prompt(n, template) + " " + t + tok.eos_token for n, t in zip(label, texts)], add_special_tokens=False,
@@ -258,10 +261,9 @@ def quality_checks(a, gen, tok, names, template, task) -> dict:
     diff = [b - f for f, b in zip(nll["fp32"], nll["bf16"])]
     shown = {}
     for precision in ("fp32", "bf16"):
-        sampler = make_sampler(gen, tok, CPU, max_new_tokens=a.new_tokens, batch_size=8, label_names=names,
-                               template=template, precision=precision)
+        sampler = make_sampler(gen, tok, CPU, dataclasses.replace(spec, batch_size=8, precision=precision), names)
         shown[precision] = [tok.decode(r, skip_special_tokens=True).strip()
-                            for r in sampler.sample([prompts[1]] * 4, top_p=a.top_p, seed=11)]
+                            for r in sampler.sample([prompts[1]] * 4, seed=11)]
     return {"shortlist_equals_full_sort": same, "nll_fp32": statistics.fmean(nll["fp32"]),
             "nll_bf16": statistics.fmean(nll["bf16"]), "nll_diff_mean": statistics.fmean(diff),
             "nll_diff_sd": statistics.stdev(diff), "nll_sd_over_texts": statistics.stdev(nll["fp32"]),

@@ -39,6 +39,7 @@ from dilm.generator import (
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import autocast, head_param_names, load_model, load_tokenizer, pick_device
+from dilm.sampling import SamplingSpec
 from dilm.tasks import load_task
 from dilm.text import encode
 
@@ -102,8 +103,8 @@ def generation_blocks(model, tok, names, n, new_tokens, device, batch, modes):
 
     out = {"baseline": len(rows) / timed(naive, 1, device)}
     for mode in modes:
-        sampler = make_sampler(model, tok, device, max_new_tokens=new_tokens, batch_size=batch, label_names=names,
-                               mode=mode)
+        sampler = make_sampler(model, tok, device, SamplingSpec(max_new_tokens=new_tokens, batch_size=batch,
+                                                                mode=mode), names)
         t = time.perf_counter()
         sampler.sample(rows[:batch], seed=1)  # warm-up (and, for "compiled", the compilation)
         out[f"{mode}_warmup_s"] = time.perf_counter() - t
@@ -119,8 +120,8 @@ def matching_blocks(gen, gtok, learner_name, real_by_class, names, syn_per_class
     ltok = load_tokenizer(learner_name)
     per_class = []
     for c, name in enumerate(names):
-        samples = sample_class(gen, gtok, name, syn_per_class, False, device, max_new_tokens=24,
-                               batch_size=syn_per_class, allow_unfinished=True, max_rounds=1)
+        samples = sample_class(gen, gtok, name, syn_per_class, device,
+                               SamplingSpec(max_new_tokens=24, batch_size=syn_per_class, max_rounds=1))
         per_class.append((c, pad_samples(samples, gtok.pad_token_id, device),
                           encode(ltok, real_by_class[c], 128, device), encode(ltok, [s.text for s in samples], 128,
                                                                                      device)))

@@ -19,6 +19,7 @@ agreement of all candidates and their copies of training texts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -53,7 +54,7 @@ def welch_interval(a: list[float], b: list[float]) -> dict:
 def fewshot_pool(ctx: Distiller, per_class: int, shots: int, shot_sets: int, seed: int) -> list[list]:
     """Per class, ``per_class`` candidates from ``shot_sets`` prompts, each showing ``shots`` training examples of
     the class (seeded draws) before the class's prompt."""
-    cfg, tok = ctx.cfg, ctx.gen_tok
+    tok = ctx.gen_tok
     pool = []
     for c, name in enumerate(ctx.task.label_names):
         group = [e for e in ctx.train if e.label == c]
@@ -63,9 +64,8 @@ def fewshot_pool(ctx: Distiller, per_class: int, shots: int, shot_sets: int, see
             template = "".join(render(name, e.text, e.text_pair, tok.eos_token, ctx.template) for e in shown)
             template += ctx.template
             n = per_class // shot_sets + (j < per_class % shot_sets)
-            out += sample_classes(ctx.sampler, tok, [name], [n], ctx.task.is_pair, top_p=cfg.top_p,
-                                  seed=derive_seed(seed, "few-shot", c, j), template=template,
-                                  allow_unfinished=not cfg.drop_unfinished)[0]
+            out += sample_classes(ctx.sampler, tok, [name], [n], derive_seed(seed, "few-shot", c, j),
+                                  dataclasses.replace(ctx.sampling, template=template))[0]
         pool.append(out)
     ctx.generator.train()
     return pool

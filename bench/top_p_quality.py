@@ -8,6 +8,7 @@ same run; every other row prints its difference to it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dilm.generator import make_sampler, resolve_template, sample_classes
 from dilm.options import strs
 from dilm.probe import LabelProbe
+from dilm.sampling import SamplingSpec
 from dilm.tasks import load_task
 from tune.report import task_vocabulary, word_rate
 
@@ -39,14 +41,14 @@ def main() -> int:
     names, template = list(task.label_names), resolve_template("task", args.task)
     vocabulary = task_vocabulary(task)
     probe = LabelProbe.for_task(task, "minilm-l6", device, max_examples=4000)
-    sampler = make_sampler(gen, tok, device, max_new_tokens=args.max_new_tokens, batch_size=64, label_names=names,
-                           template=template)
+    spec = SamplingSpec(template=template, is_pair=task.is_pair, max_new_tokens=args.max_new_tokens, batch_size=64)
+    sampler = make_sampler(gen, tok, device, spec, names)
     values = [BASELINE] + [v for v in map(float, args.top_p) if v != BASELINE]
     base = None
     for top_p in values:
         t = time.perf_counter()
-        out = sample_classes(sampler, tok, names, [args.per_class] * len(names), task.is_pair, top_p=top_p, seed=1,
-                             template=template)
+        out = sample_classes(sampler, tok, names, [args.per_class] * len(names), 1,
+                             dataclasses.replace(spec, top_p=top_p))
         rate = word_rate([f"{s.text} {s.text_pair or ''}" for group in out for s in group], vocabulary)
         agree = 100 * probe.agreement(out)
         base = base or (rate, agree)

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from dilm import DilmError
-from dilm.models import autocast, inference_dtype
-from dilm.sampling import Sampler
+from dilm.models import autocast
+from dilm.sampling import LABEL_TEMPLATE, Sampler, SamplingSpec
 from dilm.seeds import derive_seed
 from dilm.text import pad_ids
 
 PAIR_MARK = "\npair:"
-LABEL_TEMPLATE = "label: {label}\ntext:"
 DESCRIBED_TEMPLATE = "Here is {description} labelled {label}:"  # a user task's prompt from its one-line description
 TEMPLATE_KEYS = ("task", "label")  # the task's own template, or the bare label format
 
@@ -190,16 +189,12 @@ class Sample:
     prompt_len: int
 
 
-def make_sampler(generator, tok, device, *, max_new_tokens: int, batch_size: int, label_names: list[str] = (),
-                 mode: str = "dynamic", template: str = LABEL_TEMPLATE, precision: str = "auto") -> Sampler:
-    """A :class:`Sampler` for this generator; ``mode`` is dynamic, static (KV cache) or compiled (static +
-    ``torch.compile``); ``precision`` the dtype of its inference copy: auto (bf16 on GPUs and CPUs with native
-    bf16, fp32 elsewhere: :func:`dilm.models.inference_dtype`), fp32 or bf16."""
-    width = max([len(tok(prompt(n, template), add_special_tokens=False)["input_ids"]) for n in label_names] or [16])
-    return Sampler(generator, device, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                   max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_width=width,
-                   static=mode in ("static", "compiled"), compile=mode == "compiled",
-                   bf16=inference_dtype(device, precision) == torch.bfloat16)
+def make_sampler(generator, tok, device, spec: SamplingSpec, label_names: list[str] = ()) -> Sampler:
+    """A :class:`Sampler` for this generator as ``spec`` says (its static shapes fit the prompts of
+    ``label_names``)."""
+    width = max([len(tok(prompt(n, spec.template), add_special_tokens=False)["input_ids"]) for n in label_names]
+                or [16])
+    return Sampler(generator, device, spec, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, prompt_width=width)
 
 
 def to_sample(row: list[int], prompt_ids: list[int], tok, is_pair: bool, allow_unfinished: bool = True
@@ -223,8 +218,8 @@ def to_sample(row: list[int], prompt_ids: list[int], tok, is_pair: bool, allow_u
     return Sample(parsed[0], parsed[1], prompt_ids + ids, len(prompt_ids))
 
 
-def continue_pairs(sampler: Sampler, tok, prompts: list[list[int]], rows: list[list[int]], *, top_p: float,
-                   temperature: float, seed: int) -> list[list[int]]:
+def continue_pairs(sampler: Sampler, tok, prompts: list[list[int]], rows: list[list[int]], seed: int,
+                   spec: SamplingSpec) -> list[list[int]]:
     """Pair completions without the ``\npair:`` marker, continued after an appended marker.
 
     The reference resamples such rows; a generator early in its LM stage (or a tiny test model) rarely writes
@@ -235,41 +230,40 @@ def continue_pairs(sampler: Sampler, tok, prompts: list[list[int]], rows: list[l
     mark = tok(PAIR_MARK, add_special_tokens=False)["input_ids"]
     todo = [i for i, row in enumerate(rows) if PAIR_MARK not in tok.decode(row, skip_special_tokens=True)]
     heads = [[t for t in rows[i] if t != tok.eos_token_id] + mark for i in todo]
-    tails = sampler.sample([prompts[i] + h for i, h in zip(todo, heads)], top_p=top_p, temperature=temperature,
-                           seed=seed) if todo else []
+    tails = sampler.sample([prompts[i] + h for i, h in zip(todo, heads)], seed=seed, spec=spec) if todo else []
     out = list(rows)
     for i, head, tail in zip(todo, heads, tails):
         out[i] = head + tail
     return out
 
 
-def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[int], is_pair: bool, *,
-                   top_p: float = 0.95, temperature: float = 1.0, seed: int = 0, max_rounds: int = 4,
-                   allow_unfinished: bool = True, template: str = LABEL_TEMPLATE) -> list[list[Sample]]:
-    """Up to ``counts[c]`` distinct, parseable samples of each class c, all classes sampled in shared batches.
+def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[int], seed: int = 0,
+                   spec: SamplingSpec | None = None) -> list[list[Sample]]:
+    """Up to ``counts[c]`` distinct, parseable samples of each class c, all classes sampled in shared batches, as
+    ``spec`` (default: the sampler's) says.
 
     A round asks for what is still missing (plus a margin for rejects: duplicates, unparseable or, unless
     ``allow_unfinished``, overlong texts); up to ``max_rounds`` rounds, stopping early when one adds nothing.
     Pair completions lacking the pair marker are continued after one (:func:`continue_pairs`).
     """
+    spec = spec or sampler.spec
     sampler.sync()
-    prompts = [tok(prompt(n, template), add_special_tokens=False)["input_ids"] for n in label_names]
+    prompts = [tok(prompt(n, spec.template), add_special_tokens=False)["input_ids"] for n in label_names]
     out: list[list[Sample]] = [[] for _ in label_names]
     seen: set[tuple[int, str, str | None]] = set()
-    for r in range(max_rounds):
+    for r in range(spec.max_rounds):
         missing = [n - len(o) for n, o in zip(counts, out)]
         ask = [0 if m <= 0 else m + m // 4 + 1 if r == 0 else 2 * m for m in missing]  # margin for rejects
         rows = [c for c, a in enumerate(ask) for _ in range(a)]
         if not rows:
             break
-        sampled = sampler.sample([prompts[c] for c in rows], top_p=top_p, temperature=temperature,
-                                 seed=derive_seed(seed, "round", r))
-        if is_pair:
-            sampled = continue_pairs(sampler, tok, [prompts[c] for c in rows], sampled, top_p=top_p,
-                                     temperature=temperature, seed=derive_seed(seed, "pair continuation", r))
+        sampled = sampler.sample([prompts[c] for c in rows], seed=derive_seed(seed, "round", r), spec=spec)
+        if spec.is_pair:
+            sampled = continue_pairs(sampler, tok, [prompts[c] for c in rows], sampled,
+                                     derive_seed(seed, "pair continuation", r), spec)
         added = 0
         for c, row in zip(rows, sampled):
-            s = to_sample(row, prompts[c], tok, is_pair, allow_unfinished)
+            s = to_sample(row, prompts[c], tok, spec.is_pair, spec.allow_unfinished)
             if s is None or len(out[c]) >= counts[c] or (c, s.text, s.text_pair) in seen:
                 continue
             seen.add((c, s.text, s.text_pair))
@@ -280,13 +274,10 @@ def sample_classes(sampler: Sampler, tok, label_names: list[str], counts: list[i
     return out
 
 
-def sample_class(generator, tok, label_name: str, n: int, is_pair: bool, device, max_new_tokens: int = 48,
-                 top_p: float = 0.95, batch_size: int = 64, seed: int = 0, max_rounds: int = 4,
-                 allow_unfinished: bool = True) -> list[Sample]:
+def sample_class(generator, tok, label_name: str, n: int, device, spec: SamplingSpec, seed: int = 0
+                 ) -> list[Sample]:
     """Up to ``n`` distinct, parseable samples of one class (a convenience over :func:`sample_classes`)."""
-    sampler = make_sampler(generator, tok, device, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return sample_classes(sampler, tok, [label_name], [n], is_pair, top_p=top_p, seed=seed, max_rounds=max_rounds,
-                          allow_unfinished=allow_unfinished)[0]
+    return sample_classes(make_sampler(generator, tok, device, spec), tok, [label_name], [n], seed)[0]
 
 
 def pad_samples(samples: list[Sample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,6 +17,10 @@ stopping criteria with a host sync, autocast casts of fp32 weights and small bat
   has fixed shapes; with ``compile=True`` that step is ``torch.compile``-d (on CUDA in ``reduce-overhead``
   mode, i.e. replayed as a CUDA graph).
 
+What a sampler does is said by one frozen :class:`SamplingSpec` (limits, top_p, batch, decode mode, precision, the
+prompt template, …), handed to it in place of loose arguments; a cache of samples is keyed by the spec with the
+weights, the counts and the seed.
+
 Shapes: B rows, P prompt width (left-padded), N = ``max_new_tokens``, V vocabulary.
 """
 
@@ -24,12 +28,43 @@ from __future__ import annotations
 
 import copy
 import inspect
+from dataclasses import dataclass
 
 import torch
 
-from dilm.models import bf16_supported
+from dilm.models import PRECISIONS, inference_dtype
 from dilm.seeds import derive_seed
 from dilm.text import left_pad
+
+LABEL_TEMPLATE = "label: {label}\ntext:"  # the bare prompt format (dilm.generator renders and parses it)
+SAMPLER_MODES = ("dynamic", "static", "compiled")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How texts are sampled from a generator, whatever its weights: everything sampling reads but the model, the
+    prompts' classes and counts, and the seed. Built once per run (:attr:`dilm.distill.RunContext.sampling`), handed
+    to the :class:`Sampler` and to :func:`dilm.generator.sample_classes`, and hashed whole into the keys of sampled
+    candidates."""
+
+    generator: str = ""  # the generator's name (its tokenizer); its weights are the sampler's model
+    template: str = LABEL_TEMPLATE  # the prompt of a class, with a {label} field
+    is_pair: bool = False  # a completion holds two texts, split on the pair marker
+    max_new_tokens: int = 48
+    top_p: float = 0.95
+    temperature: float = 1.0  # of the sampling softmax (not the matching weights')
+    batch_size: int = 256  # rows decoded together
+    mode: str = "dynamic"  # dynamic (KV cache grows), static (pre-allocated KV cache) or compiled (static + compile)
+    precision: str = "auto"  # the inference copy's dtype: auto (bf16 where it pays), fp32 or bf16
+    allow_unfinished: bool = True  # keep a sample that hit max_new_tokens without EOS (the reference keeps it)
+    max_rounds: int = 4  # rounds of sampling what a class still misses (rejects: duplicates, unparseable texts)
+
+    def __post_init__(self):
+        if self.mode not in SAMPLER_MODES:
+            raise ValueError(f"unknown sampler mode {self.mode!r}; known: {', '.join(SAMPLER_MODES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+
 
 SYNC_EVERY = 8
 SHORTLIST = 128  # CPU: top-p from the 128 most probable tokens (full sort only for rows whose nucleus is larger)
@@ -86,26 +121,26 @@ class Sampler:
     Holds its own inference weights (a bf16 copy where bf16 pays, refreshed in place by :meth:`sync` so a compiled
     step stays valid) and, with ``static``, one pre-allocated cache per batch shape, reused. With ``static``
     batches come in a few fixed shapes (rows padded to a power of two up to ``batch_size``, prompts to
-    ``prompt_width``), which is what lets ``compile`` capture the decode step once per shape.
+    ``prompt_width``), which is what lets ``compile`` capture the decode step once per shape. Its ``spec``'s mode and
+    precision are fixed when it is built; a call may pass another spec (another top_p, limit or batch) that keeps
+    them.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, *, eos_id: int, pad_id: int,
-                 max_new_tokens: int, batch_size: int = 256, prompt_width: int = 16, static: bool = False,
-                 compile: bool = False, bf16: bool | None = None, shortlist: int | None = None):
-        self.source, self.device = model, device
-        self.eos_id, self.pad_id = eos_id, pad_id
-        self.max_new_tokens, self.batch_size, self.prompt_width = max_new_tokens, batch_size, prompt_width
-        self.static = static or compile
-        if bf16 is None:  # default: bf16 where it pays, fp32 (the model itself) elsewhere
-            bf16 = bf16_supported(device)
-        self.model = bf16_params_copy(model) if bf16 else model
+    def __init__(self, model: torch.nn.Module, device: torch.device, spec: SamplingSpec, *, eos_id: int,
+                 pad_id: int, prompt_width: int = 16, shortlist: int | None = None):
+        self.source, self.device, self.spec = model, device, spec
+        self.eos_id, self.pad_id, self.prompt_width = eos_id, pad_id, prompt_width
+        self.static = spec.mode in ("static", "compiled")
+        # auto: bf16 where it pays, fp32 (the model itself) elsewhere
+        self.model = bf16_params_copy(model) if inference_dtype(device, spec.precision) == torch.bfloat16 else model
         # a shortlist saves the full sort where a host sync is free (CPU), not on CUDA
         self.shortlist = (SHORTLIST if device.type == "cpu" else 0) if shortlist is None else shortlist
         self.cache, self.static_caches = None, {}  # (rows, length) → StaticCache
         # newer transformers (5.24) call the cache argument ``cache`` (``past_key_values`` deprecated)
         self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs; on a CPU fused C++ kernels
-        self.step = torch.compile(self._forward, mode=mode, fullgraph=True) if compile else self._forward
+        compiled = spec.mode == "compiled"
+        self.step = torch.compile(self._forward, mode=mode, fullgraph=True) if compiled else self._forward
 
     def sync(self) -> None:
         """Copy the source model's current weights into the inference copy (in place)."""
@@ -133,14 +168,17 @@ class Sampler:
         return cache
 
     @torch.no_grad()
-    def sample(self, prompts: list[list[int]], *, top_p: float = 0.95, temperature: float = 1.0,
-               seed: int = 0) -> list[list[int]]:
-        """One completion per prompt (new tokens, ending at EOS when one was sampled), in input order."""
+    def sample(self, prompts: list[list[int]], *, seed: int = 0, spec: SamplingSpec | None = None) -> list[list[int]]:
+        """One completion per prompt (new tokens, ending at EOS when one was sampled), in input order, as ``spec``
+        (default: the sampler's) says: ``top_p``, ``temperature``, ``max_new_tokens``, ``batch_size``."""
+        spec = spec or self.spec
+        if (spec.mode, spec.precision) != (self.spec.mode, self.spec.precision):
+            raise ValueError("a sampler's mode and precision are fixed when it is built; make another sampler")
         self.model.eval()
         out: list[list[int]] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start: start + self.batch_size]
-            rows = self._batch(chunk, top_p, temperature, derive_seed(seed, "batch", start)).tolist()
+        for start in range(0, len(prompts), spec.batch_size):
+            chunk = prompts[start: start + spec.batch_size]
+            rows = self._batch(chunk, spec, derive_seed(seed, "batch", start)).tolist()
             for row in rows[: len(chunk)]:
                 out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
         return out
@@ -162,13 +200,14 @@ class Sampler:
         self.cache.batch_select_indices(which)  # (U, …) → (B, …)
         return logits[which]
 
-    def _batch(self, prompts, top_p, temperature, seed) -> torch.Tensor:
+    def _batch(self, prompts, spec: SamplingSpec, seed: int) -> torch.Tensor:
         """(B, N) new tokens; after a row's EOS the rest is EOS."""
+        n_new = spec.max_new_tokens
         if self.static:  # a few fixed shapes: rows padded to a power of two, prompts to prompt_width
-            prompts = prompts + [prompts[0]] * (bucket(len(prompts), self.batch_size) - len(prompts))
+            prompts = prompts + [prompts[0]] * (bucket(len(prompts), spec.batch_size) - len(prompts))
         width = max(self.prompt_width if self.static else 0, *map(len, prompts))
         ids, mask = left_pad(prompts, self.pad_id, self.device, width)
-        b, total = len(prompts), width + self.max_new_tokens
+        b, total = len(prompts), width + n_new
         full_mask = torch.zeros((b, total), dtype=torch.long, device=self.device)  # filled as tokens arrive
         full_mask[:, :width] = mask
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P): left padding does not shift positions
@@ -176,16 +215,17 @@ class Sampler:
         self.cache = self._fresh_cache(b, total)
         cache_positions = torch.arange(total, device=self.device)
         logits = self._prefill(prompts, ids, positions, full_mask if self.static else mask, cache_positions[:width])
-        out = torch.full((b, self.max_new_tokens), self.eos_id, dtype=torch.long, device=self.device)
+        out = torch.full((b, n_new), self.eos_id, dtype=torch.long, device=self.device)
         rows = torch.arange(b, device=self.device)  # (R,): the rows still decoding, R ≤ B
         done = torch.zeros(b, dtype=torch.bool, device=self.device)  # (R,)
         last = positions[:, -1:]
         every = 1 if self.device.type == "cpu" else SYNC_EVERY  # host checks: free on a CPU
-        for t in range(self.max_new_tokens):
-            token = top_p_sample(logits, top_p, temperature, rng, self.shortlist).masked_fill(done, self.eos_id)
+        for t in range(n_new):
+            token = top_p_sample(logits, spec.top_p, spec.temperature, rng, self.shortlist)
+            token = token.masked_fill(done, self.eos_id)
             out[rows, t] = token
             done |= token == self.eos_id
-            if t == self.max_new_tokens - 1:
+            if t == n_new - 1:
                 break
             if (t + 1) % every == 0 and (finished := int(done.sum())):
                 if finished == len(rows):

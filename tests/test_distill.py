@@ -126,19 +126,22 @@ def test_callback_sees_lm_match_and_validation_metrics(smoke_run):
     assert result.timings["val_s"] > 0  # the cost of validation is measured and written to provenance
 
 
-def test_resume_from_checkpoint_continues_the_step_count(tmp_path, toy_task):
-    cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), outer_loops=3, fail_at_step=3)
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path, toy_task, monkeypatch):
+    cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), outer_loops=3)
+    monkeypatch.setattr(match_stage, "FAIL_AT_STEP", 3)  # the test hook: not a config field
     with pytest.raises(RuntimeError, match="injected failure"):
         distill(cfg, task=toy_task)
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert state["stage"] == "match" and state["outer"] == 1
     seen, again = [], []
+    monkeypatch.setattr(match_stage, "FAIL_AT_STEP", 5)
     with pytest.raises(RuntimeError, match="injected failure"):  # resumed, then stopped again in outer loop 3
-        distill(dataclasses.replace(cfg, fail_at_step=5), callback=seen.append, task=toy_task)
+        distill(cfg, callback=seen.append, task=toy_task)
     # the AdamW moments came back too: the optimiser counts every matching step, not just the resumed ones
     opt = torch.load(tmp_path / "checkpoint" / "weights.pt")["optimizer"]
     assert {int(s["step"]) for s in opt["state"].values()} == {4}
-    distill(dataclasses.replace(cfg, fail_at_step=-1), callback=again.append, task=toy_task)
+    monkeypatch.setattr(match_stage, "FAIL_AT_STEP", None)
+    distill(cfg, callback=again.append, task=toy_task)
     for rows, loops in ((seen, (3, 4, 5)), (again, (5, 6))):  # from the last checkpoint; LM stage not repeated
         assert [m["step"] for m in rows if "match_loss" in m] == [cfg.lm_steps + k for k in loops]
         assert not any(m["stage"] == "lm" for m in rows)
@@ -165,7 +168,7 @@ def test_token_limits_come_from_the_tasks_data(tmp_path):
     full = [len(s) for s in run.full_corpus.sequences]
     assert sum(n > limits["max_length"] for n in full) <= 0.01 * len(full) < sum(n > 64 for n in full) / 40
     assert all(len(s) <= limits["max_length"] for s in run.corpus.sequences)
-    assert limits["max_new_tokens"] > 64 and run.sampler.max_new_tokens == limits["max_new_tokens"]
+    assert limits["max_new_tokens"] > 64 and run.sampler.spec.max_new_tokens == limits["max_new_tokens"]
     capped = Distiller(DistillConfig.from_preset("smoke", task="mrpc", length_cap=30, max_new_tokens=7,
                                                  output_dir=str(tmp_path)), task=task).limits
     assert capped == {"max_length": 30, "max_new_tokens": 7}
@@ -287,7 +290,7 @@ class Declining:
         self.seen_states, self.inner_blocks = [], 0
         self.inner_learner_steps_of = match_stage.inner_learner_steps
 
-    def validate(self, ctx, seed):
+    def validate(self, ctx, spec, seed):
         self.seen_states.append({k: v.clone() for k, v in ctx.generator.state_dict().items()})
         return 90.0 - 10 * len(self.seen_states)
 
@@ -387,7 +390,8 @@ def test_step0_validation_is_computed_once_for_runs_that_differ_only_in_matching
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
     calls = []
     real_validate = match_stage.validate
-    monkeypatch.setattr(match_stage, "validate", lambda ctx, seed: calls.append(seed) or real_validate(ctx, seed))
+    monkeypatch.setattr(match_stage, "validate",
+                        lambda ctx, spec, seed: calls.append(seed) or real_validate(ctx, spec, seed))
     base = DistillConfig.from_preset("smoke", learner="minilm-l6", probe="", label_filter="none", outer_loops=1,
                                      output_dir=str(tmp_path / "lm-run"))
     lm = str(train_lm(base, tmp_path / "lm", task=toy_task))
@@ -408,8 +412,11 @@ def test_step0_validation_is_computed_once_for_runs_that_differ_only_in_matching
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "empty"))
     assert run("b-computed", generator_lr=3e-4, temperature=0.5, inner_loop=3) == b and len(calls) == 5
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
-    key = lambda **changes: match_stage.step0_cache_path(Distiller(  # noqa: E731
-        dataclasses.replace(base, **{"lm_checkpoint": lm, **changes}), task=toy_task))
+
+    def key(**changes):
+        ctx = Distiller(dataclasses.replace(base, **{"lm_checkpoint": lm, **changes}), task=toy_task)
+        return match_stage.step0_cache_path(ctx, match_stage.ValidationSpec.of(ctx.cfg))
+
     assert key(generator_lr=3e-4, inner_loop=3, n_sets=5, final_mix="pooled") == entries()[0]  # the final sets' keys
     assert key(val_steps=3) != entries()[0] and key(top_p=0.5) != entries()[0] and key(lm_checkpoint="") is None
 
@@ -420,8 +427,8 @@ def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, mo
     candidates (generator+lm: two draws of the LM's; generator, the reference's: one): the first samples them, the
     second reads them (same sets); a run whose matching validated higher samples its own draw."""
     from dilm.distill import train_lm
+    from dilm.distill.candidates import GENERATOR_DRAW, final_seed
     from dilm.distill.context import RunContext
-    from dilm.distill.select import GENERATOR_DRAW, final_seed
 
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
     base = DistillConfig.from_preset("smoke", probe="", label_filter="none", outer_loops=1, final_sources=sources,
@@ -436,7 +443,7 @@ def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, mo
 
     def run(name: str, accuracies: list[float], **changes) -> list[str]:
         left = iter(accuracies)
-        monkeypatch.setattr(match_stage, "validate", lambda ctx, seed: next(left))
+        monkeypatch.setattr(match_stage, "validate", lambda ctx, spec, seed: next(left))
         result = distill(dataclasses.replace(base, lm_checkpoint=lm, output_dir=str(tmp_path / name), **changes),
                          task=toy_task)
         return [p.read_text() for paths in result.sets.values() for p in paths]
@@ -456,8 +463,8 @@ class FinalDraws:
     def __init__(self, tmp_path, monkeypatch, task):
         from dilm.distill import run as run_module
         from dilm.distill import select as select_module
+        from dilm.distill.candidates import GENERATOR_DRAW, LM_DRAW, final_seed
         from dilm.distill.context import RunContext
-        from dilm.distill.select import GENERATOR_DRAW, LM_DRAW, final_seed
 
         self.tmp, self.mp, self.task = tmp_path, monkeypatch, task
         self.base = DistillConfig.from_preset("smoke", probe="", label_filter="none", outer_loops=1,
@@ -482,7 +489,7 @@ class FinalDraws:
     def run(self, name: str, accuracies: list[float], **changes) -> Distiller:
         """One run whose validations score ``accuracies`` in turn (step 0 first)."""
         left = iter(accuracies)
-        self.mp.setattr(match_stage, "validate", lambda ctx, seed: next(left))
+        self.mp.setattr(match_stage, "validate", lambda ctx, spec, seed: next(left))
         run = Distiller(dataclasses.replace(self.base, output_dir=str(self.tmp / name), **changes), task=self.task)
         run.fit()
         return run
@@ -502,7 +509,7 @@ def test_final_sources_generator_and_lm_with_the_lm_stage_in_the_run(tmp_path, m
     (its weights are not kept) into the run's folder, and the final sets select among them followed by the matched
     generator's ones the LM did not also write. A resumed run that lost them fails before matching, in one line; a
     fresh LM stage forgets the candidates of an earlier one."""
-    from dilm.distill.select import IN_RUN_LM_CANDIDATES, final_counts, keep_lm_candidates, lm_candidates
+    from dilm.distill.candidates import IN_RUN_LM_CANDIDATES, final_counts, keep_lm_candidates, lm_candidates
 
     monkeypatch.setenv("DILM_CACHE", str(tmp_path / "cache"))
     draws = FinalDraws(tmp_path, monkeypatch, toy_task)

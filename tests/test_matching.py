@@ -14,6 +14,7 @@ from dilm.generator import (
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import load_model, load_tokenizer
+from dilm.sampling import SamplingSpec
 from dilm.text import encode
 
 CPU = torch.device("cpu")
@@ -64,8 +65,7 @@ def test_match_loss_finite_difference_wrt_weights_float64():
 
 
 def _generator_batch(gen, tok, n=6):
-    samples = sample_class(gen, tok, "positive", n, False, CPU, max_new_tokens=8, batch_size=n, seed=0,
-                           allow_unfinished=True)
+    samples = sample_class(gen, tok, "positive", n, CPU, SamplingSpec(max_new_tokens=8, batch_size=n), seed=0)
     return samples, pad_samples(samples, tok.pad_token_id, CPU)
 
 
@@ -99,8 +99,7 @@ def test_label_conditioned_sampling_is_parseable_for_each_class():
     gen = load_model("tiny-llama", "causal-lm")
     tok = load_tokenizer("tiny-llama")
     for label in ("negative", "positive"):
-        samples = sample_class(gen, tok, label, 4, False, CPU, max_new_tokens=8, batch_size=4,
-                               allow_unfinished=True)
+        samples = sample_class(gen, tok, label, 4, CPU, SamplingSpec(max_new_tokens=8, batch_size=4))
         assert len(samples) == 4 and all(s.text for s in samples)
         assert len({s.text for s in samples}) == 4  # distinct
         assert all(tok.decode(s.ids[: s.prompt_len]) == f"label: {label}\ntext:" for s in samples)

@@ -1,6 +1,7 @@
 """The batched sampling loop: nucleus semantics, equality with HF greedy decoding, seeds, class batching; its
 precision and the CPU thread count; the packed LM loss."""
 
+import dataclasses
 import random
 
 import pytest
@@ -20,9 +21,10 @@ from dilm.generator import (
     to_sample,
 )
 from dilm.models import cpu_threads, load_model, load_tokenizer
-from dilm.sampling import Sampler, top_p_sample
+from dilm.sampling import Sampler, SamplingSpec, top_p_sample
 
 CPU = torch.device("cpu")
+GREEDY = SamplingSpec(top_p=0.0)  # top_p → 0: the most probable token, as HF's greedy decoding
 LABELS = ["negative", "positive", "a much longer label name"]
 
 
@@ -97,16 +99,17 @@ def test_greedy_batch_of_mixed_prompts_equals_hf_generate(lm, static):
     model, tok = lm
     prompts = prompts_of(tok)
     assert len({len(p) for p in prompts}) > 1  # the batch really is left-padded
-    sampler = Sampler(model, CPU, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=10,
-                      batch_size=4, static=static)
-    assert sampler.sample(prompts, top_p=0.0) == hf_greedy(model, tok, prompts, 10)
-    # a second batch reuses the (static) cache and still agrees; two chunks of batch_size 2
-    sampler.batch_size = 2
-    assert sampler.sample(prompts[::-1], top_p=0.0) == hf_greedy(model, tok, prompts[::-1], 10)
+    spec = dataclasses.replace(GREEDY, max_new_tokens=10, batch_size=4, mode="static" if static else "dynamic")
+    sampler = Sampler(model, CPU, spec, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    assert sampler.sample(prompts) == hf_greedy(model, tok, prompts, 10)
+    # a second batch reuses the (static) cache and still agrees; two chunks of batch_size 2 (a call's own spec)
+    assert sampler.sample(prompts[::-1], spec=dataclasses.replace(spec, batch_size=2)) == \
+        hf_greedy(model, tok, prompts[::-1], 10)
     # rows sharing a prompt (one prefill for them with the dynamic cache)
-    sampler.batch_size = 8
     shared = [prompts[0], prompts[1], prompts[0], prompts[2], prompts[0]]
-    assert sampler.sample(shared, top_p=0.0) == hf_greedy(model, tok, shared, 10)
+    assert sampler.sample(shared, spec=dataclasses.replace(spec, batch_size=8)) == hf_greedy(model, tok, shared, 10)
+    with pytest.raises(ValueError, match="mode and precision are fixed"):
+        sampler.sample(shared, spec=dataclasses.replace(spec, precision="bf16"))
 
 
 def test_finished_rows_leave_the_batch_without_changing_the_others(lm):
@@ -114,11 +117,12 @@ def test_finished_rows_leave_the_batch_without_changing_the_others(lm):
     others is what the static loop (which keeps every row) gives. The EOS is a token some rows reach early."""
     model, tok = lm
     prompts = prompts_of(tok) * 2
-    kw = dict(pad_id=tok.pad_token_id, max_new_tokens=10, batch_size=8)
-    free = Sampler(model, CPU, eos_id=tok.eos_token_id, **kw).sample(prompts, top_p=0.0)
+    spec = dataclasses.replace(GREEDY, max_new_tokens=10, batch_size=8)
+    free = Sampler(model, CPU, spec, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id).sample(prompts)
     eos = free[0][2]  # row 0 ends at its third token
-    dynamic = Sampler(model, CPU, eos_id=eos, **kw).sample(prompts, top_p=0.0)
-    assert dynamic == Sampler(model, CPU, eos_id=eos, static=True, **kw).sample(prompts, top_p=0.0)
+    dynamic = Sampler(model, CPU, spec, eos_id=eos, pad_id=tok.pad_token_id).sample(prompts)
+    static = dataclasses.replace(spec, mode="static")
+    assert dynamic == Sampler(model, CPU, static, eos_id=eos, pad_id=tok.pad_token_id).sample(prompts)
     lengths = {len(r) for r in dynamic}
     assert len(lengths) > 1 and min(lengths) < 10  # not vacuous: rows did finish at different steps
 
@@ -127,16 +131,16 @@ def test_finished_rows_leave_the_batch_without_changing_the_others(lm):
 def test_compiled_decode_step_equals_eager(lm):
     model, tok = lm
     prompts = prompts_of(tok)
-    sampler = Sampler(model, CPU, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=8,
-                      batch_size=4, prompt_width=12, compile=True)
-    assert sampler.sample(prompts, top_p=0.0) == hf_greedy(model, tok, prompts, 8)
-    assert sampler.sample(prompts[:2], top_p=0.0) == hf_greedy(model, tok, prompts[:2], 8)
+    sampler = Sampler(model, CPU, dataclasses.replace(GREEDY, max_new_tokens=8, batch_size=4, mode="compiled"),
+                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, prompt_width=12)
+    assert sampler.sample(prompts) == hf_greedy(model, tok, prompts, 8)
+    assert sampler.sample(prompts[:2]) == hf_greedy(model, tok, prompts[:2], 8)
 
 
 def test_seeded_sampling_is_reproducible_and_rows_stop_at_eos(lm):
     model, tok = lm
-    sampler = Sampler(model, CPU, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=6,
-                      batch_size=8)
+    sampler = Sampler(model, CPU, SamplingSpec(max_new_tokens=6, batch_size=8), eos_id=tok.eos_token_id,
+                      pad_id=tok.pad_token_id)
     prompts = prompts_of(tok) * 4
     a, b = sampler.sample(prompts, seed=3), sampler.sample(prompts, seed=3)
     assert a == b and a != sampler.sample(prompts, seed=4)
@@ -185,8 +189,8 @@ def test_pair_samples_without_the_marker_are_continued_after_one(lm):
     """A (tiny, random) generator never writes the pair marker; every pair sample still parses into two texts,
     its ids holding the marker that was put after the first."""
     model, tok = lm
-    sampler = make_sampler(model, tok, CPU, max_new_tokens=6, batch_size=16, label_names=LABELS[:2])
-    out = sample_classes(sampler, tok, LABELS[:2], [4, 4], True, seed=0)
+    sampler = make_sampler(model, tok, CPU, SamplingSpec(max_new_tokens=6, batch_size=16, is_pair=True), LABELS[:2])
+    out = sample_classes(sampler, tok, LABELS[:2], [4, 4], seed=0)
     assert [len(o) for o in out] == [4, 4]
     for samples in out:
         for s in samples:
@@ -195,8 +199,8 @@ def test_pair_samples_without_the_marker_are_continued_after_one(lm):
 
 def test_sample_classes_shares_batches_and_meets_counts(lm):
     model, tok = lm
-    sampler = make_sampler(model, tok, CPU, max_new_tokens=6, batch_size=16, label_names=LABELS)
-    out = sample_classes(sampler, tok, LABELS, [5, 0, 3], False, seed=0, allow_unfinished=True)
+    sampler = make_sampler(model, tok, CPU, SamplingSpec(max_new_tokens=6, batch_size=16), LABELS)
+    out = sample_classes(sampler, tok, LABELS, [5, 0, 3], seed=0)
     assert [len(o) for o in out] == [5, 0, 3]
     for samples, name in zip(out, LABELS):
         assert len({s.text for s in samples}) == len(samples)  # distinct within a class
@@ -208,20 +212,20 @@ def test_bf16_copy_keeps_buffers_and_ties_and_follows_sync(lm):
     """The bf16 inference copy: parameters bf16, buffers untouched (rotary inv_freq), tied weights still tied;
     ``sync`` carries weight updates into it in place (a compiled step keeps its addresses)."""
     model, tok = lm
-    sampler = Sampler(model, CPU, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=6,
-                      batch_size=4, bf16=True)
+    sampler = Sampler(model, CPU, dataclasses.replace(GREEDY, max_new_tokens=6, batch_size=4, precision="bf16"),
+                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     copy = sampler.model
     assert copy is not model and all(p.dtype == torch.bfloat16 for p in copy.parameters())
     assert {n: b.dtype for n, b in copy.named_buffers()} == {n: b.dtype for n, b in model.named_buffers()}
     assert copy.lm_head.weight is copy.model.embed_tokens.weight  # tie kept (tiny-llama ties them)
     addresses = [p.data_ptr() for p in copy.parameters()]
-    before = sampler.sample(prompts_of(tok), top_p=0.0)
+    before = sampler.sample(prompts_of(tok))
     saved = perturb(model)
     try:
         sampler.sync()
         assert [p.data_ptr() for p in copy.parameters()] == addresses
         assert all(torch.equal(d, s.to(torch.bfloat16)) for d, s in zip(copy.parameters(), model.parameters()))
-        assert sampler.sample(prompts_of(tok), top_p=0.0) != before
+        assert sampler.sample(prompts_of(tok)) != before
     finally:
         model.load_state_dict(saved)  # the fixture is shared
 
@@ -230,9 +234,9 @@ def test_bf16_sampler_returns_valid_samples(lm):
     """precision=bf16 on the CPU (emulated where the CPU has no native bf16): a bf16 copy that samples
     parseable texts of each class, as many as asked."""
     model, tok = lm
-    sampler = make_sampler(model, tok, CPU, max_new_tokens=6, batch_size=16, label_names=LABELS, precision="bf16")
+    sampler = make_sampler(model, tok, CPU, SamplingSpec(max_new_tokens=6, batch_size=16, precision="bf16"), LABELS)
     assert sampler.model is not model and all(p.dtype == torch.bfloat16 for p in sampler.model.parameters())
-    out = sample_classes(sampler, tok, LABELS, [3, 2, 3], False, seed=0)
+    out = sample_classes(sampler, tok, LABELS, [3, 2, 3], seed=0)
     assert [len(o) for o in out] == [3, 2, 3]
     for samples, name in zip(out, LABELS):
         for s in samples:
@@ -243,10 +247,11 @@ def test_bf16_sampler_returns_valid_samples(lm):
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(lm, monkeypatch, native):
     model, tok = lm
     monkeypatch.setattr(dilm.models, "cpu_has_bf16", lambda: native)
-    sampler = make_sampler(model, tok, CPU, max_new_tokens=4, batch_size=4, label_names=LABELS)
+    spec = SamplingSpec(max_new_tokens=4, batch_size=4)
+    sampler = make_sampler(model, tok, CPU, spec, LABELS)
     assert (sampler.model is not model) == native
     assert next(sampler.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
-    assert make_sampler(model, tok, CPU, max_new_tokens=4, batch_size=4, precision="fp32").model is model
+    assert make_sampler(model, tok, CPU, dataclasses.replace(spec, precision="fp32")).model is model
     assert len(sampler.sample(prompts_of(tok), seed=0)) == len(LABELS)
 
 
@@ -337,14 +342,15 @@ def test_gpu_sampler_follows_the_trained_weights(lm, mode):
     model, saved = model.to(cuda), None
     try:
         prompts = prompts_of(tok)
-        sampler = make_sampler(model, tok, cuda, max_new_tokens=8, batch_size=4, label_names=LABELS, mode=mode)
+        sampler = make_sampler(model, tok, cuda, dataclasses.replace(GREEDY, max_new_tokens=8, batch_size=4,
+                                                                     mode=mode), LABELS)
         assert next(sampler.model.parameters()).dtype == torch.bfloat16
-        before = sampler.sample(prompts, top_p=0.0)
+        before = sampler.sample(prompts)
         saved = perturb(model)
         sampler.sync()
         assert all(torch.equal(d, s.to(torch.bfloat16)) for d, s in zip(sampler.model.parameters(),
                                                                          model.parameters()))
-        assert sampler.sample(prompts, top_p=0.0) != before
+        assert sampler.sample(prompts) != before
     finally:
         if saved is not None:
             model.load_state_dict(saved)

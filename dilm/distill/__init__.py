@@ -13,6 +13,7 @@ One module per part, each importing only those above it:
 * :mod:`~dilm.distill.checkpoint` — the run checkpoint and the LM-stage checkpoint on disk;
 * :mod:`~dilm.distill.context` — :class:`RunContext`, what the stages share (models, data, limits, helpers);
 * :mod:`~dilm.distill.lm_stage` — stage ``lm``, its :class:`LMStageConfig`, cache key and :func:`train_lm`;
+* :mod:`~dilm.distill.candidates` — where the final candidates come from: counts, seeds, generators, the LM's cache;
 * :mod:`~dilm.distill.select` — stage ``select``: DPC per class among candidates, the final sets;
 * :mod:`~dilm.distill.match_stage` — stage ``match``: representative sets, pools, generator steps, validation;
 * :mod:`~dilm.distill.run` — :func:`distill` / :class:`Distiller`, the stages in order, provenance.

@@ -24,7 +24,8 @@ from dilm.models import quiet_transformers
 from dilm.tasks import TaskData
 
 LM_META = "dilm_lm.json"  # beside the Hugging Face files of an LM-stage checkpoint
-RESUME_FREE = ("n_sets", "device", "fail_at_step")  # config fields a resumed run may change
+# the config fields a resumed run may change: those declared so (dilm.distill.config.resume_free)
+RESUME_FREE = tuple(f.name for f in dataclasses.fields(DistillConfig) if f.metadata.get("resume_free"))
 
 
 @dataclass
@@ -60,7 +61,8 @@ def load_checkpoint(cfg: DistillConfig, generator, device) -> tuple[State, dict 
     if not (d / "state.json").exists():
         return State(), None, None
     saved = json.loads((d / "state.json").read_text())
-    mismatch = {k for k, v in saved.pop("config").items() if k not in RESUME_FREE and cfg.to_dict().get(k) != v}
+    theirs = saved.pop("config")  # a field it lacks is a difference; a field only it has is gone from the config
+    mismatch = {k for k, v in cfg.to_dict().items() if k not in RESUME_FREE and (k not in theirs or theirs[k] != v)}
     if mismatch:
         raise DilmError(f"{d} holds a checkpoint of a different configuration ({sorted(mismatch)}); "
                         "use another --output-dir")

@@ -18,15 +18,23 @@ from dilm.features import POOLINGS
 from dilm.generator import GEN_LOSS_NORMS, resolve_template
 from dilm.models import check_model
 from dilm.options import option
+from dilm.sampling import SAMPLER_MODES
 from dilm.selection import COPY_FILTERS, FILTERS, SELECTIONS
 from dilm.tasks import REFERENCE_HELP, TASKS, TaskSpec, resolve_task
 
-SAMPLER_MODES = ("dynamic", "static", "compiled")
 FINAL_POOLS = ("per_set", "shared")
 FINAL_SOURCES = ("generator", "generator+lm")
 FINAL_MIXES = ("pooled", "split")
 MODEL_KEYS = ("generator", "learner", "probe")  # the fields that name a model (probe: '' = none)
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # dilm/presets, shipped as package data
+
+
+def resume_free(f: dataclasses.Field) -> dataclasses.Field:
+    """A config field that a resumed run may change: it changes nothing a run checkpoint holds (where the run goes
+    on, how many final sets it writes). Every other field is checked on resume (:func:`~dilm.distill.checkpoint
+    .load_checkpoint`)."""
+    return dataclasses.field(default=f.default, default_factory=f.default_factory,
+                             metadata={**f.metadata, "resume_free": True})
 
 
 @dataclass(frozen=True)
@@ -35,10 +43,10 @@ class DistillConfig:
     generator: str = option("smollm2-135m", "causal LM to fine-tune (registry name, HF id or path)")
     learner: str = option("minilm-l6", "encoder classifier whose gradients are matched")
     dpc: tuple[int, ...] = option((5, 10, 20), "data per class of the final sets")
-    n_sets: int = option(10, "final sets written per DPC (different seeds)")
+    n_sets: int = resume_free(option(10, "final sets written per DPC (different seeds)"))
     output_dir: str = option("runs/distill", "where sets, provenance and checkpoints go")
     seed: int = option(0, "seed of the run: data split, LM batches, pools, learners and selection derive from it")
-    device: str = option("auto", "auto, cpu or cuda[:N]")
+    device: str = resume_free(option("auto", "auto, cpu or cuda[:N]"))
     prompt_template: str = option("task", "generator prompt: task (the packaged task's plain-words template; the bare "
                                           "label format for other tasks), label (label: <name>\\ntext:), or a "
                                           "template with a {label} field")
@@ -125,7 +133,6 @@ class DistillConfig:
                                      "compiled (static + torch.compile, a CUDA graph on GPUs)",
                                      choices=SAMPLER_MODES)
     checkpoint_interval: int = option(1, "checkpoint every this many outer loops")
-    fail_at_step: int = option(-1, "testing aid: raise at this matching step (-1 = never)")
 
     def __post_init__(self):
         object.__setattr__(self, "dpc", tuple(sorted(int(d) for d in self.dpc)))

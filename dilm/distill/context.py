@@ -27,6 +27,7 @@ from dilm.generator import Sample, TokenizedCorpus, make_sampler, prompt, resolv
 from dilm.memorisation import CopyIndex, joined
 from dilm.models import (
     autocast,
+    inference_dtype,
     keyed_cache_path,
     load_model,
     load_tokenizer,
@@ -36,7 +37,7 @@ from dilm.models import (
 )
 from dilm.probe import LabelProbe, task_fingerprint
 from dilm.protocol import PROTOCOL, EvalConfig
-from dilm.sampling import Sampler
+from dilm.sampling import Sampler, SamplingSpec
 from dilm.tasks import Example, TaskData, check_dpc, length_limit, load_task
 from dilm.text import encode, pad_ids, pair_args, tokenize
 
@@ -84,19 +85,26 @@ class RunContext:
         self.callback(dict(row))
 
     @functools.cached_property
-    def sampler(self) -> Sampler:
+    def sampling(self) -> SamplingSpec:
+        """How this run samples (pools, validation and final candidates): the config's sampling fields, the
+        rendered template, the task's pair flag, the ``max_new_tokens`` limit and the precision on this device, all
+        resolved. What sampling reads besides the weights, the counts and the seed: the keys of kept samples hash
+        it whole."""
         cfg = self.cfg
-        return make_sampler(self.generator, self.gen_tok, self.device, max_new_tokens=self.limits["max_new_tokens"],
-                            batch_size=cfg.gen_batch_size, label_names=self.task.label_names, mode=cfg.sampler,
-                            template=self.template)
+        precision = "bf16" if inference_dtype(self.device) == torch.bfloat16 else "fp32"
+        return SamplingSpec(generator=cfg.generator, template=self.template, is_pair=self.task.is_pair,
+                            max_new_tokens=self.limits["max_new_tokens"], top_p=cfg.top_p,
+                            batch_size=cfg.gen_batch_size, mode=cfg.sampler, precision=precision,
+                            allow_unfinished=not cfg.drop_unfinished)
+
+    @functools.cached_property
+    def sampler(self) -> Sampler:
+        return make_sampler(self.generator, self.gen_tok, self.device, self.sampling, self.task.label_names)
 
     def sample(self, counts: list[int], seed: int, label_names: list[str] | None = None) -> list[list[Sample]]:
         """``counts[i]`` distinct usable samples of ``label_names[i]`` (default: the task's classes; fewer if the
-        generator cannot), all sampled in shared batches."""
-        cfg = self.cfg
-        out = sample_classes(self.sampler, self.gen_tok, label_names or self.task.label_names, counts,
-                             self.task.is_pair, top_p=cfg.top_p, seed=seed, allow_unfinished=not cfg.drop_unfinished,
-                             template=self.template)
+        generator cannot), all sampled in shared batches (:attr:`sampling`)."""
+        out = sample_classes(self.sampler, self.gen_tok, label_names or self.task.label_names, counts, seed)
         self.generator.train()
         return out
 

@@ -11,8 +11,10 @@ the weights carry the matching loss back to the generator (:mod:`dilm.matching`)
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +24,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from dilm import DilmError
 from dilm.distill.checkpoint import State, save_checkpoint
+from dilm.distill.config import DistillConfig
 from dilm.distill.context import RunContext
-from dilm.distill.select import select_sets
+from dilm.distill.select import Selection, select_sets
 from dilm.files import json_made_once
 from dilm.generator import Sample, generation_loss, lm_loss, pad_samples
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
@@ -34,6 +37,7 @@ from dilm.selection import kmeans_nearest
 from dilm.tasks import Example
 from dilm.text import pad_ids
 
+FAIL_AT_STEP: int | None = None  # a test hook, not a setting: raise at this matching step (tests set it)
 Pool = tuple[list[Sample], list[list[int]], list[list[int]]]  # (samples, clusters of sample indices, learner ids)
 Schedule = torch.optim.lr_scheduler.LambdaLR
 
@@ -147,58 +151,74 @@ def inner_learner_steps(ctx: RunContext, learner, learner_opt: torch.optim.Optim
         learner_sched.step()
 
 
-def validate(ctx: RunContext, seed: int) -> float:
-    """Accuracy (%) on the held-out split, mean over ``val_sets`` freshly selected val_dpc sets ×
-    ``val_seeds`` learners trained by the protocol."""
-    cfg, names = ctx.cfg, ctx.task.label_names
+@dataclass(frozen=True)
+class ValidationSpec:
+    """Every config field validation reads, resolved, besides the run's sampling (:attr:`RunContext.sampling`) and
+    seed: :func:`validate` takes this object, not the config, and the key of the step-0 validation
+    (:func:`step0_cache_path`) is derived from it."""
+
+    dpc: int  # val_dpc: DPC of a validation set
+    sets: int  # val_sets: sets per validation
+    candidates: int  # candidates sampled per class and set: max(2, over_sample) × val_dpc
+    learner: str  # trained on each set; its pre-trained body gives the selection's features
+    seeds: int  # val_seeds: learners per set
+    steps: int  # val_steps: protocol steps per learner
+    val_size: int  # held-out training examples scored (the split follows from it, the seed and the data)
+    probe: str  # the label filter's probe ('' = none)
+    probe_examples: int
+    selection: Selection  # how a set is chosen: one draw, so no final_mix split
+
+    @classmethod
+    def of(cls, cfg: DistillConfig) -> ValidationSpec:
+        return cls(cfg.val_dpc, cfg.val_sets, max(2, cfg.over_sample) * cfg.val_dpc, cfg.learner, cfg.val_seeds,
+                   cfg.val_steps, cfg.val_size, cfg.probe, cfg.probe_examples,
+                   dataclasses.replace(Selection.of(cfg), split=False))
+
+
+def validate(ctx: RunContext, spec: ValidationSpec, seed: int) -> float:
+    """Accuracy (%) on the held-out split, mean over ``spec.sets`` freshly selected sets of ``spec.dpc`` ×
+    ``spec.seeds`` learners trained by the protocol (``ctx.val_evaluator``, of the same learner, seeds and steps)."""
     t = time.perf_counter()
-    n, c = max(2, cfg.over_sample) * cfg.val_dpc, ctx.task.num_classes
-    cands = ctx.sample([n] * (c * cfg.val_sets), seed, list(names) * cfg.val_sets)
-    per_set = [cands[k * c: (k + 1) * c] for k in range(cfg.val_sets)]
-    sets = select_sets(ctx, per_set, [cfg.val_dpc], [seed + k for k in range(cfg.val_sets)])[cfg.val_dpc]
+    names, c = ctx.task.label_names, ctx.task.num_classes
+    cands = ctx.sample([spec.candidates] * (c * spec.sets), seed, list(names) * spec.sets)
+    per_set = [cands[k * c: (k + 1) * c] for k in range(spec.sets)]
+    sets = select_sets(ctx, per_set, [spec.dpc], [seed + k for k in range(spec.sets)], how=spec.selection)[spec.dpc]
     acc = ctx.val_evaluator.evaluate(sets).mean_accuracy()
     ctx.timings["val_s"] = ctx.timings.get("val_s", 0.0) + time.perf_counter() - t
     return acc
 
 
-# fields that the step-0 validation never reads: the matching stage's own, the final sets', bookkeeping
-NOT_READ_AT_STEP_0 = ("output_dir", "dpc", "n_sets", "final_pool", "final_sources", "final_mix", "outer_loops",
-                      "inner_loop", "model_step_per_inner_step", "generator_lr", "generator_weight_decay",
-                      "syn_per_class", "real_per_class", "n_rep_sets", "rep_pool_per_class", "pool_per_class",
-                      "generate_interval", "temperature", "gen_loss_norm", "lm_lambda", "all_layers", "learner_lr",
-                      "learner_batch_size", "val_interval", "checkpoint_interval", "fail_at_step")
-
-
-def step0_cache_path(ctx: RunContext) -> Path | None:
+def step0_cache_path(ctx: RunContext, spec: ValidationSpec) -> Path | None:
     """Where the step-0 validation of this run is kept (:meth:`RunContext.lm_only_cache_path`, ``validation``): the
     generator at step 0 is the LM checkpoint's, so every trial of a sweep that differs only in matching keys
     validates the same generator the same way (seeds and all): the first computes it, the others read it. The key
-    holds the packaged learner and probe and every config field the validation reads (all but
-    ``NOT_READ_AT_STEP_0``). None (always computed) without an LM checkpoint or with a model that is not packaged."""
-    cfg = ctx.cfg
-    models = [packaged_identity(cfg.learner), packaged_identity(cfg.probe) if cfg.probe else []]
+    holds the packaged learner and probe, ``spec``, the run's sampling and seed (and, through the cache path, the
+    weights and the data). None (always computed) without an LM checkpoint or with a model that is not packaged."""
+    models = [packaged_identity(spec.learner), packaged_identity(spec.probe) if spec.probe else []]
     if None in models:
         return None
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in NOT_READ_AT_STEP_0}
-    return ctx.lm_only_cache_path("validation", {"models": models, "config": fields})
+    return ctx.lm_only_cache_path("validation", {
+        "models": models, "validation": dataclasses.asdict(spec), "sampling": dataclasses.asdict(ctx.sampling),
+        "seed": ctx.cfg.seed})
 
 
-def validate_step0(ctx: RunContext) -> float:
+def validate_step0(ctx: RunContext, spec: ValidationSpec) -> float:
     """:func:`validate` of the LM-only generator, read from / written to :func:`step0_cache_path` where it has one."""
-    path = step0_cache_path(ctx)
+    path = step0_cache_path(ctx, spec)
     if path is None:
-        return validate(ctx, ctx.cfg.seed)
-    return json_made_once(path, lambda: validate(ctx, ctx.cfg.seed))
+        return validate(ctx, spec, ctx.cfg.seed)
+    return json_made_once(path, lambda: validate(ctx, spec, ctx.cfg.seed))
 
 
-def maybe_validate(ctx: RunContext, state: State, best_state: dict | None, seed: int) -> dict | None:
+def maybe_validate(ctx: RunContext, spec: ValidationSpec, state: State, best_state: dict | None,
+                   seed: int) -> dict | None:
     """Validate at matching step 0 (the LM-only generator: :func:`validate_step0`) and every ``val_interval`` outer
     loops; returns the best generator's weights so far (so the kept generator is never worse on validation than the
     LM's)."""
     cfg = ctx.cfg
     if not cfg.val_interval or state.outer % cfg.val_interval:
         return best_state
-    acc = validate_step0(ctx) if state.outer == 0 else validate(ctx, seed)
+    acc = validate_step0(ctx, spec) if state.outer == 0 else validate(ctx, spec, seed)
     if state.best_val is None or acc > state.best_val:
         state.best_val, state.best_step = acc, state.step
         best_state = {k: v.detach().to("cpu", copy=True) for k, v in ctx.generator.state_dict().items()}
@@ -216,13 +236,14 @@ def match(ctx: RunContext, state: State, best_state: dict | None, opt_state: dic
         state.stage = "select"
         return best_state
     rep_sets = [[ctx.learner_inputs(s) for s in sets] for sets in representative_sets(ctx)]  # encoded once
+    val = ValidationSpec.of(cfg)
     opt, sched = match_optimizer(ctx)
     if opt_state is not None:  # resume: AdamW moments and step counts as they were
         opt.load_state_dict(opt_state)
     for _ in range(state.outer * cfg.inner_loop):  # resume: the schedule continues where it stopped
         sched.step()
     if state.outer == 0:
-        best_state = maybe_validate(ctx, state, best_state, cfg.seed)  # step 0: the LM-only generator
+        best_state = maybe_validate(ctx, val, state, best_state, cfg.seed)  # step 0: the LM-only generator
     pools, learner = None, None
     bar = tqdm(range(state.outer, cfg.outer_loops), desc="match", initial=state.outer, total=cfg.outer_loops)
     for outer in bar:
@@ -235,8 +256,8 @@ def match(ctx: RunContext, state: State, best_state: dict | None, opt_state: dic
         learner = fresh
         learner_opt, learner_sched = learner_optimizer(ctx, learner)
         for inner in range(cfg.inner_loop):
-            if state.step - cfg.lm_steps == cfg.fail_at_step:
-                raise RuntimeError(f"injected failure at matching step {cfg.fail_at_step}")
+            if state.step - cfg.lm_steps == FAIL_AT_STEP:
+                raise RuntimeError(f"injected failure at matching step {FAIL_AT_STEP}")
             slot = (outer - born) * cfg.inner_loop + inner
             metrics = generator_step(ctx, state, opt, sched, learner, rep_sets, pools, slot)
             state.step += 1
@@ -244,7 +265,7 @@ def match(ctx: RunContext, state: State, best_state: dict | None, opt_state: dic
             if inner < cfg.inner_loop - 1:  # none after the last generator step of the outer loop
                 inner_learner_steps(ctx, learner, learner_opt, learner_sched)
         state.outer = outer + 1
-        best_state = maybe_validate(ctx, state, best_state, cfg.seed + outer)
+        best_state = maybe_validate(ctx, val, state, best_state, cfg.seed + outer)
         if state.best_val is not None:
             bar.set_postfix(best_val=f"{state.best_val:.1f}")
         if state.outer == cfg.outer_loops and best_state is not None:  # the last: keep only what selection reads

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dilm
+from dilm.distill.candidates import forget_lm_candidates, keep_lm_candidates
 from dilm.distill.checkpoint import State, load_checkpoint, save_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.distill.context import Callback, RunContext
 from dilm.distill.lm_stage import LMStageConfig, fine_tune
 from dilm.distill.match_stage import match
-from dilm.distill.select import final_sets, forget_lm_candidates, keep_lm_candidates
+from dilm.distill.select import final_sets
 from dilm.files import write_json
 from dilm.tasks import TaskData
 

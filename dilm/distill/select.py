@@ -1,10 +1,8 @@
-"""Stage 3, selection: DPC texts per class among the generator's candidates, and the final sets of a run.
+"""Stage 3, selection: DPC texts per class among candidates, and the final sets of a run.
 
-*Candidates* are the usable texts sampled for one class (empty and duplicate ones dropped): the run's generator's,
-and with ``final_sources`` generator+lm (the default) also the LM stage's generator's: two draws (the second the
-run's generator's, or the LM's again where the run's generator is the LM stage's), so as many candidates are drawn
-with or without matching (:func:`final_candidates`). A :class:`Selection` says how DPC of them are kept
-(:mod:`dilm.selection` has the algorithms):
+*Candidates* are the usable texts sampled for one class; where the final sets' come from (the run's generator, the
+LM stage's, how many, which seeds) is :mod:`dilm.distill.candidates`. A :class:`Selection` says how DPC of them are
+kept (:mod:`dilm.selection` has the algorithms):
 
 1. the **copy filter** (``copy_filter``): ``none``, ``exact`` or ``near`` — drop the candidates that copy a training
    text (:mod:`dilm.memorisation`; too few originals → copies fill up to DPC);
@@ -24,9 +22,6 @@ their copies of training and test texts (:mod:`dilm.memorisation`), emitted as `
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import random
 import weakref
 from collections.abc import Iterable
@@ -38,16 +33,15 @@ import torch
 from tqdm.auto import tqdm
 
 from dilm import DilmError
-from dilm.distill.checkpoint import RESUME_FREE, State, load_lm_checkpoint
+from dilm.distill.candidates import final_candidates, final_counts
+from dilm.distill.checkpoint import State
 from dilm.distill.config import DistillConfig
 from dilm.distill.context import RunContext
 from dilm.features import embed
-from dilm.files import json_made_once
 from dilm.generator import Sample
 from dilm.memorisation import CopyIndex, copied, joined, memorisation_report
-from dilm.models import inference_dtype
 from dilm.seeds import derive_seed
-from dilm.selection import both_generators, half_rows, label_filter, originals_first, select_rows, split_counts
+from dilm.selection import half_rows, label_filter, originals_first, select_rows, split_counts
 from dilm.synset import SynExample, SynSet, write_set
 from dilm.text import pair_args
 
@@ -182,11 +176,12 @@ def subset(cands: Candidates, rows: list[list[int]]) -> Candidates:
                       take(cands.sources))
 
 
-def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: list[int],
-                seeds: list[int], firsts: list[list[int]] | None = None) -> dict[int, list[SynSet]]:
-    """{dpc: one set per element of ``candidates`` (a set's per-class candidates)}, selected as the config says
-    (``firsts``: per set and class, how many candidates are the first of two draws)."""
-    how, firsts = Selection.of(ctx.cfg), firsts or [None] * len(candidates)
+def select_sets(ctx: RunContext, candidates: list[list[list[Sample]]], dpcs: list[int], seeds: list[int],
+                firsts: list[list[int]] | None = None, how: Selection | None = None) -> dict[int, list[SynSet]]:
+    """{dpc: one set per element of ``candidates`` (a set's per-class candidates)}, selected as ``how`` (default:
+    the config's :class:`Selection`) says (``firsts``: per set and class, how many candidates are the first of two
+    draws)."""
+    how, firsts = how or Selection.of(ctx.cfg), firsts or [None] * len(candidates)
     return choose(ctx, how, (prepare(ctx, cands, how, max(dpcs), n) for cands, n in zip(candidates, firsts)), dpcs,
                   seeds)
 
@@ -222,147 +217,6 @@ def log_copies(ctx: RunContext, state: State, sets: dict[int, list[SynSet]]) -> 
         ctx.emit(state, stage=state.stage, **{f"copies/{split}_{kind}/dpc{d}": 100 * report[split][f"{kind}_share"]
                                               for split in ("train", "test") for kind in ("exact", "near")})
     return reports
-
-
-def final_counts(ctx: RunContext) -> tuple[list[int], list[str]]:
-    """What the final sets sample: ``counts[i]`` candidates of class ``names[i]``: over_sample × (largest DPC) per
-    class, for every set (``final_pool`` per_set) or once (shared)."""
-    cfg, c = ctx.cfg, ctx.task.num_classes
-    draws = 1 if cfg.final_pool == "shared" else cfg.n_sets
-    return [cfg.over_sample * cfg.dpc[-1]] * (c * draws), list(ctx.task.label_names) * draws
-
-
-LM_DRAW, GENERATOR_DRAW = "lm", "generator"  # the two halves of a generator+lm pool
-
-
-def final_seed(cfg: DistillConfig, draw: str = LM_DRAW) -> int:
-    """The seed of a final draw: the LM stage's (and the run's generator's with ``final_sources`` generator), or,
-    with generator+lm, the run's generator's, another seed: the pool's halves are two draws even when the run's
-    generator is the LM stage's."""
-    if draw == GENERATOR_DRAW and cfg.final_sources == "generator+lm":
-        return derive_seed(cfg.seed, "final candidates", GENERATOR_DRAW)
-    return derive_seed(cfg.seed, "final candidates")
-
-
-def lm_candidates_place(ctx: RunContext, counts: list[int], names: list[str], draw: str = LM_DRAW
-                        ) -> tuple[Path | None, int]:
-    """(where the LM stage's candidates of ``draw`` are kept, their sampling seed): the cache every run from the LM
-    checkpoint shares (:meth:`RunContext.lm_only_cache_path`, ``candidates``; the key holds the weights and
-    everything sampling reads), or the run's folder (:func:`in_run_lm_candidates_path`; None there for
-    ``final_sources`` generator)."""
-    cfg = ctx.cfg
-    seed = final_seed(cfg, draw)
-    fields = {"counts": counts, "names": names, "seed": seed, "generator": cfg.generator, "template": ctx.template,
-              "limits": ctx.limits, "top_p": cfg.top_p, "batch": cfg.gen_batch_size, "sampler": cfg.sampler,
-              "drop_unfinished": cfg.drop_unfinished, "is_pair": ctx.task.is_pair,
-              "precision": str(inference_dtype(ctx.device))}
-    return ctx.lm_only_cache_path("candidates", fields) or in_run_lm_candidates_path(cfg, fields), seed
-
-
-def lm_candidates(ctx: RunContext, counts: list[int], names: list[str], generator_is_lm: bool = True,
-                  draw: str = LM_DRAW) -> list[list[Sample]]:
-    """The LM stage's generator's final candidates (of ``draw``: :func:`final_seed`), sampled once and kept where
-    :func:`lm_candidates_place` says (without a place, sampled and not kept). Not on disk yet: sampled by the
-    generator when ``generator_is_lm``, else with the LM checkpoint's weights swapped in for the call
-    (:func:`lm_weights`); a run without an LM checkpoint whose generator has moved on has lost them, a one-line
-    error."""
-    cfg = ctx.cfg
-    path, seed = lm_candidates_place(ctx, counts, names, draw)
-    if path is None:
-        return ctx.sample(counts, seed, names)
-
-    def rows() -> list:
-        if generator_is_lm:
-            drawn = ctx.sample(counts, seed, names)
-        elif cfg.lm_checkpoint:
-            with lm_weights(ctx):
-                drawn = ctx.sample(counts, seed, names)
-        else:
-            raise DilmError(f"the LM stage's candidates of this run are not on disk ({path}) and the generator has "
-                            "moved on: run it again from the start, or set final_sources generator")
-        return [[[s.text, s.text_pair, s.ids, s.prompt_len] for s in group] for group in drawn]
-
-    return [[Sample(*row) for row in group] for group in json_made_once(path, rows)]
-
-
-IN_RUN_LM_CANDIDATES = "lm_candidates-*.json"  # in a run's folder: its own LM stage's candidates (generator+lm)
-
-
-def in_run_lm_candidates_path(cfg: DistillConfig, fields: dict) -> Path | None:
-    """Where a run whose LM stage ran in it keeps that generator's candidates (``final_sources`` generator+lm): its
-    folder, under the hash of what sampling reads and the config's fields a resumed run may not change (the LM's
-    weights follow from them); None for ``final_sources`` generator."""
-    if cfg.final_sources != "generator+lm":
-        return None
-    fixed = {k: v for k, v in cfg.to_dict().items() if k not in (*RESUME_FREE, "output_dir")}
-    key = hashlib.sha256(json.dumps([fields, fixed], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Path(cfg.output_dir) / IN_RUN_LM_CANDIDATES.replace("*", key)
-
-
-def keep_lm_candidates(ctx: RunContext, state: State) -> None:
-    """Before matching, with ``final_sources`` generator+lm and the LM stage in this run (from an LM checkpoint they
-    are read, or sampled later with its weights): sample the LM's candidates while the generator holds its weights,
-    or, resuming after matching began, fail now (one line) if they are not on disk, not after the matching."""
-    cfg = ctx.cfg
-    if cfg.final_sources != "generator+lm" or not cfg.outer_loops or cfg.lm_checkpoint or state.stage != "match":
-        return
-    if state.outer == 0:
-        lm_candidates(ctx, *final_counts(ctx))
-        return
-    path, _ = lm_candidates_place(ctx, *final_counts(ctx))
-    if not path.exists():
-        raise DilmError(f"this run resumes after matching began, and its LM stage's candidates are not in {path}: "
-                        "resume it with final_sources generator, or start it afresh")
-
-
-def forget_lm_candidates(cfg: DistillConfig) -> None:
-    """A fresh LM stage: the LM candidates an earlier run left in this folder are not its generator's."""
-    for old in Path(cfg.output_dir).glob(IN_RUN_LM_CANDIDATES):
-        old.unlink()
-
-
-@contextlib.contextmanager
-def lm_weights(ctx: RunContext):
-    """The LM checkpoint's weights in the run's generator for the ``with`` block, its own weights back after it."""
-    own = {k: v.detach().to("cpu", copy=True) for k, v in ctx.generator.state_dict().items()}
-    try:
-        lm = load_lm_checkpoint(ctx.cfg.lm_checkpoint, ctx.cfg, ctx.task, ctx.template, "cpu")
-        ctx.generator.load_state_dict(lm.state_dict())
-        del lm
-        yield
-    finally:
-        ctx.generator.load_state_dict(own)
-
-
-def lm_only(cfg: DistillConfig, state: State) -> bool:
-    """Whether the run's final generator is the LM stage's: no matching, or matching never validated above step 0."""
-    return cfg.outer_loops == 0 or (state.best_step is not None and state.best_step == cfg.lm_steps)
-
-
-def final_candidates(ctx: RunContext, state: State, counts: list[int], names: list[str]
-                     ) -> tuple[list[list[Sample]], list[int] | None]:
-    """The final sets' candidates (``counts[i]`` samples of class ``names[i]`` from each source, each source's in one
-    sampling call: large batches; duplicates are removed within a set, not across sets) and, with two draws, how
-    many of each row's are the first draw's (None with one draw). ``final_sources``
-    generator: the run's generator's, which when it is the LM stage's are :func:`lm_candidates` (the vanilla-LM
-    baseline of a sweep and its trials that kept the LM-only generator sample them once). generator+lm: the LM
-    stage's candidates (read from disk where the vanilla baseline or matching's start left them), then the run's
-    generator's, drawn with another seed (:func:`final_seed`), that are not among them (:func:`both_generators`).
-    Where the run's generator is the LM stage's, that second draw is the LM's too (kept like the first): the pool
-    has the same size whether or not matching was kept, so a matched run and the vanilla LM differ by matching
-    alone, not by how many candidates the selection saw."""
-    cfg = ctx.cfg
-    lm_is_ours = lm_only(cfg, state)
-
-    def ours() -> list[list[Sample]]:  # the run's generator's draw (final_sources generator: the LM's seed)
-        if lm_is_ours:
-            return lm_candidates(ctx, counts, names, draw=GENERATOR_DRAW)
-        return ctx.sample(counts, final_seed(cfg, GENERATOR_DRAW), names)
-
-    if cfg.final_sources == "generator":
-        return ours(), None
-    first = lm_candidates(ctx, counts, names, generator_is_lm=lm_is_ours)  # the LM's half is drawn first
-    return both_generators(first, ours()), [len(row) for row in first]
 
 
 def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], dict[int, dict]]:
