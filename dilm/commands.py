@@ -161,6 +161,7 @@ def distill_config(args) -> DistillConfig:
 
 def cmd_distill(args) -> int:
     cfg = distill_config(args)  # validated before any model loads
+    cfg.check_models()
     ecfg = resolved(EvalConfig(archs=args.arch, seeds=args.eval_seeds, device=cfg.device)) if args.evaluate else None
     if args.lm_only:
         task = load_task(cfg.task)  # loaded and hashed once for the key and the LM stage

@@ -266,6 +266,7 @@ class SweepConfig:
                                 f"got {sorted(point)}")
         self._check_models()
         cfg = DistillConfig.from_preset(self.preset, **self.distill_fixed(), task=self.task)  # fails fast
+        cfg.check_models(where=f"fixed.preset {self.preset}: ")  # the preset's models too (the YAML's: above)
         if cfg.device.startswith("cuda") and not self.trial_resources.gpu:
             raise DilmError(f"fixed.device is {cfg.device!r} but trial_resources has no GPU share")
         self._check_asha_horizon(cfg)

@@ -178,9 +178,15 @@ class DistillConfig:
         if self.sampler not in SAMPLER_MODES:
             raise DilmError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLER_MODES)}")
         resolve_template(self.prompt_template, self.task)  # a template without {label} fails here
-        for key in MODEL_KEYS:  # a name that does not resolve: now, not after the data is read or the LM trained
+
+    def check_models(self, where: str = "") -> None:
+        """Resolve every model the run loads (generator, learner, probe) as the run will: a miss is one line naming
+        the field (``where`` prefixes it: ``fixed.``). ``dilm distill``, a sweep's config check and the run itself
+        call it before any data is read; building the config does not, so that a preset naming a hub model (paper:
+        gpt2) can be read where the hub cannot be reached."""
+        for key in MODEL_KEYS:
             if getattr(self, key):
-                check_model(getattr(self, key), key)
+                check_model(getattr(self, key), where + key)
 
     @property
     def total_match_steps(self) -> int:

@@ -33,7 +33,6 @@ from dilm.models import (
     load_tokenizer,
     packaged_identity,
     pick_device,
-    resolve_model,
 )
 from dilm.probe import LabelProbe, task_fingerprint
 from dilm.protocol import PROTOCOL, EvalConfig
@@ -62,7 +61,7 @@ class RunContext:
         self.cfg = cfg
         self.callback = callback or (lambda m: None)
         self.device = pick_device(cfg.device)
-        resolve_model(cfg.generator), resolve_model(cfg.learner)
+        cfg.check_models()  # before the data is read
         self.task = task or load_task(cfg.task)
         for d in cfg.dpc:
             check_dpc(self.task, d)
