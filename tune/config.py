@@ -334,12 +334,13 @@ SMOKE = {  # --smoke: the same search space on tiny models, a few trials, CPU on
 }
 
 
-def task_beside(task, folder: Path):
+def task_beside(task, folder: Path, name: str = ""):
     """A YAML's task with its relative paths taken from the YAML's folder (a spec mapping's files, a spec file or a
-    saved dataset named by path), so that a sweep reads the same data from whatever directory it is started in."""
+    saved dataset named by path), so that a sweep reads the same data from whatever directory it is started in; a
+    mapping without a ``name`` takes ``name`` (the sweep's)."""
     try:
         if isinstance(task, dict):
-            return spec_from_mapping(task, folder, "task")
+            return spec_from_mapping({"name": name, **task}, folder, "task")
         if isinstance(task, str) and task not in TASKS and not task.startswith("hf:") and (folder / task).exists():
             return resolve_task(str(folder / task))
     except DilmError as e:
@@ -364,7 +365,7 @@ def load_config(path: str | Path, smoke: bool = False, name: str | None = None, 
                "name": f"{raw.get('name', path.stem)}-smoke", "points_to_evaluate": []}
     raw.setdefault("name", path.stem)
     if "task" in raw:
-        raw["task"] = task_beside(raw["task"], path.parent)
+        raw["task"] = task_beside(raw["task"], path.parent, str(raw["name"]))
     if name:
         raw["name"] = name
     if storage:
