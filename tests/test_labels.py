@@ -283,7 +283,9 @@ def test_soft_labels_for_fewer_examples_than_classes_reach_the_other_classes(top
     the labels hardly moved and the gain was 0.00-0.01 (a strict ``>`` between equal shares). Eight selection seeds,
     because one seed's result depends on the CPU's arithmetic: on an AVX2 CPU seeds 0-2 gained 0.48 / 0.13 / 0.01,
     on an AVX-512 one 0.01 / 0.18 / 0.01; seeds 0-7 there gained 0.01-0.24 (mean 0.15, median 0.18), label mass mean
-    0.18."""
+    0.18; on an Intel AVX-512 + AMX one (2026-12-07, the same code before and after that day's changes) seeds 0-7
+    gained -0.004 to 0.19, mean 0.065, median 0.025, seven of eight above 0. So the test asserts what holds on every
+    CPU seen, with room: a mean gain above 0.02 and no more than two seeds without a gain."""
     task = topic_task
     ucfg = UnrollConfig(learner="tiny-bert", steps=10, learners=2, real_per_class=40, real_batch=64, max_length=16,
                         optimizer="adam")
@@ -298,7 +300,7 @@ def test_soft_labels_for_fewer_examples_than_classes_reach_the_other_classes(top
         hard_preds = torch.stack(labeler.proxy_predictions(picked, LEARNERS, task.test, ucfg.lr))
         soft_preds = torch.stack(labeler.proxy_predictions(soft, LEARNERS, task.test))
         gains.append(uncovered_share(soft_preds, hard_labels) - uncovered_share(hard_preds, hard_labels))
-    assert np.mean(gains) > 0.05 and np.median(gains) > 0.05, gains  # measured mean 0.15, median 0.18
+    assert np.mean(gains) > 0.02 and sum(g > 0 for g in gains) >= 6, gains  # measured mean 0.065-0.15, 7-8 of 8 > 0
     assert np.mean(masses) > 0.05, masses  # measured mean 0.18
 
 

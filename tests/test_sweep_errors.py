@@ -91,6 +91,18 @@ def test_sigterm_is_handed_to_whatever_handles_sigint():
     terminated: list = []
     handed = []
     before = signal.getsignal(signal.SIGTERM)
+    # SIGINT as a fresh process has it: an earlier test in this process (a sweep run in-process) may have left
+    # Tune's handler, which would take the SIGTERM without raising
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sigterm_cases(terminated, handed)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert terminated == [signal.SIGTERM, signal.SIGTERM] and handed == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+
+
+def sigterm_cases(terminated: list, handed: list) -> None:
     with sigterm_as_interrupt(terminated):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
@@ -103,8 +115,6 @@ def test_sigterm_is_handed_to_whatever_handles_sigint():
             time.sleep(0.1)
         finally:
             signal.signal(signal.SIGINT, previous)
-    assert terminated == [signal.SIGTERM, signal.SIGTERM] and handed == [signal.SIGINT]
-    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
 
 
 def test_tunes_restore_hint_is_dropped_and_says_the_fit_was_interrupted(caplog):
