@@ -59,8 +59,8 @@ def add_task_args(p: argparse.ArgumentParser, title: str = "task", test: bool = 
                    help="TSV/CSV files without a header row: give columns by index (--text-column 1), as CoLA ships")
 
 
-def task_spec_from_args(args, default=None):
-    """The task the options name (``default`` where they name none); options for files without ``--train-file``,
+def task_spec_from_args(args):
+    """The task the options name (None where they name none); options for files without ``--train-file``,
     or ``--test-file`` alone, are one-line errors naming them."""
     given = {k: v for k in FILE_OPTIONS if (v := getattr(args, k, None)) is not None}
     if not args.train_file:
@@ -69,15 +69,15 @@ def task_spec_from_args(args, default=None):
         if given:
             raise DilmError(f"{', '.join('--' + k.replace('_', '-') for k in given)} appl"
                             f"{'ies' if len(given) == 1 else 'y'} to --train-file data only")
-        return args.task or default
+        return args.task
     opts = {**FILE_OPTIONS, **given}
     return files_spec(args.task, args.train_file, getattr(args, "test_file", None), opts["text_column"],
                       opts["label_column"], opts["text_pair_column"], opts["label_names"], not opts["no_header"],
                       opts["description"])
 
 
-def task_from_args(args, need_test: bool = True, default=None):
-    spec = task_spec_from_args(args, default)
+def task_from_args(args, need_test: bool = True):
+    spec = task_spec_from_args(args)
     if spec is None:
         raise DilmError(f"no task given; pass --task ({REFERENCE_HELP})")
     return load_task(spec, need_test=need_test)

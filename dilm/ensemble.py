@@ -60,9 +60,8 @@ class Ensemble:
         if self.vectorized:
             in_dims = (0, 0, 0 if batched else None)
             return vmap(one, in_dims=in_dims, randomness="different")(self.params, self.buffers, inputs)
-        return torch.stack([one(p, {k: v[i] for k, v in self.buffers.items()},
-                                {k: v[i] for k, v in inputs.items()} if batched else inputs)
-                            for i, p in enumerate(self.members)])
+        return torch.stack([self.member(i, {k: v[i] for k, v in inputs.items()} if batched else inputs)
+                            for i in range(self.n)])
 
     def member(self, i: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Member ``i`` alone (the in-turn members of a CPU ensemble) on inputs (B, T[, H]) → logits (B, C)."""

@@ -44,6 +44,15 @@ def file_format(path: str) -> str:
     return kind
 
 
+def fetched_path(location: str) -> Path:
+    """Where this machine keeps its copy of the file at URI ``location``: ``<cache dir>/data/<hash of the URI>``, the
+    URI's suffixes kept (the format and compression are read from them)."""
+    from dilm.models import cache_dir
+
+    suffix = "".join(Path(location.split("?", 1)[0]).suffixes[-2:])
+    return cache_dir() / "data" / (hashlib.sha256(location.encode()).hexdigest()[:20] + suffix)
+
+
 def local_copy(location: str) -> Path:
     """A path on this machine holding the file at ``location``: the path itself, or for a URI a copy fetched once
     per machine into ``<cache dir>/data/`` (by the URI; a later sweep that finds other content there re-fetches it
@@ -56,10 +65,8 @@ def local_copy(location: str) -> Path:
             raise DilmError(f"data file {location} is not a file")
         return path
     from dilm.files import atomic_path, file_lock
-    from dilm.models import cache_dir
 
-    suffix = "".join(Path(location.split("?", 1)[0]).suffixes[-2:])
-    dest = cache_dir() / "data" / (hashlib.sha256(location.encode()).hexdigest()[:20] + suffix)
+    dest = fetched_path(location)
     with file_lock(dest.with_suffix(".lock")):
         if not dest.exists():
             import pyarrow.fs
@@ -76,10 +83,7 @@ def local_copy(location: str) -> Path:
 def forget_copy(location: str) -> None:
     """Drop this machine's fetched copy of ``location`` (its content changed at the source)."""
     if is_uri(location):
-        from dilm.models import cache_dir
-
-        suffix = "".join(Path(location.split("?", 1)[0]).suffixes[-2:])
-        (cache_dir() / "data" / (hashlib.sha256(location.encode()).hexdigest()[:20] + suffix)).unlink(missing_ok=True)
+        fetched_path(location).unlink(missing_ok=True)
 
 
 def _open_text(path: Path) -> io.TextIOBase:

@@ -182,13 +182,6 @@ def resolve_task(ref: TaskSpec | Mapping | str | None) -> TaskSpec:
     raise DilmError(f"unknown task {ref!r}; known tasks: {', '.join(sorted(TASKS))} (or {OTHER_REFERENCES})")
 
 
-def get_task_spec(name: str) -> TaskSpec:
-    """A packaged task's spec by name."""
-    if name not in TASKS:
-        raise DilmError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} (or {OTHER_REFERENCES})")
-    return TASKS[name]
-
-
 @dataclass(frozen=True)
 class TaskData:
     name: str
@@ -323,11 +316,17 @@ def _read_dataset(spec: TaskSpec, need_test: bool) -> TaskData:
                     _examples(test, names, f"{spec.dataset}[{test_split}]"), spec.is_pair, spec)
 
 
-def read_task(spec: TaskSpec, need_test: bool = True) -> TaskData:
-    """Read ``spec``'s data, checked (classes, splits, and the pinned ``sha256`` where the spec has one)."""
+def read_task(spec: TaskSpec, need_test: bool = True, refetch: bool = True) -> TaskData:
+    """Read ``spec``'s data, checked (classes, splits, and the pinned ``sha256`` where the spec has one; on a
+    mismatch, files fetched from URIs are fetched once more first: this machine's copy may be stale)."""
     data = _check_classes((_read_files if spec.source in ("packaged", "files") else _read_dataset)(spec, need_test),
                           need_test)
     if spec.sha256 and data.fingerprint != spec.sha256:
+        fetched = [location for location in (spec.train, spec.test) if is_uri(location)]
+        if refetch and fetched and spec.source == "files":
+            for location in fetched:
+                forget_copy(location)
+            return read_task(spec, need_test, refetch=False)
         raise DilmError(f"task {spec.name}: the data at {spec.train or spec.dataset} changed since the sweep started "
                         f"(content hash {data.fingerprint[:12]}…, expected {spec.sha256[:12]}…)")
     return data
@@ -346,14 +345,7 @@ def load_task(ref: TaskSpec | Mapping | str | None = None, *, train_file: str | 
     ``need_test=False``: no test split needed (coreset selection reads train only)."""
     spec = files_spec(ref, train_file, test_file, text_column, label_column, text_pair_column, label_names,
                       has_header, description) if (train_file or test_file) else resolve_task(ref)
-    try:
-        return read_task(spec, need_test)
-    except DilmError:
-        if spec.sha256:  # a stale fetched copy of a URI: fetch once more before giving up
-            for location in (spec.train, spec.test):
-                forget_copy(location)
-            return read_task(spec, need_test)
-        raise
+    return read_task(spec, need_test)
 
 
 def files_spec(name: str | None, train_file: str | None, test_file: str | None, text_column: str = "text",

@@ -34,13 +34,10 @@ from pathlib import Path, PurePosixPath
 from dilm import DilmError
 from dilm.files import atomic_path, atomic_write_dir, atomic_write_text, file_lock, write_json
 from dilm.models import cache_dir
+from dilm.readers import is_uri
 
 # what pyarrow.fs.FileSystem.from_uri opens (pyarrow 25); a URI of another scheme is refused when the YAML is read
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
-
-
-def is_uri(location: str | Path) -> bool:
-    return "://" in str(location)
 
 
 def check_location(location: str, what: str) -> None:
