@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from dilm.coreset import CoresetConfig, build_coresets
+from dilm.device import pick_device
 from dilm.evaluate import Evaluator
 from dilm.files import write_json
-from dilm.models import pick_device
 from dilm.protocol import EvalConfig
 from dilm.tasks import load_task
 

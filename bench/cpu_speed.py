@@ -16,13 +16,13 @@ every figure is printed with its ratio to the block's baseline, and the block's 
   bf16 (elsewhere, with ``--bf16``, the dynamic sampler at emulated bf16); ``auto`` names the precision that
   ``make_sampler`` picks here;
 * LM step (steps/s; the demo's batch of 8 SST-2 examples, AdamW, clipping as the LM stage): a padded batch through
-  the model's own loss, fp32, one thread → ``lm_loss`` (packed) and/or :func:`dilm.models.cpu_threads` threads;
+  the model's own loss, fp32, one thread → ``lm_loss`` (packed) and/or :func:`dilm.device.cpu_threads` threads;
   and, as a proposal for the LM stage, the same with a fused AdamW (one pass over the weights, not several);
 * matching step (steps/s; the demo's 8 real and 4 synthetic texts a class, the generator's backward and AdamW step
   included): the head's gradients by ``torch.autograd.grad(create_graph=True)`` through the whole learner, fp32,
-  one thread → :func:`dilm.matching.class_gradient` at one thread and at :func:`dilm.models.cpu_threads` threads;
+  one thread → :func:`dilm.matching.class_gradient` at one thread and at :func:`dilm.device.cpu_threads` threads;
 * probe evaluation (evaluations/s of ``minilm-probe`` on a 20-text set, test embeddings cached): one thread →
-  :func:`dilm.models.cpu_threads` threads.
+  :func:`dilm.device.cpu_threads` threads.
 
 Checks printed beside the speeds: the shortlisted top-p draws the same tokens as the full sort; the mean NLL of
 fixed SST-2 texts under the bf16 copy against fp32 (and that difference against the spread over texts); a few
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from distill_speed import naive_match_loss  # bench/, beside this script
 
+from dilm.device import cpu_has_bf16, cpu_threads, inference_dtype
 from dilm.generator import (
     Sample,
     TokenizedCorpus,
@@ -59,7 +60,7 @@ from dilm.generator import (
     resolve_template,
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
-from dilm.models import cpu_has_bf16, cpu_threads, inference_dtype, load_model, load_tokenizer
+from dilm.models import load_model, load_tokenizer
 from dilm.probe import fit_logreg, predict, sentence_embeddings
 from dilm.sampling import Sampler, SamplingSpec, bf16_params_copy
 from dilm.tasks import length_limit, load_task
@@ -304,7 +305,7 @@ def main() -> None:
                                                         "(no native bf16; slow)")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the sampling block and of dilm's "
-                                                           "candidates (0 = dilm.models.cpu_threads())")
+                                                           "candidates (0 = dilm.device.cpu_threads())")
     p.add_argument("--blocks", default="sampling,lm,matching,probe", help="which blocks to run (comma-separated)")
     p.add_argument("--generator", default="smollm2-135m", help="the sampling block's generator: smollm2-135m or an "
                                                              "LM-stage checkpoint of it (texts that end at EOS)")

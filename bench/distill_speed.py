@@ -27,6 +27,7 @@ import time
 import torch
 from torch.func import functional_call, grad
 
+from dilm.device import autocast, pick_device
 from dilm.generator import (
     TokenizedCorpus,
     generation_loss,
@@ -38,7 +39,7 @@ from dilm.generator import (
     sample_class,
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
-from dilm.models import autocast, head_param_names, load_model, load_tokenizer, pick_device
+from dilm.models import head_param_names, load_model, load_tokenizer
 from dilm.sampling import SamplingSpec
 from dilm.tasks import load_task
 from dilm.text import encode

@@ -14,8 +14,8 @@ import time
 import torch
 
 from dilm.coreset import CoresetConfig, build_coresets
+from dilm.device import pick_device
 from dilm.evaluate import Evaluator
-from dilm.models import pick_device
 from dilm.protocol import EvalConfig
 from dilm.tasks import load_task
 

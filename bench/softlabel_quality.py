@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from dilm.coreset import CoresetConfig, build_coresets
+from dilm.device import pick_device
 from dilm.evaluate import Evaluator
 from dilm.files import write_json
 from dilm.labelspace import Teacher, mean_confidence, paired_interval, smoothed_twin
-from dilm.models import pick_device
 from dilm.protocol import EvalConfig
 from dilm.softlabel import SoftLabelConfig, SoftLabeler, hard_label_ceiling, select_fewer_than_classes
 from dilm.synset import SynSet, read_set

@@ -16,10 +16,10 @@ import numpy as np
 from dilm import DilmError
 from dilm.archs import check_archs
 from dilm.coreset import CoresetConfig, build_coresets
+from dilm.device import pick_device
 from dilm.distill import PRESETS, DistillConfig, distill, lm_cache_key, train_lm
 from dilm.evaluate import EvalConfig, Evaluator
 from dilm.files import write_json
-from dilm.models import pick_device
 from dilm.options import Flag, add_options, config_from_args, given, strs
 from dilm.softlabel import SoftLabelConfig, SoftLabeler, select_fewer_than_classes
 from dilm.synset import read_set, write_set

@@ -12,8 +12,8 @@ import random
 from dataclasses import dataclass
 
 from dilm import DilmError
+from dilm.device import pick_device
 from dilm.features import POOLINGS, embed
-from dilm.models import pick_device
 from dilm.options import option
 from dilm.seeds import derive_seed
 from dilm.selection import herding, kmeans_nearest

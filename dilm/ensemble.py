@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from dilm.models import autocast, head_param_names, is_causal
+from dilm.device import autocast
+from dilm.models import head_param_names, is_causal
 from dilm.protocol import EvalConfig, linear_warmup_decay
 from dilm.tasks import Example
 from dilm.text import additive_mask, encode, pair_args

@@ -14,8 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from dilm import DilmError
+from dilm.device import autocast
 from dilm.files import made_once
-from dilm.models import autocast, keyed_cache_path, load_model, load_tokenizer, packaged_identity
+from dilm.models import keyed_cache_path, load_model, load_tokenizer, packaged_identity
 
 POOLINGS = ("mean", "cls")  # of last-layer states (:func:`pool`)
 EMBED_POOLINGS = (*POOLINGS, "pooler")  # embed() also reads the model's own [CLS] pooler

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dilm import DilmError
-from dilm.models import autocast
+from dilm.device import autocast
 from dilm.sampling import LABEL_TEMPLATE, Sampler, SamplingSpec
 from dilm.seeds import derive_seed
 from dilm.text import pad_ids

@@ -1,6 +1,6 @@
-"""Model registry: packaged offline models, tiny random models for tests, and any HF id or local path.
+"""Model registry and loading: packaged offline models, tiny random models for tests, and any HF id or local path.
 
-Device and dtype are decided once by :func:`pick_device` and passed in; nothing here calls ``.cuda()``.
+Models load as fp32 on the device they are given; where to compute and in which precision is :mod:`dilm.device`'s.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dilm import DilmError
+from dilm.device import cpu_has_bf16  # noqa: F401  (bench/eval_speed.py imports it here until it is switched)
 from dilm.files import atomic_write_dir, file_lock
 
 
@@ -39,94 +40,6 @@ MODELS: dict[str, ModelSpec] = {
     "tiny-bert": ModelSpec("tiny-bert", "encoder", "tiny", "bert", tokenizer_of="minilm-l6",
                            description="random 2-layer BERT with the MiniLM tokenizer (tests)"),
 }
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` → cuda if present else cpu; asking for cuda where there is none is an error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise DilmError(f"device {requested!r} requested but no CUDA GPU is available on this machine")
-    try:
-        return torch.device(requested)
-    except RuntimeError:
-        raise DilmError(f"unknown device {requested!r}; use auto, cpu or cuda[:N]") from None
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16). Elsewhere (AVX2 CPUs) bf16 matmuls
-    are emulated and slower than fp32."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(probes):
-        return torch.backends.mkldnn.is_available() and any(probe() for probe in probes if probe)
-    try:  # an older torch without the probes: the kernel's flags
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 pays on this device: a GPU that supports it, or a CPU with native bf16 (:func:`cpu_has_bf16`)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_bf16()
-
-
-def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """The dtype of an inference copy of a model (the sampler's): ``auto`` → bf16 where it pays
-    (:func:`bf16_supported`), fp32 elsewhere; ``fp32`` / ``bf16`` as asked."""
-    if precision not in PRECISIONS:
-        raise DilmError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return torch.bfloat16 if bf16_supported(device) else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def cpu_threads(limit: float | None = None) -> int:
-    """Torch threads for this process: the CPUs it may run on (its affinity mask), at most ``OMP_NUM_THREADS``
-    when set (Ray sets it to a task's ``num_cpus``) and at most ``floor(limit)``; at least 1.
-
-    Never more: a thread beyond the CPUs the process has waits at every parallel region for a CPU that another
-    process holds (two threads beside a busy process ran an LM step several times slower than one).
-    """
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.strip().isdigit() and int(omp) > 0:
-        n = min(n, int(omp))
-    if limit is not None:
-        n = min(n, int(limit))
-    return max(1, n)
-
-
-def use_cpu_threads(limit: float | None = None) -> int:
-    """Set torch's intra-op threads to :func:`cpu_threads` (``limit``) and return the number."""
-    n = cpu_threads(limit)
-    torch.set_num_threads(n)
-    return n
-
-
-def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.dtype | None:
-    """The autocast dtype (fp32 master weights either way). ``precision`` None: bf16 on GPUs that support it, none on
-    CPU (the method's stages); ``auto``: bf16 where it pays (:func:`bf16_supported`: such a GPU, or a CPU with native
-    bf16), ``bf16`` always, ``fp32`` never (the evaluation learners, :class:`~dilm.protocol.EvalConfig`)."""
-    if precision is None:
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if precision not in PRECISIONS:
-        raise DilmError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
-    if precision == "bf16" or (precision == "auto" and bf16_supported(device)):
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, precision: str | None = None):
-    dtype = autocast_dtype(device, precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def cache_dir() -> Path:

@@ -5,7 +5,7 @@ stopping criteria with a host sync, autocast casts of fp32 weights and small bat
 
 * prompts of several classes go into one left-padded batch (explicit ``position_ids``), as large as memory
   allows (``batch_size``);
-* where bf16 pays (GPUs, CPUs with native bf16: :func:`dilm.models.bf16_supported`) the loop runs a bf16 copy
+* where bf16 pays (GPUs, CPUs with native bf16: :func:`dilm.device.bf16_supported`) the loop runs a bf16 copy
   of the generator (no per-step weight casts; the fp32 master weights stay with the optimiser);
 * top-p sampling is a few tensor ops (sort, cumulative sum, inverse-CDF draw) with no host sync on CUDA; on a
   CPU the sort of the whole vocabulary is replaced by a ``topk`` shortlist (``SHORTLIST``); the host checks
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dilm.models import PRECISIONS, inference_dtype
+from dilm.device import PRECISIONS, inference_dtype
 from dilm.seeds import derive_seed
 from dilm.text import left_pad
 

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 from dilm import DilmError
+from dilm.device import pick_device
 from dilm.features import embed
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
-from dilm.models import load_model, pick_device
+from dilm.models import load_model
 from dilm.options import option
 from dilm.protocol import PROTOCOL
 from dilm.selection import kmeans_nearest

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from dilm import DilmError
+from dilm.device import pick_device
 from dilm.ensemble import Ensemble, predict_ensemble, train_ensemble
 from dilm.evaluate import ArchScores, Scores
 from dilm.files import atomic_path, write_json
 from dilm.labelspace import after_step, check_label_keys, learnable_labels, learned_labels, targets_of
-from dilm.models import is_causal, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.models import is_causal, load_model, load_tokenizer, resolve_model
 from dilm.options import option
 from dilm.protocol import EvalConfig
 from dilm.seeds import derive_seed

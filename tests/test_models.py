@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from dilm import DilmError
-from dilm.models import head_param_names, is_causal, load_model, load_tokenizer, pick_device, resolve_model
+from dilm.device import pick_device
+from dilm.models import head_param_names, is_causal, load_model, load_tokenizer, resolve_model
 
 
 def test_missing_model_path():

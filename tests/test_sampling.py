@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-import dilm.models
+import dilm.device
+from dilm.device import cpu_threads
 from dilm.generator import (
     PACKED_TYPES,
     PAIR_MARK,
@@ -20,7 +21,7 @@ from dilm.generator import (
     sample_classes,
     to_sample,
 )
-from dilm.models import cpu_threads, load_model, load_tokenizer
+from dilm.models import load_model, load_tokenizer
 from dilm.sampling import Sampler, SamplingSpec, top_p_sample
 
 CPU = torch.device("cpu")
@@ -246,7 +247,7 @@ def test_bf16_sampler_returns_valid_samples(lm):
 @pytest.mark.parametrize("native", [False, True])
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(lm, monkeypatch, native):
     model, tok = lm
-    monkeypatch.setattr(dilm.models, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(dilm.device, "cpu_has_bf16", lambda: native)
     spec = SamplingSpec(max_new_tokens=4, batch_size=4)
     sampler = make_sampler(model, tok, CPU, spec, LABELS)
     assert (sampler.model is not model) == native

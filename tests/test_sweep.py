@@ -520,7 +520,7 @@ def test_the_shared_lm_stage_gets_every_cpu_of_its_node(ray_cluster):
 
     @ray.remote
     def threads_after():
-        from dilm.models import use_cpu_threads
+        from dilm.device import use_cpu_threads
 
         torch.set_num_threads(1)  # what a reused worker may hold
         return use_cpu_threads()

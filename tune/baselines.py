@@ -25,8 +25,8 @@ import ray
 from mlflow.entities import RunTag
 
 from dilm.coreset import CoresetConfig, build_coresets, full_data_set
+from dilm.device import use_cpu_threads
 from dilm.distill import LM_META, DistillConfig, distill
-from dilm.models import use_cpu_threads
 from dilm.synset import read_set
 from dilm.tasks import load_task
 from tune.pool import PoolClient, PoolSpec

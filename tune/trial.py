@@ -27,9 +27,9 @@ from pathlib import Path
 
 from ray.tune import get_context, report
 
+from dilm.device import use_cpu_threads
 from dilm.distill import LM_META, DistillConfig, distill, lm_cache_key, train_lm
 from dilm.files import write_json
-from dilm.models import use_cpu_threads
 from dilm.synset import read_set
 from dilm.tasks import TaskData, TaskSpec, load_task
 from tune.plots import accuracy_vs_dpc_all

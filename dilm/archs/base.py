@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from dilm import DilmError
-from dilm.models import load_model, pick_device, resolve_model
+from dilm.device import pick_device
+from dilm.models import load_model, resolve_model
 from dilm.protocol import EvalConfig
 from dilm.synset import SynSet
 from dilm.tasks import TaskData

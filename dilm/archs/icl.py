@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from dilm.archs.base import ArchKind, EvalContext, Predictions
-from dilm.models import autocast, load_tokenizer
+from dilm.device import autocast
+from dilm.models import load_tokenizer
 from dilm.synset import SynExample, SynSet
 from dilm.tasks import Example
 from dilm.text import join_pair, left_pad

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dilm.device import autocast, inference_dtype, pick_device
 from dilm.distill.checkpoint import State, load_lm_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.evaluate import Evaluator
@@ -25,15 +26,7 @@ from dilm.features import embed, pool
 from dilm.files import json_made_once
 from dilm.generator import Sample, TokenizedCorpus, make_sampler, prompt, resolve_template, sample_classes
 from dilm.memorisation import CopyIndex, joined
-from dilm.models import (
-    autocast,
-    inference_dtype,
-    keyed_cache_path,
-    load_model,
-    load_tokenizer,
-    packaged_identity,
-    pick_device,
-)
+from dilm.models import keyed_cache_path, load_model, load_tokenizer, packaged_identity
 from dilm.probe import LabelProbe, task_fingerprint
 from dilm.protocol import PROTOCOL, EvalConfig
 from dilm.sampling import Sampler, SamplingSpec

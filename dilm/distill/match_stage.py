@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from dilm import DilmError
+from dilm.device import autocast
 from dilm.distill.checkpoint import State, save_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.distill.context import RunContext
@@ -30,7 +31,7 @@ from dilm.distill.select import Selection, select_sets
 from dilm.files import json_made_once
 from dilm.generator import Sample, generation_loss, lm_loss, pad_samples
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
-from dilm.models import autocast, packaged_identity
+from dilm.models import packaged_identity
 from dilm.protocol import PROTOCOL, linear_warmup_decay
 from dilm.seeds import derive_seed
 from dilm.selection import kmeans_nearest
