@@ -150,6 +150,28 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path, toy_task, mon
     assert last["best"] is None and last["optimizer"] is None
 
 
+@pytest.mark.parametrize("damage,file", [
+    (lambda d: (d / "weights.pt").write_bytes((d / "weights.pt").read_bytes()[:100]), "weights.pt"),  # truncated
+    (lambda d: (d / "weights.pt").unlink(), "weights.pt"),
+    (lambda d: (d / "state.json").write_text('{"stage": "match", "st'), "state.json"),  # cut short mid-write
+    (lambda d: (d / "state.json").write_text("[]"), "state.json"),
+    (lambda d: torch.save({"generator": {"weight": torch.zeros(3, 3)}}, d / "weights.pt"), "weights.pt"),
+])
+def test_a_damaged_distill_checkpoint_is_one_line_naming_its_file(tmp_path, damage, file):
+    from dilm.distill import load_checkpoint, save_checkpoint
+
+    cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path))
+    generator = torch.nn.Linear(2, 2)
+    save_checkpoint(cfg, generator, State(stage="match", step=4, outer=1), None)
+    assert load_checkpoint(cfg, generator, "cpu")[0].outer == 1  # whole, it resumes
+    damage(tmp_path / "checkpoint")
+    with pytest.raises(DilmError) as err:
+        load_checkpoint(cfg, generator, "cpu")
+    message, folder = str(err.value), tmp_path / "checkpoint"
+    assert message.startswith(f"distill checkpoint {folder / file} is damaged (") and "\n" not in message
+    assert message.endswith(f"delete {tmp_path / 'checkpoint'} to start this run again from the beginning")
+
+
 def test_cli_smoke_preset(tmp_path, capsys):
     assert main(["distill", "--task", "sst2", "--preset", "smoke", "-o", str(tmp_path / "o")]) == 0
     assert "DPC 2: 2 set(s)" in capsys.readouterr().out

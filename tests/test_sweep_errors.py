@@ -174,3 +174,23 @@ def test_a_sweep_stopped_by_sigterm_says_how_to_resume_and_resumes(tmp_path):
         kill_tree(resumed)
     out = (tmp_path / "resumed.log").read_text()
     assert resumed.returncode == 0 and "sweep term: 2 complete, 0 stopped early (ASHA), 0 failed\n" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("damage,file,resume", [
+    ("state", "state/hurt.json", True),  # cut short: the parent run id and the saved YAML unreadable
+    ("optuna", "optuna.db", True),
+    ("optuna", "optuna.db", False),  # "already exists?" reads it too
+])
+def test_a_damaged_sweep_state_is_one_line_naming_it_before_ray(damage, file, resume, tmp_path, capsys, no_ray):
+    storage = tmp_path / "storage"
+    (storage / "state").mkdir(parents=True)
+    if damage == "state":
+        (storage / file).write_text('{"parent_run_id": "ab')
+    else:
+        (storage / file).write_bytes(b"not a database, " * 512)
+    config = write_yaml(tmp_path, {**SMOKE, "name": "hurt"})
+    assert main(["--config", str(config), "--storage", str(storage), *(["--resume"] if resume else [])]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"dilm sweep: error: {storage / file} is damaged (") and "Traceback" not in (
+        captured.out + captured.err), captured
+    assert len(captured.err.splitlines()) == 1

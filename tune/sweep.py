@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -35,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import ray
 from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner, with_parameters, with_resources
 
@@ -45,12 +43,13 @@ from dilm.files import write_json
 from dilm.options import Parser
 from tune.auth import Credentials, client_env, login_file, save_login, with_credentials
 from tune.baselines import start_baselines
-from tune.config import RETIRED_KEYS, Resources, SweepConfig, SweepPaths, in_ray_job, load_config
+from tune.config import Resources, SweepConfig, SweepPaths, in_ray_job, load_config
 from tune.data import pinned_task, published
 from tune.mlflow_server import TrackingServer
 from tune.pool import PoolError, PoolSpec, create_pool, shutdown_pool
 from tune.publish import Publisher, attach
 from tune.report import ORPHAN, add_baselines, fail_orphans, load_study, report_summary, summarize
+from tune.resume import check_same_config, read_state, study_exists
 from tune.search import PruneAwareOptunaSearch, TrialEnd, make_scheduler, make_searcher, trial_dirname
 from tune.stop import RESUME_HINT, keep_sigterm_handler, sigterm_as_interrupt, watch_tune_stop
 from tune.storage import join, open_storage, sync_down, sync_up
@@ -100,39 +99,6 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
                  **({"num_cpus": num_cpus} if local and num_cpus else {}))
 
 
-def _read_state(paths: SweepPaths) -> dict:
-    return json.loads(paths.state_file.read_text()) if paths.state_file.exists() else {}
-
-
-def _study_exists(paths: SweepPaths, name: str) -> bool:
-    if not (paths.storage / "optuna.db").exists():
-        return False
-    return name in optuna.study.get_all_study_names(optuna.storages.RDBStorage(paths.optuna_url))
-
-
-def _as_saved(cfg: dict) -> dict:
-    return json.loads(json.dumps(cfg, default=str))  # as in the state file: tuples become lists
-
-
-def check_same_config(cfg: SweepConfig, paths: SweepPaths) -> None:
-    """A resumed sweep keeps its search space and schedule (restored by Tune): refuse a YAML that now differs
-    (``storage`` and ``description`` aside: where the sweep lives and free text). The saved configuration is read
-    with today's schema first, so keys retired or added since it was saved (with their defaults) are no change."""
-    saved = _read_state(paths).get("config")
-    if not saved:
-        return
-    with contextlib.suppress(DilmError):  # no longer valid on its own: compared as it was saved
-        saved = _as_saved(SweepConfig.from_dict({k: v for k, v in saved.items() if k not in RETIRED_KEYS}).to_dict())
-    now = _as_saved(cfg.to_dict())
-    if not isinstance(saved.get("task"), dict) or not saved["task"].get("sha256"):  # saved before tasks were pinned
-        now["task"] = _as_saved(dataclasses.replace(cfg.task, sha256="").to_ref())
-    changed = sorted(k for k in set(saved) | set(now) if k not in ("storage", "description")
-                     and saved.get(k) != now.get(k))
-    if changed:
-        raise DilmError(f"sweep {cfg.name!r} was started with a different configuration ({', '.join(changed)} "
-                        "changed): resume it with the same YAML, or start another with --name")
-
-
 def needs_server(paths: SweepPaths, autoscaling: bool) -> bool:
     """Trials on other nodes cannot reach the driver's sqlite file: serve it when the storage is a URI or the
     cluster has (or, autoscaling, will have) more than one node, unless $MLFLOW_TRACKING_URI names a store."""
@@ -157,7 +123,7 @@ def start_server(cfg: SweepConfig, paths: SweepPaths) -> tuple[TrackingServer, C
 def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool, server: str | None = None) -> SweepTracker:
     """Open (or, resumed, continue) the parent run in the store (``server``: the URL serving it); the state file
     names the store itself, so a resume served on another port still continues the same parent run."""
-    state = _read_state(paths) if resume else {}
+    state = read_state(paths) if resume else {}
     uri = tracking_uri(paths.storage)
     same_store = state.get("tracking_uri") == uri
     tracker = SweepTracker.start(server or uri, cfg.experiment, cfg.name,
@@ -261,7 +227,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
     if fetched:
         print(f"sweep {cfg.name}: fetched {', '.join(fetched)} from {paths.location}", flush=True)
     restore = Tuner.can_restore(paths.tune_dir)
-    if not resume and (restore or _study_exists(paths, cfg.name)):
+    exists = study_exists(paths, cfg.name)  # a damaged database is one line, also on --resume
+    if not resume and (restore or exists):
         raise DilmError(f"sweep {cfg.name!r} already exists in {paths.location}: pass --resume to continue it, "
                         "or --name to start another")
     cfg, data = pinned_task(cfg)  # read once here; trials check its hash

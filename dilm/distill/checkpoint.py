@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -60,15 +61,30 @@ def load_checkpoint(cfg: DistillConfig, generator, device) -> tuple[State, dict 
     d = _ckpt_dir(cfg)
     if not (d / "state.json").exists():
         return State(), None, None
-    saved = json.loads((d / "state.json").read_text())
-    theirs = saved.pop("config")  # a field it lacks is a difference; a field only it has is gone from the config
+    with _readable(d / "state.json"):
+        saved = json.loads((d / "state.json").read_text())
+        theirs = saved.pop("config")  # a field it lacks is a difference; a field only it has is gone from the config
+        state = State(**saved)
     mismatch = {k for k, v in cfg.to_dict().items() if k not in RESUME_FREE and (k not in theirs or theirs[k] != v)}
     if mismatch:
         raise DilmError(f"{d} holds a checkpoint of a different configuration ({sorted(mismatch)}); "
                         "use another --output-dir")
-    weights = torch.load(d / "weights.pt", map_location=device)
-    generator.load_state_dict(weights["generator"])
-    return State(**saved), weights["best"], weights.get("optimizer")
+    with _readable(d / "weights.pt"):
+        weights = torch.load(d / "weights.pt", map_location=device)
+        generator.load_state_dict(weights["generator"])
+        return state, weights["best"], weights.get("optimizer")
+
+
+@contextlib.contextmanager
+def _readable(path: Path):
+    """Any failure to read or apply ``path`` (truncated, not JSON or not a torch file, a key or tensor missing or of
+    another shape) as one line naming it: a damaged checkpoint cannot be resumed, only removed."""
+    try:
+        yield
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DilmError(f"distill checkpoint {path} is damaged ({type(e).__name__}: {reason}): delete "
+                        f"{path.parent} to start this run again from the beginning") from e
 
 
 def read_lm_meta(path: str | Path) -> dict:
