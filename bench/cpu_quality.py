@@ -46,7 +46,6 @@ import json
 import multiprocessing
 import platform
 import shlex
-import statistics
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -62,13 +61,13 @@ from dilm.distill.match_stage import match
 from dilm.distill.select import Selection, prepare, real_means, select
 from dilm.evaluate import Evaluator
 from dilm.files import write_json
-from dilm.labelspace import paired_interval
 from dilm.memorisation import CopyIndex, memorisation_report
 from dilm.models import load_model
 from dilm.protocol import EvalConfig
 from dilm.seeds import derive_seed
 from dilm.selection import both_generators
 from dilm.softlabel import SoftLabelConfig, SoftLabeler
+from dilm.stats import format_interval, paired_interval, summary
 from dilm.synset import SynSet
 from dilm.tasks import load_task
 
@@ -168,8 +167,7 @@ def halves(first: SynSet, second: SynSet) -> SynSet:
 
 
 def summarise(accs: list[float]) -> dict:
-    return {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs),
-            "accuracies": accs}
+    return {**summary(accs), "accuracies": accs}
 
 
 def paired(cells: dict, judge: str, dpc: int, method: str, against: str) -> dict | None:
@@ -206,7 +204,7 @@ def table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -
             "− lm2 [95 % CI] |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def ci(p: dict | None) -> str:
-        return "" if p is None else f"{p['mean']:+.1f} [{p['lo']:+.1f}, {p['hi']:+.1f}]"
+        return "" if p is None else format_interval(p)
 
     for judge in judges:
         for d in dpcs:

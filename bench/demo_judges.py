@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -27,20 +26,15 @@ from tqdm.auto import tqdm
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.evaluate import Evaluator
 from dilm.protocol import EvalConfig
+from dilm.stats import format_interval, summary, welch_interval
 from dilm.synset import read_set
 from dilm.tasks import load_task
-from tune.scores import difference_interval
 
 
 def best_trial(storage: Path, sweep: str) -> str:
     with open(storage / "reports" / sweep / "trials.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["objective"]]
     return max(rows, key=lambda r: float(r["objective"]))["ray_trial_id"]
-
-
-def summary(per_set: list[float]) -> dict:
-    return {"accuracy": statistics.fmean(per_set), "n": len(per_set),
-            "accuracy_std": statistics.stdev(per_set) if len(per_set) > 1 else 0.0}
 
 
 def main() -> int:
@@ -83,13 +77,10 @@ def main() -> int:
     best = next(iter(per_set))
     print(f"{prov['task']} DPC {a.dpc}, judge {a.arch} ({a.seeds} seeds per set), mean ± std over sets:")
     for m, s in out["summary"].items():
-        print(f"  {m:28s} {s['accuracy']:5.1f} ± {s['accuracy_std']:4.1f} (n = {s['n']} sets)")
+        print(f"  {m:28s} {s['mean']:5.1f} ± {s['std']:4.1f} (n = {s['n']} sets)")
     for m in list(per_set)[1:]:
-        diff = out["summary"][best]["accuracy"] - out["summary"][m]["accuracy"]
-        ci = difference_interval(out["summary"][best], out["summary"][m])
-        out["best_minus"][m] = {"difference": diff, "ci95": ci}
-        shown = f"[{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "(one set: no interval)"
-        print(f"  best trial - {m:17s} {diff:+5.1f} {shown}")
+        out["best_minus"][m] = ci = welch_interval(out["summary"][best], out["summary"][m])
+        print(f"  best trial - {m:17s} {format_interval(ci)}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return 0

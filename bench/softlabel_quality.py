@@ -40,9 +40,10 @@ from dilm.coreset import CoresetConfig, build_coresets
 from dilm.device import pick_device
 from dilm.evaluate import Evaluator
 from dilm.files import write_json
-from dilm.labelspace import Teacher, mean_confidence, paired_interval, smoothed_twin
+from dilm.labelspace import Teacher, mean_confidence, smoothed_twin
 from dilm.protocol import EvalConfig
 from dilm.softlabel import SoftLabelConfig, SoftLabeler, hard_label_ceiling, select_fewer_than_classes
+from dilm.stats import format_interval, paired_interval, summary
 from dilm.synset import SynSet, read_set
 from dilm.tasks import TaskData, load_task
 from dilm.tdd import TDDConfig, distill_tdd, evaluate_tdd
@@ -178,11 +179,8 @@ def run_tdd(task: TaskData, a, ucfg: UnrollConfig, device) -> dict[int, list[flo
 
 
 def ms(xs: list[float]) -> str:
-    return f"{statistics.fmean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
-
-
-def ci(d: dict) -> str:
-    return f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
+    s = summary(xs)
+    return f"{s['mean']:.1f} ± {s['std']:.1f}"
 
 
 def contrasts(accs: dict[str, list[float]]) -> dict[str, dict]:
@@ -202,7 +200,7 @@ def tables(results: dict) -> str:
             for key, v in rows.items():
                 src, dpc = key.split("|")
                 lines.append(f"| {src} | {dpc} | {len(v['acc']['hard'])} | {ms(v['acc']['hard'])} | "
-                             + " | ".join(ci(v["paired"][n.replace(' − ', '-')]) for n in names) + " |")
+                             + " | ".join(format_interval(v["paired"][n.replace(' − ', '-')]) for n in names) + " |")
             lines.append("")
         if r.get("tdd"):
             lines += [f"TDD ({task}, embeddings, {results['args']['learner']} only): "

@@ -14,8 +14,7 @@ Vocabulary (used by :mod:`dilm.softlabel` and :mod:`dilm.tdd`):
 
 Controls for the bench, at the same texts: label smoothing at the same mean confidence as a learned set
 (:func:`smoothed_twin`), and **teacher** labels from a logistic-regression probe fitted on the real pool the
-labels were learned from (:class:`Teacher`). :func:`paired_interval` is the bench's 95 % interval of paired
-differences.
+labels were learned from (:class:`Teacher`). (The bench's paired intervals: :mod:`dilm.stats`.)
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from dilm import DilmError
+from dilm.stats import paired_interval  # noqa: F401  (bench/eval_speed.py imports it here until it is switched)
 from dilm.synset import SynSet
 
 
@@ -144,16 +144,3 @@ class Teacher:
         proba[:, self.probe.classes_] = self.probe.predict_proba(features)
         out = synset.with_soft_labels(proba.tolist())
         return SynSet(out.examples, out.label_names, {**synset.meta, "labels": "teacher probe"})
-
-
-def paired_interval(diffs: list[float], level: float = 0.95) -> dict:
-    """Mean of paired differences with a Student-t interval (pairs treated as independent) → {mean, lo, hi, n}."""
-    from scipy import stats
-
-    x = np.asarray(diffs, dtype=float)
-    n = len(x)
-    mean = float(x.mean()) if n else float("nan")
-    if n < 2:
-        return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "n": n}
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}

@@ -18,7 +18,6 @@ from dilm.labelspace import (
     initial_labels,
     limit_shift,
     mean_confidence,
-    paired_interval,
     project_simplex,
     shift,
     smoothed_twin,
@@ -26,6 +25,7 @@ from dilm.labelspace import (
 from dilm.models import load_model, load_tokenizer
 from dilm.protocol import EvalConfig
 from dilm.softlabel import SoftLabelConfig, SoftLabeler, learn_soft_labels, select_fewer_than_classes
+from dilm.stats import paired_interval
 from dilm.synset import SynExample, SynSet, read_set, write_set
 from dilm.tasks import Example
 from dilm.tdd import TDDConfig, distill_tdd, pooled_features

@@ -47,15 +47,17 @@ def test_best_trial_beside_the_baselines_rows_table_and_metric_names():
 def test_differences_come_with_a_welch_interval_in_rows_table_and_metrics():
     from scipy import stats
 
-    from tune.scores import compare, comparison_metrics, difference_interval, format_compare
+    from dilm.stats import welch_interval
+    from tune.scores import accuracy_sample, compare, comparison_metrics, format_compare
 
     a, b = {"accuracy": 70.0, "accuracy_std": 3.0, "n": 10}, {"accuracy": 64.0, "accuracy_std": 4.0, "n": 20}
-    lo, hi = difference_interval(a, b)
+    ci = welch_interval(accuracy_sample(a), accuracy_sample(b))
+    lo, hi = ci["lo"], ci["hi"]
     # against scipy's own Welch test: the interval's ends are where the two-sided p-value is 0.05
     for end in (lo, hi):
         shifted = stats.ttest_ind_from_stats(70.0 - end, 3.0, 10, 64.0, 4.0, 20, equal_var=False)
         assert shifted.pvalue == pytest.approx(0.05, abs=1e-6)
-    assert lo < 6.0 < hi and difference_interval(a, {**b, "n": 1}) is None
+    assert lo < 6.0 < hi and welch_interval(accuracy_sample(a), accuracy_sample({**b, "n": 1}))["lo"] is None
     rows = compare({5: {"p": a}}, {"random": {5: {"p": b}}, "vanilla": {5: {"p": {**b, "accuracy": 69.0}}}})
     assert rows[0]["vs_random_lo"] == pytest.approx(lo) and rows[0]["vs_random_hi"] == pytest.approx(hi)
     assert comparison_metrics(rows)["best_vs_random_lo/p/dpc5"] == pytest.approx(lo)

@@ -10,12 +10,15 @@ over sets × seeds; ``n``; ...). From it:
 * the metric names — a trial's reports to Tune (:data:`OBJECTIVE`, :data:`VAL_METRIC`, :data:`FINAL`) and the names
   its scores are logged under in MLflow (:func:`score_metrics`), the same for a baseline run;
 * the comparisons of the summary — the best trial (:func:`best_row`) beside each baseline, arch by DPC
-  (:func:`compare`, :func:`format_compare`, :func:`comparison_metrics`).
+  (:func:`compare`, :func:`format_compare`, :func:`comparison_metrics`), with Welch's interval of
+  :mod:`dilm.stats`.
 """
 
 from __future__ import annotations
 
 import statistics
+
+from dilm.stats import welch_interval
 
 ScoreTable = dict[int, dict[str, dict]]  # {dpc: {arch: {"accuracy", "accuracy_std", "n", ...}}}
 
@@ -70,21 +73,10 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(rows, key=lambda r: r[OBJECTIVE], default=None)
 
 
-def difference_interval(a: dict, b: dict, level: float = 0.95) -> tuple[float, float] | None:
-    """Welch's ``level`` interval of mean accuracy ``a`` − ``b`` (two summaries with ``accuracy``, ``accuracy_std``
-    and ``n`` over independent (set, seed) pairs); None when either has fewer than 2."""
-    from scipy import stats
-
-    na, nb = a.get("n", 0), b.get("n", 0)
-    if na < 2 or nb < 2:
-        return None
-    va, vb = a["accuracy_std"] ** 2 / na, b["accuracy_std"] ** 2 / nb
-    diff = a["accuracy"] - b["accuracy"]
-    if va + vb == 0:
-        return diff, diff
-    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))  # Welch–Satterthwaite
-    half = float(stats.t.ppf(0.5 + level / 2, df)) * (va + vb) ** 0.5
-    return diff - half, diff + half
+def accuracy_sample(s: dict) -> dict:
+    """A score summary (``accuracy``, ``accuracy_std``, ``n`` over independent (set, seed) pairs) as the
+    ``{mean, std, n}`` summary that :func:`dilm.stats.welch_interval` compares."""
+    return {"mean": s["accuracy"], "std": s["accuracy_std"], "n": s.get("n", 0)}
 
 
 def compare(best: ScoreTable, baselines: dict[str, ScoreTable]) -> list[dict]:
@@ -102,8 +94,9 @@ def compare(best: ScoreTable, baselines: dict[str, ScoreTable]) -> list[dict]:
                     row[name] = theirs["accuracy"]
                     row[f"{name}_std"] = theirs["accuracy_std"]
                     row[f"vs_{name}"] = row["best"] - row[name]
-                    if (ci := difference_interval(mine, theirs)) is not None:
-                        row[f"vs_{name}_lo"], row[f"vs_{name}_hi"] = ci
+                    ci = welch_interval(accuracy_sample(mine), accuracy_sample(theirs))
+                    if ci["lo"] is not None:
+                        row[f"vs_{name}_lo"], row[f"vs_{name}_hi"] = ci["lo"], ci["hi"]
             rows.append(row)
     return rows
 
