@@ -288,8 +288,10 @@ def login(cache: Path) -> dict[str, str]:
 def test_a_fresh_head_resumes_from_the_storage_alone(s3_server, tmp_path):
     """The smoke sweep on S3 (single node): the driver publishes its databases as trials end; it is SIGKILLed once a
     finished trial is published, its whole $DILM_CACHE (the mirror of its databases, staging, LM cache) wiped — a new
-    head — and ``--resume`` runs from the URI alone: every trial finished before the kill keeps its MLflow run
-    (FINISHED, its objective), its Optuna trial (COMPLETE, the same value) and is not run again. The tracking server
+    head, whose $DILM_CACHE is another folder — and ``--resume`` runs from the URI alone (nothing opened or made at
+    the first head's paths, which Tune's pickled searcher and the state file name): every trial finished before the
+    kill keeps its MLflow run (FINISHED, its objective; the same parent run), its Optuna trial (COMPLETE, the same
+    value) and is not run again. The tracking server
     it serves wants the sweep's password (401 without), trials log with it, and neither run's password is in any
     file of the storage, the new head's folder, an MLflow param or tag, or the console."""
     import shutil
@@ -340,7 +342,9 @@ def test_a_fresh_head_resumes_from_the_storage_alone(s3_server, tmp_path):
         passwords = [login(cache)["password"]]
         kill_tree(first)
         before = {t: s3_files(s3_server, storage)[f"sets/headloss/{t}/final.json"] for t in finished}
-        shutil.rmtree(cache)  # a new head: nothing of the first one's folder
+        shutil.rmtree(cache)  # a new head: nothing of the first one's folder, and its own folder elsewhere
+        cache, first_cache = tmp_path / "new-head-cache", cache
+        env["DILM_CACHE"] = str(cache)
         resumed = driver("--resume")
         resumed.wait(timeout=900)
         out = drivers[1][1].read_text()
@@ -348,6 +352,7 @@ def test_a_fresh_head_resumes_from_the_storage_alone(s3_server, tmp_path):
         assert "fetched" in out and "sweep headloss: 3 complete" in out, out[-3000:]
         passwords.append(login(cache)["password"])
         wall = time.monotonic() - started
+        assert not first_cache.exists()
 
         files = s3_files(s3_server, storage)
         for t, mtime in before.items():

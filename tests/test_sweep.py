@@ -220,6 +220,38 @@ def test_searcher_records_asha_stops_as_pruned():
     assert trials["errored"].state == TrialState.FAIL
 
 
+def test_a_restored_searcher_opens_the_study_where_the_new_head_keeps_it(tmp_path):
+    """A fresh head may keep the driver's folder (``$DILM_CACHE``) at another path than the first: the searcher of
+    ``tuner.pkl`` and the searcher state Tune saved both name the first head's sqlite file, and a resume continues
+    the study in the new head's copy instead, never opening (or making) the old path."""
+    import ray.cloudpickle
+    from optuna.distributions import FloatDistribution
+
+    from tune.search import optuna_storage_at
+
+    first, second = tmp_path / "first-head", tmp_path / "second-head"
+    first.mkdir()
+    searcher = PruneAwareOptunaSearch({"lr": FloatDistribution(1e-5, 1e-3, log=True)}, metric=OBJECTIVE, mode="max",
+                                      storage=optuna.storages.RDBStorage(f"sqlite:///{first / 'optuna.db'}"),
+                                      study_name="t")
+    for tid in ("done", "running"):
+        assert searcher.suggest(tid) is not None
+    searcher.on_trial_complete("done", result={OBJECTIVE: 70.0, FINAL: True})
+    tuner_pkl = ray.cloudpickle.dumps(searcher)  # as Tune pickles it into tuner.pkl
+    searcher.save_to_dir(str(first))  # the searcher state Tune saves with the experiment
+    shutil.copytree(first, second)  # fetched from the storage by a head that keeps it elsewhere
+    shutil.rmtree(first)
+    url, setstate = f"sqlite:///{second / 'optuna.db'}", optuna.storages.RDBStorage.__setstate__
+    with optuna_storage_at(url):
+        restored = ray.cloudpickle.loads(tuner_pkl)
+    assert optuna.storages.RDBStorage.__setstate__ is setstate  # only inside the block
+    restored.restore_from_dir(str(second))
+    restored.on_trial_complete("running", result={OBJECTIVE: 80.0, FINAL: True})
+    assert not first.exists()
+    study = optuna.load_study(study_name="t", storage=url)
+    assert sorted(t.value for t in study.trials) == [70.0, 80.0]
+
+
 @pytest.mark.parametrize("how", ["dilm-sweep", "python-m"])
 def test_sweeps_pickled_before_the_split_unpickle(how):
     """``tuner.pkl`` of smoke sweeps started at commit 739ab12, before tune/sweep.py was split: ``--resume`` loads it
@@ -253,6 +285,18 @@ def test_sweeps_pickled_before_the_split_unpickle(how):
         assert tune_config.trial_dirname_creator is trial_dirname
     else:
         assert type(tune_config.search_alg).__name__ == "PruneAwareOptunaSearch"
+
+
+def test_a_resume_continues_the_parent_run_in_the_drivers_own_store_wherever_it_is(tmp_path, monkeypatch):
+    from tune.resume import same_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    paths = SweepPaths.of(load_config(SWEEPS / "smoke.yaml", storage=str(tmp_path / "new")))
+    moved = {"tracking_uri": "sqlite:////first/head/mlflow.db", "own_store": True}  # a fresh head, another folder
+    assert same_store(moved, f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}", paths)
+    assert not same_store({**moved, "own_store": False}, f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}", paths)
+    assert not same_store(moved, "http://tracking.example:5000", paths)  # another store: a new parent run
+    assert same_store({"tracking_uri": "http://tracking.example:5000"}, "http://tracking.example:5000", paths)
 
 
 def test_resume_accepts_the_configuration_saved_before_the_split(tmp_path):

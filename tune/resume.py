@@ -1,6 +1,7 @@
 """What a resumed sweep reads back before Ray starts: its state file, its Optuna study, the configuration it was
 started with. Each is read whole or refused in one line naming the file (:class:`dilm.DilmError`): a damaged file
-is never half-used, and nothing has started yet when it is found.
+is never half-used, and nothing has started yet when it is found. And which MLflow store the state file's parent run
+lives in, wherever this head keeps the driver's folder.
 """
 
 from __future__ import annotations
@@ -42,9 +43,21 @@ def study_exists(paths: SweepPaths, name: str) -> bool:
                       "or start the sweep again under another --name") from e
 
 
-def damaged(path: Path, e: Exception, remedy: str) -> DilmError:
+def damaged(path: Path | str, e: Exception, remedy: str) -> DilmError:
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     return DilmError(f"{path} is damaged ({type(e).__name__}: {reason}): {remedy}")
+
+
+def own_store(paths: SweepPaths) -> str:
+    """The URI of the driver's own MLflow store, ``mlflow.db`` in its folder."""
+    return f"sqlite:///{paths.storage.resolve() / 'mlflow.db'}"
+
+
+def same_store(state: dict, uri: str, paths: SweepPaths) -> bool:
+    """Whether the state file's MLflow store is ``uri``, where the parent run it names can be continued: the same
+    URI, or the driver's own ``mlflow.db`` both times (a fresh head's folder may be at another path: the file moved
+    with the storage's published copy)."""
+    return state.get("tracking_uri") == uri or bool(state.get("own_store") and uri == own_store(paths))
 
 
 def _as_saved(cfg: dict) -> dict:

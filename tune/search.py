@@ -14,7 +14,9 @@ Ray internals used: OptunaSearch's private ``_ot_trials``, ``_ot_study`` and ``_
 
 Pickled state: Tune saves the searcher, the callback and ``trial_dirname`` with the experiment (by qualified name),
 and ``--resume`` loads them back; renaming or moving them breaks resuming sweeps started before (see the names kept
-importable in :mod:`tune.sweep`).
+importable in :mod:`tune.sweep`). The searcher's pickles hold Optuna's ``RDBStorage``, whose unpickling connects to
+the URL it was saved with: an absolute sqlite path of the first head's folder, which a fresh head may keep elsewhere
+(another ``$DILM_CACHE``). :func:`optuna_storage_at` points every storage unpickled while restoring at this run's.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ class PruneAwareOptunaSearch(OptunaSearch):
         self._ot_trials[trial_id].report(float(value), step)
         done.add(step)
 
+    def restore(self, checkpoint_path: str) -> None:
+        """The searcher state Tune saved (the study, its trials), on this run's storage: ``self`` came from the
+        experiment's ``tuner.pkl`` already pointed at it (``tune.sweep.build_tuner``)."""
+        with optuna_storage_at(self._storage.url):
+            super().restore(checkpoint_path)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._ot_trials and trial_id not in self._completed_trials and not result.get(FINAL):
             self._report(trial_id, result)
@@ -80,6 +88,22 @@ class PruneAwareOptunaSearch(OptunaSearch):
         except (ValueError, RuntimeError) as e:  # e.g. told already before a driver crash
             log.warning("optuna: trial %s: %s", trial_id, e)
         self._completed_trials.add(trial_id)
+
+
+@contextlib.contextmanager
+def optuna_storage_at(url: str):
+    """Inside the block, every ``RDBStorage`` unpickled connects to ``url`` instead of the URL it was saved with (a
+    restored sweep has one Optuna storage: the study's). Optuna 5's ``RDBStorage.__setstate__`` opens the engine."""
+    original = optuna.storages.RDBStorage.__setstate__
+
+    def at_url(storage, state: dict) -> None:
+        original(storage, {**state, "url": url})
+
+    optuna.storages.RDBStorage.__setstate__ = at_url
+    try:
+        yield
+    finally:
+        optuna.storages.RDBStorage.__setstate__ = original
 
 
 def make_searcher(cfg: SweepConfig, paths: SweepPaths) -> PruneAwareOptunaSearch:

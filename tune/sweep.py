@@ -49,8 +49,15 @@ from tune.mlflow_server import TrackingServer
 from tune.pool import PoolError, PoolSpec, create_pool, shutdown_pool
 from tune.publish import Publisher, attach
 from tune.report import ORPHAN, add_baselines, fail_orphans, load_study, report_summary, summarize
-from tune.resume import check_same_config, read_state, study_exists
-from tune.search import PruneAwareOptunaSearch, TrialEnd, make_scheduler, make_searcher, trial_dirname
+from tune.resume import check_same_config, damaged, own_store, read_state, same_store, study_exists
+from tune.search import (
+    PruneAwareOptunaSearch,
+    TrialEnd,
+    make_scheduler,
+    make_searcher,
+    optuna_storage_at,
+    trial_dirname,
+)
 from tune.stop import RESUME_HINT, keep_sigterm_handler, sigterm_as_interrupt, watch_tune_stop
 from tune.storage import join, open_storage, sync_down, sync_up
 from tune.tracking import SweepTracker, TrackingSpec, flatten, tracking_uri
@@ -125,12 +132,12 @@ def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool, server: st
     names the store itself, so a resume served on another port still continues the same parent run."""
     state = read_state(paths) if resume else {}
     uri = tracking_uri(paths.storage)
-    same_store = state.get("tracking_uri") == uri
     tracker = SweepTracker.start(server or uri, cfg.experiment, cfg.name,
-                                 parent_run_id=state.get("parent_run_id") if same_store else None,
+                                 parent_run_id=state.get("parent_run_id") if same_store(state, uri, paths) else None,
                                  tags={"dilm.storage": paths.location, "dilm.git_revision": git_revision(),
                                        "mlflow.note.content": cfg.description})
     write_json(paths.state_file, {"parent_run_id": tracker.spec.parent_run_id, "tracking_uri": uri,
+                                  "own_store": uri == own_store(paths),
                                   "experiment_id": tracker.spec.experiment_id, "config": cfg.to_dict(),
                                   **({"tracking_server": server} if server else {})})
     sync_up(paths.store, paths.storage, [f"state/{cfg.name}.json"])
@@ -187,7 +194,12 @@ def build_tuner(cfg: SweepConfig, paths: SweepPaths, plan: TrialPlan, restore: b
     trainable = with_resources(with_parameters(with_credentials(run_trial), plan=plan, credentials=credentials),
                                cfg.trial_resources.as_tune())
     if restore:  # search algorithm, scheduler and callbacks come back from the experiment's saved state
-        tuner = Tuner.restore(paths.tune_dir, trainable=trainable, resume_errored=True)
+        try:
+            with optuna_storage_at(paths.optuna_url):  # the study where it is now, not where the first head had it
+                tuner = Tuner.restore(paths.tune_dir, trainable=trainable, resume_errored=True)
+        except Exception as e:  # tuner.pkl cut short or unreadable, its classes gone: one line, not Tune's traceback
+            raise damaged(join(paths.tune_dir, "tuner.pkl"), e, "the Ray Tune experiment cannot be restored; start "
+                          "the sweep again under another --name") from e
         for callback in tuner._local_tuner._run_config.callbacks or []:  # Ray 2.60 internals
             if isinstance(callback, TrialEnd):  # this run's tracking server: a served store's URL may have changed
                 callback.spec = plan.tracking
