@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
+
+from record import write  # bench/, beside this script
 
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.device import pick_device
 from dilm.evaluate import Evaluator
-from dilm.files import write_json
 from dilm.protocol import EvalConfig
 from dilm.tasks import load_task
 
@@ -56,7 +56,7 @@ def main() -> None:
             cells[spec][dpc] = {"mean": s["accuracy"], "std": s["accuracy_std"], "n": s["n"]}
             print(f"{spec} DPC {dpc}: {s['accuracy']:.1f} ± {s['accuracy_std']:.1f} (n={s['n']})", flush=True)
             if a.json:  # after every cell: a run cut short (a 10-minute GPU command) keeps what it measured
-                write_json(Path(a.json), {"task": a.task, "arch": a.arch, "device": str(device), "cells": cells})
+                write(a.json, {"task": a.task, "arch": a.arch, "device": str(device), "cells": cells})
         print(f"{spec}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"\n| method | {' | '.join(f'DPC {d}' for d in dpcs)} |\n|---|{'---|' * len(dpcs)}")
     for spec, row in cells.items():

@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import json
 import random
 import re
 import resource
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from distill_speed import naive_match_loss  # bench/, beside this script
+from record import write  # bench/, beside this script
 
 from dilm.device import cpu_has_bf16, cpu_threads, inference_dtype
 from dilm.generator import (
@@ -340,7 +340,7 @@ def main() -> None:
         out["probe"] = probe_block(a, task, threads)
     report(out)
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
+        write(a.json, out)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import random
 import time
 
 import torch
+from record import write  # bench/, beside this script
 from torch.func import functional_call, grad
 
 from dilm.device import autocast, pick_device
@@ -215,8 +215,7 @@ def main() -> None:
     print(f"device: {out['device']}" + (f", peak GPU memory {out['peak_gpu_mem_gib']:.1f} GiB"
                                        if "peak_gpu_mem_gib" in out else ""))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write(a.json, out)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ another, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from record import write  # bench/, beside this script
 
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.device import pick_device
@@ -59,8 +59,7 @@ def main() -> None:
     print(f"{a.arch} on {out['device']}: sequential {t_seq:.2f} s/eval ({60 / t_seq:.1f}/min), "
           f"ensemble of {a.n}: {t_conc:.2f} s/eval ({60 / t_conc:.1f}/min) → ratio {t_seq / t_conc:.1f}x")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write(a.json, out)
 
 
 if __name__ == "__main__":

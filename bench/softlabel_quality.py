@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from record import write  # bench/, beside this script
 
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.device import pick_device
 from dilm.evaluate import Evaluator
-from dilm.files import write_json
 from dilm.labelspace import Teacher, mean_confidence, smoothed_twin
 from dilm.protocol import EvalConfig
 from dilm.softlabel import SoftLabelConfig, SoftLabeler, hard_label_ceiling, select_fewer_than_classes
@@ -262,13 +262,13 @@ def main() -> None:
             "ceiling": {str(n): hard_label_ceiling(task, n) for n in a.totals if n < task.num_classes}}
         print(f"[{name}] " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), flush=True)
         if a.json:  # after every task: a cut-short run keeps what it measured
-            write_json(a.json, results)
+            write(a.json, results)
     results["wall_s"] = time.perf_counter() - t0
     print()
     print(tables(results))
     print(f"total {results['wall_s']:.0f} s on {results['device']}")
     if a.json:
-        write_json(a.json, results)
+        write(a.json, results)
 
 
 if __name__ == "__main__":
