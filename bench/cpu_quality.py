@@ -18,12 +18,15 @@ what it measured):
    and its generator samples the same counts with the same seeds: ``match:<selection>`` is matching, paired
    set by set with vanilla's ``<selection>``; ``--both`` adds ``both:filter+herding``, the default selection over
    the two generators' candidates of set k together; ``--lm-pool`` adds ``lm2:filter+herding``, the same
-   selection over the vanilla LM's candidates of set k and a second LM draw of the same size (another seed),
+   selection over the vanilla LM's candidates of set k and a second LM draw of the same size (the product's second
+   draw's seed, :func:`~dilm.distill.candidates.final_seed`),
    pooled the same way: the pool of ``both:``'s size without matching, so ``both:`` − ``lm2:`` is what matching
    adds beyond a larger pool; ``--balanced`` adds ``bal:filter+herding``, DPC//2 per class from the vanilla LM's
    candidates and the rest from the matched generator's, each source filtered and herded on its own (so the set
-   holds as many matched texts as the split says, where herding over the pool keeps few), and with ``--lm-pool``
-   its twin without matching, ``lm2bal:filter+herding`` (the same split over the two LM draws);
+   holds as many matched texts as the split says, where herding over the pool keeps few): the product's
+   ``final_mix: split`` (:func:`~dilm.distill.select.select_sets` with the first draw's counts), and with
+   ``--lm-pool`` its twin without matching, ``lm2bal:filter+herding`` (the same split over the two LM draws); every
+   selection goes through the product's ``select_sets`` with its seeds (``final_set_seeds``);
 3. **sets**: the selections of :data:`SELECTIONS` at every DPC; random and k-centers (``--sets`` seeded draws) and
    herding (deterministic: one set) of real data; label agreement and the memorisation report of each method;
    with ``--soft``, ``<selection>+soft``: the same texts with soft labels learned by :class:`dilm.softlabel.
@@ -44,27 +47,26 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
-import shlex
-import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from record import write  # bench/, beside this script
 
 from dilm.archs.finetune import finetune_ensemble
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.distill import DistillConfig, Distiller, State, train_lm
+from dilm.distill.candidates import GENERATOR_DRAW, LM_DRAW, final_seed
 from dilm.distill.match_stage import match
-from dilm.distill.select import Selection, prepare, real_means, select
+from dilm.distill.select import Selection, final_set_seeds, select_sets
 from dilm.evaluate import Evaluator
 from dilm.files import write_json
 from dilm.memorisation import CopyIndex, memorisation_report
 from dilm.models import load_model
 from dilm.protocol import EvalConfig
-from dilm.seeds import derive_seed
 from dilm.selection import both_generators
 from dilm.softlabel import SoftLabelConfig, SoftLabeler
 from dilm.stats import format_interval, paired_interval, summary
@@ -129,12 +131,12 @@ class Record:
     """The bench's JSON, rewritten (atomically) after every cell."""
 
     def __init__(self, path: Path, meta: dict):
-        self.path, self.data = path, {"meta": meta, "cells": {}}
+        self.path, self.data = path, {"meta": meta, "cells": {}}  # bench/record.py's head beside them
         self.t0 = time.perf_counter()
 
     def cell(self, name: str, **values) -> None:
         self.data["cells"][name] = {**values, "elapsed_s": round(time.perf_counter() - self.t0, 1)}
-        write_json(self.path, self.data)
+        write(self.path, self.data)
         print(f"[{self.data['cells'][name]['elapsed_s']:>7.0f} s] {name}: "
               f"{json.dumps({k: v for k, v in values.items() if not isinstance(v, list | dict)})}", flush=True)
 
@@ -157,13 +159,6 @@ def _finetune(job: tuple) -> float:
     pred = finetune_ensemble(w["learner"], [(synset, seed)], w["task"].test, w["cfg"], torch.device("cpu"),
                              w["base"])[0]
     return 100 * float((pred == w["gold"]).mean())
-
-
-def halves(first: SynSet, second: SynSet) -> SynSet:
-    """One set of the texts of two (class by class, the first's before the second's)."""
-    examples = sorted(first.examples + second.examples, key=lambda e: e.label)
-    return SynSet(examples, first.label_names, {**first.meta, "dpc": len(examples) // first.num_classes,
-                                                "split": [len(first), len(second)]})
 
 
 def summarise(accs: list[float]) -> dict:
@@ -220,23 +215,6 @@ def table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -
     return "\n".join(rows)
 
 
-def command(args: argparse.Namespace) -> str:
-    """The command line that gives ``args``: a switch where it is on, every other option with its value (quoted)."""
-    words = ["python", "bench/cpu_quality.py"]
-    for k, v in vars(args).items():
-        flag = "--" + k.replace("_", "-")
-        words += ([flag] if v else []) if isinstance(v, bool) else [flag, str(v)]
-    return shlex.join(words)
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> int:
     args = parse()
     if args.report:
@@ -250,9 +228,7 @@ def main() -> int:
                         **{**BASE, **({} if args.task == "sst2" else LONG_TEXTS), **(QUICK if args.quick else {})})
     task = load_task(args.task)
     rec = Record(args.out / "cpu_quality.json", {
-        "command": command(args),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_revision(),
-        "python": platform.python_version(), "torch_threads": torch.get_num_threads(), "config": cfg.to_dict(),
+        "args": {k: str(v) for k, v in vars(args).items()}, "config": cfg.to_dict(),
         "selections": {k: vars(v) for k, v in SELECTIONS.items()}})
 
     lm = train_lm(cfg, args.out / "lm", task=task)
@@ -262,12 +238,11 @@ def main() -> int:
     ctx = Distiller(DistillConfig(**{**cfg.to_dict(), "lm_checkpoint": str(lm), "dpc": tuple(dpcs)}), task=task)
     c = task.num_classes
 
-    def candidates_of(gen: Distiller, cell: str, *draw: str) -> list[list[list]]:
-        """``--candidates`` per class for each set, with the same seeds whichever generator samples them (another
-        ``draw``: other seeds)."""
+    def candidates_of(gen: Distiller, cell: str, draw: str = LM_DRAW) -> list[list[list]]:
+        """``--candidates`` per class for each set, with the product's seed of ``draw`` (:func:`final_seed`): the
+        same whichever generator samples them, so that the generators' candidates pair set by set."""
         t = time.perf_counter()
-        got = gen.sample([args.candidates] * (c * args.sets), derive_seed(cfg.seed, "final candidates", *draw),
-                         list(task.label_names) * args.sets)
+        got = gen.sample([args.candidates] * (c * args.sets), final_seed(cfg, draw), list(task.label_names) * args.sets)
         n_samples = sum(map(len, got))
         rec.cell(cell, per_class=args.candidates, sets=args.sets, samples=n_samples,
                  seconds=time.perf_counter() - t, samples_per_s=n_samples / (time.perf_counter() - t),
@@ -275,13 +250,13 @@ def main() -> int:
         return [got[k * c: (k + 1) * c] for k in range(args.sets)]
 
     vanilla = candidates_of(ctx, "candidates")
-    arms = [("", ctx, vanilla, list(SELECTIONS))]
-    splits = []  # (name, first source's candidates per set, second source's): --balanced
-    if args.lm_pool:  # a pool of both:'s size from the vanilla LM alone, pooled the same way
-        second = candidates_of(ctx, "candidates/lm2", "second draw")
-        arms.append(("lm2:", ctx, [both_generators(a, b) for a, b in zip(vanilla, second)], ["filter+herding"]))
+    arms = [("", ctx, vanilla, list(SELECTIONS), None)]  # (prefix, generator, candidates per set, selections, split)
+    if args.lm_pool:  # a pool of both:'s size from the vanilla LM alone (the product's second LM draw)
+        second = candidates_of(ctx, "candidates/lm2", GENERATOR_DRAW)
+        arms.append(("lm2:", ctx, [both_generators(a, b) for a, b in zip(vanilla, second)], ["filter+herding"], None))
         if args.balanced:
-            splits.append(("lm2bal:filter+herding", vanilla, second))
+            arms.append(("lm2bal:", ctx, [both_generators(a, b) for a, b in zip(vanilla, second)], ["filter+herding"],
+                         vanilla))
     if args.match_outer:
         n = args.match_outer
         mctx = Distiller(DistillConfig(**{
@@ -295,12 +270,12 @@ def main() -> int:
                  generator_lr=args.match_lr, first_loss=losses[0] if losses else None,
                  last_loss=losses[-1] if losses else None, history=state.history)
         matched = candidates_of(mctx, "candidates/match")
-        arms.append(("match:", mctx, matched, list(MATCHED)))
-        if args.both:  # one pool per set and class: the vanilla LM's candidates and the matched generator's
-            arms.append(("both:", ctx, [both_generators(vs, ms) for vs, ms in zip(vanilla, matched)],
-                         ["filter+herding"]))  # the product's final_sources generator+lm
-        if args.balanced:
-            splits.insert(0, ("bal:filter+herding", vanilla, matched))
+        arms.append(("match:", mctx, matched, list(MATCHED), None))
+        pooled = [both_generators(vs, ms) for vs, ms in zip(vanilla, matched)]  # the product's generator+lm pool
+        if args.both:  # final_mix pooled: one pool per set and class
+            arms.append(("both:", ctx, pooled, ["filter+herding"], None))
+        if args.balanced:  # final_mix split: DPC//2 per class from the vanilla LM's draw, the rest the matched one's
+            arms.append(("bal:", ctx, pooled, ["filter+herding"], vanilla))
 
     sets: dict[tuple[int, str], list[SynSet]] = {}
     train_index, test_index = CopyIndex(e.text for e in task.train), CopyIndex(e.text for e in task.test)
@@ -314,25 +289,14 @@ def main() -> int:
                                                   test_index),
                  examples=[e.text for e in chosen[0].examples[:: max(1, dpcs[-1] // 2)]])
 
-    for prefix, gen, per_set, names in arms:
+    seeds = final_set_seeds(cfg)
+    for prefix, gen, per_set, names, first in arms:  # the product's selection (first: final_mix split's first draw)
+        firsts = None if first is None else [[len(row) for row in rows] for rows in first]
         for sel in names:
-            how, name = SELECTIONS[sel], prefix + sel
-            means = real_means(gen, how.pooling) if how.method == "herding-real" else None
-            t = time.perf_counter()
-            prepared = [prepare(gen, cands, how, dpcs[-1]) for cands in per_set]
-            for d in dpcs:
-                sets[d, name] = [select(p, d, derive_seed(cfg.seed, "final set", k), task.label_names, how, means)
-                                 for k, p in enumerate(prepared)]
+            how, name, t = replace(SELECTIONS[sel], split=first is not None), prefix + sel, time.perf_counter()
+            for d, got in select_sets(gen, per_set, dpcs, seeds, firsts, how).items():
+                sets[d, name] = got
             record_sets(name, gen, t)
-    how = SELECTIONS["filter+herding"]
-    for name, first, then in splits:  # DPC//2 per class from the first source, the rest from the second
-        t = time.perf_counter()
-        both = [(prepare(ctx, a, how, dpcs[-1]), prepare(ctx, b, how, dpcs[-1])) for a, b in zip(first, then)]
-        for d in dpcs:
-            sets[d, name] = [halves(*(select(p, n, derive_seed(cfg.seed, "final set", k), task.label_names, how)
-                                      for p, n in zip(pair, (d // 2, d - d // 2))))
-                             for k, pair in enumerate(both)]
-        record_sets(name, ctx, t)
     for method in REAL:
         cs = CoresetConfig(method="herding" if method == "herding-real-data" else method, dpc=tuple(dpcs),
                            n_sets=args.sets, learner=cfg.learner, candidates_per_class=1000, seed=0, device="cpu")

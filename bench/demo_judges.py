@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from record import write
 from tqdm.auto import tqdm
 
 from dilm.coreset import CoresetConfig, build_coresets
@@ -29,10 +30,11 @@ from dilm.protocol import EvalConfig
 from dilm.stats import format_interval, summary, welch_interval
 from dilm.synset import read_set
 from dilm.tasks import load_task
+from tune.paths import SweepPaths  # bench/, beside this script
 
 
-def best_trial(storage: Path, sweep: str) -> str:
-    with open(storage / "reports" / sweep / "trials.csv", newline="") as f:
+def best_trial(paths: SweepPaths) -> str:
+    with open(paths.reports_dir / "trials.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["objective"]]
     return max(rows, key=lambda r: float(r["objective"]))["ray_trial_id"]
 
@@ -48,11 +50,12 @@ def main() -> int:
                                                                    "minutes on a CPU)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    sets_dir = a.storage / "sets" / a.sweep
+    paths = SweepPaths(a.storage, a.sweep, tune_storage="")  # the sweep's layout, as tune.report reads it
+    sets_dir = paths.sets_dir
     prov = json.loads((sets_dir / "baselines" / "vanilla" / "provenance.json").read_text())["config"]
     task = load_task(prov["task"])
     names, pair = task.label_names, task.is_pair
-    trial = best_trial(a.storage, a.sweep)
+    trial = best_trial(paths)
     methods = {
         f"best trial ({trial})": [read_set(f, names, pair) for f in sorted((sets_dir / trial / "sets" / f"dpc{a.dpc}")
                                                                           .glob("*.jsonl"))],
@@ -82,7 +85,7 @@ def main() -> int:
         out["best_minus"][m] = ci = welch_interval(out["summary"][best], out["summary"][m])
         print(f"  best trial - {m:17s} {format_interval(ci)}")
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
+        write(a.json, out)
     return 0
 
 

@@ -219,6 +219,11 @@ def log_copies(ctx: RunContext, state: State, sets: dict[int, list[SynSet]]) -> 
     return reports
 
 
+def final_set_seeds(cfg: DistillConfig) -> list[int]:
+    """Final set k's seed: its selection's, and that of its half of a shared pool."""
+    return [derive_seed(cfg.seed, "final set", k) for k in range(cfg.n_sets)]
+
+
 def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], dict[int, dict]]:
     """``n_sets`` sets per DPC → ({dpc: set paths}, {dpc: memorisation report}). ``final_pool`` per_set: every DPC of
     set k selects from set k's over_sample × (largest DPC) candidates per class (per generator, with
@@ -228,7 +233,7 @@ def final_sets(ctx: RunContext, state: State) -> tuple[dict[int, list[Path]], di
     selected texts (``final_label_agreement/dpc<d>``) is emitted, and each DPC's copies of training and test texts
     (:func:`log_copies`)."""
     cfg = ctx.cfg
-    c, seeds = ctx.task.num_classes, [derive_seed(cfg.seed, "final set", k) for k in range(cfg.n_sets)]
+    c, seeds = ctx.task.num_classes, final_set_seeds(cfg)
     pooled, firsts = final_candidates(ctx, state, *final_counts(ctx))
     if cfg.final_pool == "shared":
         sets = select_from_pool(ctx, pooled, list(cfg.dpc), seeds, firsts)
