@@ -73,9 +73,11 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
+    from record import write  # bench/, beside this script
+
     from dilm.coreset import CoresetConfig, build_coresets
-    from dilm.labelspace import paired_interval
-    from dilm.models import cpu_has_bf16
+    from dilm.device import cpu_has_bf16
+    from dilm.stats import paired_interval
     from dilm.synset import write_set
     from dilm.tasks import load_task
 
@@ -93,9 +95,9 @@ def main() -> None:
             for name, (code, precision) in sides.items():
                 results[name] += side(code, sets[i: i + a.chunk], a, precision)
             print(f"  {min(i + a.chunk, len(sets))}/{len(sets)} sets, {time.time() - t0:.0f} s", flush=True)
-            out = summary(results, a, cpu_has_bf16(), paired_interval)  # after every chunk: a partial run counts
+            out = speed_summary(results, a, cpu_has_bf16(), paired_interval)  # after every chunk: a partial run counts
             if a.json:
-                Path(a.json).write_text(json.dumps(out, indent=2))
+                write(a.json, out)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline")],
                        check=False, capture_output=True)
@@ -108,7 +110,7 @@ def main() -> None:
               f"paired difference {r['paired_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]")
 
 
-def summary(results: dict[str, list[dict]], a, native_bf16: bool, paired_interval) -> dict:
+def speed_summary(results: dict[str, list[dict]], a, native_bf16: bool, paired_interval) -> dict:
     """Seconds per (set, seed) pair and accuracy of each side; this checkout's against the baseline: the ratio and
     the paired accuracy difference (same set and seed) with its 95 % interval."""
     base = results["baseline"]

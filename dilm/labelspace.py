@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from dilm import DilmError
-from dilm.stats import paired_interval  # noqa: F401  (bench/eval_speed.py imports it here until it is switched)
 from dilm.synset import SynSet
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from dilm import DilmError
-from dilm.device import cpu_has_bf16  # noqa: F401  (bench/eval_speed.py imports it here until it is switched)
 from dilm.files import atomic_write_dir, file_lock
 
 
