@@ -27,7 +27,7 @@ what it measured):
    ``final_mix: split`` (:func:`~dilm.distill.select.select_sets` with the first draw's counts), and with
    ``--lm-pool`` its twin without matching, ``lm2bal:filter+herding`` (the same split over the two LM draws); every
    selection goes through the product's ``select_sets`` with its seeds (``final_set_seeds``);
-3. **sets**: the selections of :data:`SELECTIONS` at every DPC; random and k-centers (``--sets`` seeded draws) and
+3. **sets**: the selections of :data:`WAYS` at every DPC; random and k-centers (``--sets`` seeded draws) and
    herding (deterministic: one set) of real data; label agreement and the memorisation report of each method;
    with ``--soft``, ``<selection>+soft``: the same texts with soft labels learned by :class:`dilm.softlabel.
    SoftLabeler` (its defaults);
@@ -73,7 +73,7 @@ from dilm.stats import format_interval, paired_interval, summary
 from dilm.synset import SynSet
 from dilm.tasks import load_task
 
-SELECTIONS = {  # name → how the candidates are chosen
+WAYS = {  # the selections this bench runs: name → how the candidates are chosen
     "kmeans": Selection(method="kmeans", label_filter="none", pooling="cls"),  # the reference's "k-centers"
     "herding": Selection(method="herding", label_filter="none", pooling="mean"),
     "filter+herding": Selection(method="herding", label_filter="probe", pooling="mean"),
@@ -95,7 +95,7 @@ QUICK = dict(generator="tiny-llama", learner="tiny-bert", probe="tiny-bert", lm_
 QUICK_JUDGES = ("tiny-bert-probe", "tiny-llama-probe", "tfidf-logreg")
 
 
-def parse() -> argparse.Namespace:
+def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for the LM checkpoint and the JSON")
     p.add_argument("--task", default="sst2")
@@ -194,7 +194,7 @@ def pool_twin(method: str) -> str | None:
     return None
 
 
-def table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -> str:
+def markdown_table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -> str:
     rows = ["| judge | DPC | method | accuracy (n) | − random [95 % CI] | − k-means [95 % CI] | − twin [95 % CI] | "
             "− lm2 [95 % CI] |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
@@ -216,7 +216,7 @@ def table(cells: dict, judges: list[str], dpcs: list[int], methods: list[str]) -
 
 
 def main() -> int:
-    args = parse()
+    args = arguments()
     if args.report:
         path = args.out / "cpu_quality.json"
         report(path, json.loads(path.read_text()))
@@ -229,7 +229,7 @@ def main() -> int:
     task = load_task(args.task)
     rec = Record(args.out / "cpu_quality.json", {
         "args": {k: str(v) for k, v in vars(args).items()}, "config": cfg.to_dict(),
-        "selections": {k: vars(v) for k, v in SELECTIONS.items()}})
+        "selections": {k: vars(v) for k, v in WAYS.items()}})
 
     lm = train_lm(cfg, args.out / "lm", task=task)
     meta = json.loads((lm / "dilm_lm.json").read_text())
@@ -250,7 +250,7 @@ def main() -> int:
         return [got[k * c: (k + 1) * c] for k in range(args.sets)]
 
     vanilla = candidates_of(ctx, "candidates")
-    arms = [("", ctx, vanilla, list(SELECTIONS), None)]  # (prefix, generator, candidates per set, selections, split)
+    arms = [("", ctx, vanilla, list(WAYS), None)]  # (prefix, generator, candidates per set, selections, split)
     if args.lm_pool:  # a pool of both:'s size from the vanilla LM alone (the product's second LM draw)
         second = candidates_of(ctx, "candidates/lm2", GENERATOR_DRAW)
         arms.append(("lm2:", ctx, [both_generators(a, b) for a, b in zip(vanilla, second)], ["filter+herding"], None))
@@ -293,7 +293,7 @@ def main() -> int:
     for prefix, gen, per_set, names, first in arms:  # the product's selection (first: final_mix split's first draw)
         firsts = None if first is None else [[len(row) for row in rows] for rows in first]
         for sel in names:
-            how, name, t = replace(SELECTIONS[sel], split=first is not None), prefix + sel, time.perf_counter()
+            how, name, t = replace(WAYS[sel], split=first is not None), prefix + sel, time.perf_counter()
             for d, got in select_sets(gen, per_set, dpcs, seeds, firsts, how).items():
                 sets[d, name] = got
             record_sets(name, gen, t)
@@ -345,7 +345,7 @@ def report(path: Path, data: dict) -> None:
                                           "vs_lm_pool": pool_twin(m) and paired(cells, j, d, m, pool_twin(m))}
                       for j in judges for d in dpcs for m in methods if f"{j}/dpc{d}/{m}" in cells}
     write_json(path, data)
-    print(table(cells, judges, dpcs, methods))
+    print(markdown_table(cells, judges, dpcs, methods))
 
 
 if __name__ == "__main__":

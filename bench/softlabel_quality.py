@@ -57,7 +57,7 @@ CONTRASTS = (("soft", "hard"), ("smooth", "hard"), ("teacher", "hard"), ("soft",
              ("soft-mean", "hard"), ("soft", "soft-mean"))
 
 
-def parse() -> argparse.Namespace:
+def arguments() -> argparse.Namespace:
     ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
     strs = lambda s: tuple(x for x in s.split(",") if x)  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,7 +212,7 @@ def tables(results: dict) -> str:
 
 
 def main() -> None:
-    a = parse()
+    a = arguments()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = pick_device(a.device)

@@ -98,3 +98,34 @@ def test_no_module_is_longer_than_the_limit(module):
     path = modules()[module]
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (at most {MAX_LINES}): split it"
+
+
+def test_only_the_cli_imports_tune():
+    """``dilm`` is the method; ``tune`` orchestrates it. Only the CLI (``dilm sweep`` …) reaches up into ``tune``."""
+    offenders = {m: sorted(n for n in imported_names(p) if n.split(".")[0] == "tune")
+                 for m, p in modules().items() if m.startswith("dilm") and m != "dilm.cli"}
+    assert not {m: n for m, n in offenders.items() if n}
+
+
+def top_level_names(path: Path) -> set[str]:
+    """The functions, classes and assigned names a module defines at its top level (not those it imports)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def test_no_bench_script_redefines_what_the_packages_define():
+    """A bench calls the product: a function or class of its own named like one of ``dilm`` / ``tune`` is a second
+    implementation in the making (a copied ``paired_interval``, ``git_revision``, ``halves``...)."""
+    exported = {n for p in modules().values() for n in top_level_names(p) if not n.startswith("_")}
+    exported -= {"main", "ROOT"}  # every script has a main, many modules a ROOT: names, not implementations
+    scripts = sorted((ROOT / "bench").glob("*.py"))
+    assert len(scripts) >= 5  # the scan sees the benches
+    clashes = {s.name: sorted(top_level_names(s) & exported) for s in scripts}
+    assert not {s: n for s, n in clashes.items() if n}, clashes
