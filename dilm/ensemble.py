@@ -10,11 +10,14 @@ C classes.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from dilm.device import autocast
+from dilm.device import autocast, autocast_dtype
 from dilm.models import head_param_names, is_causal
 from dilm.protocol import EvalConfig, linear_warmup_decay
 from dilm.tasks import Example
@@ -27,7 +30,7 @@ class Ensemble:
     def __init__(self, base: torch.nn.Module, seeds: list[int], device, vectorized: bool | None = None):
         self.base, self.n = base, len(seeds)
         # vmap on GPUs; on the CPU vmap's batched attention falls back to a slow per-member loop, and calling the
-        # members in turn is faster (bench/cpu_ensemble.py)
+        # members in turn is faster (bench/eval_throughput.py --learner-steps)
         self.vectorized = torch.device(device).type != "cpu" if vectorized is None else vectorized
         self.causal = is_causal(base)
         head_keys = head_param_names(base)
@@ -39,8 +42,17 @@ class Ensemble:
                 params[k].data[i] = torch.as_tensor(fresh, dtype=params[k].dtype).to(device)
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         self.buffers = buffers
-        if not self.vectorized:  # member i's parameters: leaves viewing row i of the stacked ones, grads included,
-            for v in self.params.values():  # so that backward accumulates into the stacked grads in place
+        emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+        self.linear_keys = frozenset(f"{name}.{k}" for name, m in base.named_modules()
+                                     if isinstance(m, torch.nn.Linear) for k, _ in m.named_parameters())
+        self.vocab_key = next((k for k, p in base.named_parameters() if emb is not None and p is emb.weight), None)
+        self.bind()
+
+    def bind(self) -> None:
+        """After ``params`` change: on the CPU, member i's parameters are leaves viewing row i of the stacked ones,
+        grads included, so that backward accumulates into the stacked grads in place."""
+        if not self.vectorized:
+            for v in self.params.values():
                 v.grad = torch.zeros_like(v)
             self.members = [{k: self._row(v, i) for k, v in self.params.items()} for i in range(self.n)]
 
@@ -64,10 +76,20 @@ class Ensemble:
         return torch.stack([self.member(i, {k: v[i] for k, v in inputs.items()} if batched else inputs)
                             for i in range(self.n)])
 
-    def member(self, i: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Member ``i`` alone (the in-turn members of a CPU ensemble) on inputs (B, T[, H]) → logits (B, C)."""
+    def member(self, i: int, inputs: dict[str, torch.Tensor], params: dict | None = None) -> torch.Tensor:
+        """Member ``i`` alone (the in-turn members of a CPU ensemble) on inputs (B, T[, H]) → logits (B, C); with
+        ``params`` (:meth:`cast_linear`) in place of its own."""
         kw = {**inputs, "attention_mask": additive_mask(inputs["attention_mask"], self.causal)}
-        return functional_call(self.base, (self.members[i], {k: v[i] for k, v in self.buffers.items()}), (), kw).logits
+        params = self.members[i] if params is None else params
+        return functional_call(self.base, (params, {k: v[i] for k, v in self.buffers.items()}), (), kw).logits
+
+    def cast_linear(self, i: int, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """Member ``i``'s parameters with its linear layers' cast to ``dtype`` (a differentiable cast, made once for
+        all the micro-batches of a step; autocast caches no cast of these row views and would cast them in every
+        call)."""
+        if dtype is None:
+            return self.members[i]
+        return {k: v.to(dtype) if k in self.linear_keys else v for k, v in self.members[i].items()}
 
     def logits(self, input_ids, attention_mask, batched: bool = True) -> torch.Tensor:
         """Token ids (N, B, T) when ``batched`` else (B, T) shared by all members → logits (N, B, C)."""
@@ -117,19 +139,57 @@ def member_step(ens: Ensemble, i: int, inputs: dict[str, torch.Tensor], targets:
     one padded batch (dropout draws aside), for the tokens the batch holds rather than rows x its longest."""
     order = rows[torch.argsort(lengths[rows])]
     sizes = lengths[order].tolist()
-    for start, end in micro_batches(sizes):
-        sel, t = order[start:end], sizes[end - 1]
-        with autocast(device, precision):
-            logits = ens.member(i, {k: v[i, sel, :t] for k, v in inputs.items()})  # (b, C)
-        ce = -(targets[i, sel] * torch.log_softmax(logits.float(), -1)).sum(-1)  # (b,)
-        (ce.sum() / len(rows)).backward()
+    loss = 0.0
+    with autocast(device, precision):
+        params = ens.cast_linear(i, autocast_dtype(device, precision))  # once per step, not per micro-batch
+        for start, end in micro_batches(sizes):
+            sel, t = order[start:end], sizes[end - 1]
+            logits = ens.member(i, {k: v[i, sel, :t] for k, v in inputs.items()}, params)  # (b, C)
+            loss = loss + (-(targets[i, sel] * torch.log_softmax(logits.float(), -1)).sum(-1)).sum()
+    (loss / len(rows)).backward()  # outside autocast, as torch advises
 
 
 def per_member_clip(params: dict[str, torch.Tensor], max_norm: float) -> None:
-    norms = torch.sqrt(sum(p.grad.flatten(1).float().pow(2).sum(1) for p in params.values()))  # (N,)
+    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1)
+                                                  for p in params.values()]), dim=0)  # (N,)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for p in params.values():
         p.grad.mul_(coef.view(-1, *[1] * (p.grad.dim() - 1)).to(p.grad.dtype))
+
+
+def decay_alone(cfg: EvalConfig) -> float:
+    """What the protocol's AdamW does to a weight that never gets a gradient: its moments stay 0, so each step only
+    decays it, by (1 - lr_t * weight_decay) at step t's learning rate."""
+    return math.prod(1 - cfg.lr * linear_warmup_decay(s, cfg.steps, cfg.warmup_ratio) * cfg.weight_decay
+                     for s in range(cfg.steps))
+
+
+@contextlib.contextmanager
+def used_rows(ens: Ensemble, inputs: dict[str, torch.Tensor], cfg: EvalConfig, frozen: frozenset[str]):
+    """Train only the word-embedding rows the sets' texts use (their ids remapped into a (N, k, H) table); on exit,
+    write them back and decay every other row by :func:`decay_alone`. The result is the full table's, as no other
+    row gets a gradient (the clip's norm is the same too), without reading and writing the whole table (V x H: half
+    of MiniLM-L6's weights) in every step's zeroing, clip and optimiser update. Yields the inputs to train on."""
+    key = ens.vocab_key
+    if key is None or key in frozen or "input_ids" not in inputs:
+        yield inputs
+        return
+    emb, ids, full = ens.base.get_input_embeddings(), inputs["input_ids"], ens.params[key]
+    pad = emb.padding_idx  # no gradient reaches it: it moves to its place in the small table
+    used = torch.unique(ids if pad is None else torch.cat([ids.flatten(), ids.new_tensor([pad])]))
+    ens.params[key] = full.detach()[:, used].clone().requires_grad_(True)
+    ens.bind()
+    if pad is not None:
+        emb.padding_idx = int(torch.searchsorted(used, pad))
+    try:
+        yield {**inputs, "input_ids": torch.searchsorted(used, ids)}
+    finally:
+        emb.padding_idx = pad
+        with torch.no_grad():
+            full.mul_(decay_alone(cfg))
+            full[:, used] = ens.params[key]
+        ens.params[key] = full
+        ens.bind()
 
 
 def train_ensemble(ens: Ensemble, inputs: dict[str, torch.Tensor], targets: torch.Tensor, sizes: list[int],
@@ -143,6 +203,12 @@ def train_ensemble(ens: Ensemble, inputs: dict[str, torch.Tensor], targets: torc
     ``frozen`` stay out of the optimiser (no gradient reaches them, e.g. the word-embedding table under
     ``inputs_embeds``).
     """
+    with used_rows(ens, inputs, cfg, frozen) as rows_inputs:
+        _train(ens, rows_inputs, targets, sizes, seeds, cfg, device, frozen)
+
+
+def _train(ens: Ensemble, inputs: dict[str, torch.Tensor], targets: torch.Tensor, sizes: list[int],
+           seeds: list[int], cfg: EvalConfig, device, frozen: frozenset[str]) -> None:
     trained = {k: v for k, v in ens.params.items() if k not in frozen}
     schedule = torch.as_tensor(batch_schedule(sizes, cfg.steps, cfg.batch_size, seeds), device=device)  # (N, S, B)
     opt = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)

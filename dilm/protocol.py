@@ -70,6 +70,8 @@ class EvalConfig:
                             choices=("auto", "fp32", "bf16"))
     ensemble: int = option(16, "learners trained at once (vmap) on a GPU; capped by memory for large models; "
                                "one at a time on the CPU, where that is faster")
+    workers: int = option(0, "CPU processes that train the fine-tuned learners side by side, the CPU threads "
+                             "split among them; 0: one per CPU this process may use (1 on a GPU)")
     icl_shots: int = option(8, "demonstrations per prompt of icl-<model>")
     test_limit: int | None = option(None, "evaluate on the first N test examples only (smoke runs)")
     device: str = option("auto", "auto, cpu or cuda[:N]")
@@ -78,8 +80,8 @@ class EvalConfig:
     def __post_init__(self):
         if not self.archs:
             raise DilmError("evaluation needs at least one architecture")
-        if self.seeds < 1 or self.steps < 0 or self.batch_size < 1 or self.ensemble < 1:
-            raise DilmError("seeds, batch_size and ensemble must be >= 1 and steps >= 0")
+        if self.seeds < 1 or self.steps < 0 or self.batch_size < 1 or self.ensemble < 1 or self.workers < 0:
+            raise DilmError("seeds, batch_size and ensemble must be >= 1, steps and workers >= 0")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise DilmError(f"unknown precision {self.precision!r}; known: auto, fp32, bf16")
         if not 0.0 <= self.warmup_ratio <= 1.0:

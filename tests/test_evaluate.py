@@ -186,3 +186,50 @@ def test_bf16_learners_beat_chance_on_separable_toy(toy_task):
     synset = SynSet.from_examples(toy_task.train[:40], toy_task.label_names)
     cfg = EvalConfig(archs=("tiny-bert",), seeds=2, steps=60, lr=1e-3, progress=False, precision="bf16")
     assert Evaluator(toy_task, cfg).evaluate([synset]).summary()["tiny-bert"]["accuracy"] > 75
+
+
+def test_training_the_used_embedding_rows_gives_the_full_tables_result(monkeypatch):
+    """``used_rows`` trains a small table of the rows the texts use and decays the others alone: the weights after a
+    protocol run (weight decay, clipping, warm-up) are the ones training the whole table gives, rows used or not."""
+    import contextlib
+
+    import dilm.ensemble as ensemble
+
+    tok = load_tokenizer("tiny-bert")
+    enc = encode(tok, ["a good film", "bad", "dull plot", "fine acting"], 16, CPU)
+    inputs = {k: v.view(2, 2, -1) for k, v in enc.items()}
+    targets = torch.eye(2).expand(2, 2, 2)
+    cfg = EvalConfig(archs=("tiny-bert",), steps=6, lr=1e-2, weight_decay=0.1, progress=False, precision="fp32")
+    runs = []
+    for small in (True, False):
+        if not small:
+            monkeypatch.setattr(ensemble, "used_rows", contextlib.contextmanager(lambda ens, x, *a: (yield x)))
+        ens = Ensemble(load_model("tiny-bert", "classifier", 2).eval(), [0, 1], CPU)
+        ensemble.train_ensemble(ens, inputs, targets, [2, 2], [0, 1], cfg, CPU)
+        runs.append({k: v.detach().clone() for k, v in ens.params.items()})
+    key = ens.vocab_key
+    assert key is not None and runs[0][key].shape == runs[1][key].shape  # the whole table is back
+    used = torch.unique(enc["input_ids"])
+    assert not torch.equal(runs[0][key][:, used], ens.base.get_input_embeddings().weight[used])  # trained
+    for k in runs[1]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_worker_processes_fit_as_the_process_itself(toy_task):
+    """``workers`` > 1 trains the learners in spawned processes: the same fits (dropout seeded per job), so the same
+    predictions as training them here; 0 chooses one per CPU for long fits only."""
+    from dilm.archs.base import EvalContext
+    from dilm.archs.finetune import MIN_POOL_STEPS, cpu_workers, score
+
+    sets = [SynSet.from_examples(toy_task.train[i:i + 20], toy_task.label_names) for i in (0, 20)]
+    preds = {}
+    for workers in (1, 2):
+        cfg = EvalConfig(archs=("tiny-bert",), seeds=1, steps=8, lr=1e-3, progress=False, precision="fp32",
+                         workers=workers)
+        preds[workers] = [p for p, _ in score(EvalContext(toy_task, cfg), "tiny-bert", sets)]
+    assert len(preds[2]) == 2
+    for a, b in zip(preds[1], preds[2]):
+        assert (a == b).mean() >= 0.95  # fp32 sums in another thread count: a rare tie may flip
+    auto = EvalConfig(archs=("tiny-bert",), progress=False)
+    assert cpu_workers(auto, CPU, 1) == 1 and cpu_workers(auto, torch.device("cuda"), 8) == 1
+    assert cpu_workers(EvalConfig(archs=("tiny-bert",), steps=MIN_POOL_STEPS - 1), CPU, 8) == 1
