@@ -42,6 +42,11 @@ test: install
 	$(PY) -m ruff check dilm tune tests bench
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
+# The edit-test loop (under 2 min): make test less the `integration` runs (Ray clusters, sweeps, whole distill runs).
+.PHONY: test-quick
+test-quick: install
+	$(PY) -m pytest -m "not slow and not gpu and not integration" -q
+
 test-all: install browser
 	$(PY) -m pytest -q
 

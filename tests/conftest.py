@@ -12,6 +12,21 @@ import pytest  # noqa: E402
 
 from dilm.tasks import Example, TaskData  # noqa: E402
 
+# Tests that start one of these are integration runs (a Ray cluster; a sweep driver on its own cluster):
+# marked ``integration`` here, so a new test that uses one is in the right tier without a decorator of its own.
+INTEGRATION_FIXTURES = {"ray_cluster", "crashed_sweep"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "integration: a whole run (a Ray cluster, a sweep, a distill or evaluation end "
+                            "to end; seconds each): in `make test`, left out of the edit-test loop's `make test-quick`")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 POS = ["great", "wonderful", "superb", "delightful", "excellent", "brilliant", "lovely", "charming"]
 NEG = ["awful", "terrible", "dreadful", "boring", "horrible", "tedious", "lousy", "dismal"]
 

@@ -136,6 +136,7 @@ def test_launcher_configs_share_one_install_recipe():
     assert len({yaml.safe_dump([r["file_mounts"], r["rsync_exclude"]]) for r in raws.values()}) == 1
 
 
+@pytest.mark.integration
 def test_submit_launcher_runs_the_sweep_in_the_synced_repo(tmp_path):
     """`ray submit` copies a script to ~ and runs it there, where ~/dilm (the synced repository, no __init__.py) is a
     namespace package that shadows the installed dilm: tune/sweep.py fails at import, cluster/sweep.py (what the docs

@@ -97,6 +97,7 @@ def smoke_run(tmp_path_factory):
     return cfg, distill(cfg, callback=seen.append), seen
 
 
+@pytest.mark.integration
 def test_final_sets_exact_dpc_no_duplicates(smoke_run):
     cfg, result, _ = smoke_run
     assert sorted(result.sets) == [2, 3]
@@ -115,6 +116,7 @@ def test_final_sets_exact_dpc_no_duplicates(smoke_run):
         k for m in smoke_run[2] for k in m}
 
 
+@pytest.mark.integration
 def test_callback_sees_lm_match_and_validation_metrics(smoke_run):
     cfg, result, seen = smoke_run
     stages = {m["stage"] for m in seen}
@@ -126,6 +128,7 @@ def test_callback_sees_lm_match_and_validation_metrics(smoke_run):
     assert result.timings["val_s"] > 0  # the cost of validation is measured and written to provenance
 
 
+@pytest.mark.integration
 def test_resume_from_checkpoint_continues_the_step_count(tmp_path, toy_task, monkeypatch):
     cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), outer_loops=3)
     monkeypatch.setattr(match_stage, "FAIL_AT_STEP", 3)  # the test hook: not a config field
@@ -172,6 +175,7 @@ def test_a_damaged_distill_checkpoint_is_one_line_naming_its_file(tmp_path, dama
     assert message.endswith(f"delete {tmp_path / 'checkpoint'} to start this run again from the beginning")
 
 
+@pytest.mark.integration
 def test_cli_smoke_preset(tmp_path, capsys):
     assert main(["distill", "--task", "sst2", "--preset", "smoke", "-o", str(tmp_path / "o")]) == 0
     assert "DPC 2: 2 set(s)" in capsys.readouterr().out
@@ -196,6 +200,7 @@ def test_token_limits_come_from_the_tasks_data(tmp_path):
     assert capped == {"max_length": 30, "max_new_tokens": 7}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("task", ["mrpc", pytest.param("ag_news", marks=pytest.mark.slow)])
 def test_cli_smoke_preset_on_pair_and_multiclass_tasks(task, tmp_path, capsys):
     """``--preset smoke`` on MRPC used to stop with "0 usable texts": pairs now always parse (see
@@ -321,6 +326,7 @@ class Declining:
         self.inner_learner_steps_of(*args)
 
 
+@pytest.mark.integration
 def test_step_zero_is_validated_and_kept_when_matching_only_hurts(tmp_path, toy_task, monkeypatch):
     """Items 6 and 4: the LM-only generator is validated before the first matching step, so a run whose matching
     only lowers validation keeps the LM's generator; the learner takes no steps after an outer loop's last
@@ -385,6 +391,7 @@ def test_learner_encodes_pairs_with_the_pair_api(toy_run):
     assert all(torch.equal(rows[k], enc[k]) for k in enc)
 
 
+@pytest.mark.integration
 def test_a_shared_final_pool_is_sampled_once_for_every_set(tmp_path, toy_task):
     """``final_pool: shared`` samples one pool of over_sample × largest DPC per class (not one per set), and still
     writes n_sets distinct sets of exactly DPC per class."""
@@ -403,6 +410,7 @@ def test_a_shared_final_pool_is_sampled_once_for_every_set(tmp_path, toy_task):
     assert len(set(texts)) > 1  # the sets choose from different halves
 
 
+@pytest.mark.integration
 def test_step0_validation_is_computed_once_for_runs_that_differ_only_in_matching(tmp_path, monkeypatch, toy_task):
     """From one LM checkpoint, the step-0 validation (the LM-only generator) of a config is kept on disk: a run that
     differs only in matching keys reads it instead of validating again, and what it reads is what it would have
@@ -443,6 +451,7 @@ def test_step0_validation_is_computed_once_for_runs_that_differ_only_in_matching
     assert key(val_steps=3) != entries()[0] and key(top_p=0.5) != entries()[0] and key(lm_checkpoint="") is None
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("sources", "draws"), [("generator+lm", 2), ("generator", 1)])
 def test_final_candidates_of_the_lm_only_generator_are_sampled_once(tmp_path, monkeypatch, toy_task, sources, draws):
     """The vanilla-LM run (outer_loops 0) and a matched run that kept the step-0 generator sample the same final
@@ -526,6 +535,7 @@ def union(lm, matched) -> list[list[tuple]]:
     return [c + [s for s in m if s not in c] for c, m in zip(texts(lm), texts(matched))]
 
 
+@pytest.mark.integration
 def test_final_sources_generator_and_lm_with_the_lm_stage_in_the_run(tmp_path, monkeypatch, toy_task):
     """``final_sources: generator+lm`` with the LM stage in the run: the LM's candidates are sampled before matching
     (its weights are not kept) into the run's folder, and the final sets select among them followed by the matched
@@ -558,6 +568,7 @@ def test_final_sources_generator_and_lm_with_the_lm_stage_in_the_run(tmp_path, m
     assert len(list((tmp_path / "in-run-kept-step-0").glob(IN_RUN_LM_CANDIDATES))) == 2  # both kept
 
 
+@pytest.mark.integration
 def test_final_sources_generator_and_lm_from_an_lm_checkpoint(tmp_path, monkeypatch, toy_task):
     """From an LM checkpoint the LM's candidates are read from the cache the vanilla run filled, or, with nothing
     on disk, sampled after matching with the checkpoint's weights swapped in (the vanilla run's candidates) and the
@@ -595,6 +606,7 @@ def test_final_sources_generator_and_lm_from_an_lm_checkpoint(tmp_path, monkeypa
     assert draws.events == ["match", "lm", "gen"] and draws.pools[-1] == vanilla_pool
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("final_pool", ["shared", "per_set"])
 def test_a_split_mix_gives_each_draw_its_share_of_every_final_set(tmp_path, monkeypatch, toy_task, final_pool):
     """``final_mix: split``: every final set holds DPC//2 texts per class of the LM stage's draw and the rest of the

@@ -28,6 +28,7 @@ def test_ensemble_logits_equal_separate_models():
             torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_learners_beat_chance_on_separable_toy(toy_task):
     synset = SynSet.from_examples(toy_task.train[:40], toy_task.label_names)
     cfg = EvalConfig(archs=("tiny-bert", "tfidf-logreg"), seeds=2, steps=60, lr=1e-3, progress=False)
@@ -182,6 +183,7 @@ def test_length_sorted_micro_batches_give_the_padded_batch_gradient(precision):
     assert any(g.abs().sum() > 0 for g in got.values())
 
 
+@pytest.mark.integration
 def test_bf16_learners_beat_chance_on_separable_toy(toy_task):
     synset = SynSet.from_examples(toy_task.train[:40], toy_task.label_names)
     cfg = EvalConfig(archs=("tiny-bert",), seeds=2, steps=60, lr=1e-3, progress=False, precision="bf16")
@@ -215,6 +217,7 @@ def test_training_the_used_embedding_rows_gives_the_full_tables_result(monkeypat
         torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_cpu_worker_processes_fit_as_the_process_itself(toy_task):
     """``workers`` > 1 trains the learners in spawned processes: the same fits (dropout seeded per job), so the same
     predictions as training them here; 0 chooses one per CPU for long fits only."""

@@ -237,6 +237,7 @@ SEEDS = (0, 1, 2)  # independent runs: a claim about learned labels holds on the
 LEARNERS = 16  # fresh heads per set; with 200 test examples the share of predictions is known to about ±0.02
 
 
+@pytest.mark.integration
 def test_tdd_with_fewer_sequences_than_classes_reaches_the_other_classes(topic_task):
     """2 sequences, 4 classes: the learned labels put mass on the 2 classes no sequence starts with, and head
     learners trained on the set (the unroll, learned step size) predict those classes and more classes than
@@ -277,6 +278,7 @@ def test_tdd_with_fewer_sequences_than_classes_reaches_the_other_classes(topic_t
     assert np.mean(more_classes) > 0, more_classes
 
 
+@pytest.mark.integration
 def test_soft_labels_for_fewer_examples_than_classes_reach_the_other_classes(topic_task):
     """2 real examples, 4 classes: learned soft labels reach the uncovered classes, and proxies trained on them
     predict those classes more often than proxies trained on the hard labels. 60 steps at lr 0.3: at 25 steps of 0.1

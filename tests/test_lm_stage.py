@@ -114,6 +114,7 @@ def test_concurrent_callers_train_once(tmp_path, toy_task):
     assert not errors and sorted(runs) == [False, True]  # one trained, the other found it done
 
 
+@pytest.mark.integration
 def test_matching_starts_from_the_checkpoint(tmp_path, toy_task):
     cfg = _cfg(tmp_path)
     path = train_lm(cfg, tmp_path / "lm", task=toy_task)
@@ -133,6 +134,7 @@ def test_matching_starts_from_the_checkpoint(tmp_path, toy_task):
     assert json.loads(result.provenance.read_text())["lm_checkpoint"] == str(path)
 
 
+@pytest.mark.integration
 def test_a_loaded_task_is_not_loaded_or_hashed_again(tmp_path, toy_task, monkeypatch):
     """A sweep trial loads its task once: given it, the shared LM checkpoint (key, training) hashes the training data
     once and loads nothing, and distill loads nothing either."""
@@ -172,6 +174,7 @@ def test_bad_lm_checkpoints_fail_with_one_line(tmp_path, toy_task):
         Distiller(dataclasses.replace(cfg, lm_checkpoint=str(path)), task=toy_task)
 
 
+@pytest.mark.integration
 def test_cli_lm_only_then_lm_checkpoint(tmp_path, capsys):
     from dilm.cli import main
 

@@ -50,6 +50,7 @@ def test_corpus_renders_the_template_and_parse_keeps_one_line():
     assert parse(" one\npair: two", True) == ("one", "two")
 
 
+@pytest.mark.integration
 def test_cli_prompt_template_reaches_provenance(tmp_path):
     from dilm.cli import main
 
@@ -85,6 +86,7 @@ def percent_of_own_class(probe: LabelProbe, by_class: list[list]) -> float:
     return 100 * float(np.concatenate([probe.predict([s.text for s in g]) == c for c, g in enumerate(by_class)]).mean())
 
 
+@pytest.mark.integration
 def test_distill_emits_label_agreement_per_pool_and_for_final_sets(tmp_path, toy_task, monkeypatch):
     seen, generated = [], []
     regenerate = match_stage.regenerate_pool

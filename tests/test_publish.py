@@ -98,6 +98,7 @@ def test_an_unreachable_storage_is_one_warning_then_retried_with_backoff(tmp_pat
     assert json.loads((tmp_path / "remote" / "state" / "s.published.json").read_text())["trials_ended"] == ["t0"]
 
 
+@pytest.mark.integration
 def test_an_s3_server_that_stops_and_comes_back(tmp_path, monkeypatch, capsys):
     """moto stopped mid-sweep: the publish fails in one line and leaves the last whole copy; restarted on the same
     port, the next publish completes it (no temporary key left behind)."""

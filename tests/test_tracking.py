@@ -126,6 +126,7 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+@pytest.mark.integration
 def test_ui_serves_the_runs(store, tmp_path):
     """``dilm ui`` (``python -m tune.tracking``) on 127.0.0.1: the REST API lists the sweep's runs, it prints the
     direct link to the experiment's runs page, and SIGTERM to it stops the MLflow server and its workers."""

@@ -160,6 +160,7 @@ def test_options_that_contradict_or_go_unused_are_one_line(reviews, argv, messag
     assert err.count("\n") == 1 and err.startswith("dilm") and re.search(message, err), err
 
 
+@pytest.mark.integration
 def test_distill_evaluate_and_coreset_run_on_the_users_files(tmp_path, reviews, capsys):
     """The main job's command on a user's CSV: the sets are of the file (its labels), the prompt is built from the
     description, provenance holds the data's hash; evaluate and coreset read the same files."""
