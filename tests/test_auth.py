@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 import urllib.error
 import urllib.request
 
@@ -83,3 +84,55 @@ def test_the_served_store_refuses_requests_without_the_sweeps_password(auth_serv
     assert not leaked  # neither the store, the artifacts nor the server's log
     server_ini = (server.private / "basic_auth.ini").read_text()
     assert admin.password not in server_ini
+
+
+def within(seconds: float, condition) -> bool:
+    """Whether ``condition()`` holds within ``seconds`` (polled every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.slow  # ~25 s: a server started, killed and started again
+def test_a_killed_tracking_server_is_restarted_and_a_client_waits_for_it(tmp_path):
+    """The fault "tracking server killed" (docs/clusters.md): the driver's watch starts it again on the same URL with
+    the same user, and a request made while it is down (a trial logging) is retried by MLflow's client until it
+    answers. A server that no longer starts is one warning, and the watch ends."""
+    import signal
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from tune.mlflow_server import TrackingServer
+
+    admin, said = Credentials.generate(), []
+    server = TrackingServer.start(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlartifacts", "127.0.0.1",
+                                  log=tmp_path / "mlflow-server.log", admin=admin)
+    try:
+        watch = server.watch(every_s=0.5, say=lambda line, **_: said.append(line))
+        with client_env(admin):
+            client = MlflowClient(tracking_uri=server.url)
+            experiment = client.create_experiment("restart")
+            first = server.proc.pid
+            os.killpg(first, signal.SIGKILL)  # the server and its uvicorn worker: kill -9, the OOM killer
+            assert within(10, lambda: not server.healthy())  # its port refuses connections: it is down
+            run = client.create_run(experiment).info.run_id  # refused, retried, answered by the new server
+            client.log_param(run, "p", 1)
+            assert client.get_run(run).data.params == {"p": "1"}
+        # the client may be answered up to one health poll before the watch counts the restart
+        assert within(10, lambda: said) and server.restarts == 1 and server.proc.pid != first
+        assert status(f"{server.url}/api/2.0/mlflow/runs/search", {}) == 401  # still the sweep's user only
+        assert said == [f"warning: the MLflow server stopped; restarted on {server.url}"]
+
+        server.command = [sys.executable, "-c", "raise SystemExit(3)"]  # e.g. its store became unreachable
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        watch.join(timeout=60)
+        assert not watch.is_alive() and server.restarts == 1 and len(said) == 2
+        assert said[1].startswith("warning: the MLflow server stopped and could not be restarted: the MLflow server "
+                                  f"did not start on {server.url} (log: ")
+    finally:
+        server.stop()
+    assert server.proc.poll() is not None

@@ -12,6 +12,9 @@ address trials use: MLflow 3 refuses other Host headers than localhost and priva
 With ``admin`` credentials (what the driver does: :mod:`tune.auth`) the server runs MLflow's ``basic-auth`` app: a
 request without that user's password gets 401 (``/health`` aside, which the start waits on). Its auth config and
 user database live in a private temporary folder removed when the server stops.
+
+Should the server die while a sweep runs (killed, out of memory), :meth:`TrackingServer.watch` starts it again on the
+same port with the same users: the trials' requests retry meanwhile (``tests/test_auth.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dilm import DilmError
@@ -47,11 +51,17 @@ def server_command(backend_uri: str, artifacts: Path, host: str, port: int, auth
 
 @dataclass
 class TrackingServer:
-    """A running ``mlflow server``; ``url`` is what trials log to."""
+    """A running ``mlflow server``; ``url`` is what trials log to. :meth:`watch` restarts it should it die."""
 
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None
     url: str
     private: Path | None = None  # the auth config and user database (basic-auth only)
+    command: list[str] = field(default_factory=list, repr=False)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # the admin's password
+    log: Path = Path(os.devnull)
+    restarts: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
     def start(cls, backend_uri: str, artifacts: Path, host: str, log: Path | None = None,
@@ -66,17 +76,27 @@ class TrackingServer:
             env.update(server_env(admin, private))
         log = log or Path(os.devnull)
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(server_command(backend_uri, artifacts, host, port, auth=admin is not None),
-                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        server = cls(proc, f"http://{host}:{port}", private)
-        deadline = time.monotonic() + timeout_s
-        while not server.healthy():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                raise DilmError(f"the MLflow server for {backend_uri} did not start on {server.url} (log: {log})")
-            time.sleep(0.5)
+        server = cls(None, f"http://{host}:{port}", private,
+                     server_command(backend_uri, artifacts, host, port, admin is not None), env, log)
+        try:
+            server._launch(timeout_s)
+        except DilmError:
+            server.stop()
+            raise DilmError(f"the MLflow server for {backend_uri} did not start on {server.url} "
+                            f"(log: {log})") from None
         return server
+
+    def _launch(self, timeout_s: float = 120) -> None:
+        """Start the command and wait for ``/health`` (the same port, users and store each time)."""
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while not self.healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                stop_group(self.proc)
+                raise DilmError(f"the MLflow server did not start on {self.url} (log: {self.log})")
+            time.sleep(0.5)
 
     def healthy(self) -> bool:
         try:
@@ -85,7 +105,39 @@ class TrackingServer:
         except OSError:
             return False
 
+    def watch(self, every_s: float = 5, say=print) -> threading.Thread:
+        """Until :meth:`stop`, restart the server whose process ended (killed, out of memory; its uvicorn worker
+        ending ends it too): its whole process group stopped, then the same command on the same port with the same
+        users, so the trials' URL and credentials stay valid. MLflow's client retries a failed request (7 times,
+        backoff doubling from 2 s: minutes) and a restart takes seconds: a trial logging meanwhile waits. A server
+        that is slow to answer is left alone: restarting it would fail the requests it is serving. One that cannot
+        be started again is one warning, and the watch ends (a store that fails each start would fail each retry)."""
+
+        def loop() -> None:
+            while not self._stopped.wait(every_s):
+                if self.proc.poll() is None:
+                    continue
+                with self._lock:
+                    if self._stopped.is_set():
+                        return
+                    stop_group(self.proc)
+                    try:
+                        self._launch()
+                    except DilmError as e:
+                        say(f"warning: the MLflow server stopped and could not be restarted: {e}", file=sys.stderr,
+                            flush=True)
+                        return
+                    self.restarts += 1
+                say(f"warning: the MLflow server stopped; restarted on {self.url}", file=sys.stderr, flush=True)
+
+        thread = threading.Thread(target=loop, name="mlflow-server-watch", daemon=True)
+        thread.start()
+        return thread
+
     def stop(self) -> None:
-        stop_group(self.proc)
+        self._stopped.set()
+        with self._lock:  # not while a restart is under way
+            if self.proc is not None:
+                stop_group(self.proc)
         if self.private is not None:
             shutil.rmtree(self.private, ignore_errors=True)

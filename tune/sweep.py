@@ -121,6 +121,7 @@ def start_server(cfg: SweepConfig, paths: SweepPaths) -> tuple[TrackingServer, C
     admin = Credentials.generate()
     server = TrackingServer.start(tracking_uri(paths.storage), paths.storage / "mlartifacts",
                                   ray.util.get_node_ip_address(), log=paths.storage / "mlflow-server.log", admin=admin)
+    server.watch()  # killed mid-sweep: started again on the same URL (tune.mlflow_server)
     login = save_login(login_file(cfg.name, paths.location), server.url, admin)
     print(f"sweep {cfg.name}: MLflow UI {server.url} (while the sweep runs): log in as {admin.username!r} with the "
           f"password in {login} (readable by you only; a new one each run)", flush=True)
