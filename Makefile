@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock test test-all demo lint ui browser
+.PHONY: install lock test test-all demo lint ui browser postgres
 
 install: $(VENV)/.installed
 
@@ -47,7 +47,7 @@ test: install
 test-quick: install
 	$(PY) -m pytest -m "not slow and not gpu and not integration" -q
 
-test-all: install browser
+test-all: install browser postgres
 	$(PY) -m pytest -q
 
 # The distribution's Chromium, for the slow browser test of `dilm ui` (tests/test_sweep_console.py; it skips without
@@ -57,6 +57,14 @@ browser:
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && \
 	    apt-get install -y -q chromium chromium-driver; } || \
 	  echo "no chromium (apt-get install chromium): the browser test of dilm ui will skip"
+
+# The distribution's PostgreSQL server, for the slow test of a sweep's --tracking-db (tests/test_tracking_db.py starts
+# one in a temporary folder with initdb + pg_ctl; it skips without them). Debian/Ubuntu as root: apt-get.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && \
+	    apt-get install -y -q postgresql; } || \
+	  echo "no PostgreSQL server (apt-get install postgresql): the tracking-database test will skip"
 
 demo: install
 	$(VENV)/bin/dilm sweep --config sweeps/demo.yaml

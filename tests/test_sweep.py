@@ -391,10 +391,10 @@ def finished_trials(storage: Path) -> dict[str, dict]:
 
 
 def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tuple[str, ...] = ("tune.sweep",),
-                     secrets: dict | None = None):
+                     secrets: dict | None = None, extra: tuple[str, ...] = ()):
     """Start the sweep with the code in ``code``, SIGKILL it once a trial has finished, resume it with this code
-    (both drivers with ``secrets`` in their environment)."""
-    first = driver(config, storage, storage / "first.log", code=code, command=command, secrets=secrets)
+    (both drivers with ``secrets`` in their environment and ``extra`` on their command line)."""
+    first = driver(config, storage, storage / "first.log", *extra, code=code, command=command, secrets=secrets)
     try:
         deadline = time.monotonic() + 420
         while not finished_trials(storage):
@@ -404,7 +404,7 @@ def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tu
         before = finished_trials(storage)
     finally:
         kill_tree(first)
-    resumed = driver(config, storage, storage / "resumed.log", "--resume", secrets=secrets)
+    resumed = driver(config, storage, storage / "resumed.log", "--resume", *extra, secrets=secrets)
     try:
         resumed.wait(timeout=480)
     finally:

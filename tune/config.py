@@ -30,6 +30,7 @@ from dilm.distill.config import MODEL_KEYS
 from dilm.models import check_model
 from dilm.protocol import EvalConfig
 from dilm.tasks import TASKS, TaskSpec, resolve_task, spec_from_mapping
+from tune.database import check_url, masked
 from tune.paths import SweepPaths, in_ray_job, local_folder  # noqa: F401 (importable from here, as before)
 from tune.scores import OBJECTIVE
 from tune.storage import check_location
@@ -222,6 +223,7 @@ class SweepConfig:
     mlflow: dict = field(default_factory=dict)
     storage: str | None = None
     tune_storage: str | None = None  # Ray Tune storage_path when not <storage>/tune (s3://, gs://, NFS)
+    tracking_db: str = ""  # MLflow's store and the Optuna study in this PostgreSQL database (tune.database)
     description: str = ""
 
     def __post_init__(self):
@@ -244,6 +246,8 @@ class SweepConfig:
             raise DilmError("num_samples and max_concurrent_trials must be >= 1, max_failures >= 0")
         if self.storage:
             check_location(str(self.storage), "storage")
+        if self.tracking_db:
+            check_url(str(self.tracking_db))
         unknown = sorted(set(self.mlflow) - {"experiment"})
         if unknown:
             raise DilmError(f"mlflow: unknown key(s) {unknown}; known keys: experiment")
@@ -320,6 +324,7 @@ class SweepConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["task"] = self.task.to_ref()
+        out["tracking_db"] = masked(self.tracking_db) if self.tracking_db else ""  # saved, logged: no password
         out["search"] = {k: {f: v for f, v in dataclasses.asdict(p).items() if v not in (None, False) and f != "name"}
                          for k, p in self.search.items()}
         return out
@@ -349,7 +354,7 @@ def task_beside(task, folder: Path, name: str = ""):
 
 
 def load_config(path: str | Path, smoke: bool = False, name: str | None = None, storage: str | Path | None = None,
-                tune_storage: str | None = None) -> SweepConfig:
+                tune_storage: str | None = None, tracking_db: str | None = None) -> SweepConfig:
     """Read a sweep YAML; ``smoke`` swaps in tiny models, CPU and a few trials (name suffixed ``-smoke``)."""
     path = Path(path)
     if not path.exists():
@@ -372,6 +377,8 @@ def load_config(path: str | Path, smoke: bool = False, name: str | None = None, 
         raw["storage"] = str(storage)
     if tune_storage:
         raw["tune_storage"] = tune_storage
+    if tracking_db:
+        raw["tracking_db"] = tracking_db
     try:
         return SweepConfig.from_dict(raw)
     except DilmError as e:

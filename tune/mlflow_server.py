@@ -33,7 +33,12 @@ from pathlib import Path
 
 from dilm import DilmError
 from tune.auth import Credentials, server_env
+from tune.database import masked
 from tune.tracking import stop_group
+
+# `mlflow server --backend-store-uri` read from the environment: a tracking database's password stays off the
+# command line, which every user of the machine sees in `ps`
+BACKEND_ENV = "MLFLOW_BACKEND_STORE_URI"
 
 
 def free_port(host: str) -> int:
@@ -42,8 +47,9 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def server_command(backend_uri: str, artifacts: Path, host: str, port: int, auth: bool = False) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
+def server_command(artifacts: Path, host: str, port: int, auth: bool = False) -> list[str]:
+    """The server's command line; the backend store goes in its environment (:data:`BACKEND_ENV`)."""
+    return [sys.executable, "-m", "mlflow", "server", "--serve-artifacts",
             "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port), "--workers", "1",
             "--allowed-hosts", f"{host},{host}:{port},localhost,localhost:{port},127.0.0.1,127.0.0.1:{port}",
             *(["--app-name", "basic-auth"] if auth else [])]
@@ -57,7 +63,7 @@ class TrackingServer:
     url: str
     private: Path | None = None  # the auth config and user database (basic-auth only)
     command: list[str] = field(default_factory=list, repr=False)
-    env: dict[str, str] = field(default_factory=dict, repr=False)  # the admin's password
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # the admin's and the database's passwords
     log: Path = Path(os.devnull)
     restarts: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -69,20 +75,20 @@ class TrackingServer:
         """Serve ``backend_uri`` on a free port of ``host`` and wait until it answers ``/health``; with ``admin``,
         only that user may use it (basic-auth, see the module docstring)."""
         port = free_port(host)
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", BACKEND_ENV: backend_uri}
         env.pop("MLFLOW_TRACKING_URI", None)
         private = Path(tempfile.mkdtemp(prefix="dilm-mlflow-auth-")) if admin else None
         if admin:
             env.update(server_env(admin, private))
         log = log or Path(os.devnull)
         log.parent.mkdir(parents=True, exist_ok=True)
-        server = cls(None, f"http://{host}:{port}", private,
-                     server_command(backend_uri, artifacts, host, port, admin is not None), env, log)
+        server = cls(None, f"http://{host}:{port}", private, server_command(artifacts, host, port, admin is not None),
+                     env, log)
         try:
             server._launch(timeout_s)
         except DilmError:
             server.stop()
-            raise DilmError(f"the MLflow server for {backend_uri} did not start on {server.url} "
+            raise DilmError(f"the MLflow server for {masked(backend_uri)} did not start on {server.url} "
                             f"(log: {log})") from None
         return server
 

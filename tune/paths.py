@@ -15,6 +15,9 @@ but refused if relative inside a Ray job, whose working dir is Ray's temporary c
                                  same parent run and refuses a changed YAML
     reports/<name>/              trials.csv and the parameter-importance plot of the sweep
 
+With ``tracking_db`` (:mod:`tune.database`) the MLflow runs and the study are in that database instead of
+``mlflow.db`` and ``optuna.db``; the artifacts stay in ``mlartifacts/``.
+
 A URI storage (``s3://``, ``gs://``, ... — :mod:`tune.storage`) has the same layout. The trials read and write it
 through pyarrow only; the driver keeps its own files (``mlflow.db``, ``mlartifacts/``, ``optuna.db``, ``state/``,
 ``reports/``) in a local mirror (``$DILM_CACHE/storage/mirror/<slug>``), publishes them as the sweep goes
@@ -24,12 +27,13 @@ through pyarrow only; the driver keeps its own files (``mlflow.db``, ``mlartifac
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dilm import DilmError
+from tune.database import with_driver
 from tune.storage import Storage, is_uri, join, node_cache, open_storage, slug
-from tune.tracking import default_storage
+from tune.tracking import default_storage, tracking_uri
 
 # set by Ray in the environment of a `ray job submit` entrypoint (runtime env and metadata as JSON), of no other driver
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -60,6 +64,7 @@ class SweepPaths:
     name: str
     tune_storage: str
     location: str = ""
+    database: str = field(default="", repr=False)  # the tracking database's URL (tune.database), password and all
 
     @classmethod
     def of(cls, cfg) -> SweepPaths:
@@ -75,7 +80,7 @@ class SweepPaths:
         tune_storage = cfg.tune_storage or join(location, "tune")
         if "://" not in tune_storage:  # a local folder or a shared mount; else s3://, gs://, ... as given
             tune_storage = str(local_folder(tune_storage, "tune_storage"))
-        return cls(storage, cfg.name, tune_storage, location)
+        return cls(storage, cfg.name, tune_storage, location, with_driver(cfg.tracking_db))
 
     @property
     def remote(self) -> bool:
@@ -108,7 +113,12 @@ class SweepPaths:
 
     @property
     def optuna_url(self) -> str:
-        return f"sqlite:///{self.storage / 'optuna.db'}"
+        return self.database or f"sqlite:///{self.storage / 'optuna.db'}"
+
+    @property
+    def mlflow_url(self) -> str:
+        """MLflow's backend store: the tracking database, else ``$MLFLOW_TRACKING_URI`` or ``mlflow.db`` here."""
+        return self.database or tracking_uri(self.storage)
 
     @property
     def state_file(self) -> Path:
@@ -120,4 +130,5 @@ class SweepPaths:
 
     def driver_files(self) -> list[str]:
         """The driver's files of this sweep, as keys under ``storage`` (what it uploads to a URI storage)."""
-        return ["optuna.db", "mlflow.db", f"state/{self.name}.json", f"reports/{self.name}", "mlartifacts"]
+        databases = [] if self.database else ["optuna.db", "mlflow.db"]  # else in the tracking database
+        return [*databases, f"state/{self.name}.json", f"reports/{self.name}", "mlartifacts"]

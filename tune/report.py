@@ -22,6 +22,7 @@ from dilm.coreset import full_data_set
 from dilm.files import atomic_write_text, write_json
 from dilm.tasks import TaskData, TaskSpec, load_task
 from tune.config import SweepConfig, SweepPaths
+from tune.database import dashboard_url, study_storage
 from tune.plots import accuracy_vs_dpc_all
 from tune.plots import param_importances as plot_importances
 from tune.report_page import write_report
@@ -33,7 +34,7 @@ log = logging.getLogger("tune.report")
 
 
 def load_study(cfg: SweepConfig, paths: SweepPaths) -> optuna.Study:
-    return optuna.load_study(study_name=cfg.name, storage=optuna.storages.RDBStorage(paths.optuna_url))
+    return optuna.load_study(study_name=cfg.name, storage=study_storage(paths.optuna_url))
 
 
 def param_importances(study) -> dict[str, float] | None:
@@ -84,7 +85,7 @@ def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dic
             "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
             "not_resumed": states.count("NOT_RESUMED"), "finished": finished,
             "importances": param_importances(study) if len(complete) >= 2 else None,
-            "storage": paths.location, "driver_dir": str(paths.storage), "optuna_url": paths.optuna_url,
+            "storage": paths.location, "driver_dir": str(paths.storage), "optuna_url": dashboard_url(paths.optuna_url),
             "params": sorted(cfg.search), "objective_archs": tuple(cfg.eval.objective_archs),
             "val_curves": {r["ray_trial_id"] or str(t.number): sorted(t.intermediate_values.items())
                            for r, t in zip(rows, study.trials)}}

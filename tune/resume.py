@@ -16,6 +16,7 @@ import sqlalchemy.exc
 
 from dilm import DilmError
 from tune.config import RETIRED_KEYS, SweepConfig, SweepPaths
+from tune.database import SCHEMA, masked, reason, study_storage
 
 
 def read_state(paths: SweepPaths) -> dict:
@@ -34,11 +35,14 @@ def read_state(paths: SweepPaths) -> dict:
 
 def study_exists(paths: SweepPaths, name: str) -> bool:
     """Whether the study ``name`` is in the sweep's Optuna storage; a database that cannot be read is one line."""
-    if not (paths.storage / "optuna.db").exists():
+    if not paths.database and not (paths.storage / "optuna.db").exists():
         return False
     try:
-        return name in optuna.study.get_all_study_names(optuna.storages.RDBStorage(paths.optuna_url))
-    except sqlalchemy.exc.SQLAlchemyError as e:  # "file is not a database", a table missing, ...
+        return name in optuna.study.get_all_study_names(study_storage(paths.optuna_url))
+    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError) as e:  # "file is not a database", a table missing, ...
+        if paths.database:
+            raise DilmError(f"tracking_db {masked(paths.database)}: cannot read its Optuna studies (schema "
+                            f"{SCHEMA}): {reason(e, paths.database)}") from None
         raise damaged(paths.storage / "optuna.db", e, "restore it from a copy (a URI storage's published one), "
                       "or start the sweep again under another --name") from e
 
@@ -55,9 +59,9 @@ def own_store(paths: SweepPaths) -> str:
 
 def same_store(state: dict, uri: str, paths: SweepPaths) -> bool:
     """Whether the state file's MLflow store is ``uri``, where the parent run it names can be continued: the same
-    URI, or the driver's own ``mlflow.db`` both times (a fresh head's folder may be at another path: the file moved
-    with the storage's published copy)."""
-    return state.get("tracking_uri") == uri or bool(state.get("own_store") and uri == own_store(paths))
+    URI (saved with its password masked), or the driver's own ``mlflow.db`` both times (a fresh head's folder may be
+    at another path: the file moved with the storage's published copy)."""
+    return state.get("tracking_uri") == masked(uri) or bool(state.get("own_store") and uri == own_store(paths))
 
 
 def _as_saved(cfg: dict) -> dict:

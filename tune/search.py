@@ -32,6 +32,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from tune.config import SweepConfig, SweepPaths
+from tune.database import study_storage
 from tune.scores import FINAL, MODE, OBJECTIVE, VAL_METRIC
 from tune.storage import open_storage
 from tune.tracking import SweepTracker, TrackingSpec
@@ -107,7 +108,7 @@ def optuna_storage_at(url: str):
 
 
 def make_searcher(cfg: SweepConfig, paths: SweepPaths) -> PruneAwareOptunaSearch:
-    storage = optuna.storages.RDBStorage(paths.optuna_url)
+    storage = study_storage(paths.optuna_url)  # pickled with Tune's experiment: its URL masked
     startup = cfg.startup_trials if cfg.startup_trials is not None else max(1, cfg.num_samples // 2)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
     space = {k: p.distribution() for k, p in cfg.search.items()}

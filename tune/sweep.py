@@ -45,6 +45,7 @@ from tune.auth import Credentials, client_env, login_file, save_login, with_cred
 from tune.baselines import start_baselines
 from tune.config import Resources, SweepConfig, SweepPaths, in_ray_job, load_config
 from tune.data import pinned_task, published
+from tune.database import connect, masked
 from tune.mlflow_server import TrackingServer
 from tune.pool import PoolError, PoolSpec, create_pool, shutdown_pool
 from tune.publish import Publisher, attach
@@ -60,7 +61,7 @@ from tune.search import (
 )
 from tune.stop import RESUME_HINT, keep_sigterm_handler, sigterm_as_interrupt, watch_tune_stop
 from tune.storage import join, open_storage, sync_down, sync_up
-from tune.tracking import SweepTracker, TrackingSpec, flatten, tracking_uri
+from tune.tracking import SweepTracker, TrackingSpec, flatten
 from tune.trial import TrialPlan, run_trial, train_lm_alone
 
 # These lived in this module before tune/sweep.py was split, and Tune pickled them by that qualified name
@@ -109,6 +110,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
 def needs_server(paths: SweepPaths, autoscaling: bool) -> bool:
     """Trials on other nodes cannot reach the driver's sqlite file: serve it when the storage is a URI or the
     cluster has (or, autoscaling, will have) more than one node, unless $MLFLOW_TRACKING_URI names a store."""
+    if paths.database:  # trials log through the server: the database's password stays with the driver
+        return True
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return False
     return paths.remote or autoscaling or sum(1 for n in ray.nodes() if n.get("Alive")) > 1
@@ -119,7 +122,7 @@ def start_server(cfg: SweepConfig, paths: SweepPaths) -> tuple[TrackingServer, C
     resumed sweep hands the new URL to the callback Tune restores: :func:`build_tuner`), for one user whose password
     is made for this run (:mod:`tune.auth`); says how to log in to its UI."""
     admin = Credentials.generate()
-    server = TrackingServer.start(tracking_uri(paths.storage), paths.storage / "mlartifacts",
+    server = TrackingServer.start(paths.mlflow_url, paths.storage / "mlartifacts",
                                   ray.util.get_node_ip_address(), log=paths.storage / "mlflow-server.log", admin=admin)
     server.watch()  # killed mid-sweep: started again on the same URL (tune.mlflow_server)
     login = save_login(login_file(cfg.name, paths.location), server.url, admin)
@@ -132,12 +135,12 @@ def start_tracking(cfg: SweepConfig, paths: SweepPaths, resume: bool, server: st
     """Open (or, resumed, continue) the parent run in the store (``server``: the URL serving it); the state file
     names the store itself, so a resume served on another port still continues the same parent run."""
     state = read_state(paths) if resume else {}
-    uri = tracking_uri(paths.storage)
+    uri = paths.mlflow_url
     tracker = SweepTracker.start(server or uri, cfg.experiment, cfg.name,
                                  parent_run_id=state.get("parent_run_id") if same_store(state, uri, paths) else None,
                                  tags={"dilm.storage": paths.location, "dilm.git_revision": git_revision(),
                                        "mlflow.note.content": cfg.description})
-    write_json(paths.state_file, {"parent_run_id": tracker.spec.parent_run_id, "tracking_uri": uri,
+    write_json(paths.state_file, {"parent_run_id": tracker.spec.parent_run_id, "tracking_uri": masked(uri),
                                   "own_store": uri == own_store(paths),
                                   "experiment_id": tracker.spec.experiment_id, "config": cfg.to_dict(),
                                   **({"tracking_server": server} if server else {})})
@@ -236,6 +239,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
     """Run (or, with ``resume``, continue) a sweep; returns the summary (see :func:`tune.report.summarize`)."""
     paths = SweepPaths.of(cfg)
     announce(cfg, paths)
+    if paths.database:  # before anything starts: one line if it cannot be used
+        check_database(paths)
     fetched = sync_down(paths.store, paths.storage, paths.driver_files())  # a URI storage resumed on a fresh head
     if fetched:
         print(f"sweep {cfg.name}: fetched {', '.join(fetched)} from {paths.location}", flush=True)
@@ -305,6 +310,14 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
             publisher.publish()
 
 
+def check_database(paths: SweepPaths) -> None:
+    """The tracking database is reachable, and the only MLflow store named (:mod:`tune.database`)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        raise DilmError(f"tracking_db {masked(paths.database)} and $MLFLOW_TRACKING_URI both name an MLflow store: "
+                        "unset one")
+    connect(paths.database)
+
+
 def mirror_for_report(paths: SweepPaths, summary: dict) -> None:
     """A URI storage: fetch the best trial's folder and the vanilla baseline's sets into the driver's folder, where
     the report reads them (a local storage is read in place)."""
@@ -329,6 +342,10 @@ def build_parser() -> Parser:
                    "./runs/sweeps)")
     p.add_argument("--tune-storage", help="Ray Tune experiment location: s3://, gs:// or a shared mount, for "
                    "multi-node sweeps (default: the YAML's tune_storage, else <storage>/tune)")
+    p.add_argument("--tracking-db", metavar="URL", help="MLflow's runs and the Optuna study in this PostgreSQL "
+                   "database (postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE; the password is masked wherever "
+                   "the URL is written) instead of mlflow.db and optuna.db in the storage (default: the YAML's "
+                   "tracking_db, else none)")
     p.add_argument("--address", help="Ray cluster address; 'local' starts a private one (default: $RAY_ADDRESS, a "
                    "cluster started by `ray start`, else a new local one)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a newly started local cluster (default: all of this "
@@ -348,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt(terminated):
             cfg = load_config(args.config, smoke=args.smoke, name=args.name, storage=args.storage,
-                              tune_storage=args.tune_storage)
+                              tune_storage=args.tune_storage, tracking_db=args.tracking_db)
             name = cfg.name
             summary = run_sweep(cfg, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
                                 resource_check=not args.autoscaling)

@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from dilm import DilmError
 from dilm.options import Parser
+from tune.database import masked, with_driver
 from tune.scores import OBJECTIVE
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -326,13 +327,13 @@ def ui_main(argv: list[str] | None = None) -> int:
     p = Parser(prog="dilm ui", description="MLflow UI over the sweeps' tracking store")
     p.add_argument("--storage", type=Path, default=None,
                    help="sweep storage folder holding mlflow.db (default: $DILM_SWEEP_DIR or ./runs/sweeps)")
-    p.add_argument("--backend-store-uri", default=None, help="a store URI instead (default: $MLFLOW_TRACKING_URI "
-                   "or sqlite:////<storage>/mlflow.db)")
+    p.add_argument("--backend-store-uri", default=None, help="a store URI instead, e.g. a sweep's --tracking-db "
+                   "(default: $MLFLOW_TRACKING_URI or sqlite:////<storage>/mlflow.db)")
     p.add_argument("--host", default="127.0.0.1", help="address the UI listens on (default: 127.0.0.1, this machine "
                    "only)")
     p.add_argument("--port", type=int, default=5000, help="port the UI listens on (default: 5000)")
     args = p.parse_args(argv)
-    uri = args.backend_store_uri or tracking_uri(args.storage or default_storage())
+    uri = with_driver(args.backend_store_uri or tracking_uri(args.storage or default_storage()))  # postgresql: psycopg2
     if uri.startswith(("http://", "https://")):
         print(f"the tracking store is a server already: open {uri}")
         return 0
@@ -341,7 +342,7 @@ def ui_main(argv: list[str] | None = None) -> int:
         raise DilmError(f"no MLflow store at {db}; run a sweep first (make demo) or pass --storage")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     base = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI on {base}  (store {uri}; Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI on {base}  (store {masked(uri)}; Ctrl-C stops it)", flush=True)
     for i, (label, url) in enumerate(runs_links(uri, base)):  # MLflow 3 opens an empty traces page otherwise
         print(f"  open {url}   ({label}: the latest)" if i == 0 else f"  {label}: {url}", flush=True)
     # its own process group: mlflow starts workers (huey_consumer, gunicorn/uvicorn) that must stop with it
