@@ -2,7 +2,9 @@
 
 ``pick_device`` chooses the device; ``inference_dtype`` the dtype of an inference copy (the sampler's);
 ``autocast_dtype`` / ``autocast`` the mixed precision of training and evaluation (fp32 master weights either way);
-``cpu_threads`` / ``use_cpu_threads`` torch's intra-op threads. Nothing here calls ``.cuda()``.
+``cpu_threads`` / ``use_cpu_threads`` torch's intra-op threads; ``gpu_paths`` whether work takes the code paths
+written for a GPU (on a CPU too, with ``$DILM_GPU_PATHS``), ``device_kind`` the device as cache keys name it.
+Nothing here calls ``.cuda()``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,28 @@ def pick_device(requested: str = "auto") -> torch.device:
         raise DilmError(f"unknown device {requested!r}; use auto, cpu or cuda[:N]") from None
 
 
+GPU_PATHS_ENV = "DILM_GPU_PATHS"
+
+
+def gpu_paths(device: torch.device | str) -> bool:
+    """Whether work on ``device`` takes the code paths written for a GPU: always on CUDA; on the CPU when
+    ``$DILM_GPU_PATHS`` is set (to anything but ``0`` or nothing). The switch runs a GPU run's code on a CPU, at
+    tiny scale in ``tests/test_gpu_paths.py``: the vmap ensemble with ``ensemble`` members at once and no worker
+    processes, the sampler's batched host checks and full-vocabulary top-p, and bf16 as on a bf16 GPU (autocast in
+    the method's stages, a bf16 sampler copy; emulated where the CPU lacks native bf16). What only CUDA has (CUDA
+    graphs, CUDA random generators) stays on ``device.type == "cuda"``. Every branch between a GPU's path and the
+    CPU's asks this, never ``device.type``."""
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and os.environ.get(GPU_PATHS_ENV, "") not in ("", "0"))
+
+
+def device_kind(device: torch.device | str) -> str:
+    """The device as cache keys name it: its type, and ``cpu+gpu-paths`` for a CPU on the GPU's paths (other
+    dtypes: its results are not a plain CPU's)."""
+    kind = torch.device(device).type
+    return f"{kind}+gpu-paths" if kind == "cpu" and gpu_paths(device) else kind
+
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -45,10 +69,11 @@ def cpu_has_bf16() -> bool:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """bf16 pays on this device: a GPU that supports it, or a CPU with native bf16 (:func:`cpu_has_bf16`)."""
+    """bf16 pays on this device: a GPU that supports it, or a CPU with native bf16 (:func:`cpu_has_bf16`) or on the
+    GPU's paths (:func:`gpu_paths`: the CPU stands for a bf16 GPU)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_bf16()
+    return device.type == "cpu" and (cpu_has_bf16() or gpu_paths(device))
 
 
 def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
@@ -85,11 +110,12 @@ def use_cpu_threads(limit: float | None = None) -> int:
 
 
 def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.dtype | None:
-    """The autocast dtype (fp32 master weights either way). ``precision`` None: bf16 on GPUs that support it, none on
-    CPU (the method's stages); ``auto``: bf16 where it pays (:func:`bf16_supported`: such a GPU, or a CPU with native
-    bf16), ``bf16`` always, ``fp32`` never (the evaluation learners, :class:`~dilm.protocol.EvalConfig`)."""
+    """The autocast dtype (fp32 master weights either way). ``precision`` None (the method's stages): bf16 on GPUs
+    that support it and on a CPU on the GPU's paths (:func:`gpu_paths`), none on other CPUs; ``auto``: bf16 where it
+    pays (:func:`bf16_supported`: such a GPU, or a CPU with native bf16), ``bf16`` always, ``fp32`` never (the
+    evaluation learners, :class:`~dilm.protocol.EvalConfig`)."""
     if precision is None:
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if gpu_paths(device) and bf16_supported(device) else None
     if precision not in PRECISIONS:
         raise DilmError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
     if precision == "bf16" or (precision == "auto" and bf16_supported(device)):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from dilm.device import autocast, autocast_dtype
+from dilm.device import autocast, autocast_dtype, gpu_paths
 from dilm.models import head_param_names, is_causal
 from dilm.protocol import EvalConfig, linear_warmup_decay
 from dilm.tasks import Example
@@ -31,7 +31,7 @@ class Ensemble:
         self.base, self.n = base, len(seeds)
         # vmap on GPUs; on the CPU vmap's batched attention falls back to a slow per-member loop, and calling the
         # members in turn is faster (bench/eval_throughput.py --learner-steps)
-        self.vectorized = torch.device(device).type != "cpu" if vectorized is None else vectorized
+        self.vectorized = gpu_paths(device) if vectorized is None else vectorized
         self.causal = is_causal(base)
         head_keys = head_param_names(base)
         params, buffers = stack_module_state([base] * len(seeds))

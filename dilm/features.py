@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dilm import DilmError
-from dilm.device import autocast
+from dilm.device import autocast, device_kind
 from dilm.files import made_once
 from dilm.models import keyed_cache_path, load_model, load_tokenizer, packaged_identity
 
@@ -47,12 +47,13 @@ def embed(texts: list[str], model_name: str, device, pooling: str = "mean", batc
 def feature_cache_path(texts: list[str], model_name: str, device, pooling: str, max_length: int,
                        pairs: list[str] | None = None):
     """Where :func:`embed` keeps these texts' features: ``<cache dir>/features/<hash>.pt``, the hash of the texts,
-    the model (its packaged files' place, size and time), pooling, length limit, device type and torch version; None
-    for a model that is not packaged (a path or hub id may change under its name)."""
+    the model (its packaged files' place, size and time), pooling, length limit, device kind
+    (:func:`~dilm.device.device_kind`) and torch version; None for a model that is not packaged (a path or hub id
+    may change under its name)."""
     model = packaged_identity(model_name)
     if model is None:
         return None
-    key = json.dumps([*model, pooling, max_length, torch.device(device).type, torch.__version__, texts, pairs])
+    key = json.dumps([*model, pooling, max_length, device_kind(device), torch.__version__, texts, pairs])
     return keyed_cache_path("features", key, ".pt")
 
 

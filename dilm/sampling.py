@@ -7,9 +7,10 @@ stopping criteria with a host sync, autocast casts of fp32 weights and small bat
   allows (``batch_size``);
 * where bf16 pays (GPUs, CPUs with native bf16: :func:`dilm.device.bf16_supported`) the loop runs a bf16 copy
   of the generator (no per-step weight casts; the fp32 master weights stay with the optimiser);
-* top-p sampling is a few tensor ops (sort, cumulative sum, inverse-CDF draw) with no host sync on CUDA; on a
+* top-p sampling is a few tensor ops (sort, cumulative sum, inverse-CDF draw) with no host sync on a GPU; on a
   CPU the sort of the whole vocabulary is replaced by a ``topk`` shortlist (``SHORTLIST``); the host checks
-  "all finished" only every ``SYNC_EVERY`` steps (on a CPU every step);
+  "all finished" only every ``SYNC_EVERY`` steps (on a CPU every step); a CPU on the GPU's paths
+  (:func:`dilm.device.gpu_paths`) samples as a GPU does;
 * with the dynamic cache, each distinct prompt is prefilled once (all rows of a class share one) and rows that
   have sampled EOS leave the batch (their cache rows dropped) at those checks: a fine-tuned generator's texts
   end at different lengths, and the rest of a batch no longer pays for them;
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dilm.device import PRECISIONS, inference_dtype
+from dilm.device import PRECISIONS, gpu_paths, inference_dtype
 from dilm.seeds import derive_seed
 from dilm.text import left_pad
 
@@ -134,7 +135,7 @@ class Sampler:
         # auto: bf16 where it pays, fp32 (the model itself) elsewhere
         self.model = bf16_params_copy(model) if inference_dtype(device, spec.precision) == torch.bfloat16 else model
         # a shortlist saves the full sort where a host sync is free (CPU), not on CUDA
-        self.shortlist = (SHORTLIST if device.type == "cpu" else 0) if shortlist is None else shortlist
+        self.shortlist = (0 if gpu_paths(device) else SHORTLIST) if shortlist is None else shortlist
         self.cache, self.static_caches = None, {}  # (rows, length) → StaticCache
         # newer transformers (5.24) call the cache argument ``cache`` (``past_key_values`` deprecated)
         self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -219,7 +220,7 @@ class Sampler:
         rows = torch.arange(b, device=self.device)  # (R,): the rows still decoding, R ≤ B
         done = torch.zeros(b, dtype=torch.bool, device=self.device)  # (R,)
         last = positions[:, -1:]
-        every = 1 if self.device.type == "cpu" else SYNC_EVERY  # host checks: free on a CPU
+        every = SYNC_EVERY if gpu_paths(self.device) else 1  # host checks: free on a CPU
         for t in range(n_new):
             token = top_p_sample(logits, spec.top_p, spec.temperature, rng, self.shortlist)
             token = token.masked_fill(done, self.eos_id)

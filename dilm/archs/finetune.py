@@ -5,7 +5,8 @@ The learners of one call are trained as an *ensemble* (:mod:`dilm.ensemble`): pa
 ``torch.func.stack_module_state`` and the forward ``vmap``-ed over members, each member with its own set, seed and
 data order; one process then keeps a GPU busy with many small evaluations. On the CPU the learners are trained one
 at a time, which is faster there (``python bench/eval_throughput.py --learner-steps``), and side by side in worker
-processes of one thread each (:func:`cpu_workers`): a learner's small matrices keep one core busier than two.
+processes of one thread each (:func:`cpu_workers`): a learner's small matrices keep one core busier than two. A CPU
+on the GPU's paths (:func:`dilm.device.gpu_paths`) trains as a GPU does: ``ensemble`` members at once, no workers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from dilm.archs.base import ArchKind, EvalContext, Predictions
-from dilm.device import cpu_threads
+from dilm.device import cpu_threads, gpu_paths
 from dilm.ensemble import Ensemble, predict_ensemble, train_ensemble
 from dilm.models import load_model, load_tokenizer
 from dilm.protocol import EvalConfig
@@ -72,7 +73,7 @@ MIN_POOL_STEPS = 50  # a worker's start (seconds) pays off only for fits this lo
 def cpu_workers(cfg: EvalConfig, device: torch.device, jobs: int) -> int:
     """Worker processes for ``jobs`` fits: ``cfg.workers``, or (0) one per CPU this process may use, on the CPU, for
     fits of at least :data:`MIN_POOL_STEPS` steps; never more than the jobs. 1: train here."""
-    if device.type != "cpu":
+    if gpu_paths(device):
         return 1
     n = cfg.workers or (cpu_threads() if cfg.steps >= MIN_POOL_STEPS else 1)
     return max(1, min(n, jobs))
@@ -112,7 +113,7 @@ def score(ctx: EvalContext, model: str, sets: list[SynSet]) -> Predictions:
             yield preds, 1
         return
     base = ctx.model(model, "classifier")  # members copy its weights; it stays untouched
-    size = ctx.cfg.ensemble if ctx.device.type != "cpu" else 1  # CPU: one at a time is faster
+    size = ctx.cfg.ensemble if gpu_paths(ctx.device) else 1  # CPU: one at a time is faster
     for i in range(0, len(jobs), size):
         for preds in finetune_ensemble(model, jobs[i: i + size], ctx.test, ctx.cfg, ctx.device, base):
             yield preds, 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dilm.device import autocast, inference_dtype, pick_device
+from dilm.device import autocast, device_kind, inference_dtype, pick_device
 from dilm.distill.checkpoint import State, load_lm_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.evaluate import Evaluator
@@ -173,9 +173,9 @@ class RunContext:
     def lm_only_cache_path(self, kind: str, fields: dict) -> Path | None:
         """Where a result of the LM-only generator (the LM checkpoint's weights, before any matching step) is kept:
         ``<cache dir>/<kind>/<hash>.json``, the hash of the checkpoint's weights files (place, size, time), device
-        type, torch version and ``fields`` (every input of the result other than the weights). Such a result is the
-        same for every run that starts from the checkpoint with those fields, whatever its matching keys. None
-        without an LM checkpoint."""
+        kind (:func:`~dilm.device.device_kind`), torch version and ``fields`` (every input of the result other than
+        the weights). Such a result is the same for every run that starts from the checkpoint with those fields,
+        whatever its matching keys. None without an LM checkpoint."""
         if not self.cfg.lm_checkpoint:
             return None
         folder = Path(self.cfg.lm_checkpoint)
@@ -183,8 +183,8 @@ class RunContext:
         if not weights:
             return None
         files = [[str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
-        key = json.dumps([files, self.device.type, torch.__version__, self.task.fingerprint, fields], sort_keys=True,
-                         default=str)
+        key = json.dumps([files, device_kind(self.device), torch.__version__, self.task.fingerprint, fields],
+                         sort_keys=True, default=str)
         return keyed_cache_path(kind, key)
 
     def log_agreement(self, state: State, name: str, by_class: list[list]) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dilm
+from dilm.device import gpu_paths
 from dilm.distill.candidates import forget_lm_candidates, keep_lm_candidates
 from dilm.distill.checkpoint import State, load_checkpoint, save_checkpoint
 from dilm.distill.config import DistillConfig
@@ -80,8 +81,9 @@ def label_agreement(history: list[dict]) -> dict:
 
 
 def write_provenance(cfg: DistillConfig, run: RunContext, state: State, copies: dict[int, dict]) -> Path:
-    """``provenance.json``: config, versions, timings, token limits, label agreement and the copies of training and
-    test texts in each DPC's sets."""
+    """``provenance.json``: config, versions, device (and whether it took the GPU's code paths,
+    :func:`~dilm.device.gpu_paths`), timings, token limits, label agreement and the copies of training and test
+    texts in each DPC's sets."""
     versions = {}
     for pkg in ("torch", "transformers", "scikit-learn", "dilm"):
         try:
@@ -95,7 +97,8 @@ def write_provenance(cfg: DistillConfig, run: RunContext, state: State, copies: 
                                           "train_examples": len(run.task.train)},
         "dilm_version": dilm.__version__, "git_revision": dilm.git_revision(),
         "models": {"generator": cfg.generator, "learner": cfg.learner}, "versions": versions,
-        "python": platform.python_version(), "device": str(run.device), "timings_s": run.timings,
+        "python": platform.python_version(), "device": str(run.device),
+        "gpu_paths": gpu_paths(run.device), "timings_s": run.timings,
         "steps": state.step, "best_val_accuracy": state.best_val, "token_limits": run.limits,
         "validation": {"split": "held-out part of train", "size": len(run.val)},
         "prompt_template": run.template, "lm_checkpoint": cfg.lm_checkpoint or None,
