@@ -5,12 +5,13 @@ beside this one) against this checkout, on the same (set, seed) pairs, in one ru
 
 Both sides run the same protocol (learner, 200 steps, schedule, batch, the test split) through ``Evaluator``; this
 checkout's levers are its ``precision`` values (``--precisions``: ``fp32`` = length-sorted micro-batches and test
-chunks only; ``auto`` = those plus bf16 autocast where the CPU has native bf16). Each side runs in its own process
-(the other revision's package first on ``PYTHONPATH``), a few sets at a time, the sides interleaved chunk by chunk
-so that the load of other processes falls on all of them alike; each process times its evaluations only (model
-loading and a warm-up evaluation excluded). Printed: seconds per (set, seed) and the ratio to the baseline, and the
-paired accuracy difference (this checkout − baseline, same set and seed) with its 95 % interval — the speed-up must
-leave accuracy unchanged (target: the interval inside ±1 point).
+chunks only; ``auto`` = those plus bf16 autocast where the CPU has native bf16) with its other defaults (only the
+embedding rows a set uses trained; ``workers``: one learner process per core for 200-step fits). Each side runs in
+its own process (the other revision's package first on ``PYTHONPATH``), a few sets at a time, the sides interleaved
+chunk by chunk so that the load of other processes falls on all of them alike; each process times its evaluations
+only (model loading, and a checkout's worker processes starting, excluded). Printed: seconds per (set, seed) and the
+ratio to the baseline, and the paired accuracy difference (this checkout − baseline, same set and seed) with its
+95 % interval — the speed-up must leave accuracy unchanged (target: the interval inside ±1 point).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ extra = {"precision": args["precision"]} if args["precision"] and "precision" in
 ev = Evaluator(task, EvalConfig(archs=(args["arch"],), seeds=args["seeds"], progress=False, **extra))
 sets = [read_set(p, task.label_names, task.is_pair) for p in args["sets"]]
 ev.ctx.model(args["arch"], "classifier")  # loaded before the clock starts
+try:  # and the worker processes of a checkout that has them, their models loaded
+    from dilm.archs import finetune
+    if (w := finetune.cpu_workers(ev.cfg, ev.device, args["seeds"])) > 1:
+        list(finetune.worker_pool(ev.ctx, args["arch"], w).map(abs, range(w)))
+except (ImportError, AttributeError):
+    pass
 out = []
 for s in sets:
     t = time.perf_counter()

@@ -71,7 +71,8 @@ class EvalConfig:
     ensemble: int = option(16, "learners trained at once (vmap) on a GPU; capped by memory for large models; "
                                "one at a time on the CPU, where that is faster")
     workers: int = option(0, "CPU processes that train the fine-tuned learners side by side, the CPU threads "
-                             "split among them; 0: one per CPU this process may use (1 on a GPU)")
+                             "split among them; 0: one per CPU this process may use for fits of 100 "
+                             "steps or more (1 on a GPU)")
     icl_shots: int = option(8, "demonstrations per prompt of icl-<model>")
     test_limit: int | None = option(None, "evaluate on the first N test examples only (smoke runs)")
     device: str = option("auto", "auto, cpu or cuda[:N]")

@@ -67,7 +67,7 @@ def _finetune(tok, base, jobs: list[tuple[SynSet, int]], test: list[Example], cf
     return predict_ensemble(ens, tok, test, cfg, device)
 
 
-MIN_POOL_STEPS = 50  # a worker's start (seconds) pays off only for fits this long
+MIN_POOL_STEPS = 100  # a worker's start (~5 s: torch, transformers, the model) pays off only for fits this long
 
 
 def cpu_workers(cfg: EvalConfig, device: torch.device, jobs: int) -> int:
