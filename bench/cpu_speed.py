@@ -17,7 +17,9 @@ every figure is printed with its ratio to the block's baseline, and the block's 
   ``make_sampler`` picks here;
 * LM step (steps/s; the demo's batch of 8 SST-2 examples, AdamW, clipping as the LM stage): a padded batch through
   the model's own loss, fp32, one thread → ``lm_loss`` (packed) and/or :func:`dilm.device.cpu_threads` threads;
-  and, as a proposal for the LM stage, the same with a fused AdamW (one pass over the weights, not several);
+  the same with a fused AdamW (one pass over the weights, not several); and the LM stage's own step (fused, at its
+  default ``lm_precision``: bf16 autocast on a CPU with native bf16); with ``--curve-steps``, its loss curve against
+  fp32's (two seeds each);
 * matching step (steps/s; the demo's 8 real and 4 synthetic texts a class, the generator's backward and AdamW step
   included): the head's gradients by ``torch.autograd.grad(create_graph=True)`` through the whole learner, fp32,
   one thread → :func:`dilm.matching.class_gradient` at one thread and at :func:`dilm.device.cpu_threads` threads;
@@ -48,7 +50,7 @@ import torch
 from distill_speed import naive_match_loss  # bench/, beside this script
 from record import write  # bench/, beside this script
 
-from dilm.device import cpu_has_bf16, cpu_threads, inference_dtype
+from dilm.device import autocast_dtype, cpu_has_bf16, cpu_threads, inference_dtype
 from dilm.generator import (
     Sample,
     TokenizedCorpus,
@@ -168,7 +170,43 @@ def lm_block(a, tok, names, template, task, threads: int) -> dict:
         candidates |= {f"padded fp32, {n}": (threads, padded), f"packed fp32, {n}": (threads, packed)}
     candidates[f"packed, {n}, fused AdamW"] = (threads, functools.partial(steps, lambda b: lm_loss(model, b, CPU),
                                                                          fused))
-    return block("LM step", "steps_per_s", a.lm_steps, candidates, a.reps, {"dilm": f"packed fp32, {n}"})
+    auto = "bf16" if autocast_dtype(CPU, "auto") == torch.bfloat16 else "fp32"
+    dilm = f"dilm: packed {auto}, {n}, fused AdamW"  # the LM stage's step at its default lm_precision (auto)
+    candidates[dilm] = (threads, functools.partial(steps, lambda b: lm_loss(model, b, CPU, "auto"), fused))
+    extra = {"dilm": dilm, "auto_precision": auto}
+    if a.curve_steps:
+        extra["curves"] = lm_curves(a, corpus)
+    return block("LM step", "steps_per_s", a.lm_steps, candidates, a.reps, extra)
+
+
+def lm_curves(a, corpus: TokenizedCorpus) -> dict:
+    """The LM stage's loss at its default precision against fp32: ``--curve-steps`` steps from the packaged model
+    at the LM stage's lr and schedule, two batch orders (seeds) each; the final loss (mean of the last ten steps) of
+    auto against fp32 on the same batches, beside the spread between fp32's two seeds."""
+    from dilm.distill.lm_stage import LMStageConfig, lm_optimizer
+
+    lm = LMStageConfig(generator="smollm2-135m", lm_steps=a.curve_steps, lm_lr=1e-4, lm_weight_decay=0.01,
+                       lm_batch_size=a.lm_batch, lm_precision="auto", max_length=0, length_quantile=0.99,
+                       length_cap=128, seed=0)
+    final = {}
+    for precision in ("fp32", "auto"):
+        for seed in (0, 1):
+            model = load_model("smollm2-135m", "causal-lm").train()
+            opt, sched = lm_optimizer(lm, model, CPU)
+            rng, losses = random.Random(seed), []
+            for _ in range(a.curve_steps):
+                loss = lm_loss(model, corpus.batch(a.lm_batch, rng, CPU), CPU, precision)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+            final[f"{precision} seed {seed}"] = statistics.fmean(losses[-10:])
+            print(f"  curve {precision} seed {seed}: final loss {final[f'{precision} seed {seed}']:.4f}", flush=True)
+    return {"steps": a.curve_steps, "final_loss": final,
+            "auto_minus_fp32": [final[f"auto seed {s}"] - final[f"fp32 seed {s}"] for s in (0, 1)],
+            "fp32_seed_spread": abs(final["fp32 seed 0"] - final["fp32 seed 1"])}
 
 
 def matching_block(a, tok, names, template, task, threads: int) -> dict:
@@ -281,6 +319,11 @@ def report(out: dict) -> None:
             unit = next(k for k in row if k.endswith("_per_s"))
             print(f"  {name:28s} {row[unit]:8.3f} {unit}  {row['ratio']:5.2f}x   CPU s/unit "
                   f"{row['cpu_s_per_unit']:7.3f} {row['cpu_ratio']:5.2f}x  ({row['threads']} threads)")
+    if curves := out.get("lm_step", {}).get("curves"):
+        finals = ", ".join(f"{k} {v:.4f}" for k, v in curves["final_loss"].items())
+        diffs = ", ".join(f"{d:+.4f}" for d in curves["auto_minus_fp32"])
+        print(f"\nLM stage, {curves['steps']} steps, final loss (mean of the last 10): {finals}; auto - fp32 on the "
+              f"same batches: {diffs}; fp32 seed-to-seed spread {curves['fp32_seed_spread']:.4f}")
     if "quality" not in out:
         return
     q = out["quality"]
@@ -315,6 +358,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--top-p", type=float, default=0.6, help="the demo preset's")
     p.add_argument("--lm-batch", type=int, default=8, help="the demo preset's")
+    p.add_argument("--curve-steps", type=int, default=0, help="also the LM stage's loss curve at its default "
+                                                               "precision against fp32, this many steps (0: skip)")
     p.add_argument("--real-per-class", type=int, default=8, help="the matching block's real texts a class (the demo "
                                                                   "preset's)")
     p.add_argument("--syn-per-class", type=int, default=4, help="its synthetic texts a class (the demo preset's)")

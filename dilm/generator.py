@@ -107,13 +107,13 @@ class TokenizedCorpus:
 PACKED_TYPES = frozenset({"llama", "gpt2", "qwen2", "mistral"})
 
 
-def lm_loss(generator, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
+def lm_loss(generator, batch: dict[str, torch.Tensor], device, precision: str | None = None) -> torch.Tensor:
     """Mean next-token NLL of a padded batch (``labels`` -100 = not scored), computed on the batch packed
     (:func:`packed`) where the model's type reads packed sequences (``PACKED_TYPES``): the same loss on fewer
-    tokens."""
+    tokens; under :func:`~dilm.device.autocast` at ``precision`` (None: bf16 on a bf16 GPU only)."""
     if getattr(generator.config, "model_type", None) in PACKED_TYPES:
         batch = packed(batch)
-    with autocast(device):
+    with autocast(device, precision):
         return generator(**batch, use_cache=False).loss.float()
 
 

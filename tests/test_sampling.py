@@ -329,6 +329,21 @@ def test_lm_loss_packs_the_registry_generator(lm):
         assert lm_loss(model, batch, CPU).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
 
 
+def test_lm_loss_in_bf16_autocast_is_the_fp32_loss_to_bf16_precision(lm):
+    """The LM stage's ``lm_precision``: bf16 autocast computes in bf16 (the loss moves), to bf16's precision, and
+    its gradients reach the fp32 master weights."""
+    model, tok = lm
+    corpus = TokenizedCorpus(tok([prompt(n) + " a fine film" for n in LABELS] * 4, add_special_tokens=False)[
+        "input_ids"], tok.pad_token_id)
+    batch = corpus.batch(8, random.Random(2), CPU)
+    fp32, bf16 = lm_loss(model, batch, CPU, "fp32"), lm_loss(model, batch, CPU, "bf16")
+    assert fp32.dtype == bf16.dtype == torch.float32 and fp32.item() != bf16.item()
+    assert bf16.item() == pytest.approx(fp32.item(), rel=2e-2)
+    bf16.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

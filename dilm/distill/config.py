@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from dilm import DilmError
+from dilm.device import PRECISIONS
 from dilm.features import POOLINGS
 from dilm.generator import GEN_LOSS_NORMS, resolve_template
 from dilm.models import check_model
@@ -59,6 +60,9 @@ class DistillConfig:
     lm_lr: float = option(1e-4, "AdamW lr of the LM stage (cosine schedule, warm-up 10%)")
     lm_weight_decay: float = option(0.01, "AdamW weight decay of the LM stage")
     lm_batch_size: int = option(64, "sequences per LM step")
+    lm_precision: str = option("auto", "autocast of the LM stage, fp32 master weights either way: auto (bf16 where it "
+                                       "pays: a bf16 GPU or a CPU with native bf16), fp32 or bf16",
+                               choices=PRECISIONS)
     max_length: int = option(0, "LM-stage tokens per rendered training example (prompt and EOS included); 0 = from "
                                 "the task's data: the length_quantile of the rendered lengths, at most length_cap")
     # stage 2: gradient matching
@@ -162,7 +166,8 @@ class DistillConfig:
                             f"({self.real_per_class})")
         for name, known in (("pooling", POOLINGS), ("select_pooling", POOLINGS), ("selection", SELECTIONS),
                             ("label_filter", FILTERS), ("copy_filter", COPY_FILTERS), ("final_pool", FINAL_POOLS),
-                            ("final_sources", FINAL_SOURCES), ("final_mix", FINAL_MIXES)):
+                            ("final_sources", FINAL_SOURCES), ("final_mix", FINAL_MIXES),
+                            ("lm_precision", PRECISIONS)):
             if getattr(self, name) not in known:
                 raise DilmError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}")
         if self.label_filter == "probe" and not self.probe:

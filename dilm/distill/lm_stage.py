@@ -42,6 +42,7 @@ class LMStageConfig:
     lm_lr: float
     lm_weight_decay: float
     lm_batch_size: int
+    lm_precision: str
     max_length: int
     length_quantile: float
     length_cap: int
@@ -69,9 +70,10 @@ def lm_cache_key(cfg: DistillConfig, task: TaskData | None = None) -> str:
 
 def lm_optimizer(lm: LMStageConfig, generator: torch.nn.Module,
                  device: torch.device) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The reference's LM stage: AdamW (``lm_lr``, ``lm_weight_decay``), cosine schedule with 10 % warm-up."""
+    """The reference's LM stage: AdamW (``lm_lr``, ``lm_weight_decay``), cosine schedule with 10 % warm-up. The
+    fused AdamW (one pass over the weights, on CPUs too) where torch has one for the device."""
     opt = torch.optim.AdamW(generator.parameters(), lr=lm.lm_lr, weight_decay=lm.lm_weight_decay,
-                            fused=device.type == "cuda")
+                            fused=device.type in ("cpu", "cuda"))
     return opt, get_cosine_schedule_with_warmup(opt, int(0.1 * lm.lm_steps), lm.lm_steps)
 
 
@@ -84,7 +86,7 @@ def fine_tune(lm: LMStageConfig, generator: torch.nn.Module, corpus: TokenizedCo
         sched.step()  # resume: the schedule continues where it stopped
     generator.train()
     for step in tqdm(range(state.step, lm.lm_steps), desc="lm", initial=state.step, total=lm.lm_steps):
-        loss = lm_loss(generator, corpus.batch(lm.lm_batch_size, rng, device), device)
+        loss = lm_loss(generator, corpus.batch(lm.lm_batch_size, rng, device), device, lm.lm_precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
