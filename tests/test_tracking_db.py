@@ -1,7 +1,8 @@
 """A sweep's records in PostgreSQL (``--tracking-db URL`` / ``tracking_db:``, :mod:`tune.database`): a URL that
 cannot be used is one line before Ray starts, its password is masked wherever it is written, and (slow) the smoke
 sweep, SIGKILLed and resumed, keeps every MLflow run and Optuna trial in a real PostgreSQL server started for the
-test (``initdb`` + ``pg_ctl`` in a temporary folder, as this user or, as root, as ``postgres`` or ``nobody``)."""
+test (``initdb`` + ``pg_ctl`` in a temporary folder, as this user or, as root, as ``postgres`` or ``nobody``); and
+(slow) a sweep whose PostgreSQL server is stopped and started again meanwhile ends as if nothing had happened."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_sweep import SWEEPS, crash_and_resume, finished_trials, write_yaml
+from test_sweep import SWEEPS, crash_and_resume, driver, finished_trials, kill_tree, write_yaml
 from test_sweep_errors import no_ray  # noqa: F401 (a fixture)
 
 from tune.config import load_config
@@ -90,9 +92,17 @@ def server_binary(name: str) -> str | None:
 
 
 @pytest.fixture
-def postgres():
-    """A PostgreSQL server on a free port of 127.0.0.1, user ``dilm`` with :data:`PASSWORD`; its URL. Skipped in one
-    line where none can be started (no server package, no unprivileged user to run it as root, initdb failing)."""
+def postgres(postgres_server):
+    """The URL of :func:`postgres_server`."""
+    return postgres_server.url
+
+
+@pytest.fixture
+def postgres_server():
+    """A PostgreSQL server on a free port of 127.0.0.1, user ``dilm`` with :data:`PASSWORD`: its ``url``, ``stop()``
+    (``pg_ctl stop -m immediate``: what a lost database host looks like to its clients) and ``start()`` (again, on
+    the same port and data). Skipped in one line where none can be started (no server package, no unprivileged user
+    to run it as root, initdb failing)."""
     initdb, pg_ctl = server_binary("initdb"), server_binary("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("no initdb/pg_ctl (PostgreSQL's server package: make postgres): no tracking database to test")
@@ -108,17 +118,23 @@ def postgres():
         for p in (root, root / "pw"):
             os.chown(p, user.pw_uid, user.pw_gid)
     port, data = free_port(), root / "data"
+    start = [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "start", "-o",
+             f"-p {port} -k {root} -c listen_addresses=127.0.0.1"]
+    stop = [pg_ctl, "-D", str(data), "-m", "immediate", "stop"]
+
+    def pg(step: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([*run_as, *step], capture_output=True, text=True)
+
     try:
-        for step in ([initdb, "-D", str(data), "-U", "dilm", "--auth=scram-sha-256", f"--pwfile={root / 'pw'}"],
-                     [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "start", "-o",
-                      f"-p {port} -k {root} -c listen_addresses=127.0.0.1"]):
-            done = subprocess.run([*run_as, *step], capture_output=True, text=True)
+        for step in ([initdb, "-D", str(data), "-U", "dilm", "--auth=scram-sha-256", f"--pwfile={root / 'pw'}"], start):
+            done = pg(step)
             if done.returncode != 0:
                 said = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
                 pytest.skip(f"PostgreSQL could not be started here ({Path(step[0]).name}: {said})")
-        yield f"postgresql://dilm:{PASSWORD}@127.0.0.1:{port}/postgres"
+        yield SimpleNamespace(url=f"postgresql://dilm:{PASSWORD}@127.0.0.1:{port}/postgres", start=lambda: pg(start),
+                              stop=lambda: pg(stop))
     finally:
-        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        pg(stop)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -173,3 +189,44 @@ def test_a_sweep_in_postgresql_resumes_and_keeps_its_records_there(postgres, tmp
     leaked = [str(p) for p in storage.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
     assert not leaked  # Tune's tuner.pkl and searcher state, state/, the server's log, the drivers' consoles
     print(f"sweep in PostgreSQL, killed and resumed: {wall:.0f} s, {len(before)} trial(s) finished before the kill")
+
+
+@pytest.mark.slow
+def test_a_tracking_db_down_for_a_while_mid_sweep_costs_nothing(postgres_server, tmp_path):
+    """The smoke sweep with ``--tracking-db``, its PostgreSQL server stopped once a trial has finished and started
+    again 20 s later: the tracking server answers the trials 503 meanwhile, MLflow's client retries them, the driver's
+    Optuna storage opens new connections (``pool_pre_ping``: its pooled ones were closed by the restart), and the
+    sweep ends with every run and trial in PostgreSQL as if nothing had happened."""
+    import optuna
+    import sqlalchemy
+
+    from tune.database import study_storage
+
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    proc = driver(write_yaml(storage, smoke()), storage, storage / "driver.log", "--tracking-db", postgres_server.url)
+    try:
+        deadline = time.monotonic() + 420
+        while not finished_trials(storage):
+            assert proc.poll() is None, (storage / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished within 420 s"
+            time.sleep(0.5)
+        assert postgres_server.stop().returncode == 0
+        time.sleep(20)
+        assert postgres_server.start().returncode == 0
+        proc.wait(timeout=480)
+    finally:
+        kill_tree(proc)
+    out = (storage / "driver.log").read_text()
+    refused = (storage / "mlflow-server.log").read_text().count("503 Service Unavailable")
+    print(f"\nrc {proc.returncode}; the tracking server answered 503 {refused} times\n" + out[-3000:])
+    assert proc.returncode == 0 and "sweep crash: 3 complete" in out, out[-3000:]
+    assert refused > 0  # the trials met the outage
+    study = optuna.load_study(study_name="crash", storage=study_storage(with_driver(postgres_server.url)))
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3
+    engine = sqlalchemy.create_engine(with_driver(postgres_server.url))
+    with engine.connect() as db:
+        statuses = db.execute(sqlalchemy.text("select r.status from runs r join tags g on g.run_uuid = r.run_uuid "
+                                              "where g.key = 'dilm.trial_id'")).scalars().all()
+    engine.dispose()
+    assert statuses == ["FINISHED"] * 3  # one child run per trial

@@ -101,7 +101,10 @@ class StudyStorage(optuna.storages.RDBStorage):
 
 
 def study_storage(url: str) -> StudyStorage:
-    """The Optuna storage on ``url``: a sqlite file as given, a tracking database in its schema :data:`SCHEMA`."""
+    """The Optuna storage on ``url``: a sqlite file as given, a tracking database in its schema :data:`SCHEMA`, each
+    pooled connection checked before use (``pool_pre_ping``, as MLflow's server does): after the database server
+    restarts, the driver's next call opens a new connection instead of failing on a closed one."""
     if url.startswith("sqlite:"):
         return StudyStorage(url)
-    return StudyStorage(url, engine_kwargs={"connect_args": {"options": f"-csearch_path={SCHEMA}"}})
+    return StudyStorage(url, engine_kwargs={"connect_args": {"options": f"-csearch_path={SCHEMA}"},
+                                            "pool_pre_ping": True})
