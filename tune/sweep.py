@@ -356,9 +356,10 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 every trial complete, 1 some not (failed, stopped early, or the sweep interrupted by Ctrl-C),
-    2 an error before the trials (one line), 130/143 stopped by SIGINT/SIGTERM outside Tune's loop (SIGTERM inside
-    it: 143 after the summary)."""
+    """Exit status: 0 some trial complete (a failing trial does not fail the sweep: the summary counts the failed and
+    stopped-early ones), 1 none complete (all failed or stopped early, or the sweep interrupted by Ctrl-C before any
+    completed), 2 an error before the trials (one line), 130/143 stopped by SIGINT/SIGTERM outside Tune's loop
+    (SIGTERM inside it: 143 after the summary)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     name, terminated = args.name or args.config.stem, []
