@@ -252,6 +252,42 @@ def test_a_restored_searcher_opens_the_study_where_the_new_head_keeps_it(tmp_pat
     assert sorted(t.value for t in study.trials) == [70.0, 80.0]
 
 
+def test_a_trial_asked_after_the_study_was_published_is_asked_again_on_a_fresh_head(tmp_path):
+    """A fresh head resumes from the study last published and Tune's searcher state saved later: a trial asked in
+    between is not in that study; the restored searcher asks it again with its parameters, and its reports and
+    result land there (before: Optuna's "Record does not exist" ended the resumed sweep)."""
+    import ray.cloudpickle
+    from optuna.distributions import FloatDistribution
+
+    from tune.search import optuna_storage_at
+
+    first, second = tmp_path / "first-head", tmp_path / "second-head"
+    first.mkdir()
+    searcher = PruneAwareOptunaSearch({"lr": FloatDistribution(1e-5, 1e-3, log=True)}, metric=OBJECTIVE, mode="max",
+                                      storage=optuna.storages.RDBStorage(f"sqlite:///{first / 'optuna.db'}"),
+                                      study_name="t")
+    assert searcher.suggest("done") is not None
+    searcher.on_trial_complete("done", result={OBJECTIVE: 70.0, FINAL: True})
+    shutil.copytree(first, second)  # the study as last published
+    late = searcher.suggest("late")  # asked after that
+    tuner_pkl = ray.cloudpickle.dumps(searcher)
+    searcher.save_to_dir(str(first))
+    for f in first.iterdir():  # Tune's experiment (the searcher state) is newer than the published study
+        if f.name != "optuna.db":
+            shutil.copy(f, second / f.name)
+    url = f"sqlite:///{second / 'optuna.db'}"
+    with optuna_storage_at(url):
+        restored = ray.cloudpickle.loads(tuner_pkl)
+    restored.restore_from_dir(str(second))
+    restored.on_trial_result("late", {VAL_METRIC: 60.0, "step": 1})
+    restored.on_trial_complete("late", result={OBJECTIVE: 80.0, FINAL: True})
+    study = optuna.load_study(study_name="t", storage=url)
+    assert sorted(t.value for t in study.trials) == [70.0, 80.0]
+    again = next(t for t in study.trials if t.value == 80.0)
+    assert again.params == late and again.intermediate_values == {1: 60.0}
+    assert again.user_attrs["ray_trial_id"] == "late"
+
+
 @pytest.mark.parametrize("how", ["dilm-sweep", "python-m"])
 def test_sweeps_pickled_before_the_split_unpickle(how):
     """``tuner.pkl`` of smoke sweeps started at commit 739ab12, before tune/sweep.py was split: ``--resume`` loads it

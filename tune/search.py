@@ -68,6 +68,28 @@ class PruneAwareOptunaSearch(OptunaSearch):
         experiment's ``tuner.pkl`` already pointed at it (``tune.sweep.build_tuner``)."""
         with optuna_storage_at(self._storage.url):
             super().restore(checkpoint_path)
+        self._ask_again_missing_trials()
+
+    def _ask_again_missing_trials(self) -> None:
+        """A fresh head's study is the copy last published, which may predate trials that Tune's saved searcher
+        holds (asked after that copy): each such unfinished trial is asked again with its parameters, so that its
+        reports and result land in the study rather than end the sweep with Optuna's "Record does not exist"."""
+        storage = self._ot_study._storage
+        missing = []
+        for trial_id, ot_trial in self._ot_trials.items():  # all checked before any ask: a new trial may take an id
+            if trial_id in self._completed_trials:
+                continue
+            try:
+                storage.get_trial(ot_trial._trial_id)
+            except KeyError:
+                missing.append(trial_id)
+        for trial_id in missing:
+            frozen = self._ot_trials[trial_id]._cached_frozen_trial
+            self._ot_study.enqueue_trial(frozen.params, skip_if_exists=False)
+            self._ot_trials[trial_id] = self._ot_study.ask(frozen.distributions)
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+            self._reported.pop(trial_id, None)
+            log.warning("optuna: trial %s was not in the study restored; asked again with its parameters", trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._ot_trials and trial_id not in self._completed_trials and not result.get(FINAL):
