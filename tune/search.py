@@ -10,7 +10,9 @@ reports carry ``objective: nan`` (every result must hold the searcher's metric),
 itself shows a pruned trial's last intermediate value as its value, labelled PRUNED.
 
 Ray internals used: OptunaSearch's private ``_ot_trials``, ``_ot_study`` and ``_completed_trials``; Tune's
-``Trial`` objects (``trial_id``, ``last_result``) handed to callbacks and to ``trial_dirname_creator``.
+``Trial`` objects (``trial_id``, ``last_result``) handed to callbacks and to ``trial_dirname_creator``. Optuna
+internals used (Optuna 5): a ``Trial``'s ``_trial_id`` and ``_cached_frozen_trial`` (its parameters and
+distributions), to ask again a trial missing from a restored study.
 
 Pickled state: Tune saves the searcher, the callback and ``trial_dirname`` with the experiment (by qualified name),
 and ``--resume`` loads them back; renaming or moving them breaks resuming sweeps started before (see the names kept
