@@ -3,7 +3,9 @@
 ``kcenters`` follows the DiLM reference code: k-means (k = DPC, k-means++, seeded) on the class's learner
 features, keeping the real example nearest each centroid — representative points, not the greedy
 farthest-point k-center (which picks outliers). ``herding`` greedily keeps the running mean of the chosen
-features closest to the class mean (iCaRL-style); it is deterministic, so it yields one set.
+features closest to the class mean (iCaRL-style); it is deterministic, so it yields one set — unless ``halves``:
+then set k (of ``n_sets``) is chosen from its own seeded random half of each class, for every method, so the
+deterministic methods get a spread over the data they were given and an interval like the others.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class CoresetConfig:
     candidates_per_class: int = option(2000, "kcenters and herding read the features of a seeded sample of each "
                                              "class this large (0 = the whole class)")
     seed: int = option(0, "seed of the random sets, samples and k-means")
+    halves: bool = option(False, "set k chooses from its own seeded random half of each class (herding then gives "
+                                 "n_sets sets too: an interval for every method)")
     device: str = option("auto", "auto, cpu or cuda[:N]")
 
     def __post_init__(self):
@@ -47,55 +51,49 @@ class CoresetConfig:
         object.__setattr__(self, "dpc", tuple(sorted(self.dpc)))
 
 
-def class_candidates(task: TaskData, cfg: CoresetConfig) -> list[list[Example]]:
+def class_candidates(task: TaskData, cfg: CoresetConfig, half: int | None = None) -> list[list[Example]]:
+    """Per class, what a set chooses from: the class (``half``: the seeded random half number ``half`` of it), then
+    for kcenters and herding a seeded sample of ``candidates_per_class`` of that."""
     groups = task.by_class()
+    if half is not None:
+        groups = [random.Random(derive_seed(cfg.seed, "coreset half", half, c)).sample(g, max(1, len(g) // 2))
+                  for c, g in enumerate(groups)]
     limit = cfg.candidates_per_class
     if not limit or cfg.method == "random":
         return groups
-    return [random.Random(cfg.seed + c).sample(g, min(limit, len(g))) for c, g in enumerate(groups)]
+    seeds = [cfg.seed + c if half is None else derive_seed(cfg.seed, "coreset sample", half, c)
+             for c in range(len(groups))]
+    return [random.Random(s).sample(g, min(limit, len(g))) for s, g in zip(seeds, groups)]
 
 
 def build_coresets(task: TaskData, cfg: CoresetConfig, device=None) -> dict[int, list[SynSet]]:
-    """DPC → sets. Random and k-centers give ``n_sets`` seeded sets; herding gives one. ``device``: where features
-    are computed (default: ``cfg.device`` resolved)."""
+    """DPC → sets. Random and k-centers give ``n_sets`` seeded sets; herding gives one, or ``n_sets`` with
+    ``halves`` (set k from half k). ``device``: where features are computed (default: ``cfg.device`` resolved)."""
     device = device or pick_device(cfg.device)
     for dpc in cfg.dpc:
         check_dpc(task, dpc)
-    groups = class_candidates(task, cfg)
-    feats = None
+    n_sets = 1 if cfg.method == "herding" and not cfg.halves else cfg.n_sets
+    pools = [class_candidates(task, cfg, k if cfg.halves else None) for k in range(n_sets if cfg.halves else 1)]
+    feats = [None] * len(pools)
     if cfg.method != "random":
-        feats = [embed(pair_args(g)[0], cfg.learner, device, cfg.pooling, pairs=pair_args(g)[1], cache=True)
-                 for g in groups]
+        feats = [[embed(pair_args(g)[0], cfg.learner, device, cfg.pooling, pairs=pair_args(g)[1], cache=True)
+                  for g in groups] for groups in pools]
     out: dict[int, list[SynSet]] = {}
     for dpc in cfg.dpc:
         sets = []
-        n_sets = 1 if cfg.method == "herding" else cfg.n_sets
         for k in range(n_sets):
-            seed = cfg.seed + k
+            seed, groups, fk = cfg.seed + k, pools[k % len(pools)], feats[k % len(pools)]
             picked: list[Example] = []
             for c, g in enumerate(groups):
                 if cfg.method == "random":
                     idx = random.Random(derive_seed(seed, "random coreset", c)).sample(range(len(g)), dpc)
                 elif cfg.method == "kcenters":
-                    idx = kmeans_nearest(feats[c], dpc, seed)
+                    idx = kmeans_nearest(fk[c], dpc, seed)
                 else:
-                    idx = herding(feats[c], dpc)
+                    idx = herding(fk[c], dpc)
                 picked += [g[i] for i in idx]
             sets.append(SynSet.from_examples(picked, task.label_names, method=cfg.method, dpc=dpc, seed=seed,
-                                             learner=cfg.learner, pooling=cfg.pooling))
+                                             learner=cfg.learner, pooling=cfg.pooling,
+                                             **({"half": k} if cfg.halves else {})))
         out[dpc] = sets
     return out
-
-
-def full_data_set(task: TaskData, limit: int = FULL_SAMPLE, seed: int = 0) -> SynSet:
-    """The full-data reference a set is measured against ("84 % of the full-data accuracy with 20 examples"): the
-    whole training split, or for a larger one a seeded sample of about ``limit`` keeping the class proportions (the
-    protocol's 200 steps of 64 see 12,800 examples: a 2,000-example sample is most of what it can use; the meta says
-    how many of how many)."""
-    train = task.train
-    if limit and len(train) > limit:
-        rng = random.Random(derive_seed(seed, "full data"))
-        train = [e for g in task.by_class() for e in rng.sample(g, min(len(g), max(1, round(limit * len(g) /
-                                                                                              len(task.train)))))]
-    return SynSet.from_examples(train, task.label_names, method="full", seed=seed, sample_size=len(train),
-                                train_examples=len(task.train))

@@ -25,6 +25,22 @@ def test_sizes_and_determinism(toy_task, method):
         assert [e.text for e in a[5][0].examples] != [e.text for e in a[5][1].examples]
 
 
+@pytest.mark.parametrize("method", ["kcenters", "herding"])
+def test_halves_give_deterministic_methods_an_interval(toy_task, method):
+    """With ``halves``, set k chooses from its own random half of each class: herding gives n_sets sets, each set's
+    examples come from its half, and the sets differ (a spread to put an interval on)."""
+    cfg = CoresetConfig(method=method, dpc=(3,), n_sets=4, learner="tiny-bert", candidates_per_class=0, halves=True)
+    sets = build_coresets(toy_task, cfg, CPU)[3]
+    assert len(sets) == 4 and len({tuple(e.text for e in s.examples) for s in sets}) > 1
+    from dilm.coreset import class_candidates
+
+    for k, s in enumerate(sets):
+        half = {e.text for g in class_candidates(toy_task, cfg, k) for e in g}
+        assert s.meta["half"] == k and {e.text for e in s.examples} <= half
+        assert len(half) <= len(toy_task.train) // 2 + 2
+    assert sets == build_coresets(toy_task, cfg, CPU)[3]  # seeded
+
+
 def test_kmeans_nearest_picks_points_at_the_cluster_centres():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [5.0, 5.0]])
