@@ -34,10 +34,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from tune.config import SweepConfig, SweepPaths
-from tune.database import study_storage
+from tune.database import DatabaseDown, gone, study_storage
 from tune.scores import FINAL, MODE, OBJECTIVE, VAL_METRIC
 from tune.storage import open_storage
-from tune.tracking import SweepTracker, TrackingSpec
+from tune.tracking import TRIAL_TAG, SweepTracker, TrackingSpec
 
 log = logging.getLogger("tune.search")
 
@@ -52,9 +52,12 @@ class PruneAwareOptunaSearch(OptunaSearch):
         self._reported: dict[str, set[int]] = {}  # steps already given to trial.report, per trial
 
     def suggest(self, trial_id: str) -> dict | None:
-        params = super().suggest(trial_id)
-        if params is not None:
-            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        try:
+            params = super().suggest(trial_id)
+            if params is not None:
+                self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        except DatabaseDown:  # no trial: Tune's loop ends after this step (TrialEnd.on_step_end)
+            return None
         return params
 
     def _report(self, trial_id: str, result: dict) -> None:
@@ -71,6 +74,10 @@ class PruneAwareOptunaSearch(OptunaSearch):
         with optuna_storage_at(self._storage.url):
             super().restore(checkpoint_path)
         self._ask_again_missing_trials()
+        for trial_id, (value, state) in list(self.__dict__.get("_untold", {}).items()):
+            self._tell(trial_id, value, state)  # ended while the database was down (on_trial_complete)
+            self._completed_trials.add(trial_id)
+            del self._untold[trial_id]
 
     def _ask_again_missing_trials(self) -> None:
         """A fresh head's study is the copy last published, which may predate trials that Tune's saved searcher
@@ -95,7 +102,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._ot_trials and trial_id not in self._completed_trials and not result.get(FINAL):
-            self._report(trial_id, result)
+            with contextlib.suppress(DatabaseDown):  # the loop ends after this step (TrialEnd.on_step_end)
+                self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -107,12 +115,23 @@ class PruneAwareOptunaSearch(OptunaSearch):
             state = TrialState.COMPLETE
         else:  # stopped by ASHA: Tune withholds the result it stopped on from on_trial_result
             state, value = TrialState.PRUNED, None
-            self._report(trial_id, result or {})
+        try:
+            if state == TrialState.PRUNED:
+                self._report(trial_id, result or {})
+            self._tell(trial_id, value, state)
+        except DatabaseDown:  # Tune's loop ends after this step (TrialEnd.on_step_end). A trial Tune saves as ended
+            if state != TrialState.FAIL:  # is told by restore(); an errored one runs again on --resume
+                self.__dict__.setdefault("_untold", {})[trial_id] = (value, state)
+            return
+        self._completed_trials.add(trial_id)
+
+    def _tell(self, trial_id: str, value: float | None, state: TrialState) -> None:
         try:
             self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        except DatabaseDown:  # a ValueError too
+            raise
         except (ValueError, RuntimeError) as e:  # e.g. told already before a driver crash
             log.warning("optuna: trial %s: %s", trial_id, e)
-        self._completed_trials.add(trial_id)
 
 
 @contextlib.contextmanager
@@ -178,6 +197,31 @@ class TrialEnd(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "FAILED")
+
+    def on_step_end(self, iteration, trials, **info):
+        """The study's database given up on (:func:`tune.database.gone`): Tune's loop ends here, uncaught, as a
+        killed driver's would (no last save; the searcher swallowed the error, which Tune would make a trial's)."""
+        if (down := gone()) is not None:
+            raise down
+
+
+def end_left_running(tracker: SweepTracker, study: optuna.Study) -> list[str]:
+    """The child runs of trials the study holds as ended but MLflow as RUNNING (the trial ended while the tracking
+    store could not be reached: :class:`TrialEnd` failed, the trial is not run again), ended as :class:`TrialEnd`
+    would have, a complete one with its objective. Returns their trial ids."""
+    ended = {t.user_attrs.get("ray_trial_id"): t for t in study.trials
+             if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    done = []
+    for run in tracker.child_runs():
+        trial = ended.get(run.data.tags.get(TRIAL_TAG))
+        if run.info.status != "RUNNING" or trial is None:
+            continue
+        if trial.state == TrialState.COMPLETE and OBJECTIVE not in run.data.metrics:
+            tracker.log_child_metrics(run.data.tags[TRIAL_TAG], {OBJECTIVE: trial.value})
+        tags = {"stopped_early": "asha"} if trial.state == TrialState.PRUNED else None
+        tracker.end_child(run.data.tags[TRIAL_TAG], "FINISHED", tags)
+        done.append(run.data.tags[TRIAL_TAG])
+    return done
 
 
 def trial_dirname(trial) -> str:

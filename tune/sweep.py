@@ -45,7 +45,7 @@ from tune.auth import Credentials, client_env, login_file, save_login, with_cred
 from tune.baselines import start_baselines
 from tune.config import Resources, SweepConfig, SweepPaths, in_ray_job, load_config
 from tune.data import pinned_task, published
-from tune.database import connect, masked
+from tune.database import connect, gone, masked
 from tune.mlflow_server import TrackingServer
 from tune.pool import PoolError, PoolSpec, create_pool, shutdown_pool
 from tune.publish import Publisher, attach
@@ -54,6 +54,7 @@ from tune.resume import check_same_config, damaged, own_store, read_state, same_
 from tune.search import (
     PruneAwareOptunaSearch,
     TrialEnd,
+    end_left_running,
     make_scheduler,
     make_searcher,
     optuna_storage_at,
@@ -281,12 +282,15 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
                                     cfg.eval.objective_archs)  # beside the trials
         with watch_tune_stop() as stop:
             results = build_tuner(cfg, paths, plan, restore, admin, publisher).fit()
+        if (down := gone()) is not None:
+            raise down
         finished = (not stop.interrupted  # Ctrl-C, SIGTERM: the trials Tune stopped read TERMINATED
                     and results.num_terminated + results.num_errors == len(results) >= cfg.num_samples)
         study = load_study(cfg, paths)
         if finished:
             for trial_id in fail_orphans(study):  # its child run, if it had one, ends with it
                 tracker.end_child(trial_id, "KILLED", {ORPHAN: "true"})
+            end_left_running(tracker, study)  # ended while the tracking store was down
         summary = summarize(study, cfg, paths, finished)
         if summary["finished"]:
             mirror_for_report(paths, summary)
@@ -297,9 +301,13 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as e:  # the study's database given up on: that is the line, whatever failed after it
+        if (down := gone()) is not None and down is not e:
+            raise down from None
+        raise
     finally:
         shutdown_pool(handles)
-        if tracker is not None:
+        if tracker is not None and gone() is None:  # else the parent run is left RUNNING, as by a killed driver
             tracker.end(status)
         if server is not None:
             server.stop()
