@@ -90,11 +90,12 @@ def test_dpc_larger_than_class_and_missing_model_fail_early(tmp_path, toy_task):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, toy_task):
+    """A whole smoke run with two DPCs, on the toy task (the packaged tasks' runs: test_cli_smoke_preset*)."""
     out = tmp_path_factory.mktemp("distill")
     seen = []
     cfg = DistillConfig.from_preset("smoke", dpc=(2, 3), output_dir=str(out))
-    return cfg, distill(cfg, callback=seen.append), seen
+    return cfg, distill(cfg, callback=seen.append, task=toy_task), seen
 
 
 @pytest.mark.integration
@@ -175,10 +176,8 @@ def test_a_damaged_distill_checkpoint_is_one_line_naming_its_file(tmp_path, dama
     assert message.endswith(f"delete {tmp_path / 'checkpoint'} to start this run again from the beginning")
 
 
-@pytest.mark.integration
-def test_cli_smoke_preset(tmp_path, capsys):
-    assert main(["distill", "--task", "sst2", "--preset", "smoke", "-o", str(tmp_path / "o")]) == 0
-    assert "DPC 2: 2 set(s)" in capsys.readouterr().out
+def test_cli_unknown_task_is_one_line(tmp_path, capsys):
+    """(The CLI's whole smoke runs on packaged tasks: test_cli_smoke_preset_on_pair_and_multiclass_tasks.)"""
     assert main(["distill", "--task", "nope", "--preset", "smoke", "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dilm: error: unknown task 'nope'") and "\n" not in err
@@ -206,6 +205,7 @@ def test_cli_smoke_preset_on_pair_and_multiclass_tasks(task, tmp_path, capsys):
     """``--preset smoke`` on MRPC used to stop with "0 usable texts": pairs now always parse (see
     test_sampling), and the sets hold whole pairs."""
     assert main(["distill", "--task", task, "--preset", "smoke", "-o", str(tmp_path)]) == 0
+    assert "DPC 2: 2 set(s)" in capsys.readouterr().out
     t = load_task(task)
     s = read_set(tmp_path / "sets" / "dpc2" / "set00.jsonl", t.label_names, t.is_pair)
     assert s.counts() == [2] * t.num_classes
