@@ -51,18 +51,18 @@ def main() -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     paths = SweepPaths(a.storage, a.sweep, tune_storage="")  # the sweep's layout, as tune.report reads it
-    sets_dir = paths.sets_dir
-    prov = json.loads((sets_dir / "baselines" / "vanilla" / "provenance.json").read_text())["config"]
+    vanilla = paths.baseline_dir("vanilla")
+    prov = json.loads((vanilla / "provenance.json").read_text())["config"]
     task = load_task(prov["task"])
     names, pair = task.label_names, task.is_pair
     trial = best_trial(paths)
     methods = {
-        f"best trial ({trial})": [read_set(f, names, pair) for f in sorted((sets_dir / trial / "sets" / f"dpc{a.dpc}")
+        f"best trial ({trial})": [read_set(f, names, pair) for f in sorted((paths.trial_sets(trial) / f"dpc{a.dpc}")
                                                                           .glob("*.jsonl"))],
     }
     if not a.without_vanilla:
-        methods["vanilla LM"] = [read_set(f, names, pair) for f in sorted((sets_dir / "baselines" / "vanilla" / "sets" /
-                                                                          f"dpc{a.dpc}").glob("*.jsonl"))]
+        methods["vanilla LM"] = [read_set(f, names, pair) for f in sorted((vanilla / "sets" / f"dpc{a.dpc}")
+                                                                          .glob("*.jsonl"))]
     for method, n_sets in (("random", prov["n_sets"]), ("herding", 1)):  # as tune.baselines builds them
         methods[f"{method} real"] = build_coresets(task, CoresetConfig(
             method=method, dpc=(a.dpc,), n_sets=n_sets, seed=prov["seed"], learner=prov["learner"], pooling="mean",

@@ -627,6 +627,9 @@ def test_baselines_are_scored_beside_the_sweep(crashed_sweep):
         assert (OBJECTIVE in r.data.metrics) == (r.data.tags["baseline"] != "full")  # the ceiling ranks no trial
     [lm] = [p for p in (s["storage"] / "lm").iterdir() if not p.name.startswith(".")]
     assert runs["vanilla"].data.tags["dilm.lm_checkpoint"] == str(lm)
+    paths = SweepPaths.of(load_config(s["config"], storage=s["storage"]))  # the layout the report and benches read
+    assert paths.baseline_dir("vanilla") == s["storage"] / "sets" / "crash" / "baselines" / "vanilla"
+    assert all(any(paths.trial_sets(t).glob("dpc2/set*.jsonl")) for t in finished_trials(s["storage"]))
     vanilla = json.loads((s["storage"] / "sets" / "crash" / "baselines" / "vanilla" / "provenance.json").read_text())
     assert vanilla["config"]["outer_loops"] == 0 and vanilla["lm_checkpoint"] == str(lm)
     assert "best trial vs baselines" in s["out"] and "best-random" in s["out"]

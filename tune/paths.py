@@ -37,6 +37,7 @@ from tune.tracking import default_storage, tracking_uri
 
 # set by Ray in the environment of a `ray job submit` entrypoint (runtime env and metadata as JSON), of no other driver
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+BASELINES_DIR = "baselines"  # sets/<name>/baselines/<baseline>/
 
 
 def in_ray_job() -> bool:
@@ -110,6 +111,26 @@ class SweepPaths:
     @property
     def sets_location(self) -> str:
         return join(self.location, "sets", self.name)
+
+    def trial_dir(self, trial_id: str) -> Path:
+        """A trial's distill output (sets/, provenance.json, scores.json, plots/, final.json)."""
+        return self.sets_dir / trial_id
+
+    def trial_sets(self, trial_id: str) -> Path:
+        """A trial's final sets: ``dpc<d>/set<k>.jsonl``."""
+        return self.trial_dir(trial_id) / "sets"
+
+    def trial_sets_location(self, trial_id: str) -> str:
+        """:meth:`trial_sets` in the storage as given (a folder or a URI): where the console sends the user."""
+        return join(self.sets_location, trial_id, "sets")
+
+    @property
+    def baselines_location(self) -> str:
+        return join(self.sets_location, BASELINES_DIR)
+
+    def baseline_dir(self, name: str) -> Path:
+        """A baseline's output beside the trials (``vanilla``: the vanilla LM's sets and provenance)."""
+        return self.sets_dir / BASELINES_DIR / name
 
     @property
     def optuna_url(self) -> str:

@@ -27,7 +27,6 @@ from tune.plots import accuracy_vs_dpc_all
 from tune.plots import param_importances as plot_importances
 from tune.report_page import write_report
 from tune.scores import OBJECTIVE, best_row, compare, comparison_metrics, format_compare, objective
-from tune.storage import join
 from tune.tracking import NOTE_TAG
 
 log = logging.getLogger("tune.report")
@@ -85,6 +84,7 @@ def summarize(study, cfg: SweepConfig, paths: SweepPaths, finished: bool) -> dic
             "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
             "not_resumed": states.count("NOT_RESUMED"), "finished": finished,
             "importances": param_importances(study) if len(complete) >= 2 else None,
+            "best_sets": paths.trial_sets_location(best["ray_trial_id"]) if best else None,
             "storage": paths.location, "driver_dir": str(paths.storage), "optuna_url": dashboard_url(paths.optuna_url),
             "params": sorted(cfg.search), "objective_archs": tuple(cfg.eval.objective_archs),
             "val_curves": {r["ray_trial_id"] or str(t.number): sorted(t.intermediate_values.items())
@@ -144,18 +144,17 @@ def add_baselines(summary: dict, baselines: dict, paths: SweepPaths, task: TaskS
     summary["baseline_scores"] = baselines
     if not summary["best"]:
         return
-    best_dir = paths.sets_dir / summary["best"]["ray_trial_id"]
+    best_dir, vanilla_dir = paths.trial_dir(summary["best"]["ray_trial_id"]), paths.baseline_dir("vanilla")
     best = {int(d): s for d, s in json.loads((best_dir / "scores.json").read_text()).items()}
     summary["baselines"] = compare(best, baselines)
     data = load_task(task)
     full = full_data_set(data)
     summary["full_data"] = {"examples": len(full), "train_examples": len(data.train), "classes": data.num_classes}
     vocabulary = task_vocabulary(data)
-    summary["vocab_rate"] = {"best trial": vocab_rate(sorted(best_dir.glob("sets/dpc*/*.jsonl")), vocabulary),
-                             "vanilla": vocab_rate(sorted((paths.sets_dir / "baselines" / "vanilla").glob(
-                                 "sets/dpc*/*.jsonl")), vocabulary)}
+    summary["vocab_rate"] = {name: vocab_rate(sorted(folder.glob("sets/dpc*/*.jsonl")), vocabulary)
+                             for name, folder in (("best trial", best_dir), ("vanilla", vanilla_dir))}
     summary["copies"] = {name: read_copies(folder / "provenance.json") for name, folder in (
-        ("best trial", best_dir), ("vanilla", paths.sets_dir / "baselines" / "vanilla"))}
+        ("best trial", best_dir), ("vanilla", vanilla_dir))}
     summary["plots"] = [str(p) for p in accuracy_vs_dpc_all(best, paths.reports_dir, f"{summary['name']}",
                                                             beside=baselines, label="best trial")]
 
@@ -210,7 +209,7 @@ def report_summary(tracker, summary: dict, paths: SweepPaths) -> None:
     for trial_id, vs in margins(summary).items():
         tracker.log_child_metrics(trial_id, vs)
     tracker.set_view(summary.get("params", ()))
-    best_sets = paths.sets_dir / summary["best"]["ray_trial_id"] / "sets" if summary["best"] else None
+    best_sets = paths.trial_sets(summary["best"]["ray_trial_id"]) if summary["best"] else None
     summary["report"] = str(write_report(summary, best_sets, out))
     tracker.log_artifact(summary["report"])
     print(format_summary(summary))
@@ -246,7 +245,7 @@ def format_summary(s: dict) -> str:
     if s["best"]:
         params = {k: v for k, v in s["best"].items() if k not in ("number", "ray_trial_id", "state", OBJECTIVE)}
         lines.append(f"  best objective {s['best'][OBJECTIVE]:.2f} (trial {s['best']['ray_trial_id']}): {params}")
-        lines.append(f"  its sets:  {join(s['storage'], 'sets', s['name'], s['best']['ray_trial_id'], 'sets')}")
+        lines.append(f"  its sets:  {s['best_sets']}")
     if s.get("baselines"):
         lines.append("  best trial vs baselines (accuracy % ± std over sets x seeds; difference in points):")
         lines += format_compare(s["baselines"])

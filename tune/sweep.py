@@ -277,7 +277,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
                                     prefix=f"{cfg.name}-{os.getpid()}-{int(time.time())}",
                                     start_timeout_s=300 if resource_check else 3600)  # autoscaling: nodes boot
         plan = make_plan(run, paths, label_names, is_pair, pool, tracker.spec)
-        baselines = start_baselines(base_distill_config(run), lm, pool, tracker, join(paths.sets_location, "baselines"),
+        baselines = start_baselines(base_distill_config(run), lm, pool, tracker, paths.baselines_location,
                                     cfg.baseline_resources or cfg.trial_resources,
                                     cfg.eval.objective_archs)  # beside the trials
         with watch_tune_stop() as stop:
@@ -331,7 +331,9 @@ def mirror_for_report(paths: SweepPaths, summary: dict) -> None:
     the report reads them (a local storage is read in place)."""
     if not paths.remote:
         return
-    keys = ["baselines/vanilla", *([summary["best"]["ray_trial_id"]] if summary["best"] else [])]
+    folders = [paths.baseline_dir("vanilla"), *([paths.trial_dir(summary["best"]["ray_trial_id"])] if summary["best"]
+                                                else [])]
+    keys = [f.relative_to(paths.sets_dir).as_posix() for f in folders]
     sync_down(open_storage(paths.sets_location), paths.sets_dir, keys)
 
 
