@@ -97,3 +97,17 @@ def build_coresets(task: TaskData, cfg: CoresetConfig, device=None) -> dict[int,
                                              **({"half": k} if cfg.halves else {})))
         out[dpc] = sets
     return out
+
+
+def full_data_set(task: TaskData, limit: int = FULL_SAMPLE, seed: int = 0) -> SynSet:
+    """The full-data reference a set is measured against ("84 % of the full-data accuracy with 20 examples"): the
+    whole training split, or for a larger one a seeded sample of about ``limit`` keeping the class proportions (the
+    protocol's 200 steps of 64 see 12,800 examples: a 2,000-example sample is most of what it can use; the meta says
+    how many of how many)."""
+    train = task.train
+    if limit and len(train) > limit:
+        rng = random.Random(derive_seed(seed, "full data"))
+        train = [e for g in task.by_class() for e in rng.sample(g, min(len(g), max(1, round(limit * len(g) /
+                                                                                              len(task.train)))))]
+    return SynSet.from_examples(train, task.label_names, method="full", seed=seed, sample_size=len(train),
+                                train_examples=len(task.train))
