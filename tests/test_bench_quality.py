@@ -44,3 +44,11 @@ def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_p
         sum(a - b for a, b in zip(bal, lm2bal)) / 2)  # matching, each draw giving half of every class
     assert paired[f"{judge}/dpc4/lm2bal:filter+herding"]["vs_twin"] is not None
     assert cells["sets/bal:filter+herding"]["label_agreement"] >= 0
+    for dpc in (2, 4):  # the coresets: every method --sets sets (herding too: one per random half), and each
+        assert cells[f"{judge}/dpc{dpc}/herding-real-data"]["n"] == 2  # generated method against the best of them
+        real = {m: cells[f"{judge}/dpc{dpc}/{m}"] for m in ("random", "kcenters", "herding-real-data")}
+        best = max(real, key=lambda m: real[m]["mean"])
+        got = paired[f"{judge}/dpc{dpc}/bal:filter+herding"]
+        assert got["best_coreset"] == best
+        assert got["vs_best_coreset"]["mean"] == pytest.approx(
+            cells[f"{judge}/dpc{dpc}/bal:filter+herding"]["mean"] - real[best]["mean"])
