@@ -314,13 +314,13 @@ def test_a_tracking_db_down_longer_than_the_wait_ends_the_sweep_in_one_line_and_
         assert postgres_server.stop().returncode == 0
         stopped = time.monotonic()
         proc.wait(timeout=300)
-        ended = time.monotonic() - stopped
+        took = time.monotonic() - stopped
     finally:
         kill_tree(proc)
     out = (storage / "first.log").read_text()
     shown = masked(with_driver(url))  # postgresql+psycopg2://dilm:***@127.0.0.1:PORT/postgres
     errors = [line for line in out.splitlines() if line.startswith("dilm sweep: error:")]
-    print(f"\nthe driver ended {ended:.0f} s after the database stopped, rc {proc.returncode}: {errors}")
+    print(f"\nthe driver ended {took:.0f} s after the database stopped, rc {proc.returncode}: {errors}")
     assert proc.returncode == 2 and len(errors) == 1, out[-5000:]
     assert errors[0].startswith(f"dilm sweep: error: the sweep's database {shown} did not answer for "), errors
     assert errors[0].endswith(f"continue it with --resume once the database is back (${WAIT_ENV}=20 s is the wait)")
