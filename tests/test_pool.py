@@ -61,7 +61,7 @@ def test_pool_survives_actor_killed_mid_evaluation(ray_cluster, toy_task):
     try:
         first_pid = ray.get(actor.stats.remote())["pid"]
         ref = score_in_task.remote(spec, toy_sets(toy_task, 2, 5))  # a client in a task, as in a trial
-        wait_until(lambda: ray.get(actor.stats.remote())["busy"], timeout=60)
+        wait_until(lambda: ray.get(actor.stats.remote())["busy"], timeout=180)  # a loaded machine starts the job late
         os.kill(first_pid, signal.SIGKILL)
         scores, retried = ray.get(ref, timeout=240)
         assert retried == 1
