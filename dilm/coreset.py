@@ -73,16 +73,18 @@ def build_coresets(task: TaskData, cfg: CoresetConfig, device=None) -> dict[int,
     for dpc in cfg.dpc:
         check_dpc(task, dpc)
     n_sets = 1 if cfg.method == "herding" and not cfg.halves else cfg.n_sets
-    pools = [class_candidates(task, cfg, k if cfg.halves else None) for k in range(n_sets if cfg.halves else 1)]
-    feats = [None] * len(pools)
+    halves = list(range(n_sets)) if cfg.halves else [None]  # set k reads pools[k] with halves, else pools[None]
+    pools = {h: class_candidates(task, cfg, h) for h in halves}
+    feats = {h: None for h in halves}
     if cfg.method != "random":
-        feats = [[embed(pair_args(g)[0], cfg.learner, device, cfg.pooling, pairs=pair_args(g)[1], cache=True)
-                  for g in groups] for groups in pools]
+        feats = {h: [embed(pair_args(g)[0], cfg.learner, device, cfg.pooling, pairs=pair_args(g)[1], cache=True)
+                     for g in groups] for h, groups in pools.items()}
     out: dict[int, list[SynSet]] = {}
     for dpc in cfg.dpc:
         sets = []
         for k in range(n_sets):
-            seed, groups, fk = cfg.seed + k, pools[k % len(pools)], feats[k % len(pools)]
+            half = k if cfg.halves else None
+            seed, groups, fk = cfg.seed + k, pools[half], feats[half]
             picked: list[Example] = []
             for c, g in enumerate(groups):
                 if cfg.method == "random":
@@ -94,7 +96,7 @@ def build_coresets(task: TaskData, cfg: CoresetConfig, device=None) -> dict[int,
                 picked += [g[i] for i in idx]
             sets.append(SynSet.from_examples(picked, task.label_names, method=cfg.method, dpc=dpc, seed=seed,
                                              learner=cfg.learner, pooling=cfg.pooling,
-                                             **({"half": k} if cfg.halves else {})))
+                                             **({} if half is None else {"half": half})))
         out[dpc] = sets
     return out
 
