@@ -68,7 +68,7 @@ class SamplingSpec:
 
 
 SYNC_EVERY = 8
-SHORTLIST = 128  # CPU: top-p from the 128 most probable tokens (full sort only for rows whose nucleus is larger)
+SHORTLIST = 128  # CPU: top-p from the 128 most probable tokens, then 8x as many for rows whose nucleus is larger
 
 
 def top_p_sample(logits: torch.Tensor, top_p: float, temperature: float, rng: torch.Generator,
@@ -77,20 +77,38 @@ def top_p_sample(logits: torch.Tensor, top_p: float, temperature: float, rng: to
 
     One sort and one cumulative sum; the draw is an inverse-CDF lookup (B uniforms, not B × V). With
     ``shortlist`` = K > 0 the sort is a ``topk`` of K: rows whose K most probable tokens already reach ``top_p``
-    hold their whole nucleus there and draw from it exactly as from the full sort (same uniforms); only the
-    other rows are sorted in full. Checking which rows those are is a host sync, free on a CPU (where the full
-    sort of a 49k vocabulary costs as much as the model's decode step) but not on CUDA.
+    hold their whole nucleus there and draw from it exactly as from the full sort (same uniforms); the other rows
+    try a shortlist 8 times larger, and only rows whose nucleus exceeds that too are sorted in full. Checking which
+    rows those are is a host sync, free on a CPU (where the full sort of a 49k vocabulary costs as much as the
+    model's decode step) but not on CUDA. Probabilities are ``exp(z - logsumexp(z))`` of the tempered logits ``z``
+    on every path, so a shortlist only ever changes which tokens are ranked, never a probability.
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    u = torch.rand((probs.shape[0], 1), device=probs.device, generator=rng)  # (B, 1)
-    if not shortlist or shortlist >= probs.shape[-1]:
-        return nucleus_draw(*probs.sort(dim=-1, descending=True), u, top_p)
-    top, order = probs.topk(shortlist, dim=-1)  # (B, K), descending
-    out = nucleus_draw(top, order, u, top_p)
-    short = top.cumsum(-1)[:, -1] < top_p  # (B,): nucleus not inside the shortlist (top_p → 1, flat rows)
-    if bool(short.any()):
-        out[short] = nucleus_draw(*probs[short].sort(dim=-1, descending=True), u[short], top_p)
-    return out
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature if z is logits else z.div_(temperature)  # never scale the caller's tensor in place
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (B, 1)
+    u = torch.rand((z.shape[0], 1), device=z.device, generator=rng)  # (B, 1)
+    rows, k = None, shortlist  # rows: the rows still to draw (None: all)
+    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+    while True:
+        zr, ur = (z, u) if rows is None else (z[rows], u[rows])
+        full = not k or k >= z.shape[-1]
+        top, order = zr.sort(dim=-1, descending=True) if full else zr.topk(k, dim=-1)  # (R, K), descending
+        probs = (top - (lse if rows is None else lse[rows])).exp_()
+        picks = nucleus_draw(probs, order, ur, top_p)
+        if full:
+            short = None
+        else:  # nucleus not inside the shortlist (top_p → 1, flat rows)
+            short = probs.cumsum(-1)[:, -1] < top_p
+            picks = picks.masked_fill(short, 0)
+        if rows is None:
+            out = picks
+        else:
+            out[rows] = picks
+        if short is None or not bool(short.any()):
+            return out
+        rows = short.nonzero().squeeze(1) if rows is None else rows[short]
+        k *= 8
 
 
 def nucleus_draw(sorted_p: torch.Tensor, order: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
