@@ -80,19 +80,25 @@ def test_top_p_keeps_only_the_nucleus_in_proportion():
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
-def test_shortlisted_top_p_draws_what_the_full_sort_draws(top_p):
-    """The topk shortlist: rows whose nucleus fits in it (peaked rows) and rows whose nucleus does not (flat
-    rows, top_p 1) draw the full sort's tokens from the same seed."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shortlisted_top_p_draws_what_the_full_sort_draws(top_p, temperature):
+    """The topk shortlist: rows whose nucleus fits in it (peaked rows), rows whose nucleus needs the 8x larger
+    second shortlist and rows whose nucleus needs the full sort (flat rows, top_p 1) draw the full sort's tokens
+    from the same seed; the caller's logits are left as they were."""
     g = torch.Generator().manual_seed(0)
     peaked = torch.randn(40, 500, generator=g) * 6
+    middle = torch.randn(40, 500, generator=g) * 2
     flat = torch.randn(24, 500, generator=g) * 0.1
-    logits = torch.cat([peaked, flat])
+    logits = torch.cat([peaked, middle, flat])
+    kept = logits.clone()
     for seed in range(5):
-        full = top_p_sample(logits, top_p, 1.0, torch.Generator().manual_seed(seed))
-        short = top_p_sample(logits, top_p, 1.0, torch.Generator().manual_seed(seed), shortlist=16)
+        full = top_p_sample(logits, top_p, temperature, torch.Generator().manual_seed(seed))
+        short = top_p_sample(logits, top_p, temperature, torch.Generator().manual_seed(seed), shortlist=16)
         assert torch.equal(full, short)
-    nucleus = (torch.softmax(peaked, -1).sort(-1, descending=True).values.cumsum(-1) < 0.3).sum(-1)
-    assert (nucleus < 16).any()  # not vacuous: some rows are drawn from the shortlist alone
+    assert torch.equal(logits, kept)
+    if (top_p, temperature) == (0.9, 1.0):  # not vacuous: each of the three paths draws some rows
+        nucleus = (torch.softmax(logits, -1).sort(-1, descending=True).values.cumsum(-1) < top_p).sum(-1) + 1
+        assert (nucleus <= 16).any() and ((nucleus > 16) & (nucleus <= 128)).any() and (nucleus > 128).any()
 
 
 @pytest.mark.parametrize("static", [False, True])
