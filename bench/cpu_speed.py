@@ -17,9 +17,10 @@ every figure is printed with its ratio to the block's baseline, and the block's 
   ``make_sampler`` picks here;
 * LM step (steps/s; the demo's batch of 8 SST-2 examples, AdamW, clipping as the LM stage): a padded batch through
   the model's own loss, fp32, one thread → ``lm_loss`` (packed) and/or :func:`dilm.device.cpu_threads` threads;
-  the same with a fused AdamW (one pass over the weights, not several); and the LM stage's own step (fused, at its
-  default ``lm_precision``: bf16 autocast on a CPU with native bf16); with ``--curve-steps``, its loss curve against
-  fp32's (two seeds each);
+  the same with a fused AdamW (one pass over the weights, not several); that at the default ``lm_precision`` (bf16
+  autocast on a CPU with native bf16); and the LM stage's own step (that, with its attention kernel:
+  :func:`dilm.generator.training_attention`); with ``--curve-steps``, its loss curve against fp32's (two seeds
+  each);
 * matching step (steps/s; the demo's 8 real and 4 synthetic texts a class, the generator's backward and AdamW step
   included): the head's gradients by ``torch.autograd.grad(create_graph=True)`` through the whole learner, fp32,
   one thread → :func:`dilm.matching.class_gradient` at one thread and at :func:`dilm.device.cpu_threads` threads;
@@ -60,6 +61,7 @@ from dilm.generator import (
     pad_samples,
     prompt,
     resolve_template,
+    training_attention,
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import load_model, load_tokenizer
@@ -171,8 +173,16 @@ def lm_block(a, tok, names, template, task, threads: int) -> dict:
     candidates[f"packed, {n}, fused AdamW"] = (threads, functools.partial(steps, lambda b: lm_loss(model, b, CPU),
                                                                          fused))
     auto = "bf16" if autocast_dtype(CPU, "auto") == torch.bfloat16 else "fp32"
-    dilm = f"dilm: packed {auto}, {n}, fused AdamW"  # the LM stage's step at its default lm_precision (auto)
-    candidates[dilm] = (threads, functools.partial(steps, lambda b: lm_loss(model, b, CPU, "auto"), fused))
+    bf16_sdpa = functools.partial(steps, lambda b: lm_loss(model, b, CPU, "auto"), fused)
+    candidates[f"packed {auto}, {n}, fused AdamW, SDPA"] = (threads, bf16_sdpa)
+    width = max(map(len, corpus.sequences))
+
+    def dilm_step(rep: int) -> None:  # the LM stage's step: its lm_precision (auto) and its attention kernel
+        with training_attention(model, CPU, width):
+            bf16_sdpa(rep)
+
+    dilm = f"dilm: packed {auto}, {n}, fused AdamW, its attention"
+    candidates[dilm] = (threads, dilm_step)
     extra = {"dilm": dilm, "auto_precision": auto}
     if a.curve_steps:
         extra["curves"] = lm_curves(a, corpus)
@@ -188,20 +198,22 @@ def lm_curves(a, corpus: TokenizedCorpus) -> dict:
     lm = LMStageConfig(generator="smollm2-135m", lm_steps=a.curve_steps, lm_lr=1e-4, lm_weight_decay=0.01,
                        lm_batch_size=a.lm_batch, lm_precision="auto", max_length=0, length_quantile=0.99,
                        length_cap=128, seed=0)
-    final = {}
+    final, width = {}, max(map(len, corpus.sequences))
     for precision in ("fp32", "auto"):
         for seed in (0, 1):
             model = load_model("smollm2-135m", "causal-lm").train()
             opt, sched = lm_optimizer(lm, model, CPU)
             rng, losses = random.Random(seed), []
-            for _ in range(a.curve_steps):
-                loss = lm_loss(model, corpus.batch(a.lm_batch, rng, CPU), CPU, precision)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
+            kernel = training_attention(model, CPU, width) if precision == "auto" else contextlib.nullcontext()
+            with kernel:  # auto: the LM stage's step (its precision and attention kernel); fp32: SDPA as before
+                for _ in range(a.curve_steps):
+                    loss = lm_loss(model, corpus.batch(a.lm_batch, rng, CPU), CPU, precision)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    sched.step()
+                    losses.append(loss.item())
             final[f"{precision} seed {seed}"] = statistics.fmean(losses[-10:])
             print(f"  curve {precision} seed {seed}: final loss {final[f'{precision} seed {seed}']:.4f}", flush=True)
     return {"steps": a.curve_steps, "final_loss": final,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dilm.device
+import dilm.generator
 from dilm.device import cpu_threads
 from dilm.generator import (
     PACKED_TYPES,
@@ -20,6 +21,7 @@ from dilm.generator import (
     prompt,
     sample_classes,
     to_sample,
+    training_attention,
 )
 from dilm.models import load_model, load_tokenizer
 from dilm.sampling import Sampler, SamplingSpec, top_p_sample
@@ -321,6 +323,33 @@ def test_packed_lm_loss_and_gradient_equal_the_padded_ones(kind):
         g_got = torch.autograd.grad(got, list(model.parameters()))
         assert got.item() == pytest.approx(ref.item(), abs=1e-6)
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ref, g_got))
+
+
+@pytest.mark.parametrize("kind", sorted(PACKED_TYPES))
+def test_training_attention_is_eager_on_a_cpu_for_short_sequences_with_the_same_loss(kind, monkeypatch):
+    """The LM stage's attention kernel (training_attention): eager on a CPU up to EAGER_UP_TO tokens, with the
+    packed loss and gradients of the padded batch under the model's own kernel; the model's own kernel again on
+    leaving; unchanged for longer sequences and on the GPU's code paths."""
+    model = tiny_causal_lm(kind, 97)
+    own = model.config._attn_implementation
+    assert own != "eager"
+    rng = random.Random(0)
+    corpus = TokenizedCorpus([[rng.randrange(1, 97) for _ in range(rng.randrange(1, 15))] for _ in range(40)], 0)
+    batch = corpus.batch(8, rng, CPU)
+    ref = model(**batch, use_cache=False).loss
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    with training_attention(model, CPU, 14):
+        assert model.config._attn_implementation == "eager"
+        got = lm_loss(model, batch, CPU)
+        g_got = torch.autograd.grad(got, list(model.parameters()))
+    assert model.config._attn_implementation == own
+    assert got.item() == pytest.approx(ref.item(), abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ref, g_got))
+    with training_attention(model, CPU, dilm.generator.EAGER_UP_TO + 1):
+        assert model.config._attn_implementation == own
+    monkeypatch.setenv(dilm.device.GPU_PATHS_ENV, "1")
+    with training_attention(model, CPU, 14):
+        assert model.config._attn_implementation == own
 
 
 def test_lm_loss_packs_the_registry_generator(lm):

@@ -27,7 +27,7 @@ from dilm.distill.checkpoint import State, lm_checkpoint_key, write_lm_checkpoin
 from dilm.distill.config import DistillConfig
 from dilm.distill.context import Callback, RunContext, split_train
 from dilm.files import file_lock
-from dilm.generator import TokenizedCorpus, lm_loss, resolve_template
+from dilm.generator import TokenizedCorpus, lm_loss, resolve_template, training_attention
 from dilm.probe import task_fingerprint
 from dilm.tasks import TaskData, load_task
 
@@ -85,16 +85,18 @@ def fine_tune(lm: LMStageConfig, generator: torch.nn.Module, corpus: TokenizedCo
     for _ in range(state.step):
         sched.step()  # resume: the schedule continues where it stopped
     generator.train()
-    for step in tqdm(range(state.step, lm.lm_steps), desc="lm", initial=state.step, total=lm.lm_steps):
-        loss = lm_loss(generator, corpus.batch(lm.lm_batch_size, rng, device), device, lm.lm_precision)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        state.step = step + 1
-        if step % 10 == 0 or state.step == lm.lm_steps:
-            emit(state, stage="lm", lm_loss=loss.item(), lr=sched.get_last_lr()[0])
+    width = max(map(len, corpus.sequences))
+    with training_attention(generator, device, width):
+        for step in tqdm(range(state.step, lm.lm_steps), desc="lm", initial=state.step, total=lm.lm_steps):
+            loss = lm_loss(generator, corpus.batch(lm.lm_batch_size, rng, device), device, lm.lm_precision)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            state.step = step + 1
+            if step % 10 == 0 or state.step == lm.lm_steps:
+                emit(state, stage="lm", lm_loss=loss.item(), lr=sched.get_last_lr()[0])
     state.stage = "match"
 
 
