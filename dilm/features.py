@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from dilm import DilmError
 from dilm.device import autocast, device_kind
-from dilm.files import made_once
-from dilm.models import keyed_cache_path, load_model, load_tokenizer, packaged_identity
+from dilm.files import keyed_cache_path, made_once
+from dilm.models import load_model, load_tokenizer, packaged_identity
 
 POOLINGS = ("mean", "cls")  # of last-layer states (:func:`pool`)
 EMBED_POOLINGS = (*POOLINGS, "pooler")  # embed() also reads the model's own [CLS] pooler

@@ -1,9 +1,11 @@
 """Files written atomically: to a temporary name in the target's folder, then renamed into place, so that a killed
-run never leaves half a file (or half a checkpoint folder) where a reader expects a whole one."""
+run never leaves half a file (or half a checkpoint folder) where a reader expects a whole one; and where cached files
+live (:func:`cache_dir`, ``$DILM_CACHE``)."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -11,6 +13,17 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where dilm caches what it computes or fetches once: ``$DILM_CACHE``, else ``~/.cache/dilm``."""
+    return Path(os.environ.get("DILM_CACHE", Path.home() / ".cache" / "dilm"))
+
+
+def keyed_cache_path(kind: str, key: str, suffix: str = ".json") -> Path:
+    """``<cache dir>/<kind>/<hash><suffix>``: where a cached result lives, named by the hash of ``key`` (everything
+    the result comes from, serialised)."""
+    return cache_dir() / kind / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}{suffix}"
 
 
 @contextmanager

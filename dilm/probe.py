@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from dilm.features import embed
-from dilm.files import made_once
-from dilm.models import cache_dir
+from dilm.files import cache_dir, made_once
 from dilm.tasks import Example, TaskData
 from dilm.text import join_pair
 

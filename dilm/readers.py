@@ -47,7 +47,7 @@ def file_format(path: str) -> str:
 def fetched_path(location: str) -> Path:
     """Where this machine keeps its copy of the file at URI ``location``: ``<cache dir>/data/<hash of the URI>``, the
     URI's suffixes kept (the format and compression are read from them)."""
-    from dilm.models import cache_dir
+    from dilm.files import cache_dir
 
     suffix = "".join(Path(location.split("?", 1)[0]).suffixes[-2:])
     return cache_dir() / "data" / (hashlib.sha256(location.encode()).hexdigest()[:20] + suffix)

@@ -18,7 +18,8 @@ import yaml
 from test_sweep import SWEEPS, driver, kill_tree, write_yaml
 
 from dilm import DilmError
-from dilm.models import hub_unreachable, resolve_model
+from dilm.hf import hub_unreachable
+from dilm.models import resolve_model
 from tune.stop import RESUME_HINT, keep_sigterm_handler, sigterm_as_interrupt, watch_tune_stop
 from tune.sweep import main
 

@@ -145,12 +145,13 @@ def test_trials_get_their_margins_over_the_baselines():
 
 def test_model_loads_and_saves_print_no_progress_bars(tmp_path, capfd):
     """transformers' "Loading weights" / "Writing model shards" bars and notices are off inside
-    :func:`dilm.models.quiet_transformers` (every load of dilm's), and as they were after it."""
+    :func:`dilm.hf.quiet_transformers` (every load of dilm's), and as they were after it."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from dilm.distill.checkpoint import write_lm_checkpoint
-    from dilm.models import load_model, load_tokenizer, quiet_transformers
+    from dilm.hf import quiet_transformers
+    from dilm.models import load_model, load_tokenizer
 
     model, tok = load_model("tiny-llama", head="causal-lm"), load_tokenizer("tiny-llama")
     write_lm_checkpoint(tmp_path / "lm", model, tok, {"key": "k"})

@@ -28,8 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dilm.files import atomic_write_text
-from dilm.models import cache_dir
+from dilm.files import atomic_write_text, cache_dir
 
 USER = "dilm"
 USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"

@@ -32,8 +32,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
 from dilm import DilmError
-from dilm.files import atomic_path, atomic_write_dir, atomic_write_text, file_lock, write_json
-from dilm.models import cache_dir
+from dilm.files import atomic_path, atomic_write_dir, atomic_write_text, cache_dir, file_lock, write_json
 from dilm.readers import is_uri
 
 # what pyarrow.fs.FileSystem.from_uri opens (pyarrow 25); a URI of another scheme is refused when the YAML is read

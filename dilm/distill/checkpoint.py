@@ -21,7 +21,7 @@ import torch
 from dilm import DilmError
 from dilm.distill.config import DistillConfig
 from dilm.files import atomic_write_dir, write_json
-from dilm.models import quiet_transformers
+from dilm.hf import quiet_transformers
 from dilm.tasks import TaskData
 
 LM_META = "dilm_lm.json"  # beside the Hugging Face files of an LM-stage checkpoint

@@ -23,10 +23,10 @@ from dilm.distill.checkpoint import State, load_lm_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.evaluate import Evaluator
 from dilm.features import embed, pool
-from dilm.files import json_made_once
+from dilm.files import json_made_once, keyed_cache_path
 from dilm.generator import Sample, TokenizedCorpus, make_sampler, prompt, resolve_template, sample_classes
 from dilm.memorisation import CopyIndex, joined
-from dilm.models import keyed_cache_path, load_model, load_tokenizer, packaged_identity
+from dilm.models import load_model, load_tokenizer, packaged_identity
 from dilm.probe import LabelProbe, task_fingerprint
 from dilm.protocol import PROTOCOL, EvalConfig
 from dilm.sampling import Sampler, SamplingSpec
