@@ -29,7 +29,7 @@ def _handover(argv: list[str]) -> int | None:
 
         return sweep_main(argv[1:])
     if argv and argv[0] == "ui":
-        from tune.tracking import ui_main
+        from tune.ui import ui_main
 
         return ui_main(argv[1:])
     return None

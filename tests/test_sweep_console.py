@@ -156,7 +156,7 @@ def test_dilm_ui_opens_on_the_winner_in_a_browser(browser_exe, finished_sweep, t
     assert name.startswith("★ best") and "report.html" in artifacts
     port, log = _free_port(), tmp_path / "ui.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tune.tracking", "--storage", str(storage), "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "tune.ui", "--storage", str(storage), "--port",
                                  str(port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

@@ -10,16 +10,8 @@ import re
 import pytest
 
 from tune.scores import OBJECTIVE
-from tune.tracking import (
-    ML_VIEW,
-    VIEW_TAG,
-    SweepTracker,
-    TrialRun,
-    runs_links,
-    sweep_view,
-    tracking_uri,
-    view_url,
-)
+from tune.tracking import VIEW_TAG, SweepTracker, TrialRun, sweep_view, tracking_uri
+from tune.ui import ML_VIEW, runs_links, view_url
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +55,7 @@ def test_dilm_ui_prints_the_latest_sweeps_page_first(store, monkeypatch, capsys)
     """``dilm ui``'s first link (``open URL``) is the latest sweep's view; the server itself is not started here."""
     import subprocess
 
-    import tune.tracking
+    import tune.ui
 
     storage, _ = store
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -76,7 +68,7 @@ def test_dilm_ui_prints_the_latest_sweeps_page_first(store, monkeypatch, capsys)
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", NoServer)
-    assert tune.tracking.ui_main(["--storage", str(storage), "--port", "5077"]) == 0
+    assert tune.ui.ui_main(["--storage", str(storage), "--port", "5077"]) == 0
     out = capsys.readouterr().out
     opened = re.search(r"^  open (\S+)", out, re.M)
     assert opened and "viewStateShareKey=" in opened.group(1) and "(sweep second (dilm-view): the latest)" in out

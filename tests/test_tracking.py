@@ -24,8 +24,8 @@ from tune.tracking import (
     artifact_location,
     flatten,
     tracking_uri,
-    ui_main,
 )
+from tune.ui import ui_main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -128,7 +128,7 @@ def post(url: str, body: dict) -> dict:
 
 @pytest.mark.integration
 def test_ui_serves_the_runs(store, tmp_path):
-    """``dilm ui`` (``python -m tune.tracking``) on 127.0.0.1: the REST API lists the sweep's runs, it prints the
+    """``dilm ui`` (``python -m tune.ui``) on 127.0.0.1: the REST API lists the sweep's runs, it prints the
     direct link to the experiment's runs page, and SIGTERM to it stops the MLflow server and its workers."""
     import psutil
 
@@ -136,7 +136,7 @@ def test_ui_serves_the_runs(store, tmp_path):
     port = free_port()
     log = tmp_path / "ui.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tune.tracking", "--storage", str(storage), "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "tune.ui", "--storage", str(storage), "--port",
                                  str(port)], start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -19,8 +19,10 @@ same port with the same users: the trials' requests retry meanwhile (``tests/tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,11 +36,24 @@ from pathlib import Path
 from dilm import DilmError
 from tune.auth import Credentials, server_env
 from tune.database import masked
-from tune.tracking import stop_group
 
 # `mlflow server --backend-store-uri` read from the environment: a tracking database's password stays off the
 # command line, which every user of the machine sees in `ps`
 BACKEND_ENV = "MLFLOW_BACKEND_STORE_URI"
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM to the process group ``proc`` leads (started with ``start_new_session``), SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def free_port(host: str) -> int:

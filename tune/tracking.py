@@ -1,4 +1,4 @@
-"""MLflow tracking of sweeps — the only module that imports mlflow.
+"""MLflow tracking of sweeps: the runs a sweep and its trials log to (``dilm ui`` shows them: :mod:`tune.ui`).
 
 Runs: one **parent run** per sweep (created by the driver; the sweep's configuration, summary metrics, the trials
 table and the parameter-importance plot) and one **child run** per trial (tag ``mlflow.parentRunId``; every
@@ -10,8 +10,9 @@ KILLED for trials stopped early, FAILED) because a trial stopped by the schedule
 Where things go: the tracking URI is ``$MLFLOW_TRACKING_URI`` when set (an ``http://`` server for multi-node
 sweeps: trials on other machines cannot reach a local file), else ``sqlite:////<storage>/mlflow.db``. With a sqlite
 store the artifacts of experiment E go to ``<db folder>/mlartifacts/E`` (absolute, so trials whose working directory
-is under ``/tmp/ray`` write to the same place); with a server, the server decides. ``dilm ui`` (:func:`ui_main`)
-serves the store with ``mlflow ui`` and prints each sweep's runs page (:func:`view_url`: trials as rows, with metrics).
+is under ``/tmp/ray`` write to the same place); with a server, the server decides. Each sweep's runs page (trials as
+rows, with metrics: :func:`sweep_view`) is saved with its experiment; ``dilm ui`` (:mod:`tune.ui`) serves the store
+and prints the pages' links.
 
 Per-step metrics are buffered and written in batches (``log_batch``): a sqlite write per step and key would slow the
 trials and contend for the database lock.
@@ -19,13 +20,9 @@ trials and contend for the database lock.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +30,6 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from dilm import DilmError
-from dilm.options import Parser
-from tune.database import masked, with_driver
 from tune.scores import OBJECTIVE
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -53,7 +47,7 @@ NOTE_TAG = "mlflow.note.content"  # a run's description in the UI
 # JSON (search filter, order, columns: what MLflow's "share view" button saves). KEY is the sweep's parent run id.
 VIEW_TAG = "mlflow.sharedViewState."
 VIEW_METRICS = (OBJECTIVE, "vs_random", "vs_vanilla", "vs_herding")  # a trial's objective − each baseline's
-ML_VIEW = "workflowType=machine_learning"  # MLflow 3 opens its GenAI view without this in the URL
+
 
 
 def default_storage() -> Path:
@@ -210,7 +204,7 @@ class SweepTracker:
         self.client.log_batch(run.info.run_id, tags=tags)
 
     def set_view(self, params: list[str] | tuple[str, ...] = ()) -> None:
-        """The sweep's runs page (:func:`sweep_view`, ``params`` as columns), opened by :func:`view_url`."""
+        """The sweep's runs page (:func:`sweep_view`, ``params`` as columns), opened by :func:`tune.ui.view_url`."""
         self.client.set_experiment_tag(self.spec.experiment_id, VIEW_TAG + self.spec.parent_run_id,
                                        json.dumps(sweep_view(self.spec.parent_run_id, params)))
 
@@ -291,9 +285,6 @@ class TrialRun:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
 
-# --------------------------------------------------------------------------- dilm ui
-
-
 def run_label(trial_id: str, values: dict, objective: float | None = None) -> str:
     """A child run's name that reads at a glance in the runs table: short trial id, objective, searched values
     (``00003 obj 61.2 | generator_lr=3.2e-05 inner_loop=2``)."""
@@ -309,90 +300,3 @@ def sweep_view(parent_run_id: str, params: list[str] | tuple[str, ...] = ()) -> 
     return {"searchFilter": f"tags.`{PARENT_TAG}` = '{parent_run_id}'", "orderByKey": f"metrics.`{OBJECTIVE}`",
             "orderByAsc": False, "selectedColumns": [f"metrics.`{m}`" for m in VIEW_METRICS]
             + [f"params.`{p}`" for p in params]}
-
-
-def view_url(base: str, experiment_id: str, parent_run_id: str | None = None) -> str:
-    """The runs page of an experiment in the model-training view; with ``parent_run_id``, its sweep's view."""
-    key = f"&viewStateShareKey={parent_run_id}" if parent_run_id else ""
-    return f"{base}/#/experiments/{experiment_id}/runs?{ML_VIEW}{key}"
-
-
-def ui_command(uri: str, host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-            "--workers", "1"]
-
-
-def ui_main(argv: list[str] | None = None) -> int:
-    """``dilm ui``: serve the sweeps' MLflow store with ``mlflow ui`` until Ctrl-C."""
-    p = Parser(prog="dilm ui", description="MLflow UI over the sweeps' tracking store")
-    p.add_argument("--storage", type=Path, default=None,
-                   help="sweep storage folder holding mlflow.db (default: $DILM_SWEEP_DIR or ./runs/sweeps)")
-    p.add_argument("--backend-store-uri", default=None, help="a store URI instead, e.g. a sweep's --tracking-db "
-                   "(default: $MLFLOW_TRACKING_URI or sqlite:////<storage>/mlflow.db)")
-    p.add_argument("--host", default="127.0.0.1", help="address the UI listens on (default: 127.0.0.1, this machine "
-                   "only)")
-    p.add_argument("--port", type=int, default=5000, help="port the UI listens on (default: 5000)")
-    args = p.parse_args(argv)
-    uri = with_driver(args.backend_store_uri or tracking_uri(args.storage or default_storage()))  # postgresql: psycopg2
-    if uri.startswith(("http://", "https://")):
-        print(f"the tracking store is a server already: open {uri}")
-        return 0
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        raise DilmError(f"no MLflow store at {db}; run a sweep first (make demo) or pass --storage")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    base = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI on {base}  (store {masked(uri)}; Ctrl-C stops it)", flush=True)
-    for i, (label, url) in enumerate(runs_links(uri, base)):  # MLflow 3 opens an empty traces page otherwise
-        print(f"  open {url}   ({label}: the latest)" if i == 0 else f"  {label}: {url}", flush=True)
-    # its own process group: mlflow starts workers (huey_consumer, gunicorn/uvicorn) that must stop with it
-    proc = subprocess.Popen(ui_command(uri, args.host, args.port), env=env, start_new_session=True)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)  # SIGTERM to `dilm ui` stops the server too
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        stop_group(proc)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def runs_links(uri: str, base: str) -> list[tuple[str, str]]:
-    """(label, url): each sweep's view (:func:`view_url`), the latest first, then the runs page of every other
-    experiment of the store holding runs."""
-    client = MlflowClient(tracking_uri=uri)
-    sweeps, others = [], []
-    for e in client.search_experiments():
-        parents = [k[len(VIEW_TAG):] for k in e.tags if k.startswith(VIEW_TAG)]
-        ids = ", ".join(f"'{p}'" for p in parents)
-        runs = client.search_runs([e.experiment_id], f"attributes.run_id IN ({ids})") if parents else []
-        sweeps += [(r.info.start_time, f"sweep {r.info.run_name} ({e.name})",
-                    view_url(base, e.experiment_id, r.info.run_id)) for r in runs]
-        if not runs and client.search_runs([e.experiment_id], max_results=1):
-            others.append((e.name, view_url(base, e.experiment_id)))
-    return [(label, url) for _, label, url in sorted(sweeps, reverse=True)] + others
-
-
-def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
-    """SIGTERM to the process group ``proc`` leads (started with ``start_new_session``), SIGKILL if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
-        os.killpg(proc.pid, signal.SIGKILL)
-
-if __name__ == "__main__":
-    try:
-        sys.exit(ui_main())
-    except DilmError as e:
-        print(f"dilm ui: error: {e}", file=sys.stderr)
-        sys.exit(2)
