@@ -3,6 +3,7 @@ options are derived from the config dataclasses (:mod:`dilm.options`); ``dilm di
 options the user gives."""
 
 import dataclasses
+import re
 
 import pytest
 
@@ -98,6 +99,21 @@ def test_orchestration_help_gives_every_option_a_help_and_a_default(command, cap
     for option, entry in entries.items():
         if option not in ("-h", "--help"):
             assert "default" in entry or "required" in entry, f"dilm {command} {option}: {entry!r}"
+
+
+# files of the repository that a pip-installed package does not have (its own modules aside)
+REPOSITORY_ONLY = re.compile(r"\b(?:bench|sweeps|docs|tests|cluster)/|\bmake [a-z]|\S+\.md\b")
+
+
+@pytest.mark.parametrize("command", [*sorted(COMMANDS), "sweep", "ui"])
+def test_help_sends_no_one_to_a_file_of_the_repository(command, capsys, monkeypatch):
+    """A ``--help`` reaches users who installed the package alone: it names no ``bench/``, ``sweeps/``, ``docs/``
+    file, no ``.md`` and no ``make`` target (the evidence behind a default belongs in a comment beside it)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "--help" in text and not REPOSITORY_ONLY.findall(text), REPOSITORY_ONLY.findall(text)
 
 
 def test_a_preset_yields_only_to_options_given():

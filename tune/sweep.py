@@ -81,7 +81,7 @@ def check_resources(cfg: SweepConfig, cluster: dict) -> list[str]:
     have = f"the Ray cluster has {cpu:g} CPU and {gpu:g} GPU"
     if (t.gpu or pool_gpu) and not gpu:
         raise DilmError(f"the sweep asks for GPUs (trial {t.gpu:g}, pool {pool_gpu:g}) but {have}; "
-                        "use --smoke or a CPU config such as sweeps/demo.yaml")
+                        "use --smoke, or a config whose trials and eval pool ask for no GPU")
     missing = sorted(k for k, v in {**a.custom, **t.custom}.items() if v > float(cluster.get(k, 0)) + 1e-9)
     if missing:
         raise DilmError(f"the sweep asks for custom resource(s) {missing} that no node of the Ray cluster has "
@@ -338,10 +338,9 @@ def mirror_for_report(paths: SweepPaths, summary: dict) -> None:
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="dilm sweep", description="Ray Tune + Optuna sweep of DiLM distillation, tracked in MLflow "
-               "(storage layout: tune/config.py)")
-    p.add_argument("--config", required=True, type=Path, help="sweep YAML (sweeps/demo.yaml, sweeps/sst2.yaml, "
-                   "...); required")
+    p = Parser(prog="dilm sweep", description="Ray Tune + Optuna sweep of DiLM distillation, tracked in MLflow")
+    p.add_argument("--config", required=True, type=Path, help="the sweep's YAML file: task, fixed distill values, "
+                   "search space, budgets, eval pool; required")
     p.add_argument("--smoke", action="store_true", help="tiny models, 3 trials, CPU: check the plumbing in minutes "
                    "(default: off)")
     p.add_argument("--resume", action="store_true", help="continue the sweep of this name (start it if new) "

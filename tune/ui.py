@@ -53,7 +53,7 @@ def ui_main(argv: list[str] | None = None) -> int:
         return 0
     db = sqlite_path(uri)
     if db is not None and not db.exists():
-        raise DilmError(f"no MLflow store at {db}; run a sweep first (make demo) or pass --storage")
+        raise DilmError(f"no MLflow store at {db}; run a sweep first (dilm sweep) or pass --storage")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {base}  (store {masked(uri)}; Ctrl-C stops it)", flush=True)

@@ -103,17 +103,17 @@ class DistillConfig:
                                         "largest DPC per class, the reference's) or shared (one pool of that size "
                                         "per class; every set selects from its own seeded random half of it)",
                              choices=FINAL_POOLS)
+    # the defaults of final_sources and final_mix, measured: bench/results/2026-12-02-cpu-quality-both-full.md and
+    # bench/results/2026-12-02-cpu-quality-split.md (a --help names no file that an installed package lacks)
     final_sources: str = option("generator+lm", "whose candidates the final sets select from: generator (the "
                                                 "run's generator, the reference's) or generator+lm (the LM stage's "
                                                 "generator's too, the same counts, another seed: one pool of both; "
-                                                "without matching, two draws of the LM's: as many drawn; "
-                                                "bench/results/2026-12-02-cpu-quality-both-full.md)",
+                                                "without matching, two draws of the LM's: as many drawn)",
                                 choices=FINAL_SOURCES)
     final_mix: str = option("split", "with final_sources generator+lm, how a set shares out its two draws: split "
                                      "(DPC//2 per class from the LM stage's draw, the rest from the run's "
                                      "generator's, each filtered and selected on its own) or pooled (the selection "
-                                     "chooses among both together); one draw: the same "
-                                     "(bench/results/2026-12-02-cpu-quality-split.md)", choices=FINAL_MIXES)
+                                     "chooses among both together); one draw: the same", choices=FINAL_MIXES)
     copy_filter: str = option("near", "before the label filter: drop candidates that copy a training text: none, "
                                       "exact, or near (>= 80 % of their word 4-grams in one training text)",
                               choices=COPY_FILTERS)
