@@ -19,7 +19,7 @@ every figure is printed with its ratio to the block's baseline, and the block's 
   the model's own loss, fp32, one thread → ``lm_loss`` (packed) and/or :func:`dilm.device.cpu_threads` threads;
   the same with a fused AdamW (one pass over the weights, not several); that at the default ``lm_precision`` (bf16
   autocast on a CPU with native bf16); and the LM stage's own step (that, with its attention kernel:
-  :func:`dilm.generator.training_attention`); with ``--curve-steps``, its loss curve against fp32's (two seeds
+  :func:`dilm.device.training_attention`); with ``--curve-steps``, its loss curve against fp32's (two seeds
   each);
 * matching step (steps/s; the demo's 8 real and 4 synthetic texts a class, the generator's backward and AdamW step
   included): the head's gradients by ``torch.autograd.grad(create_graph=True)`` through the whole learner, fp32,
@@ -51,7 +51,7 @@ import torch
 from distill_speed import naive_match_loss  # bench/, beside this script
 from record import write  # bench/, beside this script
 
-from dilm.device import autocast_dtype, cpu_has_bf16, cpu_threads, inference_dtype
+from dilm.device import autocast_dtype, cpu_has_bf16, cpu_threads, inference_dtype, training_attention
 from dilm.generator import (
     Sample,
     TokenizedCorpus,
@@ -61,7 +61,6 @@ from dilm.generator import (
     pad_samples,
     prompt,
     resolve_template,
-    training_attention,
 )
 from dilm.matching import class_gradient, match_loss, matched_params, sample_weights
 from dilm.models import load_model, load_tokenizer

@@ -9,14 +9,13 @@ instruction model already follows, so the LM stage need not teach it the format 
 
 from __future__ import annotations
 
-import contextlib
 import random
 from dataclasses import dataclass
 
 import torch
 
 from dilm import DilmError
-from dilm.device import autocast, gpu_paths
+from dilm.device import autocast
 from dilm.sampling import LABEL_TEMPLATE, Sampler, SamplingSpec
 from dilm.seeds import derive_seed
 from dilm.text import pad_ids
@@ -116,29 +115,6 @@ def lm_loss(generator, batch: dict[str, torch.Tensor], device, precision: str | 
         batch = packed(batch)
     with autocast(device, precision):
         return generator(**batch, use_cache=False).loss.float()
-
-
-# On a CPU the eager attention's backward beats SDPA's for short sequences (SmolLM2-135M, 8 rows, bf16 autocast,
-# forward + backward: 0.76 vs 0.95 s at 34 tokens, 2.12 vs 2.38 s at 128, level at 256); GPUs keep SDPA.
-EAGER_UP_TO = 160
-
-
-@contextlib.contextmanager
-def training_attention(generator, device, width: int):
-    """The attention kernel of the generator's training steps on sequences of at most ``width`` tokens: eager on
-    a CPU (not on the GPU's code paths, :func:`~dilm.device.gpu_paths`) up to ``EAGER_UP_TO`` tokens, the model's
-    own elsewhere; the model's own again on leaving (its sampler and the matching stage keep SDPA). The same loss:
-    both read packed sequences from ``position_ids``."""
-    before = getattr(generator.config, "_attn_implementation", None)
-    use = "eager" if (not gpu_paths(device) and width <= EAGER_UP_TO and before not in (None, "eager")
-                      and hasattr(generator, "set_attn_implementation")) else None
-    if use:
-        generator.set_attn_implementation(use)
-    try:
-        yield
-    finally:
-        if use:
-            generator.set_attn_implementation(before)
 
 
 def packed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

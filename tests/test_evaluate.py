@@ -145,6 +145,25 @@ def test_members_in_turn_train_as_the_vmap_ensemble():
     assert not torch.equal(p_t["classifier.weight"][0], p_t["classifier.weight"][1])
 
 
+def test_cpu_learners_train_with_eager_attention_and_predict_with_their_own(monkeypatch):
+    """train_ensemble on a CPU: the training steps run under training_attention (eager for the protocol's short
+    texts), the model's own kernel (SDPA) is back for predictions."""
+    from dilm import ensemble
+
+    seen = []
+    step = ensemble.member_step
+    monkeypatch.setattr(ensemble, "member_step", lambda ens, *a: seen.append(ens.base.config._attn_implementation)
+                        or step(ens, *a))
+    enc = encode(load_tokenizer("tiny-bert"), ["a good film", "bad", "dull plot", "fine acting"], 16, CPU)
+    base = load_model("tiny-bert", "classifier", 2)
+    own = base.config._attn_implementation
+    ens = Ensemble(base, [0, 1], CPU, vectorized=False)
+    cfg = EvalConfig(archs=("tiny-bert",), steps=2, progress=False, precision="fp32")
+    ensemble.train_ensemble(ens, {k: v.view(2, 2, -1) for k, v in enc.items()}, torch.eye(2).expand(2, 2, 2),
+                            [2, 2], [0, 1], cfg, CPU)
+    assert own != "eager" and seen == ["eager"] * 4 and base.config._attn_implementation == own
+
+
 def test_micro_batches_cut_sorted_rows_at_the_least_padded_cost():
     from dilm.ensemble import micro_batches
 

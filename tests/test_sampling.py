@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import dilm.device
-import dilm.generator
-from dilm.device import cpu_threads
+from dilm.device import cpu_threads, training_attention
 from dilm.generator import (
     PACKED_TYPES,
     PAIR_MARK,
@@ -21,7 +20,6 @@ from dilm.generator import (
     prompt,
     sample_classes,
     to_sample,
-    training_attention,
 )
 from dilm.models import load_model, load_tokenizer
 from dilm.sampling import Sampler, SamplingSpec, top_p_sample
@@ -345,7 +343,7 @@ def test_training_attention_is_eager_on_a_cpu_for_short_sequences_with_the_same_
     assert model.config._attn_implementation == own
     assert got.item() == pytest.approx(ref.item(), abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ref, g_got))
-    with training_attention(model, CPU, dilm.generator.EAGER_UP_TO + 1):
+    with training_attention(model, CPU, dilm.device.EAGER_UP_TO + 1):
         assert model.config._attn_implementation == own
     monkeypatch.setenv(dilm.device.GPU_PATHS_ENV, "1")
     with training_attention(model, CPU, 14):

@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 import dilm
+from dilm.device import training_attention
 from dilm.distill.checkpoint import State, lm_checkpoint_key, write_lm_checkpoint
 from dilm.distill.config import DistillConfig
 from dilm.distill.context import Callback, RunContext, split_train
 from dilm.files import file_lock
-from dilm.generator import TokenizedCorpus, lm_loss, resolve_template, training_attention
+from dilm.generator import TokenizedCorpus, lm_loss, resolve_template
 from dilm.probe import task_fingerprint
 from dilm.tasks import TaskData, load_task
 
