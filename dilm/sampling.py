@@ -88,27 +88,21 @@ def top_p_sample(logits: torch.Tensor, top_p: float, temperature: float, rng: to
         z = z / temperature if z is logits else z.div_(temperature)  # never scale the caller's tensor in place
     lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (B, 1)
     u = torch.rand((z.shape[0], 1), device=z.device, generator=rng)  # (B, 1)
-    rows, k = None, shortlist  # rows: the rows still to draw (None: all)
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+    rows, k = torch.arange(z.shape[0], device=z.device), shortlist  # the rows still to draw, the shortlist's size
     while True:
-        zr, ur = (z, u) if rows is None else (z[rows], u[rows])
+        every = len(rows) == z.shape[0]  # (rows only shrink) no copy of the logits for the first round
+        zr, ur, lr = (z, u, lse) if every else (z[rows], u[rows], lse[rows])
         full = not k or k >= z.shape[-1]
         top, order = zr.sort(dim=-1, descending=True) if full else zr.topk(k, dim=-1)  # (R, K), descending
-        probs = (top - (lse if rows is None else lse[rows])).exp_()
-        picks = nucleus_draw(probs, order, ur, top_p)
+        probs = (top - lr).exp_()
+        out[rows] = nucleus_draw(probs, order, ur, top_p)
         if full:
-            short = None
-        else:  # nucleus not inside the shortlist (top_p → 1, flat rows)
-            short = probs.cumsum(-1)[:, -1] < top_p
-            picks = picks.masked_fill(short, 0)
-        if rows is None:
-            out = picks
-        else:
-            out[rows] = picks
-        if short is None or not bool(short.any()):
             return out
-        rows = short.nonzero().squeeze(1) if rows is None else rows[short]
-        k *= 8
+        short = probs.cumsum(-1)[:, -1] < top_p  # nucleus not inside the shortlist (top_p → 1, flat rows)
+        if not bool(short.any()):
+            return out
+        rows, k = rows[short], k * 8
 
 
 def nucleus_draw(sorted_p: torch.Tensor, order: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
