@@ -4,7 +4,7 @@
 #   bash bench/gpu_evidence.sh PART [OUT]      # OUT defaults to $OUT, else ./out
 #
 # Parts:
-#   check     pytest's GPU tests (bf16 sampler copy, compiled decode step) + the two speed benches
+#   check     pytest's GPU tests (bf16 sampler copy, compiled decode step) + the two speed benches (cpu_speed --gpu, eval_throughput)
 #   coresets  random / k-centers / herding x mean / cls features at DPC 5/10/20 (20 sets; herding 10 seeds)
 #   dilm      `dilm distill --preset gpu` on SST-2, evaluated (10 sets x DPC 5/10/20, minilm-l6, 5 seeds)
 #   vanilla   the same with outer_loops=0: no matching stage (the ablation DiLM must beat)
@@ -35,7 +35,7 @@ quiet() { grep -v -e Warning -e 'warnings.warn' -e 'attn_output =' -e '%|' || tr
 case $part in
   check)
     $py -m pytest -q -m gpu tests/test_sampling.py 2>&1 | tail -3 | tee -a "$log"
-    $py bench/distill_speed.py --json "$out/speed.json" 2>&1 | quiet | tee -a "$log"
+    $py bench/cpu_speed.py --gpu --json "$out/speed.json" 2>&1 | quiet | tee -a "$log"
     $py bench/eval_throughput.py --arch minilm-l6 --n 32 --sequential 4 --json "$out/throughput.json" 2>&1 \
       | quiet | tee -a "$log"
     ;;
