@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from record import write
+from record import write  # bench/, beside this script
 from tqdm.auto import tqdm
 
 from dilm.coreset import CoresetConfig, build_coresets
@@ -30,13 +30,15 @@ from dilm.protocol import EvalConfig
 from dilm.stats import format_interval, summary, welch_interval
 from dilm.synset import read_set
 from dilm.tasks import load_task
-from tune.paths import SweepPaths  # bench/, beside this script
+from tune.paths import SweepPaths
+from tune.scores import OBJECTIVE, best_row
 
 
 def best_trial(paths: SweepPaths) -> str:
+    """The trial the sweep's report names best (:func:`tune.scores.best_row` over its trials.csv)."""
     with open(paths.reports_dir / "trials.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["objective"]]
-    return max(rows, key=lambda r: float(r["objective"]))["ray_trial_id"]
+        rows = [{**r, OBJECTIVE: float(r[OBJECTIVE])} for r in csv.DictReader(f) if r[OBJECTIVE]]
+    return best_row(rows)["ray_trial_id"]
 
 
 def main() -> int:

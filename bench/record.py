@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dilm import git_revision
 from dilm.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +29,17 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what d
 
 
 def commit() -> str:
-    """The checkout's short commit, ``+dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    """The checkout's short commit (:func:`dilm.git_revision`, the provenance's), ``+dirty`` when tracked files
+    differ from it; ``unknown`` outside git."""
+    rev = git_revision()
+    if rev == "unknown":
+        return rev
     try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return rev + ("+dirty" if dirty else "")
+    return rev[:7] + ("+dirty" if dirty else "")
 
 
 def cpu() -> dict:

@@ -1,6 +1,6 @@
 """The shape of the house: no import cycles in ``dilm`` and ``tune`` (sub-packages included), ``dilm`` never imports
-Ray and only its CLI imports ``tune``, no module longer than 400 lines, no bench re-defining a package's name, and
-README's module list naming every module.
+Ray and only its CLI imports ``tune``, no module longer than 400 lines, no bench re-defining a package's name nor
+computing its own intervals or commit, and README's module list naming every module.
 
 Imports are read from the sources (``ast``), not executed: every ``import`` / ``from ... import`` anywhere in a module
 counts — inside functions too, and under ``if TYPE_CHECKING:``: a circle that only type hints close is still one
@@ -130,6 +130,21 @@ def test_no_bench_script_redefines_what_the_packages_define():
     assert len(scripts) >= 5  # the scan sees the benches
     clashes = {s.name: sorted(top_level_names(s) & exported) for s in scripts}
     assert not {s: n for s, n in clashes.items() if n}, clashes
+
+
+def test_benches_take_intervals_and_the_commit_from_the_product():
+    """Under other names, too: a bench's intervals come from ``dilm.stats`` (no Student-t quantile of its own, no
+    scipy) and its commit from ``dilm.git_revision`` through ``bench/record.py`` (no ``git rev-parse`` of its own).
+    #34 found interval helpers defined six times in five files, with three return shapes."""
+    scripts = sorted((ROOT / "bench").glob("*.py"))
+    offenders = {}
+    for s in scripts:
+        src = s.read_text()
+        found = sorted(n for n in imported_names(s) if n.split(".")[0] == "scipy")
+        found += [w for w in (".ppf(", "rev-parse") if w in src]
+        if found:
+            offenders[s.name] = found
+    assert not offenders, offenders
 
 
 def test_the_readme_names_every_module():
