@@ -7,14 +7,15 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import random  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
 
 from dilm.tasks import Example, TaskData  # noqa: E402
 
-# Tests that start one of these are integration runs (a Ray cluster; a sweep driver on its own cluster):
+# Tests that start one of these are integration runs (a Ray cluster; sweep drivers attached to it):
 # marked ``integration`` here, so a new test that uses one is in the right tier without a decorator of its own.
-INTEGRATION_FIXTURES = {"ray_cluster", "crashed_sweep"}
+INTEGRATION_FIXTURES = {"ray_cluster", "ray_address", "crashed_sweep"}
 
 
 def pytest_configure(config):
@@ -47,6 +48,35 @@ def toy_task() -> TaskData:
     return TaskData("toy", ("negative", "positive"), toy_examples(200, 0), toy_examples(60, 1))
 
 
+class SmokeRun(NamedTuple):
+    cfg: object  # the DistillConfig
+    result: object  # the DistillResult
+    seen: list[dict]  # every row the callback saw
+    pools: list[list]  # per pool regeneration: the texts generated for each class
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, toy_task) -> SmokeRun:
+    """A whole smoke run (the preset as it is, two DPCs, its tiny-bert probe) on the toy task, run once for the tests
+    that read it (test_distill: the sets and the callback's rows; test_probe: the label agreement of each pool);
+    the packaged tasks' runs: test_distill.py::test_cli_smoke_preset*."""
+    from dilm.distill import DistillConfig, distill, match_stage
+
+    seen, pools = [], []
+    regenerate = match_stage.regenerate_pool
+
+    def regenerate_and_keep(ctx, seed, learner):
+        out = regenerate(ctx, seed, learner)
+        pools.append([samples for samples, _, _ in out])
+        return out
+
+    cfg = DistillConfig.from_preset("smoke", dpc=(2, 3), output_dir=str(tmp_path_factory.mktemp("distill")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(match_stage, "regenerate_pool", regenerate_and_keep)
+        result = distill(cfg, callback=seen.append, task=toy_task)
+    return SmokeRun(cfg, result, seen, pools)
+
+
 TOPICS = [["goal", "match", "striker", "league"], ["stocks", "profit", "market", "shares"],
           ["rocket", "laptop", "software", "orbit"], ["election", "minister", "treaty", "summit"]]
 
@@ -64,16 +94,36 @@ def topic_task() -> TaskData:
     return TaskData("topics", ("sports", "business", "tech", "world"), examples(160, 0), examples(200, 1))
 
 
+# What a cluster's environment holds: credentials and tokens that its processes (and a sweep's drivers) see, and that
+# no record of a sweep may contain (tests/test_sweep.py::test_no_secret_leaks).
+CLUSTER_SECRETS = {k: f"sentinel-7f3a9c-{k}" for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                                         "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN", "HF_TOKEN")}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A private 2-CPU Ray cluster (``address="local"`` never attaches to another one on this machine)."""
+    """A private 2-CPU Ray cluster (``address="local"`` never attaches to another one on this machine), shared by
+    the session: this process's tests, and the sweep drivers that attach to its address (``ray_address``). Its
+    processes hold ``CLUSTER_SECRETS`` in their environment (this process does not)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-                 namespace="dilm-tests")
+        with pytest.MonkeyPatch.context() as mp:  # inherited by the GCS and the raylet, so by every worker they start
+            for k, v in CLUSTER_SECRETS.items():
+                mp.setenv(k, v)
+            ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+                     namespace="dilm-tests")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster) -> str:
+    """The shared cluster's address, for a driver in another process (``dilm sweep --address``): it attaches
+    instead of starting a Ray of its own (seconds of start-up and of CPU each time)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
 
 
 @pytest.fixture

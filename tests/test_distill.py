@@ -89,18 +89,9 @@ def test_dpc_larger_than_class_and_missing_model_fail_early(tmp_path, toy_task):
         Distiller(DistillConfig.from_preset("smoke", dpc=(500,), output_dir=str(tmp_path)), task=toy_task)
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, toy_task):
-    """A whole smoke run with two DPCs, on the toy task (the packaged tasks' runs: test_cli_smoke_preset*)."""
-    out = tmp_path_factory.mktemp("distill")
-    seen = []
-    cfg = DistillConfig.from_preset("smoke", dpc=(2, 3), output_dir=str(out))
-    return cfg, distill(cfg, callback=seen.append, task=toy_task), seen
-
-
 @pytest.mark.integration
-def test_final_sets_exact_dpc_no_duplicates(smoke_run):
-    cfg, result, _ = smoke_run
+def test_final_sets_exact_dpc_no_duplicates(smoke_run):  # conftest's: a whole smoke run on the toy task, two DPCs
+    cfg, result = smoke_run.cfg, smoke_run.result
     assert sorted(result.sets) == [2, 3]
     for dpc, paths in result.sets.items():
         assert len(paths) == cfg.n_sets
@@ -114,12 +105,12 @@ def test_final_sets_exact_dpc_no_duplicates(smoke_run):
     assert set(prov["copies"]) == {"2", "3"} and prov["copies"]["3"]["train"]["n"] == 3 * 2 * cfg.n_sets
     assert result.copies[2]["train"]["near"] >= result.copies[2]["train"]["exact"] >= 0
     assert {f"copies/{s}_{k}/dpc{d}" for s in ("train", "test") for k in ("exact", "near") for d in (2, 3)} <= {
-        k for m in smoke_run[2] for k in m}
+        k for m in smoke_run.seen for k in m}
 
 
 @pytest.mark.integration
 def test_callback_sees_lm_match_and_validation_metrics(smoke_run):
-    cfg, result, seen = smoke_run
+    cfg, result, seen = smoke_run.cfg, smoke_run.result, smoke_run.seen
     stages = {m["stage"] for m in seen}
     assert stages == {"lm", "match", "select"}  # select: the final sets' label agreement
     match_steps = [m for m in seen if "match_loss" in m]
@@ -203,8 +194,9 @@ def test_token_limits_come_from_the_tasks_data(tmp_path):
 @pytest.mark.parametrize("task", ["mrpc", pytest.param("ag_news", marks=pytest.mark.slow)])
 def test_cli_smoke_preset_on_pair_and_multiclass_tasks(task, tmp_path, capsys):
     """``--preset smoke`` on MRPC used to stop with "0 usable texts": pairs now always parse (see
-    test_sampling), and the sets hold whole pairs."""
-    assert main(["distill", "--task", task, "--preset", "smoke", "-o", str(tmp_path)]) == 0
+    test_sampling), and the sets hold whole pairs. One outer loop of the preset's two: every stage still samples
+    pairs (the pool, validation, both final draws), one pool and one validation fewer (~7 s of 23)."""
+    assert main(["distill", "--task", task, "--preset", "smoke", "--set", "outer_loops=1", "-o", str(tmp_path)]) == 0
     assert "DPC 2: 2 set(s)" in capsys.readouterr().out
     t = load_task(task)
     s = read_set(tmp_path / "sets" / "dpc2" / "set00.jsonl", t.label_names, t.is_pair)

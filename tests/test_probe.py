@@ -8,7 +8,7 @@ import torch
 
 from dilm import DilmError
 from dilm.archs import check_arch
-from dilm.distill import DistillConfig, Distiller, match_stage
+from dilm.distill import DistillConfig
 from dilm.evaluate import Evaluator
 from dilm.generator import LABEL_TEMPLATE, TokenizedCorpus, parse, prompt, resolve_template
 from dilm.models import load_tokenizer
@@ -51,13 +51,15 @@ def test_corpus_renders_the_template_and_parse_keeps_one_line():
 
 
 @pytest.mark.integration
-def test_cli_prompt_template_reaches_provenance(tmp_path):
+def test_cli_prompt_template_reaches_provenance(tmp_path, task_file_args):
     from dilm.cli import main
 
-    assert main(["distill", "--task", "sst2", "--preset", "smoke", "--set", "probe=", "--set", "label_filter=none",
-                 "--set", "n_sets=1",
-                 "--set", "outer_loops=0", "--prompt-template", "A {label} film review:", "-o", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "provenance.json").read_text())["prompt_template"] == "A {label} film review:"
+    # a user's files (the toy task): the run tokenises and samples 200 short texts, not SST-2's 67k
+    assert main(["distill", *task_file_args, "--preset", "smoke", "--set", "probe=", "--set", "label_filter=none",
+                 "--set", "n_sets=1", "--set", "outer_loops=0", "--prompt-template", "A {label} film review:",
+                 "-o", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "provenance.json").read_text())["prompt_template"] == \
+        "A {label} film review:"
 
 
 # ---------------------------------------------------------------- the label-agreement probe
@@ -87,18 +89,11 @@ def percent_of_own_class(probe: LabelProbe, by_class: list[list]) -> float:
 
 
 @pytest.mark.integration
-def test_distill_emits_label_agreement_per_pool_and_for_final_sets(tmp_path, toy_task, monkeypatch):
-    seen, generated = [], []
-    regenerate = match_stage.regenerate_pool
-
-    def regenerate_and_keep(ctx, seed, learner):
-        pools = regenerate(ctx, seed, learner)
-        generated.append([samples for samples, _, _ in pools])  # per class: the texts generated for it
-        return pools
-
-    monkeypatch.setattr(match_stage, "regenerate_pool", regenerate_and_keep)
-    cfg = DistillConfig.from_preset("smoke", output_dir=str(tmp_path), probe="tiny-bert", dpc=(2, 3))
-    result = Distiller(cfg, callback=seen.append, task=toy_task).fit()
+def test_distill_emits_label_agreement_per_pool_and_for_final_sets(smoke_run, toy_task):
+    """conftest's smoke run (the preset's tiny-bert probe, DPC 2 and 3, on the toy task; shared with test_distill),
+    which kept the texts generated for each class at every pool regeneration."""
+    cfg, result, seen, generated = smoke_run
+    assert cfg.probe == "tiny-bert" and cfg.dpc == (2, 3)
     pools = [m for m in seen if "label_agreement" in m]
     assert len(pools) == len(generated) == cfg.outer_loops // cfg.generate_interval
     assert all(m["stage"] == "match" for m in pools)

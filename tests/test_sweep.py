@@ -1,7 +1,8 @@
 """Sweeps: configuration validation, resource checks, and real smoke sweeps on local Ray clusters.
 
 The expensive scenario runs once per module (``crashed_sweep``): a 3-trial tiny-model sweep whose first trial is
-invalid, driven by a subprocess that is SIGKILLed as soon as one trial has finished, then resumed with ``--resume``.
+invalid, driven by a subprocess that is SIGKILLed as soon as one trial has finished, then resumed with ``--resume``
+(both drivers attached to the session's Ray cluster, as to a ``ray start`` one: conftest's ``ray_address``).
 The tests read its end state: the sweep's records (MLflow, Optuna), the failed trial, and no repeated work.
 """
 
@@ -23,6 +24,7 @@ import optuna
 import psutil
 import pytest
 import yaml
+from conftest import CLUSTER_SECRETS
 from userdata import write_reviews
 
 from dilm import DilmError
@@ -387,21 +389,25 @@ TEST_SWEEP = {
 
 
 def driver(config: Path, storage: Path, log: Path, *extra: str, code: Path = ROOT,
-           command: tuple[str, ...] = ("tune.sweep",), secrets: dict | None = None) -> subprocess.Popen:
-    """``python -m tune.sweep`` (``command``) of the code in ``code`` on its own local Ray cluster, in a new session
-    (output to ``log``: a pipe nobody reads would fill up and stall the driver); ``secrets`` join its environment."""
+           command: tuple[str, ...] = ("tune.sweep",), secrets: dict | None = None,
+           address: str = "local") -> subprocess.Popen:
+    """``python -m tune.sweep`` (``command``) of the code in ``code`` on its own local 2-CPU Ray cluster (or attached
+    to the one at ``address``), in a new session (output to ``log``: a pipe nobody reads would fill up and stall the
+    driver); ``secrets`` join its environment."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env.update(secrets or {})
     env["PYTHONPATH"] = str(code)  # before the editable install of the shared venv
+    own = ["--num-cpus", "2"] if address == "local" else []
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", *command, "--config", str(config), "--storage",
-                                 str(storage), "--address", "local", "--num-cpus", "2", *extra],
+                                 str(storage), "--address", address, *own, *extra],
                                 start_new_session=True, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=code)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a driver and every process it started: its descendants and anything left in its session (Ray's
-    agents outlive a killed driver). Only processes of this test are touched."""
+    agents outlive a killed driver; on a cluster it attached to, Ray ends the dead driver's trials and tasks).
+    Only processes of this test are touched."""
     procs = {}
     with contextlib.suppress(psutil.NoSuchProcess):
         leader = psutil.Process(proc.pid)
@@ -427,10 +433,12 @@ def finished_trials(storage: Path) -> dict[str, dict]:
 
 
 def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tuple[str, ...] = ("tune.sweep",),
-                     secrets: dict | None = None, extra: tuple[str, ...] = ()):
+                     secrets: dict | None = None, extra: tuple[str, ...] = (), address: str = "local"):
     """Start the sweep with the code in ``code``, SIGKILL it once a trial has finished, resume it with this code
-    (both drivers with ``secrets`` in their environment and ``extra`` on their command line)."""
-    first = driver(config, storage, storage / "first.log", *extra, code=code, command=command, secrets=secrets)
+    (both drivers with ``secrets`` in their environment, ``extra`` on their command line, and each on its own local
+    Ray or both attached to the cluster at ``address``)."""
+    first = driver(config, storage, storage / "first.log", *extra, code=code, command=command, secrets=secrets,
+                   address=address)
     try:
         deadline = time.monotonic() + 420
         while not finished_trials(storage):
@@ -440,7 +448,7 @@ def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tu
         before = finished_trials(storage)
     finally:
         kill_tree(first)
-    resumed = driver(config, storage, storage / "resumed.log", "--resume", *extra, secrets=secrets)
+    resumed = driver(config, storage, storage / "resumed.log", "--resume", *extra, secrets=secrets, address=address)
     try:
         resumed.wait(timeout=480)
     finally:
@@ -449,16 +457,19 @@ def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tu
             "out": (storage / "resumed.log").read_text()}
 
 
-# what a cluster's environment holds: each sentinel must reach no record of the sweep (test_no_secret_leaks)
-SECRETS = {k: f"sentinel-7f3a9c-{k}" for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
-                                                "RAY_AUTH_TOKEN", "HF_TOKEN")}
+# what a cluster's environment holds: each sentinel must reach no record of the sweep (test_no_secret_leaks); the
+# session's cluster holds them (conftest), the drivers get them too
+SECRETS = CLUSTER_SECRETS
 
 
 @pytest.fixture(scope="module")
-def crashed_sweep(tmp_path_factory):
+def crashed_sweep(tmp_path_factory, ray_address):
+    """The crash-and-resume scenario, both drivers attached to the session's cluster (a killed driver's trials and
+    tasks end with it there too; each driver's own local Ray cost ~10 s of start-up and of two busy cores)."""
     storage = tmp_path_factory.mktemp("sweeps")
     write_reviews(storage / "data")
-    return crash_and_resume(storage, write_yaml(storage, TEST_SWEEP, "crash.yaml"), secrets=SECRETS)
+    return crash_and_resume(storage, write_yaml(storage, TEST_SWEEP, "crash.yaml"), secrets=SECRETS,
+                            address=ray_address)
 
 
 def mlflow_runs(storage: Path):
@@ -527,9 +538,16 @@ def test_sweep_records_runs_params_metrics_artifacts_and_study(crashed_sweep):
 
 
 def test_no_secret_leaks(crashed_sweep):
-    """Credentials and tokens in the drivers' environment (``SECRETS``) reach no MLflow param, tag, metric name or
-    artifact, no provenance.json, report, database or other file of the storage, and not the console (the drivers'
-    output is in the storage: first.log, resumed.log)."""
+    """Credentials and tokens in the environment of the drivers and of the cluster's processes (``SECRETS``) reach no
+    MLflow param, tag, metric name or artifact, no provenance.json, report, database or other file of the storage,
+    and not the console (the drivers' output is in the storage: first.log, resumed.log)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def worker_env(names):
+        return {k: os.environ.get(k) for k in names}
+
+    assert ray.get(worker_env.remote(list(SECRETS))) == SECRETS  # what the trials' workers held
     s = crashed_sweep
     marker = b"sentinel-7f3a9c-"
     files = [p for p in s["storage"].rglob("*") if p.is_file()]
@@ -557,23 +575,30 @@ def test_the_lm_stage_is_trained_once_before_the_trials_and_reused_on_resume(cra
     assert parent.data.tags["dilm.lm_checkpoint"] == str(lm)
 
 
-def test_concurrent_trials_share_one_lm_checkpoint_per_lm_config(ray_cluster, tmp_path):
+def test_concurrent_trials_share_one_lm_checkpoint_per_lm_config(ray_cluster, toy_task, tmp_path):
     """Ray tasks starting together with the same LM config get one checkpoint (trained once, atomically: no partial
     folder left); another LM key gets its own; a later caller reuses it untouched."""
     import ray
 
     from tune.trial import lm_checkpoint_for
 
-    base = DistillConfig.from_preset("smoke", task="sst2", device="cpu", lm_steps=2)
+    data, lm_dir = tmp_path / "data", tmp_path / "lm"
+    data.mkdir()
+    lm_dir.mkdir()
+    for split in ("train", "test"):  # a user's files (the toy task): each task's LM stage reads 200 texts, not SST-2
+        rows = [json.dumps({"text": e.text, "label": toy_task.label_names[e.label]}) for e in getattr(toy_task, split)]
+        (data / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    spec = {"name": "toy", "train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}
+    base = DistillConfig.from_preset("smoke", task=spec, device="cpu", lm_steps=2)
     other = dataclasses.replace(base, lm_lr=base.lm_lr * 3)
     task = ray.remote(num_cpus=0.5)(lm_checkpoint_for)
-    paths = ray.get([task.remote(c, str(tmp_path)) for c in (base, base, other)])
+    paths = ray.get([task.remote(c, str(lm_dir)) for c in (base, base, other)])
     assert paths[0] == paths[1] != paths[2]
     assert {p.name for p in paths} == {lm_cache_key(base), lm_cache_key(other)}
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted({p.name for p in paths})
-    assert not [p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith(".")]  # no temporary folder left
+    assert sorted(p.name for p in lm_dir.iterdir() if not p.name.startswith(".")) == sorted({p.name for p in paths})
+    assert not [p for p in lm_dir.iterdir() if p.is_dir() and p.name.startswith(".")]  # no temporary folder left
     stamp = (paths[0] / LM_META).stat().st_mtime_ns
-    assert lm_checkpoint_for(dataclasses.replace(base, generator_lr=1.0), tmp_path) == paths[0]  # matching key: reused
+    assert lm_checkpoint_for(dataclasses.replace(base, generator_lr=1.0), lm_dir) == paths[0]  # matching key: reused
     assert (paths[0] / LM_META).stat().st_mtime_ns == stamp
 
 
