@@ -415,8 +415,8 @@ def test_step0_validation_is_computed_once_for_runs_that_differ_only_in_matching
     monkeypatch.setattr(match_stage, "validate",
                         lambda ctx, spec, seed: calls.append(seed) or real_validate(ctx, spec, seed))
     base = DistillConfig.from_preset("smoke", learner="minilm-l6", probe="", label_filter="none", outer_loops=1,
-                                     output_dir=str(tmp_path / "lm-run"))
-    lm = str(train_lm(base, tmp_path / "lm", task=toy_task))
+                                     n_sets=1, output_dir=str(tmp_path / "lm-run"))  # one final set: its candidates
+    lm = str(train_lm(base, tmp_path / "lm", task=toy_task))                      # are sampled by all three runs
 
     def run(name: str, **changes):
         seen = []
