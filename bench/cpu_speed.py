@@ -220,9 +220,10 @@ def lm_block(a, tok, names, template, task, threads: int) -> dict:
         steps, lambda b: lm_loss(model, b, dev, "fp32"), fused))
     auto = "bf16" if autocast_dtype(dev, "auto") == torch.bfloat16 else "fp32"
     bf16_sdpa = functools.partial(steps, lambda b: lm_loss(model, b, dev, "auto"), fused)
-    width = max(map(len, corpus.sequences))
     if dev.type == "cpu":  # on a GPU the stage's kernel is SDPA: the next candidate
         candidates[f"packed {auto}, {n}, fused AdamW, SDPA"] = (threads, bf16_sdpa)
+
+    width = corpus.width  # once, outside the timed steps
 
     def dilm_step(rep: int) -> None:  # the LM stage's step: its lm_precision (auto) and its attention kernel
         with training_attention(model, dev, width):
@@ -246,13 +247,13 @@ def lm_curves(a, corpus: TokenizedCorpus) -> dict:
     lm = LMStageConfig(generator="smollm2-135m", lm_steps=a.curve_steps, lm_lr=1e-4, lm_weight_decay=0.01,
                        lm_batch_size=a.lm_batch, lm_precision="auto", max_length=0, length_quantile=0.99,
                        length_cap=128, seed=0)
-    final, width = {}, max(map(len, corpus.sequences))
+    final = {}
     for precision in ("fp32", "auto"):
         for seed in (0, 1):
             model = load_model("smollm2-135m", "causal-lm", device=dev).train()
             opt, sched = lm_optimizer(lm, model, dev)
             rng, losses = random.Random(seed), []
-            kernel = training_attention(model, dev, width) if precision == "auto" else contextlib.nullcontext()
+            kernel = training_attention(model, dev, corpus.width) if precision == "auto" else contextlib.nullcontext()
             with kernel:  # auto: the LM stage's step (its precision and attention kernel); fp32: SDPA as before
                 for _ in range(a.curve_steps):
                     loss = lm_loss(model, corpus.batch(a.lm_batch, rng, dev), dev, precision)

@@ -91,6 +91,11 @@ class TokenizedCorpus:
         texts = [render(label_names[e.label], e.text, e.text_pair, tok.eos_token, template) for e in examples]
         return cls(tok(texts, add_special_tokens=False)["input_ids"], tok.pad_token_id).truncated(max_length)
 
+    @property
+    def width(self) -> int:
+        """The longest sequence: the widest a batch of this corpus can be."""
+        return max(map(len, self.sequences))
+
     def truncated(self, max_length: int | None) -> TokenizedCorpus:
         if max_length is None:
             return self

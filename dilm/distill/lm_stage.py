@@ -86,8 +86,7 @@ def fine_tune(lm: LMStageConfig, generator: torch.nn.Module, corpus: TokenizedCo
     for _ in range(state.step):
         sched.step()  # resume: the schedule continues where it stopped
     generator.train()
-    width = max(map(len, corpus.sequences))
-    with training_attention(generator, device, width):
+    with training_attention(generator, device, corpus.width):
         for step in tqdm(range(state.step, lm.lm_steps), desc="lm", initial=state.step, total=lm.lm_steps):
             loss = lm_loss(generator, corpus.batch(lm.lm_batch_size, rng, device), device, lm.lm_precision)
             opt.zero_grad(set_to_none=True)
