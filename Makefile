@@ -50,16 +50,16 @@ test-quick: install
 test-all: install browser postgres
 	$(PY) -m pytest -q
 
-# The distribution's Chromium, for the slow browser test of `dilm ui` (tests/test_sweep_console.py; it skips without
-# one). Debian/Ubuntu as root: apt-get; elsewhere it says so and the test skips.
+# The distribution's Chromium, for the slow browser test of `dilm ui` (tests/tune/test_sweep_console.py; it skips
+# without one). Debian/Ubuntu as root: apt-get; elsewhere it says so and the test skips.
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && \
 	    apt-get install -y -q chromium chromium-driver; } || \
 	  echo "no chromium (apt-get install chromium): the browser test of dilm ui will skip"
 
-# The distribution's PostgreSQL server, for the slow test of a sweep's --tracking-db (tests/test_tracking_db.py starts
-# one in a temporary folder with initdb + pg_ctl; it skips without them). Debian/Ubuntu as root: apt-get.
+# The distribution's PostgreSQL server, for the slow test of a sweep's --tracking-db (tests/tune/test_tracking_db.py
+# starts one in a temporary folder with initdb + pg_ctl; it skips without them). Debian/Ubuntu as root: apt-get.
 postgres:
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && \

@@ -34,7 +34,7 @@ start=$(date +%s)
 quiet() { grep -v -e Warning -e 'warnings.warn' -e 'attn_output =' -e '%|' || true; }
 case $part in
   check)
-    $py -m pytest -q -m gpu tests/test_sampling.py 2>&1 | tail -3 | tee -a "$log"
+    $py -m pytest -q -m gpu tests/dilm/test_sampling.py 2>&1 | tail -3 | tee -a "$log"
     $py bench/cpu_speed.py --gpu --json "$out/speed.json" 2>&1 | quiet | tee -a "$log"
     $py bench/eval_throughput.py --arch minilm-l6 --n 32 --sequential 4 --json "$out/throughput.json" 2>&1 \
       | quiet | tee -a "$log"

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = "~/dilm"  # the YAMLs' file_mounts target (tests/test_cluster.py checks that they agree)
+REPO = "~/dilm"  # the YAMLs' file_mounts target (tests/cluster/test_cluster.py checks that they agree)
 
 
 def main(argv: list[str]) -> None:

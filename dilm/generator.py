@@ -108,7 +108,7 @@ class TokenizedCorpus:
 
 
 # model types whose masks read packed sequences from ``position_ids`` (transformers' packed-sequence masks),
-# each checked against the padded loss in tests/test_sampling.py
+# each checked against the padded loss in tests/dilm/test_sampling.py
 PACKED_TYPES = frozenset({"llama", "gpt2", "qwen2", "mistral"})
 
 

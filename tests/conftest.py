@@ -59,7 +59,7 @@ class SmokeRun(NamedTuple):
 def smoke_run(tmp_path_factory, toy_task) -> SmokeRun:
     """A whole smoke run (the preset as it is, two DPCs, its tiny-bert probe) on the toy task, run once for the tests
     that read it (test_distill: the sets and the callback's rows; test_probe: the label agreement of each pool);
-    the packaged tasks' runs: test_distill.py::test_cli_smoke_preset*."""
+    the packaged tasks' runs: distill/test_distill.py::test_cli_smoke_preset*."""
     from dilm.distill import DistillConfig, distill, match_stage
 
     seen, pools = [], []
@@ -95,7 +95,7 @@ def topic_task() -> TaskData:
 
 
 # What a cluster's environment holds: credentials and tokens that its processes (and a sweep's drivers) see, and that
-# no record of a sweep may contain (tests/test_sweep.py::test_no_secret_leaks).
+# no record of a sweep may contain (tests/tune/test_sweep.py::test_no_secret_leaks).
 CLUSTER_SECRETS = {k: f"sentinel-7f3a9c-{k}" for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                                                          "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN", "HF_TOKEN")}
 

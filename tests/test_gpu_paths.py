@@ -13,9 +13,6 @@ import math
 import pytest
 import torch
 import yaml
-from test_sampling import GREEDY, lm, prompts_of  # noqa: F401 (lm: a fixture)
-from test_sweep import SWEEPS, driver, kill_tree, write_yaml
-from userdata import write_reviews
 
 from dilm import DilmError
 from dilm.archs.finetune import cpu_workers
@@ -26,6 +23,9 @@ from dilm.models import load_model
 from dilm.protocol import EvalConfig
 from dilm.sampling import SHORTLIST, SYNC_EVERY, Sampler, SamplingSpec
 from dilm.synset import read_set
+from tests.dilm.test_sampling import GREEDY, lm, prompts_of  # noqa: F401 (lm: a fixture)
+from tests.tune.test_sweep import SWEEPS, driver, kill_tree, write_yaml
+from tests.userdata import write_reviews
 from tune.config import load_config
 from tune.sweep import check_resources
 
@@ -68,7 +68,7 @@ def test_the_switch_turns_the_cpu_onto_the_gpus_paths(monkeypatch, value, on):
 @pytest.mark.parametrize("mode", ["dynamic", "static", pytest.param("compiled", marks=pytest.mark.slow)])
 def test_the_samplers_gpu_paths_decode_as_its_cpu_paths_do(lm, monkeypatch, mode):  # noqa: F811 (a fixture)
     """On the GPU's paths (full-vocabulary top-p, finished rows checked every SYNC_EVERY tokens) greedy decoding is
-    the CPU's paths' (which is HF's, tests/test_sampling.py), in every mode (compiled: a plain ``torch.compile``
+    the CPU's paths' (which is HF's, tests/dilm/test_sampling.py), in every mode (compiled: a plain ``torch.compile``
     here, a CUDA graph only on CUDA), with rows that finish at different steps."""
     model, tok = lm
     prompts = prompts_of(tok) * 2

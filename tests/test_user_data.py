@@ -13,13 +13,13 @@ import shutil
 
 import pytest
 import yaml
-from userdata import TICKETS, write_reviews, write_tickets
 
 from dilm import DilmError
 from dilm.cli import main
 from dilm.distill import DistillConfig, lm_cache_key
 from dilm.synset import read_set
 from dilm.tasks import TASKS, TaskSpec, check_dpc, load_task, resolve_task
+from tests.userdata import TICKETS, write_reviews, write_tickets
 
 REVIEW_COLUMNS = ["--text-column", "review", "--label-column", "sentiment"]
 

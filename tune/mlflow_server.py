@@ -14,7 +14,7 @@ request without that user's password gets 401 (``/health`` aside, which the star
 user database live in a private temporary folder removed when the server stops.
 
 Should the server die while a sweep runs (killed, out of memory), :meth:`TrackingServer.watch` starts it again on the
-same port with the same users: the trials' requests retry meanwhile (``tests/test_auth.py``).
+same port with the same users: the trials' requests retry meanwhile (``tests/tune/test_auth.py``).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ from tune.trial import TrialPlan, run_trial, train_lm_alone
 
 # These lived in this module before tune/sweep.py was split, and Tune pickled them by that qualified name
 # (tune.sweep.X) into each experiment's tuner.pkl (searcher, callback, trial_dirname_creator): `--resume` of such a
-# sweep unpickles them from here. Keep all three importable from tune.sweep (tests/test_sweep.py checks it on a
+# sweep unpickles them from here. Keep all three importable from tune.sweep (tests/tune/test_sweep.py checks it on a
 # tuner.pkl of that time).
 PICKLED_BY_OLD_SWEEPS = (PruneAwareOptunaSearch, TrialEnd, trial_dirname)
 

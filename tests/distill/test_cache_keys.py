@@ -1,5 +1,5 @@
 """Every key the distillation keeps results under is derived from a typed view of the config, never from a list of
-names: the LM stage's (tests/test_lm_stage.py), the LM-only generator's final candidates (the run's
+names: the LM stage's (tests/distill/test_lm_stage.py), the LM-only generator's final candidates (the run's
 :class:`~dilm.sampling.SamplingSpec`, counts and seed), its step-0 validation (:class:`ValidationSpec`, the sampling
 and the seed), and the run checkpoint's resume check (every field but those declared ``resume_free``).
 
@@ -9,7 +9,6 @@ every field of the view enters the key."""
 import dataclasses
 
 import pytest
-from test_lm_stage import OTHER_VALUE, other_value
 
 from dilm import DilmError
 from dilm.distill import DistillConfig, Distiller, State, save_checkpoint, train_lm
@@ -19,6 +18,7 @@ from dilm.distill.match_stage import ValidationSpec, step0_cache_path
 from dilm.distill.select import Selection
 from dilm.sampling import SamplingSpec
 from dilm.tasks import Example, TaskData
+from tests.distill.test_lm_stage import OTHER_VALUE, other_value
 
 DRAWS = (LM_DRAW, GENERATOR_DRAW)
 # the base walks a packaged learner and probe (the step-0 validation is kept only for those): other values differ

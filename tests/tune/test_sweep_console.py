@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from browser import chromium, render
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.browser import chromium, render
+
+ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("SIGABRT", "Traceback", "Loading weights", "Writing model shards", "torch_dtype", "Deprecat")
 
 

@@ -18,8 +18,8 @@ import optuna
 import psutil
 import pytest
 import yaml
-from test_sweep import SWEEPS, driver, kill_tree, write_yaml
 
+from tests.tune.test_sweep import SWEEPS, driver, kill_tree, write_yaml
 from tune.report import trial_state
 from tune.scores import OBJECTIVE
 

@@ -11,7 +11,7 @@ import torch
 from dilm import DilmError
 from dilm.distill.config import DistillConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

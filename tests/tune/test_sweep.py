@@ -24,12 +24,12 @@ import optuna
 import psutil
 import pytest
 import yaml
-from conftest import CLUSTER_SECRETS
-from userdata import write_reviews
 
 from dilm import DilmError
 from dilm.distill import LM_META, DistillConfig, lm_cache_key
 from dilm.tasks import load_task
+from tests.conftest import CLUSTER_SECRETS
+from tests.userdata import write_reviews
 from tune.config import EvalSpec, SweepConfig, SweepPaths, load_config
 from tune.report import ORPHAN, trial_state
 from tune.scores import FINAL, OBJECTIVE, VAL_METRIC
@@ -37,7 +37,7 @@ from tune.search import PruneAwareOptunaSearch
 from tune.sweep import base_distill_config, check_resources, main
 from tune.trial import final_result
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = ROOT / "sweeps"
 DATA = ROOT / "tests" / "data"
 

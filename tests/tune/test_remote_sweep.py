@@ -13,7 +13,7 @@ import pytest
 
 from dilm import DilmError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = ROOT / "sweeps"
 
 
@@ -134,7 +134,8 @@ def test_sweep_on_s3_with_trials_on_a_node_that_cannot_see_the_driver(s3_server,
     import uuid
 
     import yaml
-    from test_sweep import kill_tree
+
+    from tests.tune.test_sweep import kill_tree
 
     root = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))  # short: Ray's socket paths have a length limit
     storage = f"s3://dilm-test/{uuid.uuid4().hex[:8]}/sweeps"
@@ -149,7 +150,7 @@ def test_sweep_on_s3_with_trials_on_a_node_that_cannot_see_the_driver(s3_server,
               "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats"]
     raw = yaml.safe_load((SWEEPS / "smoke.yaml").read_text())
     # the user's own CSV, in a folder the worker node cannot see: it reaches the trials through the S3 storage
-    from userdata import write_reviews
+    from tests.userdata import write_reviews
 
     train_csv, test_csv = write_reviews(root / "data")
     raw.update(name="s3smoke", trial_resources={"cpu": 1, "gpu": 0, "custom": {"worker": 1}},
@@ -302,8 +303,9 @@ def test_a_fresh_head_resumes_from_the_storage_alone(s3_server, tmp_path):
     import uuid
 
     import yaml
-    from test_auth import status
-    from test_sweep import kill_tree
+
+    from tests.tune.test_auth import status
+    from tests.tune.test_sweep import kill_tree
 
     storage = f"s3://dilm-test/{uuid.uuid4().hex[:8]}/sweeps"
     cache = tmp_path / "head-cache"

@@ -5,13 +5,13 @@ of the smoke sweep, ``ray down``, and nothing left running.
 Exclusive: the YAML keeps Ray's local start commands, which begin with ``ray stop``, and ``ray down`` runs ``ray stop``
 as well; both kill every Ray process on the machine. The test skips when another Ray runs here; run it alone:
 
-    flock /tmp/dilm-ray.lock .venv/bin/python -m pytest tests/test_cluster_launcher.py -m slow
+    flock /tmp/dilm-ray.lock .venv/bin/python -m pytest tests/cluster/test_cluster_launcher.py -m slow
 
 The "remote" node is this machine: a private ``sshd`` on 127.0.0.1:22 (root only: port 22, and its sessions log in as
 the test's user) whose sessions get a throwaway ``HOME`` (``SetEnv``), so ``~/dilm``, ``~/.bashrc``, ``~/sweep.py``
 and Ray's ``~/ray_bootstrap_*`` land in a temporary folder, not in the real home. Of ``cluster/local.yaml`` only the
 addresses, the user, the key and the setup are replaced; the setup activates this checkout's venv instead of building
-``~/venv`` (minutes of downloads; the YAMLs' recipe is checked offline by tests/test_cluster.py).
+``~/venv`` (minutes of downloads; the YAMLs' recipe is checked offline by tests/cluster/test_cluster.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import psutil
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 RAY_DAEMONS = ("raylet", "gcs_server")
 CLUSTER = "dilm-onprem"  # cluster/local.yaml's cluster_name (kept)

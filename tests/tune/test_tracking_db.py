@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_sweep import SWEEPS, crash_and_resume, driver, finished_trials, kill_tree, write_yaml
-from test_sweep_errors import no_ray  # noqa: F401 (a fixture)
 
+from tests.tune.test_sweep import SWEEPS, crash_and_resume, driver, finished_trials, kill_tree, write_yaml
+from tests.tune.test_sweep_errors import no_ray  # noqa: F401 (a fixture)
 from tune.config import load_config
 from tune.database import dashboard_url, masked, with_driver
 from tune.sweep import main

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 LAUNCHER_CONFIGS = ["aws.yaml", "gcp.yaml", "local.yaml"]
 KUBERAY_JOB = CLUSTER / "kuberay-job.yaml"

@@ -3,7 +3,7 @@ stops it (its state saved, one resume line, exit 143) and ``--resume`` finishes 
 
 The model rows run no Ray (``connect_ray`` and ``ray.init`` fail the test); the SIGTERM scenario is a real 2-trial
 sweep on its own local cluster (slow), driven with the helpers of the crash-and-resume scenario of
-``tests/test_sweep.py``.
+``tests/tune/test_sweep.py``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_sweep import SWEEPS, driver, kill_tree, write_yaml
 
 from dilm import DilmError
 from dilm.hf import hub_unreachable
 from dilm.models import resolve_model
+from tests.tune.test_sweep import SWEEPS, driver, kill_tree, write_yaml
 from tune.stop import RESUME_HINT, keep_sigterm_handler, sigterm_as_interrupt, watch_tune_stop
 from tune.sweep import main
 

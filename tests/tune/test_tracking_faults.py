@@ -25,12 +25,12 @@ import psutil
 import pytest
 import yaml
 from sqlalchemy.exc import IntegrityError, OperationalError
-from test_sweep import SWEEPS, driver, finished_trials, kill_tree, write_yaml
-from test_tracking_db import PASSWORD, postgres_server, smoke  # noqa: F401 (a fixture)
-from test_trial_killed import checkpoint_state
 
 import tune.database
 from dilm import DilmError
+from tests.tune.test_sweep import SWEEPS, driver, finished_trials, kill_tree, write_yaml
+from tests.tune.test_tracking_db import PASSWORD, postgres_server, smoke  # noqa: F401 (a fixture)
+from tests.tune.test_trial_killed import checkpoint_state
 from tune.database import WAIT_ENV, DatabaseDown, gone, retry, wait_s
 from tune.report import trial_state
 from tune.scores import FINAL, OBJECTIVE
