@@ -64,6 +64,7 @@ from dilm.distill.match_stage import match
 from dilm.distill.select import Selection, final_set_seeds, select_sets
 from dilm.evaluate import Evaluator
 from dilm.files import write_json
+from dilm.generator import Sample
 from dilm.memorisation import CopyIndex, memorisation_report
 from dilm.models import load_model
 from dilm.protocol import EvalConfig
@@ -78,6 +79,8 @@ WAYS = {  # the selections this bench runs: name → how the candidates are chos
     "herding": Selection(method="herding", label_filter="none", pooling="mean"),
     "filter+herding": Selection(method="herding", label_filter="probe", pooling="mean"),
     "filter+herding-real": Selection(method="herding-real", label_filter="probe", pooling="mean"),
+    "filter90+herding": Selection(method="herding", label_filter="probe", threshold=0.9, pooling="mean"),
+    "filter+kmeans": Selection(method="kmeans", label_filter="probe", pooling="mean"),
 }
 REAL = ("random", "kcenters", "herding-real-data")  # coresets: each of --sets sets from its own random half
 BASE = dict(  # the LM stage and the sampler
@@ -88,7 +91,6 @@ LONG_TEXTS = dict(max_length=0, max_new_tokens=0, length_cap=96)  # tasks other 
 MATCH = dict(  # the matching stage at CPU scale (--match-outer N outer loops): the demo preset's shapes, more steps
     inner_loop=5, model_step_per_inner_step=1, syn_per_class=4, real_per_class=8, rep_pool_per_class=1000,
     learner_batch_size=16, val_interval=0, checkpoint_interval=1000)
-MATCHED = ("kmeans", "filter+herding")  # the selections the matched generator's candidates go through
 QUICK = dict(generator="tiny-llama", learner="tiny-bert", probe="tiny-bert", lm_steps=4, max_new_tokens=12,
              probe_examples=500)
 QUICK_JUDGES = ("tiny-bert-probe", "tiny-llama-probe", "tfidf-logreg")
@@ -116,6 +118,13 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--balanced", action="store_true",
                    help="with --match-outer: bal:filter+herding, half of each class from each generator's candidates")
     p.add_argument("--match-lr", type=float, default=3e-5, help="the matching stage's generator lr")
+    p.add_argument("--lm-steps", type=int, default=BASE["lm_steps"], help="the LM stage's steps")
+    p.add_argument("--ways", default="kmeans,herding,filter+herding,filter+herding-real",
+                   help="comma-separated selections of the vanilla LM's candidates (of: " + ", ".join(WAYS) + ")")
+    p.add_argument("--match-ways", default="kmeans,filter+herding",
+                   help="comma-separated selections of the matched generator's candidates alone (match:)")
+    p.add_argument("--split-ways", default="filter+herding",
+                   help="comma-separated selections of the bal: and lm2bal: arms (final_mix split)")
     p.add_argument("--soft", default="filter+herding",
                    help="comma-separated methods whose sets also get learned soft labels ('': none)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
@@ -233,7 +242,8 @@ def main() -> int:
     dpcs = sorted(int(x) for x in args.dpc.split(","))
     judges = list(QUICK_JUDGES if args.quick else args.judges.split(","))
     cfg = DistillConfig(task=args.task, dpc=tuple(dpcs), n_sets=args.sets, output_dir=str(args.out / "run"),
-                        **{**BASE, **({} if args.task == "sst2" else LONG_TEXTS), **(QUICK if args.quick else {})})
+                        **{**BASE, "lm_steps": args.lm_steps, **({} if args.task == "sst2" else LONG_TEXTS),
+                           **(QUICK if args.quick else {})})
     task = load_task(args.task)
     rec = Record(args.out / "cpu_quality.json", {
         "args": {k: str(v) for k, v in vars(args).items()}, "config": cfg.to_dict(),
@@ -246,24 +256,45 @@ def main() -> int:
     ctx = Distiller(DistillConfig(**{**cfg.to_dict(), "lm_checkpoint": str(lm), "dpc": tuple(dpcs)}), task=task)
     c = task.num_classes
 
-    def candidates_of(gen: Distiller, cell: str, draw: str = LM_DRAW) -> list[list[list]]:
+    def kept_path(cell: str) -> Path:
+        return args.out / f"{cell.replace('/', '-')}.json"
+
+    def kept_key(gen_key: str) -> dict:
+        return {"lm": meta["key"], "per_class": args.candidates, "sets": args.sets, "generator": gen_key}
+
+    def kept_candidates(cell: str, gen_key: str) -> list[list] | None:
+        """The candidates of ``cell`` kept by an earlier run with the same LM, generator and counts, or None."""
+        path = kept_path(cell)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        if data.get("key") != kept_key(gen_key):
+            return None
+        print(f"candidates of {cell}: kept in {path}", flush=True)
+        return [[Sample(**s) for s in row] for row in data["samples"]]
+
+    def candidates_of(gen: Distiller, cell: str, draw: str = LM_DRAW, gen_key: str = "") -> list[list[list]]:
         """``--candidates`` per class for each set, with the product's seed of ``draw`` (:func:`final_seed`): the
         same whichever generator samples them, so that the generators' candidates pair set by set."""
-        t = time.perf_counter()
-        got = gen.sample([args.candidates] * (c * args.sets), final_seed(cfg, draw), list(task.label_names) * args.sets)
-        n_samples = sum(map(len, got))
-        rec.cell(cell, per_class=args.candidates, sets=args.sets, samples=n_samples,
-                 seconds=time.perf_counter() - t, samples_per_s=n_samples / (time.perf_counter() - t),
-                 label_agreement=100 * gen.probe.agreement([sum(got[i::c], []) for i in range(c)]))
+        gen_key = gen_key or f"the LM, draw {draw}"
+        got = kept_candidates(cell, gen_key)
+        if got is None:
+            t = time.perf_counter()
+            got = gen.sample([args.candidates] * (c * args.sets), final_seed(cfg, draw),
+                             list(task.label_names) * args.sets)
+            n_samples = sum(map(len, got))
+            rec.cell(cell, per_class=args.candidates, sets=args.sets, samples=n_samples,
+                     seconds=time.perf_counter() - t, samples_per_s=n_samples / (time.perf_counter() - t),
+                     label_agreement=100 * gen.probe.agreement([sum(got[i::c], []) for i in range(c)]))
+            write_json(kept_path(cell), {"key": kept_key(gen_key), "samples": [[vars(s) for s in row] for row in got]})
         return [got[k * c: (k + 1) * c] for k in range(args.sets)]
 
     vanilla = candidates_of(ctx, "candidates")
-    arms = [("", ctx, vanilla, list(WAYS), None)]  # (prefix, generator, candidates per set, selections, split)
+    ways, split_ways = args.ways.split(","), args.split_ways.split(",")
+    arms = [("", ctx, vanilla, ways, None)]  # (prefix, generator, candidates per set, selections, split)
     if args.lm_pool:  # a pool of both:'s size from the vanilla LM alone (the product's second LM draw)
         second = candidates_of(ctx, "candidates/lm2", GENERATOR_DRAW)
         arms.append(("lm2:", ctx, [both_generators(a, b) for a, b in zip(vanilla, second)], ["filter+herding"], None))
         if args.balanced:
-            arms.append(("lm2bal:", ctx, [both_generators(a, b) for a, b in zip(vanilla, second)], ["filter+herding"],
+            arms.append(("lm2bal:", ctx, [both_generators(a, b) for a, b in zip(vanilla, second)], split_ways,
                          vanilla))
     if args.match_outer:
         n = args.match_outer
@@ -271,19 +302,21 @@ def main() -> int:
             **cfg.to_dict(), **MATCH, "lm_checkpoint": str(lm), "dpc": tuple(dpcs),
             "output_dir": str(args.out / "match"), "outer_loops": n, "generate_interval": n, "n_rep_sets": n,
             "generator_lr": args.match_lr}), task=task)
-        state, t = State(stage="match", step=mctx.cfg.lm_steps), time.perf_counter()
-        match(mctx, state, None)
-        losses = [r["match_loss"] for r in state.history if "match_loss" in r]
-        rec.cell("matching", generator_steps=state.step - mctx.cfg.lm_steps, seconds=time.perf_counter() - t,
-                 generator_lr=args.match_lr, first_loss=losses[0] if losses else None,
-                 last_loss=losses[-1] if losses else None, history=state.history)
-        matched = candidates_of(mctx, "candidates/match")
-        arms.append(("match:", mctx, matched, list(MATCHED), None))
+        match_key = f"matched: {n} outer loops, lr {args.match_lr}"
+        if not kept_candidates("candidates/match", match_key):  # kept: no need for the matched generator
+            state, t = State(stage="match", step=mctx.cfg.lm_steps), time.perf_counter()
+            match(mctx, state, None)
+            losses = [r["match_loss"] for r in state.history if "match_loss" in r]
+            rec.cell("matching", generator_steps=state.step - mctx.cfg.lm_steps, seconds=time.perf_counter() - t,
+                     generator_lr=args.match_lr, first_loss=losses[0] if losses else None,
+                     last_loss=losses[-1] if losses else None, history=state.history)
+        matched = candidates_of(mctx, "candidates/match", gen_key=match_key)
+        arms.append(("match:", mctx, matched, args.match_ways.split(","), None))
         pooled = [both_generators(vs, ms) for vs, ms in zip(vanilla, matched)]  # the product's generator+lm pool
         if args.both:  # final_mix pooled: one pool per set and class
             arms.append(("both:", ctx, pooled, ["filter+herding"], None))
         if args.balanced:  # final_mix split: DPC//2 per class from the vanilla LM's draw, the rest the matched one's
-            arms.append(("bal:", ctx, pooled, ["filter+herding"], vanilla))
+            arms.append(("bal:", ctx, pooled, split_ways, vanilla))
 
     sets: dict[tuple[int, str], list[SynSet]] = {}
     train_index, test_index = CopyIndex(e.text for e in task.train), CopyIndex(e.text for e in task.test)
@@ -301,7 +334,8 @@ def main() -> int:
     for prefix, gen, per_set, names, first in arms:  # the product's selection (first: final_mix split's first draw)
         firsts = None if first is None else [[len(row) for row in rows] for rows in first]
         for sel in names:
-            how, name, t = replace(WAYS[sel], split=first is not None), prefix + sel, time.perf_counter()
+            how = replace(WAYS[sel], split=first is not None, copy_filter=cfg.copy_filter)  # the product's filter
+            name, t = prefix + sel, time.perf_counter()
             for d, got in select_sets(gen, per_set, dpcs, seeds, firsts, how).items():
                 sets[d, name] = got
             record_sets(name, gen, t)

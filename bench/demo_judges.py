@@ -2,11 +2,11 @@
 
 A sweep's summary scores its sets with probes; selection works in MiniLM's feature space, so ``minilm-probe`` alone
 could flatter it. This script takes a finished sweep's storage and scores, at one DPC, the best trial's sets, the
-vanilla LM's sets, the random real sets and the herding coreset (the last two rebuilt exactly as the sweep's
-baselines were: same seed, ``n_sets`` and learner) with the protocol's fine-tuned learner (default ``minilm-l6``,
-200 steps) over ``--seeds`` seeds per set. Named baseline: random real sets, scored in the same run. It prints each
-method's mean ± std over sets (each set's mean over seeds), n, and the best trial's difference to every other
-method with Welch's 95 % interval over sets (the herding coreset is one set: a difference without interval).
+vanilla LM's sets, the random real sets and the k-centers and herding coresets (rebuilt by the sweep's own
+:func:`tune.baselines.baseline_sets` from the vanilla run's config: same seed, ``n_sets``, halves and learner) with
+the protocol's fine-tuned learner (default ``minilm-l6``, 200 steps) over ``--seeds`` seeds per set. Named
+baseline: random real sets, scored in the same run. It prints each method's mean ± std over sets (each set's mean
+over seeds), n, and the best trial's difference to every other method with Welch's 95 % interval over sets.
 
     python bench/demo_judges.py /tmp/demo/runs --sweep demo --dpc 10 --seeds 3 --json out.json
 
@@ -19,17 +19,19 @@ import argparse
 import csv
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from record import write  # bench/, beside this script
 from tqdm.auto import tqdm
 
-from dilm.coreset import CoresetConfig, build_coresets
+from dilm.distill import DistillConfig
 from dilm.evaluate import Evaluator
 from dilm.protocol import EvalConfig
 from dilm.stats import format_interval, summary, welch_interval
 from dilm.synset import read_set
 from dilm.tasks import load_task
+from tune.baselines import baseline_sets
 from tune.paths import SweepPaths
 from tune.scores import OBJECTIVE, best_row
 
@@ -65,10 +67,9 @@ def main() -> int:
     if not a.without_vanilla:
         methods["vanilla LM"] = [read_set(f, names, pair) for f in sorted((vanilla / "sets" / f"dpc{a.dpc}")
                                                                           .glob("*.jsonl"))]
-    for method, n_sets in (("random", prov["n_sets"]), ("herding", 1)):  # as tune.baselines builds them
-        methods[f"{method} real"] = build_coresets(task, CoresetConfig(
-            method=method, dpc=(a.dpc,), n_sets=n_sets, seed=prov["seed"], learner=prov["learner"], pooling="mean",
-            device="cpu"))[a.dpc]
+    cfg = replace(DistillConfig(**prov), dpc=(a.dpc,), device="cpu")  # the sweep's config, at the one DPC
+    for method in ("random", "kcenters", "herding"):  # the sweep's own baselines, rebuilt as it built them
+        methods[f"{method} real"] = baseline_sets(method, cfg, None, "")[a.dpc]
     judge = Evaluator(task, EvalConfig(archs=(a.arch,), seeds=a.seeds, device="cpu", progress=False))
     per_set: dict[str, list[float]] = {}
     t0 = time.perf_counter()

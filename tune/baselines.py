@@ -3,9 +3,11 @@
 * ``random`` — ``n_sets`` random real sets per DPC (:func:`dilm.coreset.build_coresets`, method ``random``);
 * ``vanilla`` — the shared LM-stage checkpoint sampled and selected exactly as a trial's final sets are, without
   matching (``outer_loops = 0`` from the same checkpoint, same ``n_sets``, DPCs and selection);
-* ``herding`` — the herding coreset of real examples on the learner's mean-pooled features (the strongest real
-  selection measured: ``bench/results/2026-12-01-cpu-quality-selection.md``); deterministic, so one set per DPC
-  (no interval);
+* ``kcenters`` and ``herding`` — the two real selections the method must beat (the reference's k-centers:
+  nearest the k-means centroids; herding: the running mean kept at the class mean, the strongest measured,
+  ``bench/results/2026-12-01-cpu-quality-selection.md``), on the learner's mean-pooled features; ``n_sets`` sets
+  per DPC, set k chosen from its own seeded random half of each class (:data:`HALF_SAMPLE` of it read), so
+  these deterministic methods get a spread and an interval like the others;
 * ``full`` — the full-data reference: the protocol trained on the whole training split, or a stratified sample of
   :data:`dilm.coreset.FULL_SAMPLE` examples of a larger one (:func:`dilm.coreset.full_data_set`); it does not depend
   on DPC, so it is scored once and stands beside every DPC.
@@ -35,7 +37,8 @@ from tune.storage import Staged, cached_folder, node_cache, open_storage, split
 from tune.tracking import PARENT_TAG, SWEEP_TAG, SweepTracker
 
 BASELINE_TAG = "baseline"
-BASELINES = ("random", "vanilla", "herding", "full")
+BASELINES = ("random", "vanilla", "kcenters", "herding", "full")
+HALF_SAMPLE = 1000  # real examples per class and half that kcenters and herding read (MiniLM features, one thread)
 
 
 def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out: str,
@@ -50,9 +53,10 @@ def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out:
                                                   seed=cfg.seed))
     if name == "full":
         return {d: [full_data_set(task, seed=cfg.seed)] for d in cfg.dpc}
-    if name == "herding":
-        return build_coresets(task, CoresetConfig(method="herding", dpc=tuple(cfg.dpc), n_sets=1, seed=cfg.seed,
-                                                  learner=cfg.learner, pooling="mean", device=cfg.device))
+    if name in ("kcenters", "herding"):
+        return build_coresets(task, CoresetConfig(method=name, dpc=tuple(cfg.dpc), n_sets=cfg.n_sets, seed=cfg.seed,
+                                                  learner=cfg.learner, pooling="mean", device=cfg.device,
+                                                  candidates_per_class=HALF_SAMPLE, halves=True))
     folder = Staged(out, name)
     if lm_checkpoint:
         parent, key = split(lm_checkpoint)

@@ -118,7 +118,7 @@ def _difference(r: dict, n: str) -> str:
 def format_compare(rows: list[dict]) -> list[str]:
     """The summary's table: best trial vs each baseline, accuracy ± std over n sets × seeds, the difference in points
     with its 95 % interval (``*``: the interval excludes 0)."""
-    names = compared(rows)
+    names = [n for n in compared(rows) if n != "full"]  # the full data has its own lines (share of its accuracy)
     lines = ["  arch               DPC  best trial (n)    " + "".join(f"{n:<15}best-{n} [95% CI]{'':<10}"
                                                                   for n in names)]
     for r in rows:

@@ -46,7 +46,8 @@ NOTE_TAG = "mlflow.note.content"  # a run's description in the UI
 # A runs-page view the UI opens from the URL (``?viewStateShareKey=KEY``): the experiment tag VIEW_TAG + KEY holds its
 # JSON (search filter, order, columns: what MLflow's "share view" button saves). KEY is the sweep's parent run id.
 VIEW_TAG = "mlflow.sharedViewState."
-VIEW_METRICS = (OBJECTIVE, "vs_random", "vs_vanilla", "vs_herding")  # a trial's objective − each baseline's
+# a trial's objective − each baseline's
+VIEW_METRICS = (OBJECTIVE, "vs_random", "vs_vanilla", "vs_kcenters", "vs_herding")
 
 
 

@@ -52,3 +52,14 @@ def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_p
         assert got["best_coreset"] == best
         assert got["vs_best_coreset"]["mean"] == pytest.approx(
             cells[f"{judge}/dpc{dpc}/bal:filter+herding"]["mean"] - real[best]["mean"])
+    # a rerun with the same LM and counts reads every draw's candidates back (no sampling, no matching) and selects
+    # the same sets from them: the same accuracies, with a selection of the split arm the first run did not have
+    again = subprocess.run(cmd + ["--split-ways", "filter+herding,filter90+herding"], cwd=ROOT, check=True,
+                           env={**os.environ, "DILM_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True,
+                           timeout=600)
+    assert all(f"candidates of candidates{arm}: kept in" in again.stdout for arm in ("", "/match", "/lm2"))
+    rerun = json.loads((out / "cpu_quality.json").read_text())["cells"]
+    assert "matching" not in rerun and "candidates" not in rerun
+    assert rerun[f"{judge}/dpc4/bal:filter+herding"]["accuracies"] == cells[f"{judge}/dpc4/bal:filter+herding"][
+        "accuracies"]
+    assert rerun[f"{judge}/dpc4/bal:filter90+herding"]["n"] == 2

@@ -639,14 +639,14 @@ def test_the_shared_lm_stage_gets_every_cpu_of_its_node(ray_cluster):
 
 
 def test_baselines_are_scored_beside_the_sweep(crashed_sweep):
-    """Random real sets, the vanilla LM (the shared checkpoint, no matching) and the herding coreset are runs of the
-    sweep's experiment, tagged, with a trial's metric names; the summary puts the best trial beside them, the plot
-    has all curves."""
+    """Random real sets, the vanilla LM (the shared checkpoint, no matching), the k-centers and herding coresets (n_sets
+    sets each, from random halves: an interval) and the full data are runs of the sweep's experiment, tagged, with a
+    trial's metric names; the summary puts the best trial beside them, the plot has all curves."""
     s = crashed_sweep
     client = mlflow_runs(s["storage"])[0]
     exp = client.get_experiment_by_name("dilm-test-crash")
     runs = {r.data.tags["baseline"]: r for r in client.search_runs([exp.experiment_id], "tags.baseline != ''")}
-    assert set(runs) == {"random", "vanilla", "herding", "full"}
+    assert set(runs) == {"random", "vanilla", "kcenters", "herding", "full"}
     _, [parent], _ = mlflow_runs(s["storage"])
     for r in runs.values():
         assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -667,9 +667,13 @@ def test_baselines_are_scored_beside_the_sweep(crashed_sweep):
     assert {(r["arch"], r["dpc"]) for r in rows} == {("tiny-bert", 2), ("tfidf-logreg", 2)}
     for r in rows:
         assert r["vs_random"] == pytest.approx(r["best"] - r["random"])
-        assert r["vs_herding"] == pytest.approx(r["best"] - r["herding"]) and "vs_herding_lo" not in r  # one set
-    herding = json.loads((s["storage"] / "sets" / "crash" / "baselines" / "herding" / "scores.json").read_text())
-    assert herding["2"]["tiny-bert"]["n"] == 1
+        for coreset in ("kcenters", "herding"):  # n_sets sets, one per random half: a difference with its interval
+            assert r[f"vs_{coreset}"] == pytest.approx(r["best"] - r[coreset])
+            assert r[f"vs_{coreset}_lo"] <= r[f"vs_{coreset}"] <= r[f"vs_{coreset}_hi"]
+    for coreset in ("kcenters", "herding"):
+        folder = s["storage"] / "sets" / "crash" / "baselines" / coreset
+        assert json.loads((folder / "scores.json").read_text())["2"]["tiny-bert"]["n"] == 2  # the smoke preset's n_sets
+    assert "best-kcenters" in s["out"] and "best-herding" in s["out"] and "best-full" not in s["out"]
     assert "best_vs_random/tiny-bert/dpc2" in parent.data.metrics
     # the full-data reference: the protocol on the whole (400-example) training set, beside the best trial
     assert "of the full data (the same protocol trained on the whole training set):" in s["out"]
