@@ -81,6 +81,10 @@ WAYS = {  # the selections this bench runs: name → how the candidates are chos
     "filter+herding-real": Selection(method="herding-real", label_filter="probe", pooling="mean"),
     "filter90+herding": Selection(method="herding", label_filter="probe", threshold=0.9, pooling="mean"),
     "filter+kmeans": Selection(method="kmeans", label_filter="probe", pooling="mean"),
+    "filter90+kmeans": Selection(method="kmeans", label_filter="probe", threshold=0.9, pooling="mean"),
+    "filter+cluster-herding": Selection(method="cluster-herding", label_filter="probe", pooling="mean"),
+    "filter90+cluster-herding": Selection(method="cluster-herding", label_filter="probe", threshold=0.9,
+                                          pooling="mean"),
 }
 REAL = ("random", "kcenters", "herding-real-data")  # coresets: each of --sets sets from its own random half
 BASE = dict(  # the LM stage and the sampler
@@ -118,6 +122,9 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--balanced", action="store_true",
                    help="with --match-outer: bal:filter+herding, half of each class from each generator's candidates")
     p.add_argument("--match-lr", type=float, default=3e-5, help="the matching stage's generator lr")
+    p.add_argument("--draw-seed", type=int, default=None,
+                   help="seed of the candidates' draws (default: the config's, the product's final_seed): another "
+                        "draw from the same generators")
     p.add_argument("--lm-steps", type=int, default=BASE["lm_steps"], help="the LM stage's steps")
     p.add_argument("--ways", default="kmeans,herding,filter+herding,filter+herding-real",
                    help="comma-separated selections of the vanilla LM's candidates (of: " + ", ".join(WAYS) + ")")
@@ -260,7 +267,8 @@ def main() -> int:
         return args.out / f"{cell.replace('/', '-')}.json"
 
     def kept_key(gen_key: str) -> dict:
-        return {"lm": meta["key"], "per_class": args.candidates, "sets": args.sets, "generator": gen_key}
+        return {"lm": meta["key"], "per_class": args.candidates, "sets": args.sets, "generator": gen_key,
+                **({} if args.draw_seed is None else {"draw_seed": args.draw_seed})}
 
     def kept_candidates(cell: str, gen_key: str) -> list[list] | None:
         """The candidates of ``cell`` kept by an earlier run with the same LM, generator and counts, or None."""
@@ -278,7 +286,8 @@ def main() -> int:
         got = kept_candidates(cell, gen_key)
         if got is None:
             t = time.perf_counter()
-            got = gen.sample([args.candidates] * (c * args.sets), final_seed(cfg, draw),
+            seeded = cfg if args.draw_seed is None else replace(cfg, seed=args.draw_seed)
+            got = gen.sample([args.candidates] * (c * args.sets), final_seed(seeded, draw),
                              list(task.label_names) * args.sets)
             n_samples = sum(map(len, got))
             rec.cell(cell, per_class=args.candidates, sets=args.sets, samples=n_samples,
