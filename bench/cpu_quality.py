@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from record import write  # bench/, beside this script
+from record import head, write  # bench/, beside this script
 
 from dilm.archs.finetune import finetune_ensemble
 from dilm.coreset import CoresetConfig, build_coresets
@@ -82,9 +82,6 @@ WAYS = {  # the selections this bench runs: name → how the candidates are chos
     "filter90+herding": Selection(method="herding", label_filter="probe", threshold=0.9, pooling="mean"),
     "filter+kmeans": Selection(method="kmeans", label_filter="probe", pooling="mean"),
     "filter90+kmeans": Selection(method="kmeans", label_filter="probe", threshold=0.9, pooling="mean"),
-    "filter+cluster-herding": Selection(method="cluster-herding", label_filter="probe", pooling="mean"),
-    "filter90+cluster-herding": Selection(method="cluster-herding", label_filter="probe", threshold=0.9,
-                                          pooling="mean"),
 }
 REAL = ("random", "kcenters", "herding-real-data")  # coresets: each of --sets sets from its own random half
 BASE = dict(  # the LM stage and the sampler
@@ -148,6 +145,7 @@ class Record:
     def __init__(self, path: Path, meta: dict):
         self.path, self.data = path, {"meta": meta, "cells": {}}  # bench/record.py's head beside them
         self.t0 = time.perf_counter()
+        head()  # taken now: the date and commit the run started from, not those of its first cell
 
     def cell(self, name: str, **values) -> None:
         self.data["cells"][name] = {**values, "elapsed_s": round(time.perf_counter() - self.t0, 1)}
@@ -398,7 +396,10 @@ def report(path: Path, data: dict) -> None:
                                           "vs_twin": twin(m) and paired(cells, j, d, m, twin(m)),
                                           "vs_lm_pool": pool_twin(m) and paired(cells, j, d, m, pool_twin(m))}
                       for j in judges for d in dpcs for m in methods if f"{j}/dpc{d}/{m}" in cells}
-    write_json(path, data)
+    if "record" in data:  # --report: the run's own head stays
+        write_json(path, data)
+    else:
+        write(path, data)
     print(markdown_table(cells, judges, dpcs, methods))
 
 

@@ -6,8 +6,7 @@ Vocabulary: *candidates* are the generated texts of one class; *selection* keeps
   points. Shared by the coreset baseline ``kcenters`` (:mod:`dilm.coreset`), the matching stage's representative
   sets, the final sets, and the real examples that start soft-label learning with fewer examples than classes.
 * ``herding`` — greedy herding: the running mean of the chosen rows is kept closest to a target mean, by default
-  the candidates' own mean; ``herding-real`` aims at the mean of the class's *real* examples (distribution matching);
-  ``cluster-herding`` herds with at most one row from each of k k-means clusters (coverage and the mean at once).
+  the candidates' own mean; ``herding-real`` aims at the mean of the class's *real* examples (distribution matching).
 * the **label filter** (``probe``) keeps the candidates that a probe fitted on the real training split assigns to
   the class they were generated for (its most probable class, with probability ≥ a threshold); without it, the
   off-label texts a generator writes go into the sets. Too few survivors → the most confident fill up to k.
@@ -30,7 +29,7 @@ from dilm.seeds import derive_seed
 if TYPE_CHECKING:
     from dilm.generator import Sample
 
-SELECTIONS = ("kmeans", "herding", "herding-real", "cluster-herding")
+SELECTIONS = ("kmeans", "herding", "herding-real")
 FILTERS = ("none", "probe")
 COPY_FILTERS = ("none", "exact", "near")  # which copies of training texts are dropped before selection
 KMEANS_FULL_LIMIT = 2_000_000  # rows × clusters up to which full k-means is used; MiniBatchKMeans above
@@ -60,35 +59,22 @@ def kmeans_nearest(features: torch.Tensor, k: int, seed: int, n_init: int = 3) -
     return chosen
 
 
-def herding(features: torch.Tensor, k: int, target: torch.Tensor | None = None,
-            clusters: np.ndarray | None = None) -> list[int]:
+def herding(features: torch.Tensor, k: int, target: torch.Tensor | None = None) -> list[int]:
     """Greedy herding on unit rows: step t keeps the row that brings the mean of the t chosen closest to ``target``
     (default: the mean of all rows; a (H,) mean of other data, e.g. the class's real examples, is unit-normalised
-    feature space too). With ``clusters`` (N,) (k labels), at most one row per cluster: the set covers every cluster
-    and herds within that. Deterministic; k distinct rows."""
+    feature space too). Deterministic; k distinct rows."""
     x = torch.nn.functional.normalize(features.double(), dim=1)  # (N, H)
     mu = x.mean(0) if target is None else target.double().to(x.device)  # (H,)
     total = torch.zeros_like(mu)
     chosen: list[int] = []
-    barred = torch.zeros(len(x), dtype=torch.bool)
     for t in range(1, k + 1):
         dist = ((mu - (total[None] + x) / t) ** 2).sum(1)  # (N,) distance of each candidate mean to the target
-        dist[barred] = float("inf")
+        if chosen:
+            dist[chosen] = float("inf")
         i = int(dist.argmin())
         chosen.append(i)
         total += x[i]
-        barred[i] = True
-        if clusters is not None:
-            barred |= torch.from_numpy(clusters == clusters[i])
     return chosen
-
-
-def kmeans_labels(features: torch.Tensor, k: int, seed: int, n_init: int = 3) -> np.ndarray:
-    """(N,) labels of a seeded k-means++ with k clusters (full k-means; MiniBatchKMeans on large inputs)."""
-    x = features.numpy().astype(np.float64)
-    cls = KMeans if len(x) * k <= KMEANS_FULL_LIMIT else MiniBatchKMeans
-    extra = {} if cls is KMeans else {"batch_size": 4096}
-    return cls(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed, **extra).fit(x).labels_
 
 
 def label_filter(probs: np.ndarray, label: int, threshold: float, k: int) -> list[int]:
@@ -118,8 +104,6 @@ def select_rows(features: torch.Tensor, k: int, method: str, seed: int,
         return kmeans_nearest(features, k, seed)
     if method == "herding":
         return herding(features, k)
-    if method == "cluster-herding":
-        return herding(features, k, clusters=kmeans_labels(features, k, seed))
     if method == "herding-real":
         if real_mean is None:
             raise ValueError("herding-real needs the real class mean")

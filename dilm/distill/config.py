@@ -119,10 +119,11 @@ class DistillConfig:
                               choices=COPY_FILTERS)
     label_filter: str = option("probe", "before selection: none, or probe (keep the candidates the probe assigns to "
                                         "their class, with probability >= filter_threshold)", choices=FILTERS)
-    filter_threshold: float = option(0.0, "the probe filter's least probability of the candidate's class")
-    selection: str = option("herding", "DPC among the candidates: kmeans (nearest the k-means centroids, the "
-                                       "reference's 'k-centers'), herding (toward the candidates' mean) or "
-                                       "herding-real (toward the class's real mean)", choices=SELECTIONS)
+    filter_threshold: float = option(0.9, "the probe filter's least probability of the candidate's class (0: its "
+                                          "most probable class is enough)")
+    selection: str = option("kmeans", "DPC among the candidates: kmeans (nearest the k-means centroids, the "
+                                      "reference's 'k-centers': the class covered), herding (toward the candidates' "
+                                      "mean) or herding-real (toward the class's real mean)", choices=SELECTIONS)
     select_pooling: str = option("mean", "learner features of the final selection and validation sets: mean or cls",
                                  choices=POOLINGS)
     max_new_tokens: int = option(0, "sampling limit in new tokens; 0 = from the task's data: the length_quantile of "

@@ -22,6 +22,7 @@ def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_p
                    capture_output=True, text=True, timeout=600)
     data = json.loads((out / "cpu_quality.json").read_text())
     cells, paired = data["cells"], data["paired"]
+    assert "cpu_quality.py" in data["record"]["command"] and data["record"]["machine"]["cpu"]["isa"] is not None
     assert cells["matching"]["generator_steps"] == 5  # one outer loop of five generator steps
     samples = [cells[f"candidates{arm}"]["samples"] for arm in ("", "/match", "/lm2")]
     assert samples == [2 * 2 * 10] * 3

@@ -38,23 +38,6 @@ def test_herding_matches_the_mean_it_is_given():
     assert (chosen - target).norm() < (rand - target).norm()
 
 
-def test_cluster_herding_takes_one_row_per_cluster_and_herds_within_them():
-    x = blobs()
-    unit = torch.nn.functional.normalize(x.double(), dim=1)
-    # toward a target inside blob 2, plain herding stays in blob 2; with the blobs as clusters, one row of each
-    target = unit[40:60].mean(0)
-    clusters = np.repeat(np.arange(3), 20)
-    chosen = herding(x, 3, target, clusters=clusters)
-    assert sorted(i // 20 for i in chosen) == [0, 1, 2]
-    # within the clusters it herds: its mean is closer to the target than that of most one-per-cluster draws
-    g = torch.Generator().manual_seed(2)
-    drawn = [unit[[20 * b + int(torch.randint(20, (1,), generator=g)) for b in range(3)]].mean(0) for _ in range(50)]
-    assert (unit[chosen].mean(0) - target).norm() < float(np.median([(m - target).norm() for m in drawn]))
-    # the product's method: k-means finds the 3 blobs, so 3 rows from 3 blobs at any seed
-    for seed in (0, 1):
-        assert sorted(i // 20 for i in select_rows(x, 3, "cluster-herding", seed)) == [0, 1, 2]
-
-
 def test_label_filter_keeps_the_confident_and_falls_back_to_the_most_confident():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.45, 0.55], [0.95, 0.05]])
     assert label_filter(probs, 0, 0.0, 2) == [0, 2, 4]  # the probe's class is the candidate's

@@ -37,7 +37,7 @@ DATA_FIELDS = {"task", "prompt_template", "val_size", "val_interval"}
 OTHER_VALUE = {"generator": "tiny-bert", "learner": "minilm-l6", "device": "cpu", "probe": "minilm-l6",
                "lm_precision": "fp32", "output_dir": "elsewhere", "lm_checkpoint": "some/lm", "pooling": "mean",
                "gen_loss_norm": "text",
-               "sampler": "static", "dpc": (3, 5), "selection": "kmeans", "label_filter": "none",
+               "sampler": "static", "dpc": (3, 5), "selection": "herding", "label_filter": "none",
                "select_pooling": "cls", "copy_filter": "none", "final_pool": "shared", "final_sources": "generator",
                "final_mix": "pooled", "length_quantile": 0.5, "top_p": 0.5, "temperature": 2.0}
 
