@@ -81,7 +81,7 @@ def main() -> int:
     out = {"args": {k: str(v) for k, v in vars(a).items()}, "best_trial": trial, "seconds": time.perf_counter() - t0,
            "per_set": per_set, "summary": {m: summary(v) for m, v in per_set.items()}, "best_minus": {}}
     best = next(iter(per_set))
-    print(f"{prov['task']} DPC {a.dpc}, judge {a.arch} ({a.seeds} seeds per set), mean ± std over sets:")
+    print(f"{cfg.task.name} DPC {a.dpc}, judge {a.arch} ({a.seeds} seeds per set), mean ± std over sets:")
     for m, s in out["summary"].items():
         print(f"  {m:28s} {s['mean']:5.1f} ± {s['std']:4.1f} (n = {s['n']} sets)")
     for m in list(per_set)[1:]:
