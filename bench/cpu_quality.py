@@ -48,6 +48,7 @@ import argparse
 import json
 import multiprocessing
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -277,12 +278,16 @@ def main() -> int:
         print(f"candidates of {cell}: kept in {path}", flush=True)
         return [[Sample(**s) for s in row] for row in data["samples"]]
 
-    def candidates_of(gen: Distiller, cell: str, draw: str = LM_DRAW, gen_key: str = "") -> list[list[list]]:
+    def candidates_of(gen: Distiller, cell: str, draw: str = LM_DRAW, gen_key: str = "",
+                      before: Callable[[], None] | None = None) -> list[list[list]]:
         """``--candidates`` per class for each set, with the product's seed of ``draw`` (:func:`final_seed`): the
-        same whichever generator samples them, so that the generators' candidates pair set by set."""
+        same whichever generator samples them, so that the generators' candidates pair set by set. ``before``: what
+        the generator needs first (matching), run only when the candidates are not kept."""
         gen_key = gen_key or f"the LM, draw {draw}"
         got = kept_candidates(cell, gen_key)
         if got is None:
+            if before is not None:
+                before()
             t = time.perf_counter()
             seeded = cfg if args.draw_seed is None else replace(cfg, seed=args.draw_seed)
             got = gen.sample([args.candidates] * (c * args.sets), final_seed(seeded, draw),
@@ -309,15 +314,17 @@ def main() -> int:
             **cfg.to_dict(), **MATCH, "lm_checkpoint": str(lm), "dpc": tuple(dpcs),
             "output_dir": str(args.out / "match"), "outer_loops": n, "generate_interval": n, "n_rep_sets": n,
             "generator_lr": args.match_lr}), task=task)
-        match_key = f"matched: {n} outer loops, lr {args.match_lr}"
-        if not kept_candidates("candidates/match", match_key):  # kept: no need for the matched generator
+
+        def matching() -> None:
             state, t = State(stage="match", step=mctx.cfg.lm_steps), time.perf_counter()
             match(mctx, state, None)
             losses = [r["match_loss"] for r in state.history if "match_loss" in r]
             rec.cell("matching", generator_steps=state.step - mctx.cfg.lm_steps, seconds=time.perf_counter() - t,
                      generator_lr=args.match_lr, first_loss=losses[0] if losses else None,
                      last_loss=losses[-1] if losses else None, history=state.history)
-        matched = candidates_of(mctx, "candidates/match", gen_key=match_key)
+
+        matched = candidates_of(mctx, "candidates/match", gen_key=f"matched: {n} outer loops, lr {args.match_lr}",
+                                before=matching)  # kept candidates: no need for the matched generator
         arms.append(("match:", mctx, matched, args.match_ways.split(","), None))
         pooled = [both_generators(vs, ms) for vs, ms in zip(vanilla, matched)]  # the product's generator+lm pool
         if args.both:  # final_mix pooled: one pool per set and class

@@ -57,7 +57,8 @@ def main() -> int:
     paths = SweepPaths(a.storage, a.sweep, tune_storage="")  # the sweep's layout, as tune.report reads it
     vanilla = paths.baseline_dir("vanilla")
     prov = json.loads((vanilla / "provenance.json").read_text())["config"]
-    task = load_task(prov["task"])
+    cfg = replace(DistillConfig(**prov), dpc=(a.dpc,), device="cpu")  # the sweep's config, at the one DPC
+    task = load_task(cfg.task)
     names, pair = task.label_names, task.is_pair
     trial = best_trial(paths)
     methods = {
@@ -67,7 +68,6 @@ def main() -> int:
     if not a.without_vanilla:
         methods["vanilla LM"] = [read_set(f, names, pair) for f in sorted((vanilla / "sets" / f"dpc{a.dpc}")
                                                                           .glob("*.jsonl"))]
-    cfg = replace(DistillConfig(**prov), dpc=(a.dpc,), device="cpu")  # the sweep's config, at the one DPC
     for method in ("random", "kcenters", "herding"):  # the sweep's own baselines, rebuilt as it built them
         methods[f"{method} real"] = baseline_sets(method, cfg, None, "")[a.dpc]
     judge = Evaluator(task, EvalConfig(archs=(a.arch,), seeds=a.seeds, device="cpu", progress=False))

@@ -32,12 +32,11 @@ from dilm.distill import LM_META, DistillConfig, distill
 from dilm.synset import read_set
 from dilm.tasks import load_task
 from tune.pool import PoolClient, PoolSpec
-from tune.scores import OBJECTIVE, ScoreTable, objective, score_metrics
+from tune.scores import BASELINES, FULL, OBJECTIVE, ScoreTable, objective, score_metrics
 from tune.storage import Staged, cached_folder, node_cache, open_storage, split
 from tune.tracking import PARENT_TAG, SWEEP_TAG, SweepTracker
 
 BASELINE_TAG = "baseline"
-BASELINES = ("random", "vanilla", "kcenters", "herding", "full")
 HALF_SAMPLE = 1000  # real examples per class and half that kcenters and herding read (MiniLM features, one thread)
 
 
@@ -51,7 +50,7 @@ def baseline_sets(name: str, cfg: DistillConfig, lm_checkpoint: str | None, out:
     if name == "random":
         return build_coresets(task, CoresetConfig(method="random", dpc=tuple(cfg.dpc), n_sets=cfg.n_sets,
                                                   seed=cfg.seed))
-    if name == "full":
+    if name == FULL:
         return {d: [full_data_set(task, seed=cfg.seed)] for d in cfg.dpc}
     if name in ("kcenters", "herding"):
         return build_coresets(task, CoresetConfig(method=name, dpc=tuple(cfg.dpc), n_sets=cfg.n_sets, seed=cfg.seed,
@@ -84,7 +83,7 @@ def run_baselines(cfg: DistillConfig, lm_checkpoint: str | None, pool: PoolSpec,
                 for name in BASELINES if name not in out}
     for name, ref in building.items():
         sets = ray.get(ref)
-        if name == "full":  # the same set at every DPC: scored once, shown beside each
+        if name == FULL:  # the same set at every DPC: scored once, shown beside each
             first = min(sets)
             once = PoolClient(pool).score({first: sets[first]})[first]
             scores = {d: once for d in sets}
@@ -134,7 +133,7 @@ def log_baseline(tracker: SweepTracker, name: str, scores: ScoreTable, lm_checkp
         client.log_batch(run.info.run_id, tags=[RunTag("dilm.lm_checkpoint", lm_checkpoint)])
     # the full-data reference is a ceiling, not a rival: no objective, so the sweep's runs view (best objective
     # first) opens on the winning trial, the reference after the runs that have one
-    ranked = {} if name == "full" else {OBJECTIVE: objective(scores, objective_archs)}
+    ranked = {} if name == FULL else {OBJECTIVE: objective(scores, objective_archs)}
     for k, v in {**score_metrics(scores), **ranked}.items():
         client.log_metric(run.info.run_id, k, v)
     client.set_terminated(run.info.run_id, "FINISHED")

@@ -20,6 +20,10 @@ import statistics
 
 from dilm.stats import welch_interval
 
+BASELINES = ("random", "vanilla", "kcenters", "herding", "full")  # beside every sweep (:mod:`tune.baselines`)
+FULL = "full"  # the full-data reference: a ceiling, not a rival (no objective; its own lines in the summary)
+RIVALS = tuple(b for b in BASELINES if b != FULL)  # the baselines a trial is compared with
+
 ScoreTable = dict[int, dict[str, dict]]  # {dpc: {arch: {"accuracy", "accuracy_std", "n", ...}}}
 
 # The keys of a trial's results (``tune.report``), read by the searcher, the scheduler and the summary.
@@ -118,7 +122,7 @@ def _difference(r: dict, n: str) -> str:
 def format_compare(rows: list[dict]) -> list[str]:
     """The summary's table: best trial vs each baseline, accuracy ± std over n sets × seeds, the difference in points
     with its 95 % interval (``*``: the interval excludes 0)."""
-    names = [n for n in compared(rows) if n != "full"]  # the full data has its own lines (share of its accuracy)
+    names = [n for n in compared(rows) if n != FULL]  # the full data has its own lines (share of its accuracy)
     lines = ["  arch               DPC  best trial (n)    " + "".join(f"{n:<15}best-{n} [95% CI]{'':<10}"
                                                                   for n in names)]
     for r in rows:

@@ -30,7 +30,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from tune.scores import OBJECTIVE
+from tune.scores import OBJECTIVE, RIVALS
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "dilm.trial_id"
@@ -46,8 +46,7 @@ NOTE_TAG = "mlflow.note.content"  # a run's description in the UI
 # A runs-page view the UI opens from the URL (``?viewStateShareKey=KEY``): the experiment tag VIEW_TAG + KEY holds its
 # JSON (search filter, order, columns: what MLflow's "share view" button saves). KEY is the sweep's parent run id.
 VIEW_TAG = "mlflow.sharedViewState."
-# a trial's objective − each baseline's
-VIEW_METRICS = (OBJECTIVE, "vs_random", "vs_vanilla", "vs_kcenters", "vs_herding")
+VIEW_METRICS = (OBJECTIVE, *(f"vs_{b}" for b in RIVALS))  # a trial's objective − each baseline's
 
 
 
