@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -407,6 +408,17 @@ def driver(config: Path, storage: Path, log: Path, *extra: str, code: Path = ROO
                                 start_new_session=True, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=code)
 
 
+def await_driver(proc: subprocess.Popen, log: Path, ready: Callable[[], object], what: str,
+                 seconds: float = 420) -> None:
+    """Wait until ``ready()`` (``what``: the message if it never is within ``seconds``), failing with the end of the
+    driver's ``log`` if it ends first."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert proc.poll() is None, f"the driver ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what} within {seconds:.0f} s"
+        time.sleep(0.5)
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a driver and every process it started: its descendants and anything left in its session (Ray's
     agents outlive a killed driver; on a cluster it attached to, Ray ends the dead driver's trials and tasks).
@@ -443,11 +455,7 @@ def crash_and_resume(storage: Path, config: Path, code: Path = ROOT, command: tu
     first = driver(config, storage, storage / "first.log", *extra, code=code, command=command, secrets=secrets,
                    address=address)
     try:
-        deadline = time.monotonic() + 420
-        while not finished_trials(storage):
-            assert first.poll() is None, f"the driver ended early:\n{(storage / 'first.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no trial finished within 420 s"
-            time.sleep(0.5)
+        await_driver(first, storage / "first.log", lambda: finished_trials(storage), "no trial finished")
         before = finished_trials(storage)
     finally:
         kill_tree(first)

@@ -19,7 +19,7 @@ import yaml
 from dilm import DilmError
 from dilm.hf import hub_unreachable
 from dilm.models import resolve_model
-from tests.tune.test_sweep import SWEEPS, driver, kill_tree, write_yaml
+from tests.tune.test_sweep import SWEEPS, await_driver, driver, kill_tree, write_yaml
 from tune.stop import RESUME_HINT, keep_sigterm_handler, sigterm_as_interrupt, watch_tune_stop
 from tune.sweep import main
 
@@ -155,11 +155,7 @@ def test_a_sweep_stopped_by_sigterm_says_how_to_resume_and_resumes(tmp_path):
     config = write_yaml(tmp_path, TERM_SWEEP, "term.yaml")
     first = driver(config, tmp_path, tmp_path / "first.log")
     try:
-        deadline = time.monotonic() + 420
-        while not trials_started(tmp_path):
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial started within 420 s"
-            time.sleep(0.5)
+        await_driver(first, tmp_path / "first.log", lambda: trials_started(tmp_path), "no trial started")
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=300)
     finally:

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests.tune.test_sweep import SWEEPS, crash_and_resume, driver, finished_trials, kill_tree, write_yaml
+from tests.tune.test_sweep import SWEEPS, await_driver, crash_and_resume, driver, finished_trials, kill_tree, write_yaml
 from tests.tune.test_sweep_errors import no_ray  # noqa: F401 (a fixture)
 from tune.config import load_config
 from tune.database import dashboard_url, masked, with_driver
@@ -206,11 +206,7 @@ def test_a_tracking_db_down_for_a_while_mid_sweep_costs_nothing(postgres_server,
     storage.mkdir()
     proc = driver(write_yaml(storage, smoke()), storage, storage / "driver.log", "--tracking-db", postgres_server.url)
     try:
-        deadline = time.monotonic() + 420
-        while not finished_trials(storage):
-            assert proc.poll() is None, (storage / "driver.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished within 420 s"
-            time.sleep(0.5)
+        await_driver(proc, storage / "driver.log", lambda: finished_trials(storage), "no trial finished")
         assert postgres_server.stop().returncode == 0
         time.sleep(20)
         assert postgres_server.start().returncode == 0
