@@ -106,7 +106,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--sets", type=int, default=10, help="sets per method (real herding: 1)")
     p.add_argument("--candidates", type=int, default=200, help="generated candidates per class per set")
     p.add_argument("--judges", default="minilm-probe,smollm2-probe,tfidf-logreg")
-    p.add_argument("--ft-dpc", type=int, default=10, help="DPC the fine-tuned learner scores (0: none)")
+    p.add_argument("--ft-dpc", default="10", help="comma-separated DPCs the fine-tuned learner scores (0: none)")
     p.add_argument("--ft-methods", default="random,kmeans,filter+herding,match:filter+herding,herding-real-data")
     p.add_argument("--ft-sets", type=int, default=5, help="sets per method the fine-tuned learner trains on")
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per set")
@@ -375,16 +375,16 @@ def main() -> int:
                 accs = [ev.evaluate([s]).summary()[judge]["accuracy"] for s in sets[d, m]]
                 rec.cell(f"{judge}/dpc{d}/{m}", **summarise(accs))
 
-    if args.ft_dpc:
-        ft = [m for m in args.ft_methods.split(",") if (args.ft_dpc, m) in sets]
-        jobs = [(seed, m, s) for seed in range(args.seeds) for k in range(args.ft_sets) for m in ft
-                for s in sets[args.ft_dpc, m][k: k + 1]]
-        accs: dict[str, list[float]] = {m: [] for m in ft}
+    ft_dpcs = [int(d) for d in args.ft_dpc.split(",") if int(d)]
+    if ft_dpcs:  # seed by seed, so that a run cut short has every method at the same seeds
+        jobs = [(d, m, s, seed) for seed in range(args.seeds) for d in ft_dpcs for k in range(args.ft_sets)
+                for m in args.ft_methods.split(",") if (d, m) in sets for s in sets[d, m][k: k + 1]]
+        accs: dict[tuple[int, str], list[float]] = {(d, m): [] for d, m, _, _ in jobs}
         ctx_mp = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.workers, ctx_mp, _worker_init, (task.name, cfg.learner, args.ft_steps)) as pool:
-            for (_, m, _), acc in zip(jobs, pool.map(_finetune, [(s, seed) for seed, _, s in jobs])):
-                accs[m].append(acc)
-                rec.cell(f"finetune/dpc{args.ft_dpc}/{m}", **summarise(accs[m]))
+            for (d, m, _, _), acc in zip(jobs, pool.map(_finetune, [(s, seed) for _, _, s, seed in jobs])):
+                accs[d, m].append(acc)
+                rec.cell(f"finetune/dpc{d}/{m}", **summarise(accs[d, m]))
 
     report(rec.path, rec.data)
     return 0

@@ -55,7 +55,10 @@ def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_p
             cells[f"{judge}/dpc{dpc}/bal:filter+herding"]["mean"] - real[best]["mean"])
     # a rerun with the same LM and counts reads every draw's candidates back (no sampling, no matching) and selects
     # the same sets from them: the same accuracies, with a selection of the split arm the first run did not have
-    again = subprocess.run(cmd + ["--split-ways", "filter+herding,filter90+herding"], cwd=ROOT, check=True,
+    # and the fine-tuned learner at two DPCs (2 steps: the cells, not the learner, are under test)
+    again = subprocess.run(cmd[:-4] + ["--split-ways", "filter+herding,filter90+herding", "--ft-dpc", "2,4",
+                                       "--ft-methods", "random,bal:filter+herding", "--ft-sets", "1", "--seeds", "2",
+                                       "--ft-steps", "2", "--workers", "1", "--threads", "1"], cwd=ROOT, check=True,
                            env={**os.environ, "DILM_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True,
                            timeout=600)
     assert all(f"candidates of candidates{arm}: kept in" in again.stdout for arm in ("", "/match", "/lm2"))
@@ -64,3 +67,6 @@ def test_cpu_quality_pairs_matching_with_vanilla_and_soft_with_hard_labels(tmp_p
     assert rerun[f"{judge}/dpc4/bal:filter+herding"]["accuracies"] == cells[f"{judge}/dpc4/bal:filter+herding"][
         "accuracies"]
     assert rerun[f"{judge}/dpc4/bal:filter90+herding"]["n"] == 2
+    for dpc in (2, 4):
+        for method in ("random", "bal:filter+herding"):
+            assert rerun[f"finetune/dpc{dpc}/{method}"]["n"] == 2  # one set x two seeds
