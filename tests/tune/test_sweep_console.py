@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.browser import chromium, render
+from tune.tracking import VIEW_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("SIGABRT", "Traceback", "Loading weights", "Writing model shards", "torch_dtype", "Deprecat")
@@ -173,7 +174,7 @@ def test_dilm_ui_opens_on_the_winner_in_a_browser(browser_exe, finished_sweep, t
         with urllib.request.urlopen(url.split("#")[0], timeout=10) as r:
             assert name not in r.read().decode()  # the source is an app shell: only a browser shows the runs
         shot = Path(os.environ.get("DILM_UI_SCREENSHOT") or tmp_path / "ui.png")
-        text = render(url, [name, objective, "vs_random", "vs_herding", "baseline random"], screenshot=shot)
+        text = render(url, [name, objective, *VIEW_METRICS, "baseline random"], screenshot=shot)  # every margin
         assert "Judges" not in text and "Sessions" not in text  # MLflow 3's GenAI sidebar: not the training view
         assert shot.read_bytes().startswith(b"\x89PNG")
     finally:
