@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from record import head, write  # bench/, beside this script
 
-from dilm.archs.finetune import finetune_ensemble
+from dilm.archs.finetune import exit_with_parent, finetune_ensemble
 from dilm.coreset import CoresetConfig, build_coresets
 from dilm.distill import DistillConfig, Distiller, State, train_lm
 from dilm.distill.candidates import GENERATOR_DRAW, LM_DRAW, final_seed
@@ -159,6 +159,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(task_name: str, learner: str, steps: int) -> None:
+    exit_with_parent()  # a run stopped by a signal leaves no worker fine-tuning on
     torch.set_num_threads(1)
     task, cpu = load_task(task_name), torch.device("cpu")
     _WORKER.update(task=task, learner=learner, base=load_model(learner, "classifier", task.num_classes, cpu),

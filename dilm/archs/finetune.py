@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import re
+import threading
+import time
 import weakref
 
 import numpy as np
@@ -82,7 +85,22 @@ def cpu_workers(cfg: EvalConfig, device: torch.device, jobs: int) -> int:
 _WORKER: dict = {}  # a worker process's model, test split and config
 
 
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a pool's worker process: end it when the process that started it is gone (a pool's workers outlive a
+    parent killed by a signal — SIGKILL, or SIGTERM with no handler — and would go on burning the CPU). A daemon thread
+    polls the parent's pid every ``poll_s`` seconds."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _start_worker(model_name: str, num_classes: int, test: list[Example], cfg: EvalConfig, threads: int) -> None:
+    exit_with_parent()
     torch.set_num_threads(threads)
     base = load_model(model_name, "classifier", num_classes, torch.device("cpu"))
     _WORKER.update(model=model_name, base=base, test=test, cfg=cfg)

@@ -1,5 +1,13 @@
 """Evaluation: the vmap ensemble equals separate models; learners beat chance on a separable toy; ICL scoring."""
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 import torch
 
@@ -255,3 +263,42 @@ def test_cpu_worker_processes_fit_as_the_process_itself(toy_task):
     auto = EvalConfig(archs=("tiny-bert",), progress=False)
     assert cpu_workers(auto, CPU, 1) == 1 and cpu_workers(auto, torch.device("cuda"), 8) == 1
     assert cpu_workers(EvalConfig(archs=("tiny-bert",), steps=MIN_POOL_STEPS - 1), CPU, 8) == 1
+
+
+
+PARENT = """
+import concurrent.futures, multiprocessing, os, time
+from dilm.archs.finetune import exit_with_parent
+
+if __name__ == "__main__":
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=exit_with_parent, initargs=(0.1,))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 600)  # the worker busy, as in the middle of a fine-tuning
+    time.sleep(1)
+    print("busy", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_busy_pool_worker_ends_with_its_killed_parent(tmp_path):
+    """The CPU fine-tuning pool's workers (and cpu_quality's) watch their parent: SIGKILL the process that started
+    them, mid-job, and the worker ends within seconds instead of finishing its job on a CPU nobody waits on."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == "busy" and psutil.pid_exists(worker)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the worker outlived its parent by 30 s"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        if worker is not None:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(worker).kill()
