@@ -1,6 +1,6 @@
 """The shape of the house: no import cycles in ``dilm`` and ``tune`` (sub-packages included), ``dilm`` never imports
 Ray and only its CLI imports ``tune``, no module longer than 400 lines, no bench re-defining a package's name nor
-computing its own intervals or commit, and README's module list naming every module.
+computing its own intervals or commit, and the design notes' module list naming every module.
 
 Imports are read from the sources (``ast``), not executed: every ``import`` / ``from ... import`` anywhere in a module
 counts — inside functions too, and under ``if TYPE_CHECKING:``: a circle that only type hints close is still one
@@ -147,11 +147,12 @@ def test_benches_take_intervals_and_the_commit_from_the_product():
     assert not offenders, offenders
 
 
-def test_the_readme_names_every_module():
-    """README's Development table names each module of ``dilm`` and ``tune`` (in backticks, in its package's row):
-    a module added without a line there is drift a reader trips on."""
-    rows = {line.split("|")[1].strip(" `/"): line for line in (ROOT / "README.md").read_text().splitlines()
-            if line.startswith(("| `dilm/`", "| `tune/`"))}
+def test_the_design_notes_name_every_module():
+    """docs/design.md's list of modules by job (README's Development table links to it) names each module of
+    ``dilm`` and ``tune`` (in backticks, in its package's line): a module added without a word there is drift a
+    reader trips on."""
+    rows = {line.split(" — ")[0].strip("- `/"): line for line in (ROOT / "docs" / "design.md").read_text().splitlines()
+            if line.startswith(("- `dilm/` — ", "- `tune/` — "))}
     assert set(rows) == set(PACKAGES)
     missing = []
     for m in modules():
@@ -161,4 +162,4 @@ def test_the_readme_names_every_module():
         package = (ROOT / Path(*parts) / "__init__.py").exists()  # a sub-package: its folder is named
         if f"`{parts[-1]}{'/' if package else ''}`" not in rows[parts[0]]:
             missing.append(m)
-    assert not missing, f"README's Development table does not name {missing}"
+    assert not missing, f"docs/design.md's modules by job do not name {missing}"
